@@ -1,0 +1,85 @@
+"""Shared pytest fixtures.  Sections are owned by different parts of the project; keep each
+section's fixtures together and re-read this file before editing it."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+# =============================================================================================
+# ComfyUI runtime fixtures (node pack / workflow / server / browser tests)
+# =============================================================================================
+import comfy_runtime  # noqa: E402
+
+
+def _reference_or_skip() -> Path:
+    ref = comfy_runtime.reference_dir()
+    if not (ref / "tiny_v" / "model.safetensors").is_file():
+        pytest.skip(f"reference folder not found at {ref} (set DYNAMICRAFTER_REFERENCE or put "
+                    f"shared/reference beside the repo); ComfyUI integration tests need its tiny checkpoint")
+    return ref
+
+
+def _comfy_or_skip() -> None:
+    reason = comfy_runtime.comfy_missing_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def comfy_reference() -> Path:
+    """The shared reference folder (skips when absent)."""
+    return _reference_or_skip()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(comfy_reference) -> Path:
+    """The tiny v-prediction DynamiCrafter checkpoint in the official key layout."""
+    return comfy_reference / "tiny_v" / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory, comfy_reference) -> Path:
+    """A ComfyUI base directory with the pack linked in and the tiny checkpoint(s) installed."""
+    _comfy_or_skip()
+    base = tmp_path_factory.mktemp("comfy_base")
+    models = {"checkpoints": {"dc_tiny_v.safetensors": comfy_reference / "tiny_v" / "model.safetensors"}}
+    vc2 = comfy_reference / "tiny_vc2" / "model.safetensors"
+    if vc2.is_file():
+        models["checkpoints"]["vc2_tiny.safetensors"] = vc2
+    inputs = {}
+    for sub in ("single", "interp"):
+        folder = comfy_reference / "tiny_v" / "inputs" / sub
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+                    inputs[f"{sub}_{f.name}"] = f
+    return comfy_runtime.make_base_dir(base, models=models, inputs=inputs)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base):
+    """ComfyUI's real executor, in this process, with the pack loaded (one per session)."""
+    rt = comfy_runtime.InProcessComfy.get()
+    if rt is None:
+        rt = comfy_runtime.InProcessComfy(comfy_base)
+    yield rt
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    """ComfyUI's HTTP server as a subprocess (shared by the server and browser tests)."""
+    srv = comfy_runtime.ComfyServer(comfy_base, log_path=comfy_base / "server.log")
+    srv.start(timeout=float(os.environ.get("DC_COMFY_START_TIMEOUT", "180")))
+    yield srv
+    srv.stop()
+
+
+# ===================================== end of ComfyUI runtime fixtures ==========================
