@@ -1,0 +1,198 @@
+"""One config file per run (YAML or TOML) + ``section.key=value`` CLI overrides.
+
+Sections and their defaults are the dataclasses below; an unknown key is an error that
+lists the known ones, so a typo never silently trains with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+
+@dataclass
+class ModelSection:
+    init: Optional[str] = None          # checkpoint to start from (official layout, .ckpt/.safetensors)
+    init_extra: list = field(default_factory=list)  # more checkpoints merged over it, in order (missing parts)
+    tiny: bool = False                  # random tiny model of the official architecture (tests, demo)
+    tiny_family: str = "dynamicrafter"
+    variant: dict = field(default_factory=dict)     # overrides: parameterization, zero_snr, dynamic_rescale_base, fs_meaning
+    image_kv_init: str = "copy_text"    # new to_k_ip/to_v_ip (from a VideoCrafter init): copy_text | random
+    dtype: str = "fp32"                 # weight dtype while training (fp32 master weights recommended)
+
+
+@dataclass
+class DataSection:
+    csv: Optional[str] = None
+    video_dir: Optional[str] = None     # default: the CSV's folder
+    height: int = 320
+    width: int = 512
+    frames: int = 16                    # clip length (stage 1 always uses single frames)
+    max_stride: int = 6                 # random frame stride 1..max_stride
+    fs_meaning: Optional[str] = None    # frame_stride | fps; default: the model variant's
+    fps_max: Optional[int] = None
+    num_workers: int = 2
+    uncond_prob: float = 0.05           # 5% text only, 5% image only, 5% both dropped (CFG)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-5
+    weight_decay: float = 1e-2          # torch AdamW default, as the official trainer
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"          # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.0           # cosine floor, fraction of lr
+    grad_clip: float = 0.0              # 0 = off
+
+
+@dataclass
+class RunSection:
+    stage: int = 3
+    run_dir: str = "runs/run"
+    seed: int = 0
+    max_steps: int = 1000
+    global_batch: int = 64              # samples per optimizer step, all processes together
+    micro_batch: int = 1                # samples per forward per process; accumulation makes up the rest
+    precision: str = "fp32"             # fp32 | bf16 (autocast)
+    grad_checkpointing: bool = False
+    distributed: str = "ddp"            # ddp | fsdp (only used under torchrun with >1 process)
+    ema_decay: float = 0.0              # 0 = no EMA
+    train_all: bool = False             # stage 3: train every UNet parameter (temporal too)
+    cond_frame: str = "random"          # stage 3 conditioning frame: random | first
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    export_at_end: bool = True
+    export_dtype: str = "fp16"          # fp32 | fp16 | bf16
+    export_ema: bool = True             # export the EMA weights when EMA is on
+    progress: bool = True               # progress bar on rank 0
+    tensorboard: bool = True
+    device: str = "auto"                # auto | cpu | cuda
+
+
+@dataclass
+class EvalSection:
+    every: int = 0                      # 0 = no sample videos during training
+    prompts: list = field(default_factory=list)   # fixed prompts; paired with the first dataset clips' frames
+    images: list = field(default_factory=list)    # optional conditioning images (paths), one per prompt
+    steps: int = 25
+    cfg_text: float = 7.5
+    cfg_img: Optional[float] = None
+    fs: Optional[int] = None
+    seed: int = 1234
+    fps: int = 8
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrainConfig":
+        cfg = TrainConfig()
+        for section, values in (d or {}).items():
+            if section not in _SECTIONS:
+                raise ValueError(f"unknown config section {section!r}; known: {sorted(_SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {section!r} must be a mapping")
+            for k, v in values.items():
+                _set(cfg, section, k, v)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        r = self.run
+        if r.stage not in (1, 2, 3):
+            raise ValueError(f"run.stage must be 1, 2 or 3, got {r.stage}")
+        if r.precision not in ("fp32", "bf16"):
+            raise ValueError(f"run.precision must be fp32 or bf16, got {r.precision!r}")
+        if r.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"run.distributed must be ddp or fsdp, got {r.distributed!r}")
+        if r.cond_frame not in ("random", "first"):
+            raise ValueError(f"run.cond_frame must be random or first, got {r.cond_frame!r}")
+        if r.export_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"run.export_dtype must be fp32, fp16 or bf16, got {r.export_dtype!r}")
+        if r.micro_batch < 1 or r.global_batch < 1 or r.max_steps < 0:
+            raise ValueError("run.micro_batch and run.global_batch must be >= 1, run.max_steps >= 0")
+        if not 0.0 <= r.ema_decay < 1.0:
+            raise ValueError("run.ema_decay must be in [0, 1)")
+        if self.optim.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
+        if not 0.0 <= self.data.uncond_prob <= 1.0 / 3.0:
+            raise ValueError("data.uncond_prob must be in [0, 1/3] (three disjoint drop cases)")
+        if self.model.image_kv_init not in ("copy_text", "random"):
+            raise ValueError("model.image_kv_init must be copy_text or random")
+        if not self.model.init and not self.model.tiny:
+            raise ValueError("set model.init (a checkpoint to start from) or model.tiny=true")
+
+    def accumulation(self, world: int) -> int:
+        """Micro-steps per optimizer step so that micro_batch * world * accum == global_batch."""
+        per = self.run.micro_batch * world
+        if self.run.global_batch % per:
+            raise ValueError(f"run.global_batch={self.run.global_batch} is not a multiple of "
+                             f"micro_batch*processes={self.run.micro_batch}*{world}")
+        return self.run.global_batch // per
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+_SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
+
+
+def _set(cfg: TrainConfig, section: str, key: str, value: Any) -> None:
+    sec = getattr(cfg, section)
+    names = {f.name: f for f in fields(sec)}
+    if key not in names:
+        raise ValueError(f"unknown config key {section}.{key}; known in [{section}]: {sorted(names)}")
+    current = getattr(sec, key)
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)      # YAML 1.1 reads "3e-5" as a string
+        if isinstance(current, int) and not isinstance(current, bool) and value.is_integer():
+            value = int(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, str) and key in ("run_dir", "csv", "video_dir", "init") and value is not None:
+        value = os.path.expanduser(str(value))
+    setattr(sec, key, value)
+
+
+def load_file(path: str) -> dict:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if path.endswith(".toml"):
+        import tomllib
+        return tomllib.loads(raw.decode("utf-8"))
+    data = yaml.safe_load(raw.decode("utf-8"))
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of sections")
+    return data or {}
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ValueError(f"override {text!r} must look like section.key=value (e.g. run.max_steps=100)")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.split(".", 1)
+    return section, key, yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
+    d = load_file(path) if path else {}
+    for o in overrides:
+        section, key, value = parse_override(o)
+        d.setdefault(section, {})[key] = value
+    return TrainConfig.from_dict(d)
