@@ -1,0 +1,12 @@
+"""DynamiCrafter (image-to-video) and VideoCrafter (text-to-video) as a plain PyTorch library.
+
+    dc = dynamicrafter.load_model("dynamicrafter_512.ckpt")
+    video = dynamicrafter.animate(dc, image, "a boat sails across the lake")
+"""
+from .checkpoint import load_model, read_state_dict, save_checkpoint
+from .config import CheckpointError, ModelConfig, infer_config, tiny_config
+from .model import DynamiCrafter, MissingComponentError
+from .sampling import sample_ddim
+
+__all__ = ["load_model", "read_state_dict", "save_checkpoint", "CheckpointError", "ModelConfig", "infer_config",
+           "tiny_config", "DynamiCrafter", "MissingComponentError", "sample_ddim"]

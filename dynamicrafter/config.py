@@ -1,0 +1,361 @@
+"""Model sizes and variants, read from a state dict's keys and shapes.
+
+The official checkpoints carry no config. Sizes come from tensor shapes; the few numbers
+that shapes cannot tell (attention head widths) come from the released models' values when
+the widths match them, from metadata we write ourselves, or from the tiny-model convention
+(head width 16). The variant (eps/v, zero-SNR, dynamic rescale, fs meaning) comes from the
+keys and the schedule buffers, never from the file name, and can be overridden.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Mapping, Optional
+
+import torch
+
+TEXT_CONTEXT_LEN = 77   # hard-coded in the official attention and UNet
+QUERIES_PER_FRAME = 16  # Resampler num_queries in every released config
+
+# Head widths of the released models, keyed by the width they belong to.
+_RELEASED_UNET_HEAD_CHANNELS = {320: 64}      # model_channels -> num_head_channels
+_RELEASED_CLIP_TEXT_HEADS = {1024: 16}        # text width -> heads (ViT-H-14)
+_RELEASED_CLIP_VISION_HEADS = {1280: 16}      # vision width -> heads (ViT-H-14, head width 80)
+_RELEASED_RESAMPLER_DIM_HEAD = {768: 64}      # resampler inner width -> dim_head
+TINY_HEAD_WIDTH = 16
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 8
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)     # levels (downsample factor 2**level) with transformers
+    num_head_channels: int = 64
+    transformer_depth: int = 1
+    context_dim: int = 1024
+    use_linear: bool = True
+    temporal_conv: bool = True
+    temporal_attention: bool = True
+    addition_attention: bool = True           # init_attn after the input conv
+    init_attn_heads: int = 8
+    image_cross_attention: bool = True        # to_k_ip / to_v_ip
+    image_gate: bool = False                  # learnable tanh gate `attn2.alpha` (256 model)
+    fs_condition: bool = True                 # fps_embedding
+    default_fs: int = 24
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    in_channels: int = 3
+    out_ch: int = 3
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """One OpenCLIP tower pair (text width/layers and vision width/layers)."""
+    embed_dim: int = 1024
+    text_width: int = 1024
+    text_layers: int = 24
+    text_heads: int = 16
+    vocab_size: int = 49408
+    context_length: int = 77
+    vision_width: int = 1280
+    vision_layers: int = 32
+    vision_heads: int = 16
+    patch_size: int = 14
+    image_size: int = 224
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class ResamplerConfig:
+    dim: int = 1024
+    depth: int = 4
+    dim_head: int = 64
+    heads: int = 12
+    num_queries: int = QUERIES_PER_FRAME
+    embedding_dim: int = 1280
+    output_dim: int = 1024
+    ff_mult: int = 4
+    video_length: int = 16
+
+
+@dataclass(frozen=True)
+class Variant:
+    family: str = "dynamicrafter"          # or "videocrafter"
+    name: str = "512"                      # 256 | 512 | 1024 | 512_interp | vc2 | vc1 | custom
+    parameterization: str = "v"            # eps | v
+    zero_snr: bool = True
+    dynamic_rescale_base: Optional[float] = 0.7   # DynamiCrafter x0 rescale (scale_arr), None = off
+    use_scale: bool = False                # VideoCrafter-style x0 scale (divide by scale_arr[t])
+    default_fs: int = 24
+    fs_meaning: str = "fps"                # fps | frame_stride
+    spacing: str = "uniform_trailing"      # DDIM spacing of the official scripts
+    guidance_rescale: float = 0.7
+    cfg_text: float = 7.5
+    resolution: tuple = (320, 512)         # (H, W) the model was trained at
+    frames: int = 16
+    fs_range: tuple = (1, 60)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["image_cross_attention"] = self.family == "dynamicrafter"
+        return d
+
+
+PRESETS = {
+    "256": Variant(name="256", parameterization="eps", zero_snr=False, dynamic_rescale_base=None,
+                   default_fs=3, fs_meaning="frame_stride", spacing="uniform", guidance_rescale=0.0,
+                   resolution=(256, 256), fs_range=(1, 6)),
+    "512": Variant(name="512", default_fs=24, resolution=(320, 512), fs_range=(5, 30)),
+    "1024": Variant(name="1024", dynamic_rescale_base=0.3, default_fs=10, resolution=(576, 1024),
+                    fs_range=(1, 15)),
+    "512_interp": Variant(name="512_interp", default_fs=10, resolution=(320, 512), fs_range=(1, 30)),
+    "vc2": Variant(family="videocrafter", name="vc2", parameterization="eps", zero_snr=False,
+                   dynamic_rescale_base=None, use_scale=True, default_fs=28, fs_meaning="fps",
+                   spacing="uniform", guidance_rescale=0.0, cfg_text=12.0, resolution=(320, 512),
+                   fs_range=(1, 60)),
+    "vc1": Variant(family="videocrafter", name="vc1", parameterization="eps", zero_snr=False,
+                   dynamic_rescale_base=None, use_scale=False, default_fs=24, fs_meaning="fps",
+                   spacing="uniform", guidance_rescale=0.0, cfg_text=12.0, resolution=(320, 512),
+                   fs_range=(1, 60)),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: Optional[VAEConfig] = field(default_factory=VAEConfig)
+    text: Optional[ClipConfig] = field(default_factory=ClipConfig)      # cond_stage_model
+    vision: Optional[ClipConfig] = field(default_factory=ClipConfig)    # embedder
+    resampler: Optional[ResamplerConfig] = field(default_factory=ResamplerConfig)
+    variant: Variant = field(default_factory=Variant)
+    scale_factor: float = 0.18215
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping) -> "ModelConfig":
+        def build(cls, v):
+            if v is None:
+                return None
+            names = {f.name for f in fields(cls)}
+            return cls(**{k: (tuple(x) if isinstance(x, list) else x) for k, x in v.items() if k in names})
+        return ModelConfig(unet=build(UNetConfig, d["unet"]), vae=build(VAEConfig, d.get("vae")),
+                           text=build(ClipConfig, d.get("text")), vision=build(ClipConfig, d.get("vision")),
+                           resampler=build(ResamplerConfig, d.get("resampler")),
+                           variant=build(Variant, d.get("variant") or {}),
+                           scale_factor=d.get("scale_factor", 0.18215))
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint we can load, with a message saying what to do."""
+
+
+# --------------------------------------------------------------------------- inference
+
+def _count(keys, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in keys if (m := rx.match(k))})
+
+
+def infer_unet_config(sd: Mapping[str, torch.Tensor], prefix: str = "model.diffusion_model.",
+                      head_channels: Optional[int] = None) -> UNetConfig:
+    p = prefix
+    if p + "input_blocks.0.0.weight" not in sd:
+        raise CheckpointError("no DynamiCrafter/VideoCrafter UNet in this file "
+                              f"(expected '{p}input_blocks.0.0.weight')")
+    conv_in = sd[p + "input_blocks.0.0.weight"]
+    mc = conv_in.shape[0]
+    keys = {k[len(p):] for k in sd if k.startswith(p)}
+    n_in = _count(keys, r"input_blocks\.(\d+)\.")
+    # walk the input blocks: ResBlocks per level, a Downsample ('op') between levels
+    levels, current, attn_levels = [], [], set()
+    for i in range(1, n_in):
+        if f"input_blocks.{i}.0.op.weight" in keys:
+            levels.append(current)
+            current = []
+            continue
+        current.append(i)
+        if f"input_blocks.{i}.1.norm.weight" in keys:
+            attn_levels.add(len(levels))
+    levels.append(current)
+    num_res = len(levels[0])
+    mult = tuple(sd[f"{p}input_blocks.{blocks[0]}.0.emb_layers.1.weight"].shape[0] // mc for blocks in levels)
+    first_attn = next((f"input_blocks.{i}.1" for i in range(1, n_in) if f"input_blocks.{i}.1.norm.weight" in keys),
+                      "middle_block.1")
+    depth = _count(keys, re.escape(first_attn) + r"\.transformer_blocks\.(\d+)\.")
+    ctx_dim = sd[f"{p}{first_attn}.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    use_linear = sd[f"{p}{first_attn}.proj_in.weight"].ndim == 2
+    hc = head_channels or _RELEASED_UNET_HEAD_CHANNELS.get(mc, TINY_HEAD_WIDTH)
+    has = lambda s: any(s in k for k in keys)
+    init_heads = sd[p + "init_attn.0.proj_in.weight"].shape[0] // hc if p + "init_attn.0.proj_in.weight" in sd else 8
+    return UNetConfig(
+        in_channels=conv_in.shape[1], out_channels=sd[p + "out.2.weight"].shape[0], model_channels=mc,
+        channel_mult=mult, num_res_blocks=num_res, attention_levels=tuple(sorted(attn_levels)),
+        num_head_channels=hc, transformer_depth=depth, context_dim=ctx_dim, use_linear=use_linear,
+        temporal_conv=has("temopral_conv."), temporal_attention=f"{first_attn[:-1]}2.norm.weight" in keys,
+        addition_attention=p + "init_attn.0.norm.weight" in sd, init_attn_heads=init_heads,
+        image_cross_attention=has("attn2.to_k_ip."), image_gate=has("attn2.alpha"),
+        fs_condition=p + "fps_embedding.0.weight" in sd)
+
+
+def infer_vae_config(sd, prefix="first_stage_model.") -> Optional[VAEConfig]:
+    p = prefix
+    if p + "encoder.conv_in.weight" not in sd:
+        return None
+    ch = sd[p + "encoder.conv_in.weight"].shape[0]
+    keys = [k[len(p):] for k in sd if k.startswith(p)]
+    n_levels = _count(keys, r"encoder\.down\.(\d+)\.")
+    mult = tuple(sd[f"{p}encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels))
+    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
+                     z_channels=sd[p + "decoder.conv_in.weight"].shape[1],
+                     embed_dim=sd[p + "post_quant_conv.weight"].shape[1],
+                     in_channels=sd[p + "encoder.conv_in.weight"].shape[1],
+                     out_ch=sd[p + "decoder.conv_out.weight"].shape[0])
+
+
+def infer_clip_config(sd, prefix: str, text_heads=None, vision_heads=None) -> Optional[ClipConfig]:
+    """Sizes of an OpenCLIP tower pair stored under `prefix` (text side, vision side, or both)."""
+    p = prefix
+    if p + "token_embedding.weight" not in sd and p + "visual.conv1.weight" not in sd:
+        return None
+    keys = [k[len(p):] for k in sd if k.startswith(p)]
+    cfg = {}
+    if p + "token_embedding.weight" in sd:
+        vocab, tw = sd[p + "token_embedding.weight"].shape
+        cfg.update(vocab_size=vocab, text_width=tw, context_length=sd[p + "positional_embedding"].shape[0],
+                   text_layers=_count(keys, r"transformer\.resblocks\.(\d+)\."),
+                   text_heads=text_heads or _RELEASED_CLIP_TEXT_HEADS.get(tw, max(1, tw // TINY_HEAD_WIDTH)))
+        if p + "text_projection" in sd:
+            cfg["embed_dim"] = sd[p + "text_projection"].shape[1]
+        if cfg["text_layers"]:
+            cfg["mlp_ratio"] = sd[p + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw
+    if p + "visual.conv1.weight" in sd:
+        vw, _, ps, _ = sd[p + "visual.conv1.weight"].shape
+        n_tok = sd[p + "visual.positional_embedding"].shape[0]
+        grid = int(round((n_tok - 1) ** 0.5))
+        cfg.update(vision_width=vw, patch_size=ps, image_size=grid * ps,
+                   vision_layers=_count(keys, r"visual\.transformer\.resblocks\.(\d+)\."),
+                   vision_heads=vision_heads or _RELEASED_CLIP_VISION_HEADS.get(vw, max(1, vw // TINY_HEAD_WIDTH)))
+        if p + "visual.proj" in sd:
+            cfg["embed_dim"] = sd[p + "visual.proj"].shape[1]
+        if "text_layers" not in cfg:
+            cfg.update(text_layers=0)
+    return ClipConfig(**cfg)
+
+
+def infer_resampler_config(sd, prefix="image_proj_model.", dim_head=None) -> Optional[ResamplerConfig]:
+    p = prefix
+    if p + "latents" not in sd:
+        return None
+    keys = [k[len(p):] for k in sd if k.startswith(p)]
+    _, n_latents, dim = sd[p + "latents"].shape
+    inner = sd[p + "layers.0.0.to_q.weight"].shape[0]
+    dh = dim_head or _RELEASED_RESAMPLER_DIM_HEAD.get(inner, TINY_HEAD_WIDTH)
+    return ResamplerConfig(dim=dim, depth=_count(keys, r"layers\.(\d+)\."), dim_head=dh, heads=inner // dh,
+                           num_queries=QUERIES_PER_FRAME, embedding_dim=sd[p + "proj_in.weight"].shape[1],
+                           output_dim=sd[p + "proj_out.weight"].shape[0],
+                           ff_mult=sd[p + "layers.0.1.1.weight"].shape[0] // dim,
+                           video_length=n_latents // QUERIES_PER_FRAME)
+
+
+def infer_variant(sd, unet: UNetConfig) -> Variant:
+    """Which released model these weights behave like: from keys and schedule buffers only."""
+    family = "dynamicrafter" if unet.image_cross_attention else "videocrafter"
+    recip = sd.get("sqrt_recip_alphas_cumprod")
+    ac = sd.get("alphas_cumprod")
+    scale_arr = sd.get("scale_arr")
+    if family == "videocrafter":
+        base = PRESETS["vc2" if scale_arr is not None else "vc1"]
+    elif unet.image_gate:
+        base = PRESETS["256"]
+    elif scale_arr is not None and abs(float(scale_arr[-1]) - 0.3) < 1e-4:
+        base = PRESETS["1024"]
+    else:
+        base = PRESETS["512"]
+    param = base.parameterization
+    if recip is not None:   # v-models store zeros here (the values would be infinite at t=999)
+        param = "v" if float(recip.abs().max()) == 0.0 else "eps"
+    zero_snr = base.zero_snr if ac is None else float(ac[-1]) == 0.0
+    rescale = base.dynamic_rescale_base
+    use_scale = base.use_scale
+    if scale_arr is not None:
+        if family == "videocrafter":
+            use_scale = True
+        else:
+            rescale = round(float(scale_arr[-1]), 6)
+    elif ac is not None:    # schedule buffers present but no scale_arr: no x0 rescale
+        rescale, use_scale = None, False
+    name = base.name
+    if unet.model_channels != 320:
+        name = "custom"
+    changes = dict(name=name, parameterization=param, zero_snr=zero_snr, dynamic_rescale_base=rescale,
+                   use_scale=use_scale, default_fs=base.default_fs)
+    if family == "dynamicrafter" and not unet.image_gate and param == "eps" and not zero_snr:
+        # an eps DynamiCrafter without gates (e.g. a stage-3 run of our trainer): frame-stride like 256
+        changes.update(fs_meaning="frame_stride", default_fs=3, spacing="uniform", guidance_rescale=0.0)
+    return replace(base, **changes)
+
+
+def apply_variant_overrides(variant: Variant, overrides: Optional[Mapping]) -> Variant:
+    if not overrides:
+        return variant
+    overrides = dict(overrides)
+    if "name" in overrides and overrides["name"] in PRESETS:
+        preset = PRESETS[overrides["name"]]
+        keep = dict(parameterization=variant.parameterization, zero_snr=variant.zero_snr,
+                    dynamic_rescale_base=variant.dynamic_rescale_base, use_scale=variant.use_scale)
+        variant = replace(preset, **keep)
+    unknown = set(overrides) - {f.name for f in fields(Variant)}
+    if unknown:
+        raise ValueError(f"unknown variant fields {sorted(unknown)}; known: {[f.name for f in fields(Variant)]}")
+    if overrides.get("parameterization", variant.parameterization) not in ("eps", "v"):
+        raise ValueError("parameterization must be 'eps' or 'v'")
+    return replace(variant, **{k: v for k, v in overrides.items() if k != "name" or v not in PRESETS})
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], overrides: Optional[Mapping] = None,
+                 heads: Optional[Mapping] = None) -> ModelConfig:
+    """Build a ModelConfig from an official-layout state dict (any size).
+
+    `heads` may give {"unet_head_channels", "text_heads", "vision_heads", "resampler_dim_head"}
+    for checkpoints whose head widths are neither the released ones nor the tiny convention.
+    """
+    heads = dict(heads or {})
+    unet = infer_unet_config(sd, head_channels=heads.get("unet_head_channels"))
+    variant = apply_variant_overrides(infer_variant(sd, unet), overrides)
+    unet = replace(unet, default_fs=variant.default_fs)
+    text = infer_clip_config(sd, "cond_stage_model.model.", text_heads=heads.get("text_heads"))
+    vision = infer_clip_config(sd, "embedder.model.", text_heads=heads.get("text_heads"),
+                               vision_heads=heads.get("vision_heads"))
+    resampler = infer_resampler_config(sd, dim_head=heads.get("resampler_dim_head"))
+    if resampler is not None:
+        variant = replace(variant, frames=resampler.video_length)
+    return ModelConfig(unet=unet, vae=infer_vae_config(sd), text=text, vision=vision,
+                       resampler=resampler, variant=variant)
+
+
+def tiny_config(family: str = "dynamicrafter", frames: int = 8, **variant_changes) -> ModelConfig:
+    """A tiny model of the official architecture (the sizes of the shared reference checkpoint)."""
+    dc = family == "dynamicrafter"
+    unet = UNetConfig(in_channels=8 if dc else 4, model_channels=32, channel_mult=(1, 2, 4, 4),
+                      num_head_channels=16, context_dim=64, image_cross_attention=dc,
+                      default_fs=24 if dc else 28)
+    clip = ClipConfig(embed_dim=32, text_width=64, text_layers=3, text_heads=4, vision_width=48,
+                      vision_layers=2, vision_heads=3)
+    variant = replace(PRESETS["512" if dc else "vc2"], name="custom", frames=frames, resolution=(64, 128),
+                      **variant_changes)
+    return ModelConfig(unet=unet, vae=VAEConfig(ch=32), text=clip, vision=clip if dc else None,
+                       resampler=ResamplerConfig(dim=64, depth=2, dim_head=16, heads=3, embedding_dim=48,
+                                                 output_dim=64, video_length=frames) if dc else None,
+                       variant=variant)

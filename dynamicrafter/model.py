@@ -1,0 +1,138 @@
+"""The whole model: UNet, VAE, text and image encoders, resampler, schedule buffers.
+
+Submodules carry the official names (`model.diffusion_model`, `first_stage_model`,
+`cond_stage_model`, `embedder`, `image_proj_model`), so `state_dict()` is exactly the official
+checkpoint layout and loads/saves with no key mapping. Pruned files leave parts as None.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .clip import ImageEncoder, TextEncoder
+from .config import ModelConfig
+from .resampler import Resampler
+from .schedule import schedule_buffers
+from .unet import UNet3D
+from .vae import AutoencoderKL, posterior_sample
+
+
+class DiffusionWrapper(nn.Module):
+    def __init__(self, unet: UNet3D):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class MissingComponentError(RuntimeError):
+    pass
+
+
+class DynamiCrafter(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = DiffusionWrapper(UNet3D(cfg.unet))
+        self.first_stage_model = AutoencoderKL(cfg.vae) if cfg.vae else None
+        self.cond_stage_model = TextEncoder(cfg.text) if cfg.text else None
+        self.embedder = ImageEncoder(cfg.vision) if cfg.vision else None
+        self.image_proj_model = Resampler(cfg.resampler) if cfg.resampler else None
+        v = cfg.variant
+        rescale = v.dynamic_rescale_base if v.dynamic_rescale_base is not None else (0.7 if v.use_scale else None)
+        for name, value in schedule_buffers(v.zero_snr, v.parameterization, rescale).items():
+            self.register_buffer(name, value)
+        self.scale_factor = cfg.scale_factor
+
+    # ------------------------------------------------------------------ parts
+    unet = property(lambda self: self.model.diffusion_model)
+    vae = property(lambda self: self.first_stage_model)
+    text_encoder = property(lambda self: self.cond_stage_model)
+    image_encoder = property(lambda self: self.embedder)
+    resampler = property(lambda self: self.image_proj_model)
+
+    @property
+    def variant(self) -> dict:
+        return self.cfg.variant.as_dict()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.time_embed[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.time_embed[0].weight.device
+
+    def _need(self, part, what):
+        if part is None:
+            raise MissingComponentError(
+                f"this checkpoint has no {what} (a pruned UNet-only file?); load a full DynamiCrafter "
+                f"checkpoint, or supply the {what} separately (in ComfyUI: the core loader for it)")
+        return part
+
+    def _dtype_of(self, module) -> torch.dtype:
+        return next(module.parameters()).dtype
+
+    # ------------------------------------------------------------------ conditioning
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> (b, 77, C): penultimate OpenCLIP layer + ln_final, all positions."""
+        return self._need(self.cond_stage_model, "text encoder").encode(list(prompts)).float()
+
+    def encode_clip_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) in [-1, 1] -> (b, 257, D) tokens of the last vision block."""
+        enc = self._need(self.embedder, "CLIP image encoder")
+        return enc(images.to(self.device, self._dtype_of(enc))).float()
+
+    def image_context(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """(b, 257, D) -> (b, 16*T, C) per-frame image context tokens."""
+        res = self._need(self.image_proj_model, "context resampler")
+        return res(clip_tokens.to(self.device, self._dtype_of(res))).float()
+
+    # ------------------------------------------------------------------ VAE
+    def vae_moments(self, images: torch.Tensor, frames_per_batch: int = 1) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> (n, 8, H/8, W/8) = mean | logvar, a few images at a time."""
+        vae = self._need(self.first_stage_model, "VAE")
+        check_vae_size(images.shape[-2:])
+        dt = self._dtype_of(vae)
+        return torch.cat([vae.moments(x.to(self.device, dt)).float() for x in images.split(frames_per_batch)])
+
+    def encode_first_stage(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None,
+                           generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
+        """Scaled latents 0.18215 * z with z sampled from the posterior (as the official encode),
+        or its mean with sample=False."""
+        moments = self.vae_moments(images)
+        z = posterior_sample(moments, noise, generator) if sample else moments.chunk(2, dim=1)[0]
+        return self.scale_factor * z
+
+    def decode(self, latents: torch.Tensor, frames_per_batch: int = 1) -> torch.Tensor:
+        """(b, 4, T, h, w) scaled latents -> (b, 3, T, H, W), not clamped; per-frame decoding."""
+        vae = self._need(self.first_stage_model, "VAE")
+        b, _, t = latents.shape[:3]
+        z = (latents / self.scale_factor).transpose(1, 2).flatten(0, 1)
+        dt = self._dtype_of(vae)
+        frames = torch.cat([vae.decode(part.to(self.device, dt)).float() for part in z.split(frames_per_batch)])
+        return frames.unflatten(0, (b, t)).transpose(1, 2)
+
+    # ------------------------------------------------------------------ UNet
+    def denoise(self, x_t: torch.Tensor, t, context: torch.Tensor, concat: Optional[torch.Tensor] = None,
+                fs=None, temporal: bool = True) -> torch.Tensor:
+        """Raw UNet output (eps or v) for x_t (b, 4, T, h, w), with [x_t, concat] as input."""
+        unet = self.unet
+        x = x_t if concat is None else torch.cat([x_t, concat.to(x_t)], dim=1)
+        if x.shape[1] != unet.cfg.in_channels:
+            raise ValueError(f"the UNet takes {unet.cfg.in_channels} input channels, got {x.shape[1]} "
+                             f"(latent {x_t.shape[1]} + concat {0 if concat is None else concat.shape[1]}); "
+                             + ("this model needs the image latent (concat)" if concat is None else
+                                "this is a text-to-video model: pass concat=None"))
+        t = torch.as_tensor(t, device=x.device)
+        fs = None if fs is None else torch.as_tensor(fs, device=x.device).long()
+        dt = self.dtype
+        out = unet(x.to(dt), t, context.to(x.device, dt), fs, temporal=temporal)
+        return out.to(x_t.dtype)
+
+
+def check_vae_size(hw) -> None:
+    h, w = int(hw[0]), int(hw[1])
+    if h % 8 or w % 8:
+        raise ValueError(f"image size {w}x{h} is not a multiple of 8; the VAE needs width and height "
+                         f"divisible by 8 (e.g. {w // 8 * 8}x{h // 8 * 8})")

@@ -1,0 +1,151 @@
+"""DDIM with single / dual classifier-free guidance and guidance rescale (MODEL-SPEC §8-9).
+
+`denoise(x_t, t, context)` is the only model access: everything else is the math of one step.
+The guidance branches (cond, uncond, uncond_img) run as one batched call; that is the same
+computation as the official separate calls, in fewer passes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .config import TEXT_CONTEXT_LEN
+from .schedule import ddim_timesteps
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -> torch.Tensor:
+    """Pull the guided output's std back toward the conditional output's (unbiased std over C,T,H,W)."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1.0 - phi) * guided
+
+
+def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg_text: float,
+                  cfg_img: Optional[float], guidance_rescale: float) -> torch.Tensor:
+    """contexts = [cond] (no guidance), [cond, uncond] (single CFG) or
+    [cond, uncond, uncond_img] (dual CFG: uncond_img = empty text + the real image tokens)."""
+    k = len(contexts)
+    b = x.shape[0]
+    outs = denoise(x.repeat(k, *[1] * (x.ndim - 1)), t.repeat(k), torch.cat(list(contexts))).split(b)
+    if k == 1:
+        return outs[0]
+    if k == 2:
+        cond, uncond = outs
+        guided = uncond + cfg_text * (cond - uncond)
+    else:
+        cond, uncond, uncond_img = outs
+        guided = uncond + cfg_img * (uncond_img - uncond) + cfg_text * (cond - uncond_img)
+    if guidance_rescale > 0:
+        guided = rescale_guidance(guided, cond, guidance_rescale)
+    return guided
+
+
+def image_only_context(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """The dual-CFG third branch: the unconditional (empty) text with the real image tokens."""
+    return torch.cat([uncond[:, :TEXT_CONTEXT_LEN], cond[:, TEXT_CONTEXT_LEN:]], dim=1)
+
+
+def ddim_step(x, out, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, parameterization, x0_factor, prev_factor, noise):
+    """One DDIM update from the (guided) model output; returns (x_prev, pred_x0).
+
+    eps: x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t). v: eps and x0 from the stored sqrt buffers.
+    x0_factor rescales pred_x0 (DynamiCrafter: scale_arr[t_prev]/scale_arr[t]; VideoCrafter:
+    1/scale_arr[t]); prev_factor multiplies it again in the update (VideoCrafter: scale_arr[t_prev])."""
+    if parameterization == "v":
+        eps = sqrt_ab * out + sqrt_1m_ab * x
+        x0 = sqrt_ab * x - sqrt_1m_ab * out
+    else:
+        eps = out
+        x0 = (x - torch.sqrt(1.0 - a_t) * eps) / a_t.sqrt()
+    if x0_factor is not None:
+        x0 = x0 * x0_factor
+    direction = (1.0 - a_prev - sigma ** 2).sqrt() * eps
+    x_prev = a_prev.sqrt() * (x0 if prev_factor is None else prev_factor * x0) + direction
+    if noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev, x0
+
+
+def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None,
+                uncond_img: Optional[torch.Tensor] = None, *, concat: Optional[torch.Tensor], fs=None,
+                steps: int = 50, cfg_text: float = 1.0, cfg_img: Optional[float] = None, eta: float = 0.0,
+                guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
+                noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
+                callback: Optional[Callable] = None) -> torch.Tensor:
+    """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
+
+    cond/uncond/uncond_img are contexts [text | image tokens]. Guidance: none when uncond is None
+    or cfg_text == 1; dual when cfg_img is given (uncond_img is derived from cond/uncond when not
+    passed) or uncond_img is passed (cfg_img defaults to cfg_text); single otherwise.
+    `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`).
+    `callback(i, total, x, pred_x0)` runs after each step; raise from it to stop.
+    """
+    validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale)
+    variant = dc.variant
+    param = variant["parameterization"]
+    device = x_T.device
+    fs_t = None if fs is None else torch.as_tensor(fs, device=device).reshape(-1).long().expand(x_T.shape[0])
+
+    contexts = [cond]
+    if uncond is not None and cfg_text != 1.0:
+        contexts.append(uncond)
+        if uncond_img is not None or cfg_img is not None:
+            contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
+            cfg_img = cfg_text if cfg_img is None else cfg_img
+    k = len(contexts)
+
+    def denoise(x, t, context):
+        return dc.denoise(x, t, context, None if concat is None else concat.repeat(k, 1, 1, 1, 1),
+                          None if fs_t is None else fs_t.repeat(k))
+
+    timesteps = ddim_timesteps(steps, spacing)
+    ac = dc.alphas_cumprod.float().cpu()
+    alphas = ac[timesteps]
+    alphas_prev = torch.cat([ac[:1], ac[timesteps[:-1]]])
+    sigmas = (eta * torch.sqrt((1 - alphas_prev.double()) / (1 - alphas.double())
+                               * (1 - alphas.double() / alphas_prev.double()))).float()
+    scale = getattr(dc, "scale_arr", None)
+    dynamic = variant.get("dynamic_rescale_base") is not None and scale is not None
+    use_scale = variant.get("use_scale", False) and scale is not None
+    if dynamic or use_scale:
+        scale = scale.float().cpu()
+        step_scale = scale[timesteps]
+        prev_scale = torch.cat([scale[:1] if use_scale else step_scale[:1], step_scale[:-1]])
+
+    x = x_T
+    total = len(timesteps)
+    for n, i in enumerate(reversed(range(total))):
+        t = int(timesteps[i])
+        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        out = guided_output(denoise, x, t_batch, contexts, cfg_text, cfg_img, guidance_rescale)
+        x0_factor = prev_factor = None
+        if dynamic:
+            x0_factor = (prev_scale[i] / step_scale[i]).to(device)
+        elif use_scale:
+            x0_factor, prev_factor = (1.0 / step_scale[i]).to(device), prev_scale[i].to(device)
+        step_noise = None
+        if eta > 0:
+            step_noise = (noise[n].to(x) if noise is not None else
+                          torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype))
+        f = lambda v: v.to(device=device, dtype=x.dtype)
+        x, x0 = ddim_step(x, out, f(alphas[i]), f(alphas_prev[i]), f(sigmas[i]),
+                          f(dc.sqrt_alphas_cumprod[t]), f(dc.sqrt_one_minus_alphas_cumprod[t]),
+                          param, x0_factor, prev_factor, step_noise)
+        if callback is not None:
+            callback(n, total, x, x0)
+    return x
+
+
+def validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale):
+    if not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise ValueError(f"steps must be an integer in 1..1000, got {steps!r}")
+    for name, v in (("cfg_text", cfg_text), ("cfg_img", cfg_img)):
+        if v is not None and not (0.0 <= float(v) <= 100.0):
+            raise ValueError(f"{name} must be in [0, 100], got {v}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")

@@ -1,0 +1,395 @@
+"""The DynamiCrafter / VideoCrafter 3D UNet (MODEL-SPEC §7), in the official key layout.
+
+Everything works per frame on (b*T, C, h, w) except the temporal layers, which see
+(b, C, T, h, w): the temporal convolution inside each ResBlock, the TemporalTransformers,
+and `init_attn` right after the input convolution. Module and attribute names match the
+official state dict (including the `temopral_conv` typo), so weights load with no renaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import attention
+from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding, [cos | sin] (cos first), of integer timesteps or fs values."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (the official `GroupNormSpecific`)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _mlp(dim_in: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
+# ------------------------------------------------------------------------------------ attention
+
+class CrossAttention(nn.Module):
+    """Multi-head attention; with `image_kv`, the dual cross-attention of MODEL-SPEC §7.5:
+    the first 77 context tokens (text) and the rest (image) are attended with separate
+    key/value weights and separate softmaxes, and the image result is added (gated in the 256 model)."""
+
+    def __init__(self, dim, context_dim=None, heads=8, dim_head=64, image_kv=False, gate=False):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+        self.image_kv = image_kv
+        if image_kv:
+            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+            if gate:
+                self.alpha = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x, context=None):
+        q = self.to_q(x)
+        if context is None:   # self-attention
+            out = attention(q, self.to_k(x), self.to_v(x), self.heads)
+        elif not self.image_kv:
+            out = attention(q, self.to_k(context), self.to_v(context), self.heads)
+        else:
+            text, image = context[:, :TEXT_CONTEXT_LEN], context[:, TEXT_CONTEXT_LEN:]
+            out = attention(q, self.to_k(text), self.to_v(text), self.heads)
+            out_ip = attention(q, self.to_k_ip(image), self.to_v_ip(image), self.heads)
+            if hasattr(self, "alpha"):
+                out_ip = out_ip * (torch.tanh(self.alpha) + 1)
+            out = out + out_ip
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LN: self-attention, cross-attention (or a second self-attention), GEGLU feed-forward."""
+
+    def __init__(self, dim, heads, dim_head, context_dim=None, image_kv=False, gate=False):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, image_kv=image_kv, gate=gate)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context=None):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + chunked(self.ff, self.norm3(x))
+
+
+def chunked(fn, x: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """Apply a token-wise `fn` in slices along the batch so its wide hidden layer stays small
+    when no gradient is needed (same result, bounded peak memory)."""
+    if torch.is_grad_enabled() or x.numel() * 8 <= max_elements or x.shape[0] == 1:
+        return fn(x)
+    step = max(1, max_elements // (8 * x[0].numel()))
+    return torch.cat([fn(part) for part in x.split(step)])
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame transformer over the h*w tokens of each frame; reads the text+image context."""
+
+    def __init__(self, channels, heads, dim_head, depth=1, context_dim=None, use_linear=True,
+                 image_kv=False, gate=False):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim, image_kv, gate) for _ in range(depth)])
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x, context):
+        _, _, h, w = x.shape
+        y = self.norm(x)
+        if not self.use_linear:
+            y = self.proj_in(y)
+        y = rearrange(y, "n c h w -> n (h w) c")
+        if self.use_linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.use_linear:
+            y = self.proj_out(y)
+        y = rearrange(y, "n (h w) c -> n c h w", h=h, w=w)
+        if not self.use_linear:
+            y = self.proj_out(y)
+        return x + y
+
+
+class TemporalTransformer(nn.Module):
+    """Self-attention along time at every pixel: both attn1 and attn2 attend over the T frames.
+    GroupNorm statistics are taken over (C/32, T, h, w) of each video."""
+
+    def __init__(self, channels, heads, dim_head, depth=1, use_linear=True):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head) for _ in range(depth)])
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
+
+    def forward(self, x):  # x: (b, C, T, h, w)
+        b, _, t, h, w = x.shape
+        y = self.norm(x)
+        if self.use_linear:
+            y = self.proj_in(rearrange(y, "b c t h w -> (b h w) t c"))
+        else:
+            y = rearrange(self.proj_in(rearrange(y, "b c t h w -> (b h w) c t")), "n c t -> n t c")
+        for block in self.transformer_blocks:
+            y = block(y)
+        if self.use_linear:
+            y = rearrange(self.proj_out(y), "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+        else:
+            y = rearrange(self.proj_out(rearrange(y, "n t c -> n c t")), "(b h w) c t -> b c t h w", b=b, h=h, w=w)
+        return x + y
+
+
+# ------------------------------------------------------------------------------------ conv blocks
+
+class TemporalConvBlock(nn.Module):
+    """Four (GroupNorm, SiLU, [Dropout], Conv3d (3,1,1)) stages along time, added to the input."""
+
+    def __init__(self, channels, dropout=0.0):
+        super().__init__()
+        conv = lambda: nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        self.conv1 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), conv())
+        self.conv2 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv3 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv4 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
+
+    def forward(self, x):  # (b, C, T, h, w)
+        return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, emb_channels, out_channels, temporal_conv=True, dropout=0.0):
+        super().__init__()
+        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.skip_connection = (nn.Identity() if out_channels == channels
+                                else nn.Conv2d(channels, out_channels, 1))
+        if temporal_conv:
+            self.temopral_conv = TemporalConvBlock(out_channels, dropout=0.1)
+
+    def forward(self, x, emb, frames: Optional[int]):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).type(h.dtype)[..., None, None]
+        h = self.skip_connection(x) + self.out_layers(h)
+        if frames and hasattr(self, "temopral_conv"):
+            h = rearrange(h, "(b t) c h w -> b c t h w", t=frames)
+            h = rearrange(self.temopral_conv(h), "b c t h w -> (b t) c h w")
+        return h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class Block(nn.Sequential):
+    """One entry of input_blocks / middle_block / output_blocks: routes each layer its inputs.
+    `frames=None` bypasses every temporal layer (stage-1 text-to-image training)."""
+
+    def forward(self, x, emb, context, frames: Optional[int]):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, frames)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, TemporalTransformer):
+                if frames:
+                    x = rearrange(layer(rearrange(x, "(b t) c h w -> b c t h w", t=frames)),
+                                  "b c t h w -> (b t) c h w")
+            else:
+                x = layer(x)
+        return x
+
+
+# ------------------------------------------------------------------------------------ the UNet
+
+class UNet3D(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc, emb_dim, hc = cfg.model_channels, cfg.model_channels * 4, cfg.num_head_channels
+        self.time_embed = _mlp(mc, emb_dim)
+        if cfg.fs_condition:
+            self.fps_embedding = _mlp(mc, emb_dim)
+
+        def res(cin, cout):
+            return ResBlock(cin, emb_dim, cout, temporal_conv=cfg.temporal_conv)
+
+        def transformers(ch):
+            layers = [SpatialTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.context_dim, cfg.use_linear,
+                                         image_kv=cfg.image_cross_attention, gate=cfg.image_gate)]
+            if cfg.temporal_attention:
+                layers.append(TemporalTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.use_linear))
+            return layers
+
+        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        if cfg.addition_attention:
+            self.init_attn = Block(TemporalTransformer(mc, cfg.init_attn_heads, hc, cfg.transformer_depth,
+                                                       use_linear=False))
+        skip_channels, ch = [mc], mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers += transformers(ch)
+                self.input_blocks.append(Block(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Block(Downsample(ch)))
+                skip_channels.append(ch)
+        self.middle_block = Block(res(ch, ch), *transformers(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers += transformers(ch)
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Block(*layers))
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def per_frame_context(self, context: torch.Tensor, frames: int) -> torch.Tensor:
+        """(b, L, C) -> (b*T, L', C). With exactly 77 + 16*T tokens, frame f reads the text and
+        its own 16 image tokens; otherwise every frame reads the whole context (MODEL-SPEC §7.2)."""
+        if context.shape[1] == TEXT_CONTEXT_LEN + QUERIES_PER_FRAME * frames:
+            text, image = context[:, :TEXT_CONTEXT_LEN], context[:, TEXT_CONTEXT_LEN:]
+            text = text.repeat_interleave(frames, dim=0)
+            image = rearrange(image, "b (t l) c -> (b t) l c", t=frames)
+            return torch.cat([text, image], dim=1)
+        return context.repeat_interleave(frames, dim=0)
+
+    def forward(self, x, timesteps, context, fs=None, temporal: bool = True, debug: Optional[dict] = None):
+        """x (b, Cin, T, h, w) with any concat latent already appended; timesteps (b,);
+        context (b, L, C); fs (b,) or None for the default. Returns (b, Cout, T, h, w)."""
+        b, _, t, _, _ = x.shape
+        emb = self.time_embed(timestep_embedding(timesteps.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
+        if debug is not None:
+            debug["time_embed"] = emb
+        if self.cfg.fs_condition:
+            if fs is None:
+                fs = torch.full((b,), self.cfg.default_fs, dtype=torch.long, device=x.device)
+            fs_emb = self.fps_embedding(timestep_embedding(fs.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
+            if debug is not None:
+                debug["fps_embedding"] = fs_emb
+            emb = emb + fs_emb
+        emb = emb.repeat_interleave(t, dim=0)
+        context = self.per_frame_context(context, t)
+        frames = t if temporal else None
+
+        h = rearrange(x, "b c t h w -> (b t) c h w")
+        skips = []
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, context, frames)
+            if debug is not None:
+                debug[f"input_blocks.{i:02d}"] = h
+            if i == 0 and hasattr(self, "init_attn"):
+                h = self.init_attn(h, emb, context, frames)
+                if debug is not None:
+                    debug["init_attn"] = h
+            skips.append(h)
+        h = self.middle_block(h, emb, context, frames)
+        if debug is not None:
+            debug["middle_block"] = h
+        for i, block in enumerate(self.output_blocks):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, frames)
+            if debug is not None:
+                debug[f"output_blocks.{i:02d}"] = h
+        return rearrange(self.out(h), "(b t) c h w -> b c t h w", b=b)
+
+
+# ------------------------------------------------------------------------------------ training helpers
+
+_TEMPORAL_MARKERS = ("temopral_conv.", "init_attn.")
+
+
+def temporal_module_names(unet: UNet3D) -> set:
+    return {name for name, m in unet.named_modules() if isinstance(m, (TemporalTransformer, TemporalConvBlock))}
+
+
+def is_temporal_parameter(name: str, unet: Optional[UNet3D] = None) -> bool:
+    """True for parameters of the temporal path: temporal convs, TemporalTransformers, init_attn.
+    Names are relative to the UNet (an optional `model.diffusion_model.` prefix is ignored)."""
+    name = name.removeprefix("model.diffusion_model.")
+    if any(m in name for m in _TEMPORAL_MARKERS):
+        return True
+    if unet is None:
+        raise ValueError("pass the UNet to classify transformer parameters")
+    return any(name.startswith(m + ".") for m in temporal_module_names(unet))
+
+
+def grow_input_channels(unet: UNet3D, in_channels: int) -> None:
+    """Widen the input convolution (e.g. 4 -> 8 for the image-concat stage); the new input
+    channels get zero weights so the network computes exactly what it did before."""
+    conv = unet.input_blocks[0][0]
+    if in_channels < conv.in_channels:
+        raise ValueError(f"cannot shrink the input conv from {conv.in_channels} to {in_channels} channels")
+    new = nn.Conv2d(in_channels, conv.out_channels, 3, padding=1).to(conv.weight)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :conv.in_channels] = conv.weight
+        new.bias.copy_(conv.bias)
+    unet.input_blocks[0][0] = new
+    unet.cfg = dataclasses.replace(unet.cfg, in_channels=in_channels)
