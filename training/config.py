@@ -19,10 +19,10 @@ class ModelSection:
     init: Optional[str] = None          # checkpoint to start from (official layout, .ckpt/.safetensors)
     init_extra: list = field(default_factory=list)  # more checkpoints merged over it, in order (missing parts)
     tiny: bool = False                  # random tiny model of the official architecture (tests, demo)
-    tiny_family: str = "dynamicrafter"
+    tiny_overrides: dict = field(default_factory=dict)  # sizes of the tiny model: {unet: {...}, vae: {...}, ...}
     variant: dict = field(default_factory=dict)     # overrides: parameterization, zero_snr, dynamic_rescale_base, fs_meaning
     image_kv_init: str = "copy_text"    # new to_k_ip/to_v_ip (from a VideoCrafter init): copy_text | random
-    dtype: str = "fp32"                 # weight dtype while training (fp32 master weights recommended)
+    frozen_dtype: str = "fp32"          # dtype of frozen weights (VAE, CLIP, temporal layers): fp32 | bf16 | fp16
 
 
 @dataclass
@@ -65,6 +65,7 @@ class RunSection:
     ema_decay: float = 0.0              # 0 = no EMA
     train_all: bool = False             # stage 3: train every UNet parameter (temporal too)
     cond_frame: str = "random"          # stage 3 conditioning frame: random | first
+    interp_prob: float = 0.0            # stage 3: share of samples with the first+last frame (interpolation) concat
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 3
@@ -133,6 +134,10 @@ class TrainConfig:
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if not 0.0 <= self.data.uncond_prob <= 1.0 / 3.0:
             raise ValueError("data.uncond_prob must be in [0, 1/3] (three disjoint drop cases)")
+        if self.model.frozen_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError("model.frozen_dtype must be fp32, fp16 or bf16")
+        if not 0.0 <= r.interp_prob <= 1.0:
+            raise ValueError("run.interp_prob must be in [0, 1]")
         if self.model.image_kv_init not in ("copy_text", "random"):
             raise ValueError("model.image_kv_init must be copy_text or random")
         if not self.model.init and not self.model.tiny:

@@ -1,0 +1,198 @@
+"""Model set-up for training: initialisation (checkpoint, checkpoint + extras, VideoCrafter
+extended with the image stream, or a random tiny model), EMA, gradient checkpointing, export.
+
+Always the library's `DynamiCrafter` (one implementation of the layers for inference and
+training); nothing here re-implements a layer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import contextmanager
+from typing import Iterable, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint as grad_checkpoint
+
+import dynamicrafter
+from dynamicrafter.checkpoint import model_from_state_dict, read_state_dict
+from dynamicrafter.config import ModelConfig, ResamplerConfig, infer_config, tiny_config
+from dynamicrafter.model import DynamiCrafter
+
+log = logging.getLogger("training.modeling")
+
+FRESH_OK = ("attn2.to_k_ip.", "attn2.to_v_ip.", "attn2.alpha", "image_proj_model.")
+
+
+class InitError(ValueError):
+    """The initial weights cannot start this run; the message says what to add."""
+
+
+def tiny_model_config(frames: int, family: str = "dynamicrafter", overrides: Optional[dict] = None) -> ModelConfig:
+    """A small random model of the official architecture with a 4-channel (text-to-video) UNet,
+    as stage 1 starts from. `overrides` = {"unet": {...}, "vae": {...}, "resampler": {...},
+    "text": {...}, "vision": {...}, "variant": {...}} changes sizes/fields."""
+    cfg = tiny_config(family="dynamicrafter", frames=frames)
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, in_channels=cfg.unet.out_channels))
+    for part, changes in (overrides or {}).items():
+        current = getattr(cfg, part)
+        if current is None:
+            raise InitError(f"model.tiny_overrides.{part}: the tiny model has no {part}")
+        fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        cfg = dataclasses.replace(cfg, **{part: dataclasses.replace(current, **fixed)})
+    if cfg.unet.default_fs != cfg.variant.default_fs:
+        cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, default_fs=cfg.variant.default_fs))
+    return cfg
+
+
+def build_tiny(frames: int, seed: int, overrides: Optional[dict] = None) -> DynamiCrafter:
+    torch.manual_seed(seed)
+    return DynamiCrafter(tiny_model_config(frames, overrides=overrides)).eval().requires_grad_(False)
+
+
+def _merge(sd: dict, extras: Iterable[str]) -> dict:
+    for path in extras:
+        extra, _ = read_state_dict(path)
+        added = [k for k in extra if k not in sd]
+        log.info("init_extra %s: adding %d tensors the main checkpoint lacks", path, len(added))
+        for k in added:
+            sd[k] = extra[k]
+    return sd
+
+
+def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = None, seed: int = 0,
+              frames: int = 16, image_kv_init: str = "copy_text") -> DynamiCrafter:
+    """Weights to start a run from. A complete DynamiCrafter file loads as is. A VideoCrafter
+    (text-to-video) file is extended with the image stream: CLIP image encoder and Resampler
+    from `extras` (e.g. a stage-1 or DynamiCrafter checkpoint), otherwise a fresh Resampler;
+    new to_k_ip/to_v_ip start as copies of to_k/to_v (or random)."""
+    sd, metadata = read_state_dict(path)
+    sd = _merge(sd, extras)
+    has_image_kv = any("attn2.to_k_ip." in k for k in sd)
+    if has_image_kv and any(k.startswith("image_proj_model.") for k in sd):
+        return model_from_state_dict(sd, variant_overrides=variant or None, metadata=metadata)
+    if not any(k.startswith("embedder.model.visual.") for k in sd):
+        raise InitError(f"{path} has no CLIP image encoder (embedder.*), which the image stream needs; add a "
+                        "checkpoint that has one via model.init_extra (a DynamiCrafter or stage-1 checkpoint)")
+    base = infer_config(sd)
+    v = base.variant
+    rescale = v.dynamic_rescale_base if v.dynamic_rescale_base is not None else (0.7 if v.use_scale else None)
+    variant = dataclasses.replace(v, family="dynamicrafter", dynamic_rescale_base=rescale, use_scale=False,
+                                  **(variant or {}))
+    unet = dataclasses.replace(base.unet, image_cross_attention=True)
+    resampler = base.resampler
+    if resampler is None:   # official sizes for a full-width model; the tiny convention otherwise
+        ctx = base.unet.context_dim
+        full = ctx == 1024
+        dim_head = 64 if full else 16
+        resampler = ResamplerConfig(dim=ctx, depth=4 if full else 2, dim_head=dim_head,
+                                    heads=max(1, (3 * ctx // 4) // dim_head), embedding_dim=base.vision.vision_width,
+                                    output_dim=ctx, video_length=frames)
+    cfg = dataclasses.replace(base, unet=unet, resampler=resampler, variant=variant)
+    torch.manual_seed(seed)
+    model = DynamiCrafter(cfg)
+    expected = model.state_dict()
+    buffers = {k for k, _ in model.named_buffers()}
+    sd = {k: v for k, v in sd.items() if k in expected and k not in buffers}
+    mismatched = [k for k in sd if sd[k].shape != expected[k].shape]
+    if mismatched:
+        raise InitError(f"tensors of the init do not fit the extended model: {mismatched[:3]}")
+    missing = [k for k in expected if k not in sd and k not in buffers]
+    not_fresh = [k for k in missing if not any(m in k for m in FRESH_OK)]
+    if not_fresh:
+        raise InitError(f"the init lacks {len(not_fresh)} tensors that cannot start fresh, e.g. {not_fresh[:3]}")
+    model.load_state_dict(sd, strict=False)
+    if image_kv_init == "copy_text":
+        with torch.no_grad():
+            for name, mod in model.unet.named_modules():
+                if hasattr(mod, "to_k_ip") and f"model.diffusion_model.{name}.to_k_ip.weight" in missing:
+                    mod.to_k_ip.weight.copy_(mod.to_k.weight)
+                    mod.to_v_ip.weight.copy_(mod.to_v.weight)
+    log.info("extended %s with the image stream: %d fresh tensors (%s)", path, len(missing),
+             "resampler random" if base.resampler is None else "resampler from extras")
+    return model.eval().requires_grad_(False)
+
+
+def sync_config(dc: DynamiCrafter) -> None:
+    """Keep dc.cfg in step with the UNet after growing its input conv."""
+    if dc.cfg.unet != dc.unet.cfg:
+        dc.cfg = dataclasses.replace(dc.cfg, unet=dc.unet.cfg)
+
+
+def cast_frozen(dc: DynamiCrafter, dtype: torch.dtype) -> None:
+    """Store frozen parameters in a smaller dtype (memory-lean runs); trainable ones stay as they are."""
+    for p in dc.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+def enable_gradient_checkpointing(unet) -> int:
+    """Recompute each UNet block's activations in the backward pass instead of storing them."""
+    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+    if hasattr(unet, "init_attn"):
+        blocks.append(unet.init_attn)
+    for block in blocks:
+        if getattr(block, "_ckpt_wrapped", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return grad_checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+        block._ckpt_wrapped = True
+    return len(blocks)
+
+
+# --------------------------------------------------------------------------- EMA
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32 shadow copies)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.decay = decay
+        self.params = dict(named_params)
+        self.shadow = {n: p.detach().float().clone() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for n, v in state["shadow"].items():
+            self.shadow[n].copy_(v)
+
+    @contextmanager
+    def swapped_in(self):
+        """Temporarily put the EMA weights into the model (for sampling or export)."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.shadow[n].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+
+# --------------------------------------------------------------------------- export
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_safetensors(dc: DynamiCrafter, path: str, dtype: str = "fp16") -> str:
+    """One .safetensors in the official key layout (what dynamicrafter.load_model and the
+    ComfyUI loader read), written atomically by the library."""
+    sync_config(dc)
+    return str(dynamicrafter.save_checkpoint(dc, path, dtype=DTYPES[dtype]))

@@ -1,0 +1,397 @@
+"""Headless DynamiCrafter training: ``python -m training.train CONFIG [section.key=value ...]``.
+
+Single process, or ``torchrun --nproc_per_node=N -m training.train CONFIG`` (DDP, or FSDP
+with run.distributed=fsdp). A run directory holds everything: the resolved config,
+``log.jsonl``, TensorBoard events, ``checkpoints/step_*.pt`` (atomic, keep-last-K), sample
+videos and the exported ``model.safetensors``. Starting again with the same run_dir resumes
+exactly from the newest complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from training import checkpoint as ck
+from training.config import TrainConfig, load_config
+from training.data import StreamSampler, collate, make_dataset
+from training.modeling import (DTYPES, EMA, build_tiny, cast_frozen, enable_gradient_checkpointing,
+                               export_safetensors, load_init, sync_config)
+from training.stages import (StageSettings, apply_trainable, prepare_model_for_stage, stage_loss,
+                             trainable_names)
+
+log = logging.getLogger("training")
+
+
+class TrainStep(torch.nn.Module):
+    """The model + the stage's loss as one module, so DDP/FSDP see a single forward."""
+
+    def __init__(self, dc, settings: StageSettings, autocast):
+        super().__init__()
+        self.dc = dc
+        self.settings = settings
+        self.autocast = autocast
+
+    def forward(self, batch):
+        return stage_loss(self.dc, batch, self.settings, self.autocast())
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        span = max(1, cfg.run.max_steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def setup_distributed(device_pref: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is visible")
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def all_mean(x: torch.Tensor, world: int) -> float:
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return float(x)
+
+
+def build_model(cfg: TrainConfig):
+    r, m = cfg.run, cfg.model
+    frames = cfg.data.frames
+    if m.tiny:
+        overrides = {k: dict(v) for k, v in (m.tiny_overrides or {}).items()}
+        if m.variant:
+            overrides["variant"] = {**overrides.get("variant", {}), **m.variant}
+        dc = build_tiny(frames, r.seed, overrides)
+    else:
+        dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=frames, image_kv_init=m.image_kv_init)
+    prepare_model_for_stage(dc, r.stage)
+    sync_config(dc)
+    return dc
+
+
+class JsonlLog:
+    def __init__(self, path: str, resume_step: int):
+        self.path = path
+        if os.path.exists(path):   # drop records of steps the resumed run will redo
+            with open(path) as fh:
+                keep = [ln for ln in fh if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            with open(path, "w") as fh:
+                fh.writelines(keep)
+        self.fh = open(path, "a", buffering=1)
+
+    def write(self, rec: dict) -> None:
+        self.fh.write(json.dumps(rec) + "\n")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def make_tensorboard(run_dir: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as err:  # noqa: BLE001 - optional dependency
+        log.warning("TensorBoard logging off (%s); pip install tensorboard to enable it", err)
+        return None
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+
+@torch.no_grad()
+def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device) -> list[str]:
+    """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
+    import dynamicrafter
+    from dynamicrafter.video import load_image, save_video
+    from training.data import resize_center_crop
+
+    e = cfg.eval
+    out = []
+    stage = cfg.run.stage
+    frames = 1 if stage == 1 else cfg.data.frames
+    H, W = cfg.data.height, cfg.data.width
+    for i, prompt in enumerate(e.prompts):
+        if i < len(e.images):
+            img = resize_center_crop(load_image(e.images[i]), H, W)
+        else:
+            img = dataset[i]["video"][:, 0][None]
+        img = img.to(device)
+        text = dc.encode_text([prompt])
+        ctx_img = dc.image_context(dc.encode_clip_image(img))
+        un_text = dc.encode_text([""])
+        un_img = dc.image_context(dc.encode_clip_image(torch.zeros_like(img)))
+        if stage == 1:
+            ctx_img, un_img = ctx_img[:, :16], un_img[:, :16]
+        cond = torch.cat([text, ctx_img], 1)
+        uncond = torch.cat([un_text, un_img], 1)
+        g = torch.Generator().manual_seed(e.seed + i)
+        c = dc.unet.cfg.out_channels
+        x_T = torch.randn(1, c, frames, H // 8, W // 8, generator=g).to(device)
+        concat = None
+        if stage == 3:
+            z = dc.encode_first_stage(img, sample=False)
+            concat = z[:, :, None].expand(-1, -1, frames, -1, -1)
+        v = dc.variant
+        lat = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],
+                                        steps=e.steps, cfg_text=e.cfg_text, cfg_img=e.cfg_img,
+                                        guidance_rescale=v.get("guidance_rescale", 0.0), spacing=v["spacing"],
+                                        generator=g)
+        video = dc.decode(lat)[0]
+        path = os.path.join(cfg.run.run_dir, "samples", f"step_{step:08d}_{i}.mp4")
+        save_video(video.cpu(), path, fps=e.fps)
+        out.append(path)
+    return out
+
+
+def run(cfg: TrainConfig) -> dict:
+    r = cfg.run
+    rank, world, device = setup_distributed(r.device)
+    is_main = rank == 0
+    accum = cfg.accumulation(world)
+    os.makedirs(r.run_dir, exist_ok=True)
+    if is_main:
+        ck.remove_stale_temporaries(r.run_dir)
+        with open(os.path.join(r.run_dir, "config.json"), "w") as fh:
+            json.dump(cfg.to_dict(), fh, indent=2)
+
+    torch.manual_seed(r.seed)
+    dc = build_model(cfg)
+    names = trainable_names(dc, r.stage, r.train_all)
+    params = apply_trainable(dc, names)
+    dc.to(device)
+    if cfg.model.frozen_dtype != "fp32":
+        cast_frozen(dc, DTYPES[cfg.model.frozen_dtype])
+    if r.grad_checkpointing:
+        enable_gradient_checkpointing(dc.unet)
+    named = [(n, p) for n, p in dc.named_parameters() if p.requires_grad]
+
+    use_bf16 = r.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+
+    settings = StageSettings(stage=r.stage, seed=r.seed, uncond_prob=cfg.data.uncond_prob,
+                             cond_frame=r.cond_frame, interp_prob=r.interp_prob)
+    module = TrainStep(dc, settings, autocast)
+    if world > 1 and r.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        unet = dc.unet
+        for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
+            fully_shard(block)
+        model = fully_shard(module)
+    elif world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    else:
+        model = module
+
+    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    ema = EMA(named, r.ema_decay) if r.ema_decay > 0 else None
+
+    step = 0
+    state = ck.load_latest(r.run_dir)
+    if state is not None:
+        if state["global_batch"] != r.global_batch:
+            raise ValueError(f"{state['path']} was trained with global_batch={state['global_batch']}; resuming "
+                             f"with {r.global_batch} would change the data order. Keep run.global_batch.")
+        restore(state, named, opt, sched, ema, rank, world)
+        step = state["step"]
+        if is_main:
+            log.info("resumed from %s (step %d)", state["path"], step)
+        del state
+
+    frames = 1 if r.stage == 1 else cfg.data.frames
+    fs_meaning = cfg.data.fs_meaning or dc.variant.get("fs_meaning", "frame_stride")
+    dataset = make_dataset(cfg.data.csv, cfg.data.video_dir, frames=frames, height=cfg.data.height,
+                           width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
+                           fps_max=cfg.data.fps_max, seed=r.seed)
+    sampler = StreamSampler(r.micro_batch, accum, rank, world, start_step=step)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=r.micro_batch, sampler=sampler, collate_fn=collate,
+                                         num_workers=cfg.data.num_workers,
+                                         persistent_workers=cfg.data.num_workers > 0)
+    batches = iter(loader)
+
+    jsonl = JsonlLog(os.path.join(r.run_dir, "log.jsonl"), step) if is_main else None
+    tb = make_tensorboard(r.run_dir, r.tensorboard) if is_main else None
+    bar = None
+    if is_main and r.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=r.max_steps, initial=step, desc=f"stage {r.stage}", dynamic_ncols=True)
+    if is_main:
+        n_train = sum(p.numel() for _, p in named)
+        log.info("stage %d: %d trainable tensors, %.2fM parameters; world %d, micro-batch %d, accumulation %d",
+                 r.stage, len(named), n_train / 1e6, world, r.micro_batch, accum)
+
+    dc.train()
+    last_loss = float("nan")
+    window_t, window_samples = time.time(), 0
+    while step < r.max_steps:
+        loss_acc = torch.zeros((), device=device)
+        for a in range(accum):
+            batch = next(batches)
+            sync = contextlib.nullcontext()
+            if world > 1 and r.distributed == "ddp" and a < accum - 1:
+                sync = model.no_sync()
+            with sync:
+                loss = model(batch)
+                (loss / accum).backward()
+            loss_acc += loss.detach() / accum
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+        step += 1
+        window_samples += r.global_batch
+        last_loss = all_mean(loss_acc, world)
+        if ck.fault("kill_after_step", step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if is_main:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if step % r.log_every == 0 or step == r.max_steps:
+                now = time.time()
+                rec = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
+                       "samples_per_s": window_samples / max(now - window_t, 1e-9),
+                       "samples_seen": step * r.global_batch, "time": now}
+                jsonl.write(rec)
+                if tb is not None:
+                    tb.add_scalar("train/loss", last_loss, step)
+                    tb.add_scalar("train/lr", rec["lr"], step)
+                    tb.add_scalar("train/samples_per_s", rec["samples_per_s"], step)
+                window_t, window_samples = now, 0
+        if step % r.save_every == 0 or step == r.max_steps:
+            save(cfg, dc, named, opt, sched, ema, step, rank, world)
+        if cfg.eval.every and cfg.eval.prompts and step % cfg.eval.every == 0 and is_main:
+            dc.eval()
+            with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
+                paths = sample_videos(dc, cfg, dataset, step, device)
+            dc.train()
+            jsonl.write({"step": step, "samples": paths})
+
+    export_path = None
+    if r.export_at_end and is_main:
+        export_path = os.path.join(r.run_dir, "model.safetensors")
+        with (ema.swapped_in() if (ema is not None and r.export_ema) else contextlib.nullcontext()):
+            export_safetensors(dc, export_path, r.export_dtype)
+        log.info("exported %s", export_path)
+    if bar is not None:
+        bar.close()
+    if jsonl is not None:
+        jsonl.close()
+    if tb is not None:
+        tb.close()
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "loss": last_loss, "export": export_path, "model": dc, "trainable": [n for n, _ in named]}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor of a parameter/state, gathering FSDP shards (DTensor) first."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu().clone()
+
+
+def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
+    r = cfg.run
+    trainable = {n: _full(p) for n, p in named}
+    opt_state = opt.state_dict()
+    opt_state["state"] = {i: {k: (_full(v) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                          for i, s in opt_state["state"].items()}
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, ck.rng_state())
+    else:
+        rngs = [ck.rng_state()]
+    if rank == 0:
+        state = {"step": step, "samples_seen": step * r.global_batch, "global_batch": r.global_batch,
+                 "stage": r.stage, "trainable": trainable, "optimizer": opt_state, "scheduler": sched.state_dict(),
+                 "ema": ema.state_dict() if ema is not None else None, "rng": rngs,
+                 "config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dc.cfg.to_dict())}
+        ck.atomic_save(state, ck.checkpoint_path(r.run_dir, step), step=step)
+        ck.prune(r.run_dir, r.keep_last)
+    if world > 1:
+        dist.barrier()
+
+
+def restore(state, named, opt, sched, ema, rank, world) -> None:
+    stored = state["trainable"]
+    names = [n for n, _ in named]
+    if set(stored) != set(names):
+        raise ValueError(f"{state['path']} trained a different parameter set ({len(stored)} tensors vs {len(names)}); "
+                         "the stage or train_all setting changed. Use a new run_dir for a new stage.")
+    with torch.no_grad():
+        for n, p in named:
+            src = stored[n]
+            if hasattr(p, "full_tensor"):   # FSDP shard: take this rank's slice
+                from torch.distributed.tensor import distribute_tensor
+                src = distribute_tensor(src.to(p.dtype), p.device_mesh, p.placements)
+                p.copy_(src)
+            else:
+                p.copy_(src.to(p.device, p.dtype))
+    opt_state = state["optimizer"]
+    params = [p for _, p in named]
+    for i, s in opt_state["state"].items():
+        p = params[int(i)]
+        for k, v in list(s.items()):
+            if isinstance(v, torch.Tensor) and hasattr(p, "full_tensor") and v.shape == p.shape:
+                from torch.distributed.tensor import distribute_tensor
+                s[k] = distribute_tensor(v, p.device_mesh, p.placements)
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(state["scheduler"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise ValueError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
+        ema.load_state_dict(state["ema"])
+    rngs = state["rng"]
+    ck.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="run config (.yaml/.yml/.toml)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=100")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    cfg = load_config(a.config, a.overrides)
+    result = run(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"step": result["step"], "loss": result["loss"], "export": result["export"]}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
