@@ -83,3 +83,48 @@ def comfy_server(comfy_base):
 
 
 # ===================================== end of ComfyUI runtime fixtures ==========================
+
+
+# =============================================================================================
+# Model library fixtures (parity with the official reference tensors, checkpoints)
+# =============================================================================================
+import torch  # noqa: E402
+
+
+def _reference_file(*parts) -> Path:
+    path = comfy_runtime.reference_dir().joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"{path} not found: the parity tests need the shared reference tensors "
+                    f"(../shared/reference beside the repo, or DYNAMICRAFTER_REFERENCE)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ref_v():
+    """(model, reference tensors, manifest) of the tiny v-prediction DynamiCrafter."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import dynamicrafter
+    model = dynamicrafter.load_model(_reference_file("tiny_v", "model.safetensors"))
+    tensors = load_file(_reference_file("tiny_v", "reference.safetensors"))
+    manifest = json.loads(_reference_file("tiny_v", "manifest.json").read_text())
+    return model, tensors, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_v_state_dict():
+    import dynamicrafter
+    sd, _ = dynamicrafter.read_state_dict(_reference_file("tiny_v", "model.safetensors"))
+    return sd
+
+
+def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, name: str = ""):
+    """SPEC §5: max|ours - ref| <= rel * max(1, max|ref|)."""
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    diff = (ours.detach().float().cpu() - ref.float()).abs().max().item()
+    tol = rel * max(1.0, ref.float().abs().max().item())
+    assert diff <= tol, f"{name}: max|diff| {diff:.3e} > tolerance {tol:.3e}"
+
+# ===================================== end of model library fixtures =============================

@@ -1,0 +1,75 @@
+"""`python -m dynamicrafter animate ...` — animate an image (or, with a text-to-video
+checkpoint, a prompt) headless and write the video."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dynamicrafter", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("animate", help="image (+ prompt) -> video")
+    a.add_argument("--ckpt", required=True, help="DynamiCrafter/VideoCrafter .ckpt or .safetensors")
+    a.add_argument("--image", help="start image (omit for text-to-video checkpoints)")
+    a.add_argument("--end-image", help="end image: generative interpolation between --image and this")
+    a.add_argument("--loop", action="store_true", help="make a looping video (last frame returns to the first)")
+    a.add_argument("--prompt", default="")
+    a.add_argument("--negative-prompt", default="")
+    a.add_argument("--frames", type=int, help="default: the model's (16)")
+    a.add_argument("--height", type=int)
+    a.add_argument("--width", type=int)
+    a.add_argument("--fs", type=int, help="frame stride (256 model) or fps (512/1024); default per model")
+    a.add_argument("--steps", type=int, default=50)
+    a.add_argument("--cfg", type=float, help="text guidance scale (default 7.5; 12 for VideoCrafter)")
+    a.add_argument("--cfg-img", type=float, help="image guidance scale: enables dual CFG")
+    a.add_argument("--eta", type=float, default=1.0)
+    a.add_argument("--guidance-rescale", type=float, help="default per model (0.7 for 512/1024, 0 for 256)")
+    a.add_argument("--spacing", choices=["uniform", "uniform_trailing", "quad"])
+    a.add_argument("--seed", type=int, default=123)
+    a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
+    a.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--save-fps", type=float, default=8)
+    a.add_argument("--out", required=True, help="output .mp4, .webp, .gif or .png (frame strip)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from . import load_model
+    from .pipeline import animate
+    from .video import load_image, save_video
+
+    t0 = time.time()
+    dc = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
+                    variant_overrides={"name": args.variant} if args.variant else None)
+    image = load_image(args.image) if args.image else None
+    end = load_image(args.end_image) if args.end_image else None
+    bar = tqdm(total=None, desc="sampling", unit="step")
+
+    def progress(i, total, x, x0):
+        bar.total = total
+        bar.update(1)
+
+    video = animate(dc, image, args.prompt, end_image=end, loop=args.loop, frames=args.frames, height=args.height,
+                    width=args.width, fs=args.fs, steps=args.steps, cfg_text=args.cfg, cfg_img=args.cfg_img,
+                    eta=args.eta, guidance_rescale=args.guidance_rescale, spacing=args.spacing, seed=args.seed,
+                    negative_prompt=args.negative_prompt, callback=progress)
+    bar.close()
+    if args.loop:   # the last frame duplicates the first
+        video = video[:, :, :-1]
+    path = save_video(video[0], args.out, fps=args.save_fps)
+    print(f"wrote {path} ({video.shape[2]} frames, {video.shape[-1]}x{video.shape[-2]}) in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

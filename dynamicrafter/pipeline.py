@@ -1,0 +1,150 @@
+"""Image-to-video end to end (MODEL-SPEC §1, §10): conditioning from an image and a prompt,
+DDIM sampling, decoding. `animate()` is the headless entry point; the ComfyUI nodes call the
+same pieces (`image_conditioning`, `concat_latent`, `sample_ddim`)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import TEXT_CONTEXT_LEN
+from .sampling import sample_ddim
+
+
+def validate_image(images: torch.Tensor, name: str = "image") -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must be (n, 3, H, W), got shape {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values; check the node or file that produced it")
+
+
+def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize (antialiased bilinear) so the image covers height x width, then center-crop.
+    Equals the official Resize(shorter side) + CenterCrop when the aspect ratio is at least the
+    target's, and crops instead of padding with black when it is not."""
+    validate_image(images)
+    _, _, h, w = images.shape
+    if (h, w) == (height, width):
+        return images
+    scale = max(height / h, width / w)
+    nh, nw = max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
+    x = F.interpolate(images, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))
+    return x[:, :, top:top + height, left:left + width]
+
+
+def concat_latent(z_start: torch.Tensor, frames: int, z_end: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The image latent as the UNet's extra input channels, (b, 4, T, h, w): the start latent on
+    every frame, or (interpolation / loop, when z_end is given) start on frame 0, end on frame
+    T-1 and zeros between."""
+    if frames < 2:
+        raise ValueError(f"frames must be at least 2, got {frames}")
+    if z_end is None:
+        return z_start[:, :, None].repeat(1, 1, frames, 1, 1)
+    if z_end.shape != z_start.shape:
+        raise ValueError(f"the end image's latent {tuple(z_end.shape)} differs from the start image's "
+                         f"{tuple(z_start.shape)}: give both images the same size")
+    out = torch.zeros(*z_start.shape[:2], frames, *z_start.shape[2:], dtype=z_start.dtype, device=z_start.device)
+    out[:, :, 0], out[:, :, -1] = z_start, z_end
+    return out
+
+
+@dataclass
+class Conditioning:
+    cond: torch.Tensor          # [prompt text | image tokens]
+    uncond: torch.Tensor        # [negative text | tokens of a zero image]
+    concat: torch.Tensor        # (b, 4, T, h, w)
+
+    @property
+    def uncond_img(self) -> torch.Tensor:
+        """[negative text | real image tokens], the dual-CFG third branch."""
+        return torch.cat([self.uncond[:, :TEXT_CONTEXT_LEN], self.cond[:, TEXT_CONTEXT_LEN:]], dim=1)
+
+
+def image_context_pair(dc, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resampler tokens of the images and of an all-zero (mid-grey) image of the same size."""
+    ctx = dc.image_context(dc.encode_clip_image(images))
+    zero = dc.image_context(dc.encode_clip_image(torch.zeros_like(images)))
+    return ctx, zero
+
+
+def image_conditioning(dc, images: torch.Tensor, prompts: list[str], frames: int,
+                       end_images: Optional[torch.Tensor] = None, loop: bool = False,
+                       negative_prompts: Optional[list[str]] = None, vae_noise: Optional[torch.Tensor] = None,
+                       generator: Optional[torch.Generator] = None) -> Conditioning:
+    """Everything the UNet is conditioned on, from start image(s) in [-1, 1] (b, 3, H, W).
+    `vae_noise` (T, 4, h, w) are the per-frame posterior draws (row 0 for the start image,
+    row T-1 for the end image), as the official pipeline draws them."""
+    validate_image(images)
+    if end_images is not None:
+        validate_image(end_images, "end image")
+        if end_images.shape != images.shape:
+            raise ValueError(f"the end image is {tuple(end_images.shape[-2:])} but the start image is "
+                             f"{tuple(images.shape[-2:])}: resize both to the same width and height")
+        if loop:
+            raise ValueError("choose either an end image (interpolation) or loop, not both")
+    b = images.shape[0]
+    text = dc.encode_text(list(prompts))
+    negative = dc.encode_text(list(negative_prompts) if negative_prompts is not None else [""] * b)
+    ctx, zero_ctx = image_context_pair(dc, images)
+    noise = (lambda i: None) if vae_noise is None else (lambda i: vae_noise[i:i + 1].expand(b, -1, -1, -1))
+    z = dc.encode_first_stage(images, noise=noise(0), generator=generator)
+    z_end = None
+    if end_images is not None or loop:
+        z_end = dc.encode_first_stage(end_images if end_images is not None else images,
+                                      noise=noise(frames - 1), generator=generator)
+    return Conditioning(cond=torch.cat([text, ctx], dim=1), uncond=torch.cat([negative, zero_ctx], dim=1),
+                        concat=concat_latent(z, frames, z_end))
+
+
+def text_conditioning(dc, prompts: list[str], negative_prompts: Optional[list[str]] = None) -> Conditioning:
+    """For text-to-video (VideoCrafter) models: text only, no image latent."""
+    text = dc.encode_text(list(prompts))
+    negative = dc.encode_text(list(negative_prompts) if negative_prompts is not None else [""] * len(prompts))
+    return Conditioning(cond=text, uncond=negative, concat=None)
+
+
+def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Optional[torch.Tensor] = None,
+            loop: bool = False, frames: Optional[int] = None, height: Optional[int] = None,
+            width: Optional[int] = None, fs: Optional[int] = None, steps: int = 50, cfg_text: Optional[float] = None,
+            cfg_img: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
+            spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "",
+            callback: Optional[Callable] = None) -> torch.Tensor:
+    """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
+    as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
+    (fs, spacing, guidance rescale, resolution) come from `dc.variant`. With a text-to-video
+    model, pass image=None."""
+    v = dc.variant
+    frames = frames or v["frames"]
+    height, width = height or v["resolution"][0], width or v["resolution"][1]
+    check_size(height, width)
+    fs = v["default_fs"] if fs is None else int(fs)
+    lo, hi = v["fs_range"]
+    if not 1 <= fs <= 1000:
+        raise ValueError(f"fs must be a positive frame stride/fps (this model was trained on {lo}..{hi}), got {fs}")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        if v["image_cross_attention"]:
+            if image is None:
+                raise ValueError("this is an image-to-video model: give it an image")
+            image = fit_image(image.float(), height, width).to(dc.device)
+            end = fit_image(end_image.float(), height, width).to(dc.device) if end_image is not None else None
+            c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
+        else:
+            c = text_conditioning(dc, [prompt], [negative_prompt])
+        x_T = torch.randn((1, 4, frames, height // 8, width // 8), generator=generator).to(dc.device)
+        latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, steps=steps,
+                              cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
+                              guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
+                              spacing=spacing or v["spacing"], generator=generator, callback=callback)
+        return dc.decode(latents)
+
+
+def check_size(height: int, width: int) -> None:
+    """The UNet halves the latent three times: pixel sizes must be multiples of 64."""
+    if height % 64 or width % 64 or height <= 0 or width <= 0:
+        raise ValueError(f"width and height must be positive multiples of 64 for this UNet, got {width}x{height} "
+                         f"(nearest: {max(64, round(width / 64) * 64)}x{max(64, round(height / 64) * 64)})")
