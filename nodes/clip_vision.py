@@ -1,0 +1,71 @@
+"""DynamiCrafter CLIP Vision Encode: the 257-token last-layer grid with the official preprocessing."""
+from __future__ import annotations
+
+import kornia
+import torch
+
+import comfy.model_management
+
+from .images import check_finite, images_to_signed
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_TOKENS_TYPE = "DYNAMICRAFTER_CLIP_TOKENS"
+
+
+def official_clip_preprocess(signed: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, H, W) in [-1, 1] -> normalised (n, 3, size, size): kornia bicubic resize with its
+    antialias (aspect ratio not kept), in [-1, 1] space, then (x+1)/2 and CLIP normalisation."""
+    x = kornia.geometry.resize(signed, (size, size), interpolation="bicubic", align_corners=True, antialias=True)
+    x = (x + 1.0) / 2.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def clip_tokens(clip_vision, signed: torch.Tensor) -> torch.Tensor:
+    """All tokens of the last vision block (no post-layernorm, no projection): (n, 1+grid^2, D)."""
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    device = clip_vision.load_device
+    pixels = official_clip_preprocess(signed.to(device, torch.float32), clip_vision.image_size)
+    dtype = next(clip_vision.model.parameters()).dtype
+    out = clip_vision.model(pixel_values=pixels.to(dtype), intermediate_output=-2)
+    return out[0].float().to(comfy.model_management.intermediate_device())
+
+
+def encode_clip_vision(clip_vision, image: torch.Tensor) -> dict:
+    """IMAGE (b,H,W,C) in [0,1] -> {"cond": tokens of the images, "uncond": tokens of a zero image}."""
+    if clip_vision is None:
+        raise ValueError("no CLIP_VISION connected: this checkpoint has none (pruned file); load the OpenCLIP "
+                         "ViT-H-14 vision model with CLIPVisionLoader")
+    check_finite(image, "image")
+    signed = images_to_signed(image)
+    cond = clip_tokens(clip_vision, signed)
+    # Official unconditional image: all zeros in [-1, 1] (mid grey), same size after resizing.
+    uncond = clip_tokens(clip_vision, torch.zeros_like(signed[:1]))
+    return {"cond": cond, "uncond": uncond}
+
+
+class DynamiCrafterCLIPVisionEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "clip_vision": ("CLIP_VISION", {"tooltip": "OpenCLIP ViT-H-14 vision tower (from the DynamiCrafter "
+                                                       "loader or CLIPVisionLoader)"}),
+            "image": ("IMAGE", {"tooltip": "the start image (the official code conditions CLIP on the first "
+                                           "image only, also for interpolation)"}),
+        }}
+
+    RETURN_TYPES = (CLIP_TOKENS_TYPE,)
+    RETURN_NAMES = ("clip_tokens",)
+    FUNCTION = "encode"
+    CATEGORY = "DynamiCrafter"
+    DESCRIPTION = ("CLIP image tokens exactly as DynamiCrafter computes them: 224x224 kornia bicubic resize "
+                   "(no crop), all 257 tokens of the last block, plus the tokens of the grey unconditional image.")
+
+    def encode(self, clip_vision, image):
+        return (encode_clip_vision(clip_vision, image),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamiCrafterCLIPVisionEncode": DynamiCrafterCLIPVisionEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterCLIPVisionEncode": "DynamiCrafter CLIP Vision Encode"}

@@ -1,0 +1,267 @@
+"""DynamiCrafter as ComfyUI model objects.
+
+* ``MODEL``: a ``comfy.model_patcher.ModelPatcher`` around :class:`DynamiCrafterBaseModel`, a
+  ``comfy.model_base.BaseModel`` whose ``diffusion_model`` is the library's UNet (ComfyUI's
+  memory management, weight patches and interrupts apply).  Its ``model_sampling`` is ComfyUI's
+  ``ModelSamplingDiscrete`` with the scaled-linear betas, eps or v prediction and zero-terminal
+  SNR per the variant, so core KSampler / SamplerCustomAdvanced can drive it; the exact official
+  DDIM runs through :func:`dynamicrafter.sample_ddim` on the same UNet (``sampler.py``).
+* ``CLIP``, ``CLIP_VISION``, ``VAE``: ComfyUI's own classes (SD2-style OpenCLIP text model,
+  ``ClipVisionModel``, ``comfy.sd.VAE``) sized from the checkpoint's tensors and filled with its
+  weights, so they behave exactly like the objects ComfyUI's loaders return.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+import comfy.clip_vision
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
+import comfy.sd1_clip
+import comfy.supported_models_base
+import comfy.utils
+from comfy.text_encoders import sd2_clip
+
+TEXT_TOKENS = 77
+
+
+class DynamiCrafterLatent(comfy.latent_formats.LatentFormat):
+    """SD 1.x/2.x KL-f8 latents (scale 0.18215) laid out as video: (b, 4, T, h, w)."""
+    latent_channels = 4
+    latent_dimensions = 3
+
+    def __init__(self, scale_factor: float = 0.18215):
+        self.scale_factor = scale_factor
+        self.latent_rgb_factors = [  # SD 1.x/2.x latent -> RGB preview factors
+            [0.3512, 0.2297, 0.3227],
+            [0.3250, 0.4974, 0.2350],
+            [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177],
+        ]
+        self.latent_rgb_factors_bias = None
+
+
+class DynamiCrafterConfig(comfy.supported_models_base.BASE):
+    """ComfyUI model config for a DynamiCrafter/VideoCrafter UNet built by our library."""
+    unet_config = {"disable_unet_model_creation": True}
+    unet_extra_config = {}
+    latent_format = DynamiCrafterLatent
+    memory_usage_factor = 2.0
+    supported_inference_dtypes = [torch.float32, torch.float16, torch.bfloat16]
+
+    def __init__(self, variant: dict, scale_factor: float = 0.18215):
+        self.sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012,
+                                  "timesteps": 1000, "zsnr": bool(variant.get("zero_snr", False))}
+        super().__init__({"disable_unet_model_creation": True})
+        self.latent_format = DynamiCrafterLatent(scale_factor)
+        self.variant = dict(variant)
+
+
+class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
+    """BaseModel with the library UNet as ``diffusion_model`` and the Resampler beside it."""
+
+    def __init__(self, dc, device=None):
+        variant = dict(dc.variant)
+        config = DynamiCrafterConfig(variant, float(getattr(dc, "scale_factor", 0.18215)))
+        mtype = comfy.model_base.ModelType.V_PREDICTION if variant.get("parameterization") == "v" \
+            else comfy.model_base.ModelType.EPS
+        super().__init__(config, model_type=mtype, device=device)
+        self.diffusion_model = dc.unet
+        self.image_proj_model = dc.resampler            # may be None for text-to-video models
+        self.variant = variant
+        # The library object (schedule buffers, denoise()) without registering it as a submodule:
+        # its UNet and resampler are the very modules above, so patches and device moves apply.
+        self.__dict__["dc"] = dc
+        self.concat_keys = ()
+
+    def get_dtype(self):
+        return self.diffusion_model.time_embed[0].weight.dtype
+
+    @property
+    def dc_model(self):
+        return self.__dict__["dc"]
+
+    @property
+    def needs_concat(self) -> bool:
+        unet = self.diffusion_model
+        cin = getattr(getattr(unet, "cfg", None), "in_channels", None)
+        return cin is not None and cin > 4
+
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        if c_concat is not None:
+            xc = torch.cat([xc, comfy.model_management.cast_to_device(c_concat, xc.device, xc.dtype)], dim=1)
+        elif self.needs_concat:
+            raise ValueError("This DynamiCrafter model needs the image latent: feed the sampler the positive/"
+                             "negative outputs of 'DynamiCrafter Image Conditioning'")
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        timestep = self.model_sampling.timestep(t).float()
+        context = None if c_crossattn is None else comfy.model_management.cast_to_device(c_crossattn, xc.device, dtype)
+        fs = kwargs.get("fs")
+        if fs is not None:
+            fs = fs.to(xc.device).reshape(-1).round().long()
+        out = self.diffusion_model(xc.to(dtype), timestep, context, fs=fs)
+        return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        concat = kwargs.get("concat_latent_image", None)
+        if concat is not None:
+            concat = self.process_latent_in(concat)
+            noise = kwargs.get("noise", None)
+            if noise is not None and concat.shape[2:] != noise.shape[2:]:
+                raise ValueError(f"image latent {tuple(concat.shape)} does not match the latent being sampled "
+                                 f"{tuple(noise.shape)}: use the LATENT from the same conditioning node")
+            out["c_concat"] = comfy.conds.CONDNoiseShape(concat)
+        cross = kwargs.get("cross_attn", None)
+        img = kwargs.get("dc_image_context", None)
+        if cross is not None:
+            if img is not None:
+                img = img.to(cross)
+                if img.shape[0] != cross.shape[0]:
+                    img = comfy.utils.repeat_to_batch_size(img, cross.shape[0])
+                cross = torch.cat([cross[:, :TEXT_TOKENS], img], dim=1)
+            out["c_crossattn"] = comfy.conds.CONDCrossAttn(cross)
+        fs = kwargs.get("dc_fs", None)
+        if fs is not None:
+            out["fs"] = comfy.conds.CONDRegular(torch.tensor([float(fs)]))
+        return out
+
+
+def make_model_patcher(dc) -> comfy.model_patcher.ModelPatcher:
+    model = DynamiCrafterBaseModel(dc)
+    load = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
+
+
+def is_dynamicrafter_model(model) -> bool:
+    return isinstance(getattr(model, "model", None), DynamiCrafterBaseModel)
+
+
+def require_dynamicrafter_model(model, node: str) -> DynamiCrafterBaseModel:
+    inner = getattr(model, "model", None)
+    if not isinstance(inner, DynamiCrafterBaseModel):
+        raise ValueError(f"{node}: the MODEL input is not a DynamiCrafter/VideoCrafter model "
+                         f"({type(inner).__name__}); load it with 'DynamiCrafter Checkpoint Loader'")
+    return inner
+
+
+# ------------------------------------------------------------------------- CLIP (text)
+def _text_config(sd_open_clip: dict) -> dict:
+    width = sd_open_clip["token_embedding.weight"].shape[1]
+    layers = 1 + max(int(k.split(".")[2]) for k in sd_open_clip if k.startswith("transformer.resblocks."))
+    inter = sd_open_clip["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    heads = 16 if width == 1024 else max(1, width // 16)
+    proj = sd_open_clip.get("text_projection")          # open_clip Parameter (width, embed)
+    if proj is None and "text_projection.weight" in sd_open_clip:   # or nn.Linear weight (embed, width)
+        proj = sd_open_clip["text_projection.weight"].t()
+    return {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+            "eos_token_id": 49407, "hidden_act": "gelu", "hidden_size": width, "initializer_factor": 1.0,
+            "initializer_range": 0.02, "intermediate_size": inter, "layer_norm_eps": 1e-05,
+            "max_position_embeddings": sd_open_clip["positional_embedding"].shape[0],
+            "model_type": "clip_text_model", "num_attention_heads": heads, "num_hidden_layers": layers,
+            "pad_token_id": 1, "projection_dim": proj.shape[1] if proj is not None else width,
+            "torch_dtype": "float32", "vocab_size": sd_open_clip["token_embedding.weight"].shape[0]}
+
+
+def make_comfy_clip(text_encoder, heads: int | None, dtype: torch.dtype) -> comfy.sd.CLIP:
+    """ComfyUI CLIP (SD2-style OpenCLIP text model, penultimate layer + final norm) from the
+    library's open_clip text tower."""
+    sd = {k: v.detach() for k, v in text_encoder.model.state_dict().items()}
+    config = _text_config(sd)
+    if heads:
+        config["num_attention_heads"] = int(heads)
+
+    class TextModel(comfy.sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", max_length=77, freeze=True, layer="penultimate", layer_idx=None,
+                     dtype=None, model_options={}):
+            super().__init__(device=device, freeze=freeze, layer="hidden", layer_idx=-2,
+                             textmodel_json_config=config, dtype=dtype,
+                             special_tokens={"start": 49406, "end": 49407, "pad": 0},
+                             return_projected_pooled=True, model_options=model_options)
+
+    class ClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            super().__init__(device=device, dtype=dtype, model_options=model_options, clip_name="h",
+                             clip_model=TextModel, **kwargs)
+
+    target = comfy.supported_models_base.ClipTarget(sd2_clip.SD2Tokenizer, ClipModel)
+    params = sum(v.numel() for v in sd.values())
+    clip = comfy.sd.CLIP(target, parameters=params, model_options={"dtype": dtype})
+    csd = comfy.utils.clip_text_transformers_convert({"clip_h." + k: v for k, v in sd.items()},
+                                                     "clip_h.", "clip_h.transformer.")
+    proj_key = "clip_h.transformer.text_projection.weight"
+    square = proj_key in csd and csd[proj_key].shape[0] == csd[proj_key].shape[1]
+    if not square:   # ComfyUI's CLIP text model assumes a square projection (only the unused pooled output)
+        csd.pop(proj_key, None)
+    missing, _ = clip.load_sd(csd, full_model=True)
+    if not square:
+        with torch.no_grad():
+            clip.cond_stage_model.clip_h.transformer.text_projection.weight.zero_()
+    missing = [m for m in missing if not m.endswith(("position_ids", "logit_scale", "text_projection.weight"))]
+    if missing:
+        raise ValueError(f"text encoder conversion left {len(missing)} weights unset, e.g. {missing[:3]}")
+    return clip
+
+
+# ------------------------------------------------------------------------- CLIP vision
+_VISION_CONFIG_DIR = None
+
+
+def make_comfy_clip_vision(image_encoder, heads: int | None, dtype: torch.dtype) -> comfy.clip_vision.ClipVisionModel:
+    """ComfyUI ClipVisionModel from the library's open_clip vision tower (sizes from its tensors)."""
+    global _VISION_CONFIG_DIR
+    visual = {k: v.detach() for k, v in image_encoder.model.visual.state_dict().items()}
+    width = visual["conv1.weight"].shape[0]
+    patch = visual["conv1.weight"].shape[-1]
+    layers = 1 + max(int(k.split(".")[2]) for k in visual if k.startswith("transformer.resblocks."))
+    grid = visual["positional_embedding"].shape[0] - 1
+    image_size = int(round(grid ** 0.5)) * patch
+    proj = visual.get("proj")
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": width,
+              "image_size": image_size, "initializer_factor": 1.0, "initializer_range": 0.02,
+              "intermediate_size": visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
+              "num_attention_heads": int(heads) if heads else (16 if width == 1280 else max(1, width // 16)),
+              "num_channels": 3, "num_hidden_layers": layers, "patch_size": patch,
+              "projection_dim": proj.shape[1] if proj is not None else width, "torch_dtype": "float32"}
+    if _VISION_CONFIG_DIR is None:
+        _VISION_CONFIG_DIR = tempfile.mkdtemp(prefix="dynamicrafter_clip_vision_")
+    path = os.path.join(_VISION_CONFIG_DIR, "config_{}_{}_{}_{}.json".format(width, layers, patch, image_size))
+    with open(path, "w") as f:
+        json.dump(config, f)
+    cv = comfy.clip_vision.ClipVisionModel(path)
+    sd = comfy.clip_vision.convert_to_transformers({"visual." + k: v for k, v in visual.items()}, "visual.")
+    missing, _ = cv.load_sd(sd)
+    missing = [m for m in missing if "position_ids" not in m and "visual_projection" not in m]
+    if missing:
+        raise ValueError(f"CLIP vision conversion left {len(missing)} weights unset, e.g. {missing[:3]}")
+    cv.model.to(dtype)
+    cv.dtype = dtype
+    return cv
+
+
+# ------------------------------------------------------------------------- VAE
+def make_comfy_vae(vae, dtype: torch.dtype) -> comfy.sd.VAE:
+    """comfy.sd.VAE (ComfyUI's KL-f8 AutoencoderKL) sized from the library VAE's config."""
+    cfg = vae.cfg
+    ddconfig = {"double_z": True, "z_channels": cfg.z_channels, "resolution": 256, "in_channels": cfg.in_channels,
+                "out_ch": cfg.out_ch, "ch": cfg.ch, "ch_mult": list(cfg.ch_mult),
+                "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": [], "dropout": 0.0}
+    sd = {k: v.detach() for k, v in vae.state_dict().items()}
+    out = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": cfg.embed_dim, "ddconfig": ddconfig}}, dtype=dtype)
+    return out
+
+
+def comfy_dtype(choice: str, default: torch.dtype = torch.float32) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(choice, default)

@@ -1,0 +1,145 @@
+"""DynamiCrafter DDIM Sampler: the official DDIM with single/dual CFG and guidance rescale (MODEL-SPEC §8-9),
+run by ``dynamicrafter.sample_ddim`` on the MODEL's UNet, with ComfyUI's progress bar, latent
+previews and interrupt."""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+import latent_preview
+
+import dynamicrafter
+
+from .comfy_model import TEXT_TOKENS, require_dynamicrafter_model
+
+SPACINGS = ["auto", "uniform_trailing", "uniform"]
+MAX_STEPS = 60   # 'uniform_trailing' misbehaves above 60 steps in the official schedule (MODEL-SPEC §8)
+
+
+def _first_cond(conditioning, name: str):
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{name} conditioning is empty; connect a CONDITIONING output")
+    text, extras = conditioning[0][0], conditioning[0][1]
+    return text, extras
+
+
+def _context(text: torch.Tensor, image: torch.Tensor | None, batch: int) -> torch.Tensor:
+    ctx = text[:, :TEXT_TOKENS] if image is None else torch.cat([text[:, :TEXT_TOKENS], image.to(text)], dim=1)
+    return comfy.utils.repeat_to_batch_size(ctx, batch)
+
+
+def prepare_inputs(inner, positive, negative, latent):
+    """Contexts, concat latent (model space) and fs from the conditioning of the Image Conditioning node."""
+    samples = latent["samples"]
+    if samples.ndim != 5:
+        raise ValueError(f"the latent must be a video latent (b, 4, T, h, w); got {tuple(samples.shape)}: use the "
+                         f"LATENT of 'DynamiCrafter Image Conditioning' or 'DynamiCrafter Empty Video Latent'")
+    b = samples.shape[0]
+    ptext, pext = _first_cond(positive, "positive")
+    ntext, next_ = _first_cond(negative, "negative")
+    ctx_dim = inner.diffusion_model.cfg.context_dim
+    for name, t in (("positive", ptext), ("negative", ntext)):
+        if t.shape[-1] != ctx_dim:
+            raise ValueError(f"the {name} text embedding is {t.shape[-1]}-dimensional but the model expects "
+                             f"{ctx_dim}: encode the prompt with the OpenCLIP-H (SD2.x) text encoder "
+                             f"({'1024' if ctx_dim == 1024 else ctx_dim} wide)")
+    cond = _context(ptext, pext.get("dc_image_context"), b)
+    uncond = _context(ntext, next_.get("dc_image_context"), b)
+    uncond_img = _context(ntext, pext.get("dc_image_context"), b) if pext.get("dc_image_context") is not None else None
+    concat = pext.get("concat_latent_image")
+    if inner.needs_concat:
+        if concat is None:
+            raise ValueError("this image-to-video model needs the image latent: connect positive/negative from "
+                             "'DynamiCrafter Image Conditioning'")
+        if tuple(concat.shape[2:]) != tuple(samples.shape[2:]):
+            raise ValueError(f"image latent {tuple(concat.shape)} and latent {tuple(samples.shape)} differ in "
+                             f"frames/size: use the LATENT from the same conditioning node")
+        concat = inner.process_latent_in(comfy.utils.repeat_to_batch_size(concat, b))
+    else:
+        concat = None
+    fs = pext.get("dc_fs", inner.variant.get("default_fs"))
+    levels = len(inner.diffusion_model.cfg.channel_mult) - 1
+    h, w = samples.shape[-2:]
+    if h % (2 ** levels) or w % (2 ** levels):
+        raise ValueError(f"latent size {w}x{h} must be divisible by {2 ** levels} (pixel size a multiple of "
+                         f"{8 * 2 ** levels})")
+    return cond, uncond, uncond_img, concat, fs
+
+
+def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+             x_T: torch.Tensor | None = None, previews: bool = True):
+    inner = require_dynamicrafter_model(model, "DDIM Sampler")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+    if spacing == "auto":
+        spacing = inner.variant.get("spacing", "uniform_trailing")
+    cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
+    samples = latent["samples"]
+    if x_T is None:
+        x_T = comfy.sample.prepare_noise(samples, seed)    # N(0, I) from the seed, like KSampler
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    dc = inner.dc_model
+    gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    from dynamicrafter.schedule import ddim_timesteps
+    total = len(ddim_timesteps(steps, spacing))
+    preview = latent_preview.prepare_callback(model, total) if previews else None
+    pbar = None if previews else comfy.utils.ProgressBar(total)
+
+    def callback(i, n, x, x0):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if preview is not None:
+            preview(i, x0, x, n)
+        else:
+            pbar.update_absolute(i + 1, n)
+
+    use_dual = cfg_img > 0
+    out = dynamicrafter.sample_ddim(
+        dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
+        uncond_img.to(device) if (use_dual and uncond_img is not None) else None,
+        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, steps=int(steps),
+        cfg_text=float(cfg_text), cfg_img=float(cfg_img) if use_dual else None, eta=float(eta),
+        guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback)
+    result = dict(latent)
+    result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
+    return result
+
+
+class DynamiCrafterDDIMSampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",),
+            "latent_image": ("LATENT", {"tooltip": "shape/batch of the video; sampling starts from pure noise"}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
+            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS}),
+            "cfg_text": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                                   "tooltip": "text guidance scale (1 = no guidance)"}),
+            "cfg_img": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "image guidance scale of dual (multi-condition) CFG; 0 = off, i.e. "
+                                             "single CFG as the official default"}),
+            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                              "tooltip": "DDIM eta (official scripts: 1.0; 0 = deterministic)"}),
+            "guidance_rescale": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05,
+                                           "tooltip": "official: 0.7 for 512/1024/interp, 0 for 256"}),
+            "spacing": (SPACINGS, {"default": "auto", "tooltip": "DDIM timesteps; auto = the variant's "
+                                                                 "(uniform_trailing for v models, uniform for 256)"}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    CATEGORY = "DynamiCrafter"
+    DESCRIPTION = "Exact official DDIM (dynamic x0 rescale, zero-SNR trailing steps, dual CFG, guidance rescale)."
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
+               guidance_rescale, spacing):
+        return (run_ddim(model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
+                         guidance_rescale, spacing),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamiCrafterDDIMSampler": DynamiCrafterDDIMSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterDDIMSampler": "DynamiCrafter DDIM Sampler (dual CFG)"}
