@@ -1,0 +1,177 @@
+"""ComfyUI workflow files: build UI-format graphs and convert them to API-format prompts.
+
+Both directions read the node definitions (``INPUT_TYPES`` / ``RETURN_TYPES``) of a running
+ComfyUI's ``NODE_CLASS_MAPPINGS``, so widget order always follows the real node schema.
+
+UI format (what the web UI saves/loads): ``nodes`` (id, type, pos, size, inputs with ``link``,
+outputs with ``links``, ``widgets_values``), ``links`` (``[id, from_node, from_slot, to_node,
+to_slot, type]``).  API format (what ``POST /prompt`` takes): ``{id: {class_type, inputs}}`` with
+links written as ``[from_node_id, from_slot]``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+
+
+def _spec_items(node_cls) -> list[tuple[str, tuple]]:
+    types = node_cls.INPUT_TYPES()
+    items = []
+    for section in ("required", "optional"):
+        for name, spec in (types.get(section) or {}).items():
+            items.append((name, spec if isinstance(spec, tuple) else (spec,)))
+    return items
+
+
+def _is_widget(spec: tuple) -> bool:
+    t = spec[0]
+    return isinstance(t, list) or t in WIDGET_TYPES
+
+
+def widget_layout(node_cls) -> list[tuple[str, int]]:
+    """[(input name, number of widgets_values it takes)] in the web UI's widget order: a seed with
+    ``control_after_generate`` carries a second value, an ``image_upload`` combo an upload widget."""
+    out = []
+    for name, spec in _spec_items(node_cls):
+        if not _is_widget(spec):
+            continue
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        extra = 1 if opts.get("control_after_generate") or opts.get("image_upload") or \
+            opts.get("video_upload") or opts.get("audio_upload") else 0
+        out.append((name, 1 + extra))
+    return out
+
+
+def socket_inputs(node_cls) -> list[tuple[str, str]]:
+    return [(name, spec[0]) for name, spec in _spec_items(node_cls) if not _is_widget(spec)]
+
+
+def output_types(node_cls) -> list[tuple[str, str]]:
+    types = list(getattr(node_cls, "RETURN_TYPES", ()) or ())
+    names = list(getattr(node_cls, "RETURN_NAMES", ()) or types)
+    return list(zip(names, types))
+
+
+# ----------------------------------------------------------------------------------------- UI -> API
+def ui_to_api(workflow: dict, node_classes: dict) -> dict:
+    """Convert a UI-format workflow to an API-format prompt (notes and muted/bypassed nodes dropped)."""
+    links = {l[0]: l for l in workflow.get("links", [])}
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        ntype = node["type"]
+        if ntype in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        cls = node_classes.get(ntype)
+        if cls is None:
+            raise ValueError(f"workflow node {node['id']} has unknown type {ntype!r} (is its node pack installed?)")
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        pos = 0
+        for name, count in widget_layout(cls):
+            if pos < len(values):
+                inputs[name] = values[pos]
+            pos += count
+        for inp in node.get("inputs", []) or []:
+            link_id = inp.get("link")
+            if link_id is None:
+                continue
+            link = links[link_id]
+            src = by_id[link[1]]
+            if src["type"] in FRONTEND_ONLY or src.get("mode", 0) in (2, 4):
+                raise ValueError(f"node {node['id']} input {inp['name']!r} comes from a {src['type']} node, "
+                                 f"which this converter does not resolve")
+            inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs,
+                                   "_meta": {"title": node.get("title", ntype)}}
+    return prompt
+
+
+def load_workflow(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------------------- builder
+class UIGraph:
+    """Builds a UI-format workflow from node definitions (ids, links, slots, positions)."""
+
+    def __init__(self, node_classes: dict):
+        self.classes = node_classes
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+
+    def add(self, ntype: str, pos, widgets: dict | None = None, title: str | None = None, size=None) -> dict:
+        cls = self.classes[ntype]
+        widgets = dict(widgets or {})
+        values = []
+        for name, count in widget_layout(cls):
+            if name not in widgets:
+                spec = dict(_spec_items(cls))[name]
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if "default" in opts:
+                    widgets[name] = opts["default"]
+                elif isinstance(spec[0], list) and spec[0]:
+                    widgets[name] = spec[0][0]
+                else:
+                    raise ValueError(f"{ntype}: no value for widget {name!r}")
+            values.append(widgets.pop(name))
+            if count == 2:
+                values.append("fixed" if name in ("seed", "noise_seed") else "image")
+        if widgets:
+            raise ValueError(f"{ntype}: unknown widgets {sorted(widgets)}")
+        node = {
+            "id": len(self.nodes) + 1, "type": ntype, "pos": [float(pos[0]), float(pos[1])],
+            "size": list(size or [320, 60 + 26 * (len(values) + len(socket_inputs(cls)))]),
+            "flags": {}, "order": len(self.nodes), "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in socket_inputs(cls)],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                        for i, (n, t) in enumerate(output_types(cls))],
+            "properties": {"Node name for S&R": ntype},
+            "widgets_values": values,
+        }
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        return node
+
+    def note(self, text: str, pos, size=(420, 200), title: str = "Note") -> dict:
+        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": [float(pos[0]), float(pos[1])],
+                "size": list(size), "flags": {}, "order": len(self.nodes), "mode": 0, "inputs": [],
+                "outputs": [], "properties": {"text": ""}, "widgets_values": [text], "title": title,
+                "color": "#432", "bgcolor": "#653"}
+        self.nodes.append(node)
+        return node
+
+    def connect(self, src: dict, out_slot, dst: dict, input_name: str) -> None:
+        if isinstance(out_slot, str):
+            out_slot = [o["name"] for o in src["outputs"]].index(out_slot)
+        target = next((i for i in dst["inputs"] if i["name"] == input_name), None)
+        if target is None:
+            raise ValueError(f"{dst['type']} has no socket input {input_name!r}")
+        out = src["outputs"][out_slot]
+        if target["type"] != out["type"] and "*" not in (target["type"], out["type"]):
+            raise ValueError(f"type mismatch: {src['type']}.{out['name']} ({out['type']}) -> "
+                             f"{dst['type']}.{input_name} ({target['type']})")
+        link_id = len(self.links) + 1
+        slot = dst["inputs"].index(target)
+        self.links.append([link_id, src["id"], out_slot, dst["id"], slot, out["type"]])
+        target["link"] = link_id
+        out["links"].append(link_id)
+
+    def group(self, title: str, bounding, color="#3f789e") -> None:
+        self.groups.append({"title": title, "bounding": list(bounding), "color": color, "font_size": 24})
+
+    def to_json(self) -> dict:
+        nodes = copy.deepcopy(self.nodes)
+        for n in nodes:
+            for o in n["outputs"]:
+                if not o["links"]:
+                    o["links"] = None
+        return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes,
+                "links": copy.deepcopy(self.links), "groups": copy.deepcopy(self.groups), "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}

@@ -1,0 +1,283 @@
+"""Write the bundled UI-format workflows into workflows/ from the real node schemas.
+
+    .venv/bin/python scripts/make_workflows.py        (boots ComfyUI in-process, no GPU needed)
+
+Every graph uses the released model names and settings; scripts/run_workflow.py swaps in other
+files and sizes when running them headless.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(HERE))
+
+from comfy_workflow import UIGraph  # noqa: E402
+
+NEG = ""   # the official unconditional text is the empty prompt
+
+
+def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mode="image-to-video",
+              end_image=None, fs=24, frames=16, title_suffix="", seed=123):
+    """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node."""
+    pos = g.add("CLIPTextEncode", (x, y), {"text": prompt}, title="Prompt" + title_suffix, size=[360, 120])
+    neg = g.add("CLIPTextEncode", (x, y + 150), {"text": NEG}, title="Empty prompt (unconditional)" + title_suffix,
+                size=[360, 90])
+    g.connect(loader, "clip", pos, "clip")
+    g.connect(loader, "clip", neg, "clip")
+    enc = g.add("DynamiCrafterCLIPVisionEncode", (x, y + 270))
+    g.connect(loader, "clip_vision", enc, "clip_vision")
+    g.connect(image, 0, enc, "image")
+    res = g.add("DynamiCrafterContextResampler", (x, y + 360))
+    g.connect(loader, "model", res, "model")
+    g.connect(enc, 0, res, "clip_tokens")
+    cond = g.add("DynamiCrafterImageConditioning", (x + 400, y),
+                 {"width": 512, "height": 320, "frames": frames, "batch_size": 1, "fs": fs, "mode": mode},
+                 title="Image conditioning" + title_suffix)
+    g.connect(pos, 0, cond, "positive")
+    g.connect(neg, 0, cond, "negative")
+    g.connect(loader, "vae", cond, "vae")
+    g.connect(res, 0, cond, "image_context")
+    g.connect(image, 0, cond, "start_image")
+    if end_image is not None:
+        g.connect(end_image, 0, cond, "end_image")
+    samp = g.add("DynamiCrafterDDIMSampler", (x + 800, y),
+                 {"seed": seed, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
+                  "spacing": "auto"}, title="DDIM (dual CFG)" + title_suffix)
+    g.connect(loader, "model", samp, "model")
+    g.connect(cond, "positive", samp, "positive")
+    g.connect(cond, "negative", samp, "negative")
+    g.connect(cond, "latent", samp, "latent_image")
+    dec = g.add("DynamiCrafterVideoDecode", (x + 800, y + 330), {"frames_per_batch": 4, "trim": "auto"})
+    g.connect(loader, "vae", dec, "vae")
+    g.connect(samp, 0, dec, "latent")
+    return dec
+
+
+def save_video(g: UIGraph, frames, x, y, prefix, fps=8.0):
+    cv = g.add("CreateVideo", (x, y), {"fps": fps})
+    g.connect(frames, 0, cv, "images")
+    sv = g.add("SaveVideo", (x, y + 120), {"filename_prefix": prefix, "format": "mp4", "codec": "h264"},
+               size=[360, 320])
+    g.connect(cv, 0, sv, "video")
+    return sv
+
+
+def loader(g: UIGraph, ckpt: str, x=0, y=0):
+    return g.add("DynamiCrafterLoader", (x, y), {"ckpt_name": ckpt, "dtype": "auto", "variant": "auto"},
+                 size=[360, 150])
+
+
+def image_to_video(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512.ckpt")
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
+    dec = i2v_chain(g, ld, img, "a boat sails across a calm lake at sunset", 420, 0)
+    save_video(g, dec, 1660, 0, "video/dynamicrafter_i2v")
+    g.note("Image to video with DynamiCrafter 512 (320x512, 16 frames, fs = fps 24; 15-30, smaller = more "
+           "motion).\nPut dynamicrafter_512.ckpt in models/checkpoints. cfg_text is the text guidance, cfg_img "
+           "> 0 turns on dual CFG (image guidance); guidance_rescale 0.7 and eta 1.0 are the official "
+           "settings. For the 1024 model use 1024x576 and fs 10; for 256 use 256x256, fs 3 (frame stride).",
+           (0, 600), (400, 260))
+    return g.to_json()
+
+
+def interpolation(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512_interp.ckpt")
+    a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First frame", size=[320, 320])
+    b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last frame", size=[320, 320])
+    dec = i2v_chain(g, ld, a, "a person walking across the room", 420, 0, mode="interpolation", end_image=b, fs=10)
+    save_video(g, dec, 1660, 0, "video/dynamicrafter_interp")
+    g.note("Frame interpolation: the 512_interp model generates the frames between the first and last image "
+           "(both the same size). The CLIP image tokens come from the first image only, as in the official "
+           "code. fs = fps (10 by default; lower = more motion).", (0, 920), (400, 160))
+    return g.to_json()
+
+
+def loop(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512_interp.ckpt")
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Image to loop", size=[320, 360])
+    dec = i2v_chain(g, ld, img, "gentle waves, looping animation", 420, 0, mode="loop", fs=10)
+    save_video(g, dec, 1660, 0, "video/dynamicrafter_loop")
+    g.note("Looping video: the same image is the first and the last frame's condition; the decode node drops "
+           "the duplicate last frame (trim = auto) so the video loops seamlessly.", (0, 600), (400, 140))
+    return g.to_json()
+
+
+def text_to_image_to_video(classes) -> dict:
+    g = UIGraph(classes)
+    sd = g.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
+               title="Any text-to-image checkpoint", size=[360, 100])
+    p = g.add("CLIPTextEncode", (0, 150), {"text": "a lighthouse on a cliff, stormy sea, digital painting"},
+              size=[360, 120])
+    n = g.add("CLIPTextEncode", (0, 300), {"text": "blurry, low quality"}, size=[360, 90])
+    g.connect(sd, "CLIP", p, "clip")
+    g.connect(sd, "CLIP", n, "clip")
+    lat = g.add("EmptyLatentImage", (0, 420), {"width": 512, "height": 320, "batch_size": 1})
+    ks = g.add("KSampler", (400, 0), {"seed": 7, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
+                                     "scheduler": "normal", "denoise": 1.0})
+    g.connect(sd, "MODEL", ks, "model")
+    g.connect(p, 0, ks, "positive")
+    g.connect(n, 0, ks, "negative")
+    g.connect(lat, 0, ks, "latent_image")
+    dec = g.add("VAEDecode", (400, 300))
+    g.connect(ks, 0, dec, "samples")
+    g.connect(sd, "VAE", dec, "vae")
+    ld = loader(g, "dynamicrafter_512.ckpt", 800, 0)
+    vid = i2v_chain(g, ld, dec, "waves crash against the cliff, the light turns", 1200, 0)
+    save_video(g, vid, 2440, 0, "video/dynamicrafter_t2i2v")
+    g.note("Text-to-image, then animation: any image model makes the still (here SD 1.5 in "
+           "models/checkpoints), DynamiCrafter animates it. The still is resized and centre-cropped to the "
+           "conditioning width/height.", (0, 560), (400, 140))
+    return g.to_json()
+
+
+def storytelling(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512.ckpt")
+    scenes = [("scene1.png", "a knight rides toward a castle at dawn"),
+              ("scene2.png", "the castle gate slowly opens"),
+              ("scene3.png", "fireworks burst over the castle at night")]
+    decs = []
+    for i, (name, prompt) in enumerate(scenes):
+        y = i * 720
+        img = g.add("LoadImage", (0, 200 + y), {"image": name}, title=f"Scene {i + 1}", size=[320, 320])
+        decs.append(i2v_chain(g, ld, img, prompt, 420, y, title_suffix=f" (scene {i + 1})", seed=100 + i))
+        g.group(f"Scene {i + 1}", [-10, y - 40, 1640, 690])
+    joined = decs[0]
+    for i, d in enumerate(decs[1:]):
+        b = g.add("ImageBatch", (1660, 300 + 200 * i), title="Join scenes")
+        g.connect(joined, 0, b, "image1")
+        g.connect(d, 0, b, "image2")
+        joined = b
+    save_video(g, joined, 1990, 0, "video/dynamicrafter_story")
+    g.note("Storytelling: each scene (image + prompt) is animated separately and the clips are joined in "
+           "order into one video.", (1660, 800), (380, 120))
+    return g.to_json()
+
+
+def text_to_video(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, "videocrafter2_512.ckpt")
+    p = g.add("CLIPTextEncode", (400, 0), {"text": "a corgi running on the beach, slow motion"}, size=[360, 120])
+    n = g.add("CLIPTextEncode", (400, 150), {"text": ""}, size=[360, 90])
+    g.connect(ld, "clip", p, "clip")
+    g.connect(ld, "clip", n, "clip")
+    t2v = g.add("DynamiCrafterTextToVideoLatent", (800, 0),
+                {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 28})
+    g.connect(p, 0, t2v, "positive")
+    g.connect(n, 0, t2v, "negative")
+    samp = g.add("DynamiCrafterDDIMSampler", (1200, 0),
+                 {"seed": 1, "steps": 50, "cfg_text": 12.0, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.0,
+                  "spacing": "uniform"})
+    g.connect(ld, "model", samp, "model")
+    g.connect(t2v, "positive", samp, "positive")
+    g.connect(t2v, "negative", samp, "negative")
+    g.connect(t2v, "latent", samp, "latent_image")
+    dec = g.add("DynamiCrafterVideoDecode", (1200, 330), {"frames_per_batch": 4, "trim": "auto"})
+    g.connect(ld, "vae", dec, "vae")
+    g.connect(samp, 0, dec, "latent")
+    save_video(g, dec, 1600, 0, "video/videocrafter_t2v")
+    g.note("Text-to-video with VideoCrafter2 (same loader; text only, cfg 12, fps 28, 'uniform' DDIM steps).",
+           (0, 200), (360, 120))
+    return g.to_json()
+
+
+def long_video(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512.ckpt")
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
+    p = g.add("CLIPTextEncode", (400, 0), {"text": "a train travels through snowy mountains"}, size=[360, 120])
+    n = g.add("CLIPTextEncode", (400, 150), {"text": ""}, size=[360, 90])
+    g.connect(ld, "clip", p, "clip")
+    g.connect(ld, "clip", n, "clip")
+    lv = g.add("DynamiCrafterLongVideo", (800, 0),
+               {"width": 512, "height": 320, "total_frames": 46, "segment_frames": 16, "fs": 24, "seed": 5,
+                "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto"},
+               size=[360, 420])
+    for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
+                            ("positive", p, 0), ("negative", n, 0), ("start_image", img, 0)):
+        g.connect(src, slot, lv, name)
+    save_video(g, lv, 1200, 0, "video/dynamicrafter_long")
+    g.note("Longer than 16 frames: segments are chained, each animated from the previous segment's last frame "
+           "(46 frames = 3 segments of 16).", (0, 600), (400, 120))
+    return g.to_json()
+
+
+def image_to_video_ksampler(classes) -> dict:
+    """The same MODEL under core SamplerCustomAdvanced + DualCFGGuider (ComfyUI's samplers)."""
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512.ckpt")
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
+    p = g.add("CLIPTextEncode", (400, 0), {"text": "a boat sails across a calm lake at sunset"}, size=[360, 120])
+    n = g.add("CLIPTextEncode", (400, 150), {"text": ""}, size=[360, 90])
+    g.connect(ld, "clip", p, "clip")
+    g.connect(ld, "clip", n, "clip")
+    enc = g.add("DynamiCrafterCLIPVisionEncode", (400, 270))
+    g.connect(ld, "clip_vision", enc, "clip_vision")
+    g.connect(img, 0, enc, "image")
+    res = g.add("DynamiCrafterContextResampler", (400, 360))
+    g.connect(ld, "model", res, "model")
+    g.connect(enc, 0, res, "clip_tokens")
+    cond = g.add("DynamiCrafterImageConditioning", (800, 0),
+                 {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 24, "mode": "image-to-video"})
+    for name, src, slot in (("positive", p, 0), ("negative", n, 0), ("vae", ld, "vae"), ("image_context", res, 0),
+                            ("start_image", img, 0)):
+        g.connect(src, slot, cond, name)
+    guider = g.add("DualCFGGuider", (1200, 0), {"cfg_conds": 7.5, "cfg_cond2_negative": 1.5, "style": "regular"})
+    g.connect(ld, "model", guider, "model")
+    g.connect(cond, "positive", guider, "cond1")
+    g.connect(cond, "image_only", guider, "cond2")
+    g.connect(cond, "negative", guider, "negative")
+    noise = g.add("RandomNoise", (1200, 220), {"noise_seed": 3})
+    ksel = g.add("KSamplerSelect", (1200, 330), {"sampler_name": "ddim"})
+    sched = g.add("BasicScheduler", (1200, 420), {"scheduler": "simple", "steps": 30, "denoise": 1.0})
+    g.connect(ld, "model", sched, "model")
+    sca = g.add("SamplerCustomAdvanced", (1600, 0))
+    for name, src in (("noise", noise), ("guider", guider), ("sampler", ksel), ("sigmas", sched)):
+        g.connect(src, 0, sca, name)
+    g.connect(cond, "latent", sca, "latent_image")
+    dec = g.add("DynamiCrafterVideoDecode", (1600, 330), {"frames_per_batch": 4, "trim": "auto"})
+    g.connect(ld, "vae", dec, "vae")
+    g.connect(sca, 0, dec, "latent")
+    save_video(g, dec, 2000, 0, "video/dynamicrafter_ksampler")
+    g.note("The DynamiCrafter MODEL under ComfyUI's own samplers: v-prediction with the zero-SNR schedule. "
+           "DualCFGGuider: cond1 = positive, cond2 = image_only (empty text + image), negative = empty text + "
+           "grey image; cfg_conds = text scale, cfg_cond2_negative = image scale. Differs from the exact DDIM "
+           "node: continuous sigmas (the last ComfyUI alpha is 4.9e-8, not 0), no dynamic x0 rescale, "
+           "ComfyUI's scheduler spacing; results are close but not identical.", (0, 600), (420, 240))
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "dynamicrafter_image_to_video.json": image_to_video,
+    "dynamicrafter_interpolation.json": interpolation,
+    "dynamicrafter_loop.json": loop,
+    "dynamicrafter_text_to_image_to_video.json": text_to_image_to_video,
+    "dynamicrafter_storytelling.json": storytelling,
+    "videocrafter_text_to_video.json": text_to_video,
+    "dynamicrafter_long_video.json": long_video,
+    "dynamicrafter_image_to_video_ksampler.json": image_to_video_ksampler,
+}
+
+
+def main() -> None:
+    import comfy_runtime
+    base = comfy_runtime.make_base_dir(Path(tempfile.mkdtemp(prefix="dc_make_workflows_")))
+    rt = comfy_runtime.InProcessComfy(base)
+    out = REPO / "workflows"
+    out.mkdir(exist_ok=True)
+    for name, fn in WORKFLOWS.items():
+        (out / name).write_text(json.dumps(fn(rt.node_classes), indent=1) + "\n")
+        print("wrote", out / name)
+
+
+if __name__ == "__main__":
+    main()
