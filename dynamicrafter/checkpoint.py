@@ -52,15 +52,31 @@ def _inert_class(full_name: str):
     return type(name, (_Inert,), {"__module__": module, "__qualname__": name})
 
 
+def _weights_only_allowlist() -> dict:
+    """What torch's weights-only unpickler accepts: tensors, storages, dtypes, plain containers."""
+    from torch import _weights_only_unpickler
+    return dict(_weights_only_unpickler._get_allowed_globals())
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only torch's weights-only allowlist; any other global becomes an inert class."""
+
+    def find_class(self, module, name):
+        return _weights_only_allowlist().get(f"{module}.{name}") or _inert_class(f"{module}.{name}")
+
+
+class _restricted_pickle:   # a pickle "module" for torch.load(pickle_module=...)
+    Unpickler = _RestrictedUnpickler
+    load = staticmethod(lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
+    __name__ = "restricted_pickle"
+
+
 def _torch_load_safely(path: Path) -> dict:
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:
-        pass
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    stubs = [(_inert_class(n), n) for n in names]
-    with torch.serialization.safe_globals(stubs):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:   # Lightning extras (callbacks, hparams objects): keep them inert
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap)
 
 
 def read_state_dict(path) -> tuple[dict, dict]:
