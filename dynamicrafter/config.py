@@ -334,7 +334,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], overrides: Optional[Mapping] = 
     heads = dict(heads or {})
     unet = infer_unet_config(sd, head_channels=heads.get("unet_head_channels"))
     variant = apply_variant_overrides(infer_variant(sd, unet), overrides)
-    unet = replace(unet, default_fs=variant.default_fs)
+    # fs=None inside the UNet: DynamiCrafter falls back to default_fs, VideoCrafter's forward to 16
+    unet = replace(unet, default_fs=variant.default_fs if variant.family == "dynamicrafter" else 16)
     text = infer_clip_config(sd, "cond_stage_model.model.", text_heads=heads.get("text_heads"))
     vision = infer_clip_config(sd, "embedder.model.", text_heads=heads.get("text_heads"),
                                vision_heads=heads.get("vision_heads"))
