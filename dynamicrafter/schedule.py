@@ -61,7 +61,8 @@ def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEP
     if not 1 <= steps <= n:
         raise ValueError(f"steps must be between 1 and {n}, got {steps}")
     if spacing == "uniform":
-        return np.asarray(range(0, n, n // steps)) + 1
+        t = np.asarray(range(0, n, n // steps)) + 1
+        return t[t < n]   # the official code indexes past the schedule here (e.g. 3 steps -> 1000)
     if spacing == "uniform_trailing":
         t = np.flip(np.round(np.arange(n, 0, -n / steps))).astype(np.int64) - 1
         if len(t) != steps or t[0] < 0:   # float arange quirk of the official code for some steps > 60

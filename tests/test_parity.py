@@ -128,6 +128,7 @@ def test_ddim_schedule_tables(ref_v):
     assert torch.equal(dc.scale_arr[t], ref["caseA.ddim.scale_arr"])
     assert ddim_timesteps(10, "uniform").tolist() == list(range(1, 1000, 100))
     assert len(ddim_timesteps(30, "uniform")) == 31           # official quirk kept
+    assert ddim_timesteps(3, "uniform").tolist() == [1, 334, 667]   # where the official code crashes
     assert ddim_timesteps(50, "uniform_trailing")[-1] == 999
     with pytest.raises(ValueError, match="60 steps"):
         ddim_timesteps(61, "uniform_trailing")
