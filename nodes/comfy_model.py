@@ -241,13 +241,13 @@ def make_comfy_clip_vision(image_encoder, heads: int | None, dtype: torch.dtype)
     with open(path, "w") as f:
         json.dump(config, f)
     cv = comfy.clip_vision.ClipVisionModel(path)
+    cv.model.to(dtype)   # before loading: ComfyUI builds it in its text-encoder dtype (fp16 on CPU)
+    cv.dtype = dtype
     sd = comfy.clip_vision.convert_to_transformers({"visual." + k: v for k, v in visual.items()}, "visual.")
     missing, _ = cv.load_sd(sd)
     missing = [m for m in missing if "position_ids" not in m and "visual_projection" not in m]
     if missing:
         raise ValueError(f"CLIP vision conversion left {len(missing)} weights unset, e.g. {missing[:3]}")
-    cv.model.to(dtype)
-    cv.dtype = dtype
     return cv
 
 

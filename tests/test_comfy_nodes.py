@@ -1,0 +1,369 @@
+"""The node pack inside a real ComfyUI 0.3.75 executor (in this process), with the tiny
+reference checkpoint: registration, every bundled workflow end to end, exactness of the DDIM
+node against the library, progress/previews, interrupt, and clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import comfy_runtime
+
+REPO = comfy_runtime.REPO_ROOT
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_workflow import load_workflow, ui_to_api, widget_layout  # noqa: E402
+from run_workflow import prepare_prompt, video_outputs  # noqa: E402
+
+W, H, T, STEPS = 128, 64, 8, 3
+EXPECTED_NODES = {
+    "DynamiCrafterLoader", "DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler",
+    "DynamiCrafterImageConditioning", "DynamiCrafterDDIMSampler", "DynamiCrafterVideoDecode",
+    "DynamiCrafterVariantDefaults", "DynamiCrafterLongVideo", "DynamiCrafterTextToVideoLatent",
+}
+WORKFLOWS = REPO / "workflows"
+
+
+def count_frames(path: Path) -> int:
+    import av
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def tiny_prompt(comfy, workflow: str, images=("single_image.png",), ckpt="dc_tiny_v.safetensors", **kw):
+    wf = load_workflow(WORKFLOWS / workflow)
+    return prepare_prompt(wf, comfy.node_classes, ckpt, list(images), W, H, kw.pop("frames", T),
+                          kw.pop("steps", STEPS), kw.pop("sets", None))
+
+
+def run_and_get_video(comfy, prompt) -> Path:
+    result = comfy.run(prompt)
+    videos = video_outputs(result, comfy.output_dir)
+    assert videos, f"no video saved: {result['outputs']}"
+    assert videos[0].is_file() and videos[0].stat().st_size > 0
+    return videos[0]
+
+
+# ------------------------------------------------------------------------------ registration
+def test_pack_registers_every_node(comfy):
+    names = set(comfy.node_classes)
+    assert EXPECTED_NODES <= names, f"missing: {EXPECTED_NODES - names}"
+    import nodes as comfy_nodes   # ComfyUI's module, not ours
+    assert Path(comfy_nodes.__file__).parent == comfy_runtime.comfy_dir()
+    for n in EXPECTED_NODES:
+        assert comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS.get(n, "").startswith("DynamiCrafter")
+        assert comfy.node_classes[n].CATEGORY == "DynamiCrafter"
+
+
+def test_widget_order_is_stable(comfy):
+    """Saved workflows depend on widget order: changing it breaks users' graphs."""
+    layouts = {n: [w for w, _ in widget_layout(comfy.node_classes[n])] for n in sorted(EXPECTED_NODES)}
+    assert layouts["DynamiCrafterLoader"] == ["ckpt_name", "dtype", "variant"]
+    assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
+    assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
+                                                   "guidance_rescale", "spacing"]
+    assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim"]
+
+
+# ------------------------------------------------------------------------------ workflows
+@pytest.mark.parametrize("workflow,images,frames_out", [
+    ("dynamicrafter_image_to_video.json", ["single_image.png"], T),
+    ("dynamicrafter_interpolation.json", ["interp_a_first.png", "interp_b_last.png"], T),
+    ("dynamicrafter_loop.json", ["single_image.png"], T - 1),
+    ("dynamicrafter_storytelling.json", ["single_image.png", "interp_a_first.png", "interp_b_last.png"], 3 * T),
+    ("dynamicrafter_image_to_video_ksampler.json", ["single_image.png"], T),
+])
+def test_bundled_workflow_runs_end_to_end(comfy, workflow, images, frames_out):
+    video = run_and_get_video(comfy, tiny_prompt(comfy, workflow, images))
+    assert count_frames(video) == frames_out
+
+
+def test_long_video_workflow_chains_segments(comfy):
+    prompt = tiny_prompt(comfy, "dynamicrafter_long_video.json", frames=4, steps=2,
+                         sets=["DynamiCrafterLongVideo.total_frames=10"])
+    video = run_and_get_video(comfy, prompt)
+    assert count_frames(video) == 10      # 4 + 3 + 3 frames from three chained segments
+
+
+def test_text_to_video_workflow_runs(comfy, comfy_reference):
+    if not (comfy_reference / "tiny_vc2" / "model.safetensors").is_file():
+        pytest.skip("no tiny VideoCrafter2 checkpoint in the reference folder")
+    video = run_and_get_video(comfy, tiny_prompt(comfy, "videocrafter_text_to_video.json", [],
+                                                 ckpt="vc2_tiny.safetensors", steps=4))
+    assert count_frames(video) == T
+
+
+def test_text_to_image_workflow_validates(comfy, comfy_base):
+    """Its first half needs a real SD checkpoint (ComfyUI detects SD models by their full sizes), so
+    here it is validated by ComfyUI against the live node schemas, not executed."""
+    link = comfy_base / "models" / "checkpoints" / "v1-5-pruned-emaonly.safetensors"
+    if not link.exists():
+        link.symlink_to(comfy_base / "models" / "checkpoints" / "dc_tiny_v.safetensors")
+    wf = load_workflow(WORKFLOWS / "dynamicrafter_text_to_image_to_video.json")
+    prompt = prepare_prompt(wf, comfy.node_classes, "dc_tiny_v.safetensors", [], W, H, T, STEPS)
+    valid, error, outputs, node_errors = comfy.validate(prompt)
+    assert valid, (error, node_errors)
+    assert outputs
+
+
+def test_every_workflow_is_ui_format_with_notes():
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        wf = json.loads(path.read_text())
+        assert {"nodes", "links", "last_node_id", "last_link_id"} <= set(wf), path.name
+        assert any(n["type"] == "Note" for n in wf["nodes"]), f"{path.name} has no note"
+        ids = {n["id"] for n in wf["nodes"]}
+        for link in wf["links"]:
+            assert link[1] in ids and link[3] in ids, path.name
+        assert all("pos" in n and "size" in n for n in wf["nodes"]), path.name
+
+
+# ------------------------------------------------------------------------------ exactness
+@pytest.fixture(scope="module")
+def loaded(comfy, tiny_ckpt):
+    from nodes_pack_access import pack
+    model, clip, cv, vae = pack("loader").DynamiCrafterLoader().load("dc_tiny_v.safetensors", "fp32", "auto")
+    return model, clip, cv, vae
+
+
+def _i2v_inputs(comfy, loaded, comfy_reference, mode="image-to-video"):
+    from nodes_pack_access import pack, load_input_image
+    model, clip, cv, vae = loaded
+    core = comfy.nodes
+    prompt = (comfy_reference / "tiny_v" / "inputs" / "single" / "prompt.txt").read_text().strip()
+    pos = core.CLIPTextEncode().encode(clip, prompt)[0]
+    neg = core.CLIPTextEncode().encode(clip, "")[0]
+    image = load_input_image(comfy_reference / "tiny_v" / "inputs" / "single" / "image.png")
+    tokens = pack("clip_vision").encode_clip_vision(cv, image)
+    ctx = pack("resampler").resample_context(model, tokens)
+    p, n, io, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, W, H, T, 1, 24, mode)
+    return p, n, io, latent, tokens, ctx, image, prompt
+
+
+def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_reference):
+    import comfy.sample as comfy_sample
+    import dynamicrafter
+    from nodes_pack_access import pack
+    model = loaded[0]
+    p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
+    seed, steps = 11, 4
+    node_out = pack("sampler").DynamiCrafterDDIMSampler().sample(
+        model, p, n, latent, seed, steps, 7.5, 1.5, 0.0, 0.7, "auto")[0]["samples"]
+
+    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    text_p, text_n = p[0][0], n[0][0]
+    img_c, img_u = p[0][1]["dc_image_context"], n[0][1]["dc_image_context"]
+    cond = torch.cat([text_p, img_c], 1)
+    uncond = torch.cat([text_n, img_u], 1)
+    uncond_img = torch.cat([text_n, img_c], 1)
+    concat = p[0][1]["concat_latent_image"] * dc.scale_factor
+    x_T = comfy_sample.prepare_noise(latent["samples"], seed)
+    ref = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=24, steps=steps,
+                                    cfg_text=7.5, cfg_img=1.5, eta=0.0, guidance_rescale=0.7,
+                                    spacing="uniform_trailing")
+    ours = node_out * dc.scale_factor
+    assert ours.shape == ref.shape == (1, 4, T, H // 8, W // 8)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), float((ours - ref).abs().max())
+
+
+def test_comfy_side_encoders_match_library(comfy, loaded, tiny_ckpt, comfy_reference):
+    """The CLIP / CLIP_VISION / VAE the loader hands to ComfyUI compute what the library computes."""
+    import dynamicrafter
+    p, n, io, latent, tokens, ctx, image, prompt = _i2v_inputs(comfy, loaded, comfy_reference)
+    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    ref_text = dc.encode_text([prompt])
+    assert torch.allclose(p[0][0], ref_text, atol=1e-4), float((p[0][0] - ref_text).abs().max())
+    signed = image.movedim(-1, 1) * 2 - 1
+    ref_tok = dc.encode_clip_image(signed)
+    assert torch.allclose(tokens["cond"], ref_tok, atol=1e-4), float((tokens["cond"] - ref_tok).abs().max())
+    ref_ctx = dc.image_context(ref_tok)
+    assert torch.allclose(ctx["cond"], ref_ctx, atol=1e-4)
+    moments = dc.vae_moments(signed)
+    mean = moments[:, :4]
+    concat = p[0][1]["concat_latent_image"]
+    assert torch.allclose(concat[:, :, 0], mean, atol=1e-4), float((concat[:, :, 0] - mean).abs().max())
+    vae = loaded[3]
+    frames = vae.decode(mean)                   # ComfyUI IMAGE in [0, 1]
+    ref_frames = ((dc.decode((mean * dc.scale_factor).unsqueeze(2))[:, :, 0] + 1) / 2).clamp(0, 1)
+    assert torch.allclose(frames.movedim(-1, 1), ref_frames, atol=1e-4)
+
+
+def test_official_layouts_in_conditioning(comfy, loaded, comfy_reference):
+    from nodes_pack_access import pack, load_input_image
+    model, clip, cv, vae = loaded
+    core = comfy.nodes
+    pos = core.CLIPTextEncode().encode(clip, "x")[0]
+    image = load_input_image(comfy_reference / "tiny_v" / "inputs" / "interp" / "a_first.png")
+    end = load_input_image(comfy_reference / "tiny_v" / "inputs" / "interp" / "b_last.png")
+    ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
+    build = pack("conditioning").build_conditioning
+    p, *_ = build(pos, pos, vae, ctx, image, W, H, T, 1, 10, "interpolation", end)
+    c = p[0][1]["concat_latent_image"]
+    assert c[:, :, 1:-1].abs().max() == 0 and c[:, :, 0].abs().max() > 0
+    assert not torch.allclose(c[:, :, 0], c[:, :, -1])
+    p, *_ = build(pos, pos, vae, ctx, image, W, H, T, 1, 10, "loop")
+    c = p[0][1]["concat_latent_image"]
+    assert torch.equal(c[:, :, 0], c[:, :, -1]) and c[:, :, 1:-1].abs().max() == 0
+
+
+def test_variant_defaults_node(comfy, loaded):
+    from nodes_pack_access import pack
+    out = pack("defaults").DynamiCrafterVariantDefaults().defaults(loaded[0])
+    info = json.loads(out[-1])
+    assert info["parameterization"] == "v" and info["zero_snr"] is True
+    assert out[3] == 24      # fs of a 512-style (fps) model
+
+
+def test_model_is_a_comfy_model_patcher_with_vpred_zero_snr(loaded):
+    import comfy.model_base
+    import comfy.model_patcher
+    model = loaded[0]
+    assert isinstance(model, comfy.model_patcher.ModelPatcher)
+    assert isinstance(model.model, comfy.model_base.BaseModel)
+    assert model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    assert model.model.model_sampling.zsnr
+    assert float(model.model.model_sampling.sigmas[-1]) > 1000    # zero terminal SNR: huge last sigma
+
+
+# ------------------------------------------------------------------------------ progress / interrupt
+def test_progress_bar_and_latent_previews(comfy):
+    from comfy.cli_args import LatentPreviewMethod, args
+    old = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+    try:
+        run_and_get_video(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=4,
+                                             sets=["DynamiCrafterDDIMSampler.seed=5"]))
+    finally:
+        args.preview_method = old
+    sampling = [p for p in comfy.progress if p[1] == 4]
+    assert [p[0] for p in sampling] == [1, 2, 3, 4]
+    assert all(p[2] for p in sampling), "every DDIM step should carry a latent preview"
+
+
+def test_interrupt_mid_sampling_then_next_prompt_runs(comfy):
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=20,
+                         sets=["DynamiCrafterDDIMSampler.seed=77"])
+    seen = []
+
+    def on_progress(value, total):
+        seen.append((value, total))
+        if total == 20 and value == 3:
+            comfy.interrupt()
+
+    comfy.on_progress = on_progress
+    try:
+        result = comfy.run(prompt, check=False)
+    finally:
+        comfy.on_progress = None
+    assert not result["success"]
+    events = [e for e, _ in result["messages"]]
+    assert "execution_interrupted" in events
+    assert max(v for v, t in seen if t == 20) == 3, "sampling went on after the interrupt"
+    run_and_get_video(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2))
+
+
+# ------------------------------------------------------------------------------ bad input (SPEC §7)
+def _error_of(comfy, prompt) -> str:
+    result = comfy.run(prompt, check=False)
+    assert not result["success"]
+    if "validation" in result:
+        return comfy_runtime._format_validation(result["validation"]["error"], result["validation"]["node_errors"])
+    err = comfy_runtime.execution_error(result)
+    assert err is not None, result["messages"]
+    return err["exception_message"]
+
+
+def _write_file(comfy_base, name: str, data: bytes) -> str:
+    (comfy_base / "models" / "checkpoints" / name).write_bytes(data)
+    return name
+
+
+def test_error_non_dynamicrafter_checkpoint(comfy, comfy_base):
+    from safetensors.torch import save_file
+    path = comfy_base / "models" / "checkpoints" / "sd_like.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
+               "model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(path))
+    msg = _error_of(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="sd_like.safetensors"))
+    assert "sd_like.safetensors" in msg and ("DynamiCrafter" in msg or "video" in msg), msg
+
+
+def test_error_truncated_checkpoint(comfy, comfy_base, tiny_ckpt):
+    with open(tiny_ckpt, "rb") as f:
+        head = f.read(1_000_000)
+    _write_file(comfy_base, "truncated.safetensors", head)
+    msg = _error_of(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="truncated.safetensors"))
+    assert "truncated.safetensors" in msg, msg
+
+
+def test_error_size_not_multiple_of_64(comfy):
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    for node in prompt.values():
+        if node["class_type"] == "DynamiCrafterImageConditioning":
+            node["inputs"]["width"] = 120
+    msg = _error_of(comfy, prompt)
+    assert "multiple" in msg and "64" in msg, msg
+
+
+@pytest.mark.parametrize("node,field,value,needle", [
+    ("DynamiCrafterImageConditioning", "frames", 1, "frames"),
+    ("DynamiCrafterImageConditioning", "fs", 0, "fs"),
+    ("DynamiCrafterDDIMSampler", "steps", 500, "steps"),
+    ("DynamiCrafterDDIMSampler", "cfg_text", -1.0, "cfg_text"),
+])
+def test_error_out_of_range_widgets_are_rejected_by_validation(comfy, node, field, value, needle):
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    for n in prompt.values():
+        if n["class_type"] == node:
+            n["inputs"][field] = value
+    msg = _error_of(comfy, prompt)
+    assert needle in msg and ("smaller than min" in msg or "bigger than max" in msg), msg
+
+
+def test_error_interpolation_without_end_image(comfy):
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterImageConditioning":
+            n["inputs"]["mode"] = "interpolation"
+    msg = _error_of(comfy, prompt)
+    assert "end_image" in msg, msg
+
+
+def test_error_end_image_of_other_size(comfy):
+    from PIL import Image
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(comfy.input_dir / "small_square.png")
+    prompt = tiny_prompt(comfy, "dynamicrafter_interpolation.json", ["interp_a_first.png", "small_square.png"])
+    msg = _error_of(comfy, prompt)
+    assert "end_image" in msg and "same size" in msg, msg
+
+
+def test_error_nan_image(comfy, loaded):
+    from nodes_pack_access import pack
+    bad = torch.full((1, H, W, 3), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        pack("clip_vision").encode_clip_vision(loaded[2], bad)
+
+
+def test_error_wrong_family_text_encoder(comfy, loaded, comfy_reference):
+    from nodes_pack_access import pack
+    p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
+    wrong = [[torch.zeros(1, 77, 768), dict(p[0][1])]]
+    with pytest.raises(ValueError, match="768"):
+        pack("sampler").DynamiCrafterDDIMSampler().sample(loaded[0], wrong, n, latent, 0, 2, 7.5, 0.0, 0.0, 0.0,
+                                                          "auto")
+
+
+def test_error_wrong_family_clip_vision(comfy, loaded):
+    from nodes_pack_access import pack
+    with pytest.raises(ValueError, match="1280|resampler expects"):
+        pack("resampler").resample_context(loaded[0], {"cond": torch.zeros(1, 257, 1024),
+                                                       "uncond": torch.zeros(1, 257, 1024)})
+
+
+def test_error_model_of_another_kind(comfy):
+    from nodes_pack_access import pack
+    with pytest.raises(ValueError, match="not a DynamiCrafter"):
+        pack("defaults").DynamiCrafterVariantDefaults().defaults(object())
