@@ -26,8 +26,8 @@ from training.config import TrainConfig, load_config
 from training.data import StreamSampler, collate, make_dataset
 from training.modeling import (DTYPES, EMA, build_tiny, cast_frozen, enable_gradient_checkpointing,
                                export_safetensors, load_init, sync_config)
-from training.stages import (StageSettings, apply_trainable, prepare_model_for_stage, stage_loss,
-                             trainable_names)
+from training.stages import (StageSettings, apply_trainable, prepare_model_for_stage, sample_generator,
+                             stage_loss, trainable_names)
 
 log = logging.getLogger("training")
 
@@ -42,7 +42,20 @@ class TrainStep(torch.nn.Module):
         self.autocast = autocast
 
     def forward(self, batch):
+        # The UNet's own randomness (dropout 0.1 in the temporal convolutions, as the official
+        # model) is drawn from the global RNG: reseed it from the micro-batch's first stream index
+        # so it depends only on which samples a micro-batch holds (exact resume; same result on
+        # any number of processes for the same micro-batch size).
+        torch.manual_seed(int(sample_generator(self.settings.seed, int(batch["index"][0]), tag=1).initial_seed()))
         return stage_loss(self.dc, batch, self.settings, self.autocast())
+
+
+def train_mode(dc) -> None:
+    """UNet and Resampler in training mode (dropout as the official model); frozen encoders in eval."""
+    dc.train()
+    for frozen in (dc.first_stage_model, dc.cond_stage_model, dc.embedder):
+        if frozen is not None:
+            frozen.eval()
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -248,7 +261,7 @@ def run(cfg: TrainConfig) -> dict:
         log.info("stage %d: %d trainable tensors, %.2fM parameters; world %d, micro-batch %d, accumulation %d",
                  r.stage, len(named), n_train / 1e6, world, r.micro_batch, accum)
 
-    dc.train()
+    train_mode(dc)
     last_loss = float("nan")
     window_t, window_samples = time.time(), 0
     while step < r.max_steps:
@@ -296,7 +309,7 @@ def run(cfg: TrainConfig) -> dict:
             dc.eval()
             with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
                 paths = sample_videos(dc, cfg, dataset, step, device)
-            dc.train()
+            train_mode(dc)
             jsonl.write({"step": step, "samples": paths})
 
     export_path = None
