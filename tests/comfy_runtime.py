@@ -377,6 +377,38 @@ class ComfyServer:
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
 
+    def queue_and_watch(self, prompt: dict, on_message, timeout: float = 300.0) -> str:
+        """Queue ``prompt`` with a websocket open and call ``on_message(type, data)`` for every JSON
+        event of this client until it returns True, the prompt finishes, or ``timeout``."""
+        import aiohttp
+
+        client_id = uuid.uuid4().hex
+
+        async def go():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url}/ws?clientId={client_id}", heartbeat=20) as ws:
+                    pid = await asyncio.to_thread(self.queue, prompt, client_id)
+                    deadline = time.monotonic() + timeout
+                    while time.monotonic() < deadline:
+                        try:
+                            msg = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
+                        except asyncio.TimeoutError:
+                            break
+                        if msg.type != aiohttp.WSMsgType.TEXT:
+                            if msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                                break
+                            continue
+                        event = json.loads(msg.data)
+                        kind, data = event.get("type"), event.get("data", {})
+                        if on_message(kind, data):
+                            break
+                        if kind in ("execution_success", "execution_error", "execution_interrupted") and \
+                                data.get("prompt_id") == pid:
+                            break
+                    return pid
+
+        return asyncio.run(go())
+
 
 def history_messages(entry: dict) -> list:
     return entry.get("status", {}).get("messages", [])
