@@ -150,3 +150,33 @@ def test_stage_chain_and_export_dtype(tmp_path, data):
     # stage 3's grown channels started at zero and moved by training
     w = dc.unet.input_blocks[0][0].weight[:, 4:]
     assert 0 < float(w.abs().max()) < 0.1
+
+
+def test_fsdp_two_process_matches_and_resumes_across_world_sizes(tmp_path, data):
+    """FSDP (gloo, CPU) trains like one process; a single-process checkpoint resumes under FSDP."""
+    single, fsdp, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "resumed"
+    common = ["run.max_steps=3", "run.save_every=2", "run.keep_last=5"]
+    train(single, data, *common)
+    train(fsdp, data, *common, "run.distributed=fsdp", nproc=2)
+    la = [json.loads(x)["loss"] for x in open(single / "log.jsonl")]
+    lb = [json.loads(x)["loss"] for x in open(fsdp / "log.jsonl")]
+    assert la == pytest.approx(lb, rel=1e-5)
+    # Adam turns the pure-rounding-noise gradients of parameters that GroupNorm makes irrelevant
+    # (a conv bias right before a one-channel-per-group norm) into lr-sized steps of either sign,
+    # so compare weights to a couple of lr steps and everything else through the losses above.
+    a, b = final_state(single), final_state(fsdp)
+    assert_same(a, b, atol=3e-3)
+    close = sum(torch.allclose(a["trainable"][k], b["trainable"][k], atol=1e-5) for k in a["trainable"])
+    assert close >= 0.95 * len(a["trainable"])
+    from safetensors.torch import load_file
+    ea, eb = load_file(str(single / "model.safetensors")), load_file(str(fsdp / "model.safetensors"))
+    assert ea.keys() == eb.keys()
+    # resume the single-process step-2 checkpoint with two FSDP processes
+    os.makedirs(ck.checkpoint_dir(str(resumed)))
+    import shutil
+    shutil.copy(ck.checkpoint_path(str(single), 2), ck.checkpoint_path(str(resumed), 2))
+    p = train(resumed, data, *common, "run.distributed=fsdp", nproc=2)
+    assert "resumed from" in p.stderr
+    assert_same(a, final_state(resumed), atol=3e-3)
+    lr = [json.loads(x)["loss"] for x in open(resumed / "log.jsonl")]
+    assert lr == pytest.approx(la[2:], rel=1e-5)

@@ -200,8 +200,6 @@ def run(cfg: TrainConfig) -> dict:
         cast_frozen(dc, DTYPES[cfg.model.frozen_dtype])
     if r.grad_checkpointing:
         enable_gradient_checkpointing(dc.unet)
-    named = [(n, p) for n, p in dc.named_parameters() if p.requires_grad]
-
     use_bf16 = r.precision == "bf16"
 
     def autocast():
@@ -210,18 +208,30 @@ def run(cfg: TrainConfig) -> dict:
     settings = StageSettings(stage=r.stage, seed=r.seed, uncond_prob=cfg.data.uncond_prob,
                              cond_frame=r.cond_frame, interp_prob=r.interp_prob)
     module = TrainStep(dc, settings, autocast)
+    manual_sync = []   # parameters whose gradients we average ourselves (FSDP cannot shard 0-dim ones)
     if world > 1 and r.distributed == "fsdp":
+        import inspect
         from torch.distributed.fsdp import fully_shard
         unet = dc.unet
+        scalars = {p for p in unet.parameters() if p.ndim == 0}
+        manual_sync = [p for p in scalars if p.requires_grad]
+        kw = {"ignored_params": scalars} if scalars and "ignored_params" in inspect.signature(fully_shard).parameters else {}
+        if scalars and not kw:
+            raise RuntimeError("this torch's fully_shard cannot skip the 0-dim gate parameters; use run.distributed=ddp")
         for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
-            fully_shard(block)
-        model = fully_shard(module)
+            fully_shard(block, **kw)
+        fully_shard(unet, **kw)
+        if dc.image_proj_model is not None:
+            fully_shard(dc.image_proj_model)
+        model = module     # the encoders stay whole (frozen, no gradients to share)
     elif world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     else:
         model = module
 
+    # after any FSDP wrapping, which swaps the parameters for sharded ones
+    named = [(n, p) for n, p in dc.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -275,6 +285,10 @@ def run(cfg: TrainConfig) -> dict:
                 loss = model(batch)
                 (loss / accum).backward()
             loss_acc += loss.detach() / accum
+        for p in manual_sync:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
         opt.step()
@@ -313,11 +327,17 @@ def run(cfg: TrainConfig) -> dict:
             jsonl.write({"step": step, "samples": paths})
 
     export_path = None
-    if r.export_at_end and is_main:
+    if r.export_at_end:
         export_path = os.path.join(r.run_dir, "model.safetensors")
         with (ema.swapped_in() if (ema is not None and r.export_ema) else contextlib.nullcontext()):
-            export_safetensors(dc, export_path, r.export_dtype)
-        log.info("exported %s", export_path)
+            if r.distributed == "fsdp" and world > 1:
+                full = {k: _full(v) for k, v in dc.state_dict().items()}    # collective: every rank gathers
+                if is_main:
+                    export_safetensors(plain_copy(dc.cfg, full), export_path, r.export_dtype)
+            elif is_main:
+                export_safetensors(dc, export_path, r.export_dtype)
+        if is_main:
+            log.info("exported %s", export_path)
     if bar is not None:
         bar.close()
     if jsonl is not None:
@@ -334,6 +354,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):
         t = t.full_tensor()
     return t.detach().cpu().clone()
+
+
+def plain_copy(model_cfg, state: dict):
+    """A CPU DynamiCrafter holding `state` (gathered from FSDP shards) without a second init."""
+    from dynamicrafter.model import DynamiCrafter
+    with torch.device("meta"):
+        m = DynamiCrafter(model_cfg)
+    m.load_state_dict(state, strict=True, assign=True)
+    return m
 
 
 def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
