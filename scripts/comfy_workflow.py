@@ -91,6 +91,26 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
     return prompt
 
 
+def set_ui_widget(workflow: dict, node_type: str, name: str, value, node_classes: dict) -> int:
+    """Set widget ``name`` of every ``node_type`` node in a UI-format workflow; returns how many."""
+    cls = node_classes.get(node_type)
+    if cls is None:
+        raise ValueError(f"unknown node type {node_type!r}")
+    pos = 0
+    for widget, count in widget_layout(cls):
+        if widget == name:
+            break
+        pos += count
+    else:
+        raise ValueError(f"{node_type} has no widget {name!r}")
+    n = 0
+    for node in workflow["nodes"]:
+        if node["type"] == node_type:
+            node["widgets_values"][pos] = value
+            n += 1
+    return n
+
+
 def load_workflow(path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -1,0 +1,109 @@
+"""One end-to-end test in ComfyUI's real web UI (headless Debian Chromium via Playwright): load a
+bundled workflow, find our node in the node search, queue the graph and see its video output."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import pytest
+
+import comfy_runtime
+
+sys.path.insert(0, str(comfy_runtime.REPO_ROOT / "scripts"))
+from comfy_workflow import load_workflow, set_ui_widget  # noqa: E402
+
+from test_comfy_nodes import H, T, W, WORKFLOWS  # noqa: E402
+from test_comfy_server import _Schema  # noqa: E402
+
+CHROMIUM = os.environ.get("DC_CHROMIUM", "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser_page(comfy_server, tmp_path_factory):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium'; scripts/setup.sh installs it as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("python package 'playwright' missing (scripts/setup.sh installs it)")
+    with sync_playwright() as pw:
+        # Playwright gives Chromium a fresh empty profile of its own (no --user-data-dir flag allowed here).
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        logs = []
+        page.on("console", lambda m: logs.append(f"{m.type}: {m.text}"))
+        try:
+            yield page, logs
+        finally:
+            browser.close()
+
+
+def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server, comfy_base, tmp_path):
+    page, logs = browser_page
+    schema = _Schema(comfy_server.object_info())
+    wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
+    set_ui_widget(wf, "DynamiCrafterLoader", "ckpt_name", "dc_tiny_v.safetensors", schema)
+    set_ui_widget(wf, "LoadImage", "image", "single_image.png", schema)
+    for name, value in (("width", W), ("height", H), ("frames", T)):
+        set_ui_widget(wf, "DynamiCrafterImageConditioning", name, value, schema)
+    set_ui_widget(wf, "DynamiCrafterDDIMSampler", "steps", 3, schema)
+    set_ui_widget(wf, "SaveVideo", "filename_prefix", "video/browser_test", schema)
+
+    shot = tmp_path / "ui.png"
+    try:
+        page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+        page.evaluate("async () => { try { await window.app.extensionManager.setting.set("
+                      "'Comfy.TutorialCompleted', true) } catch (e) {} }")
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+        types = page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
+        assert "DynamiCrafterDDIMSampler" in types and "DynamiCrafterLoader" in types, types
+
+        # The node search box: double-click on empty canvas, type, see our node offered.
+        page.keyboard.press("Escape")
+        box = page.evaluate("""() => {
+            const cs = [...document.querySelectorAll('canvas')];
+            const c = cs.find(e => e.id === 'graph-canvas') ||
+                      cs.sort((a, b) => b.width * b.height - a.width * a.height)[0];
+            const r = c.getBoundingClientRect();
+            return {x: r.x, y: r.y, width: r.width, height: r.height};
+        }""")
+        # an empty spot: below the graph, away from the minimap (bottom right) and the side bar
+        page.mouse.dblclick(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.65)
+        search = page.locator("input[placeholder*='earch'], .comfy-vue-node-search-container input, "
+                              ".litesearchbox input").first
+        search.wait_for(state="visible", timeout=20_000)
+        search.fill("DynamiCrafter DDIM")
+        page.get_by_text("DynamiCrafter DDIM Sampler", exact=False).first.wait_for(state="visible", timeout=20_000)
+        page.keyboard.press("Escape")
+
+        before = set(comfy_server.get_json("/history"))
+        page.evaluate("async () => { await window.app.queuePrompt(0, 1) }")
+        deadline = time.monotonic() + 300
+        entry = None
+        while time.monotonic() < deadline and entry is None:
+            hist = comfy_server.get_json("/history")
+            new = [k for k in hist if k not in before]
+            if new and hist[new[0]].get("status", {}).get("completed") is not None:
+                entry = hist[new[0]]
+            time.sleep(0.5)
+        assert entry is not None, "the queued workflow never finished"
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        files = [i for o in entry["outputs"].values() for i in o.get("images", [])]
+        assert files and files[0]["filename"].startswith("browser_test") and files[0]["filename"].endswith(".mp4")
+        # The UI shows the result: the SaveVideo node gets a video preview.
+        page.wait_for_selector("video", state="attached", timeout=60_000)
+    except Exception:
+        try:
+            page.screenshot(path=str(shot))
+            keep = comfy_runtime.REPO_ROOT / ".pytest_cache" / "browser_failure.png"
+            keep.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shot, keep)
+        except Exception:
+            pass
+        print("\n".join(logs[-40:]))
+        raise
