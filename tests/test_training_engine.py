@@ -139,7 +139,17 @@ def test_stage_chain_and_export_dtype(tmp_path, data):
     short = ["run.max_steps=1", "run.save_every=1", "run.export_dtype=fp16"]
     train(s1, data, "run.stage=1", *short)
     train(s2, data, "run.stage=2", "model.tiny=false", f"model.init={s1 / 'model.safetensors'}", *short)
-    train(s3, data, "run.stage=3", "model.tiny=false", f"model.init={s2 / 'model.safetensors'}", *short)
+    train(s3, data, "run.stage=3", "model.tiny=false", f"model.init={s2 / 'model.safetensors'}", *short,
+          "run.precision=bf16", "run.grad_checkpointing=true", "model.frozen_dtype=bf16",
+          "eval.every=1", "eval.prompts=[a red circle moves to the left]", "eval.steps=2")
+    samples = os.listdir(s3 / "samples")
+    assert samples == ["step_00000001_0.mp4"]
+    from training.data import probe_video
+    assert probe_video(str(s3 / "samples" / samples[0]))[0] == 4      # a 4-frame clip
+    logged = [json.loads(x) for x in open(s3 / "log.jsonl")]
+    assert logged[0]["step"] == 1 and logged[0]["loss"] == logged[0]["loss"]   # finite, not NaN
+    assert any("samples" in rec for rec in logged)
+    assert any(n.startswith("events.") for n in os.listdir(s3 / "tensorboard"))
     import dynamicrafter
     from safetensors import safe_open
     with safe_open(str(s3 / "model.safetensors"), "pt") as f:

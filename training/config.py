@@ -22,7 +22,7 @@ class ModelSection:
     tiny_overrides: dict = field(default_factory=dict)  # sizes of the tiny model: {unet: {...}, vae: {...}, ...}
     variant: dict = field(default_factory=dict)     # overrides: parameterization, zero_snr, dynamic_rescale_base, fs_meaning
     image_kv_init: str = "copy_text"    # new to_k_ip/to_v_ip (from a VideoCrafter init): copy_text | random
-    frozen_dtype: str = "fp32"          # dtype of frozen weights (VAE, CLIP, temporal layers): fp32 | bf16 | fp16
+    frozen_dtype: str = "fp32"          # dtype of the frozen encoders (VAE, text + image CLIP): fp32 | bf16 | fp16
 
 
 @dataclass

@@ -120,10 +120,12 @@ def sync_config(dc: DynamiCrafter) -> None:
 
 
 def cast_frozen(dc: DynamiCrafter, dtype: torch.dtype) -> None:
-    """Store frozen parameters in a smaller dtype (memory-lean runs); trainable ones stay as they are."""
-    for p in dc.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            p.data = p.data.to(dtype)
+    """Store the frozen encoders (VAE, text and image CLIP towers) in a smaller dtype for
+    memory-lean runs; the library casts their inputs and returns float32. Frozen UNet layers
+    stay in the training dtype (they sit between trainable layers in the same activations)."""
+    for part in (dc.first_stage_model, dc.cond_stage_model, dc.embedder):
+        if part is not None:
+            part.to(dtype)
 
 
 # --------------------------------------------------------------------------- gradient checkpointing
