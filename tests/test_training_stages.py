@@ -212,3 +212,40 @@ def test_shipped_configs_parse():
     for name in sorted(os.listdir(folder)):
         cfg = TrainConfig.from_dict(yaml.safe_load(open(os.path.join(folder, name))))
         assert cfg.run.global_batch % cfg.run.micro_batch == 0, name
+
+
+def test_videocrafter_init_gets_the_image_stream(tmp_path, clips):
+    """Stage 1/2 from a text-to-video (VideoCrafter layout) file: the CLIP image tower and the
+    Resampler come from an extra checkpoint, to_k_ip/to_v_ip start as copies of to_k/to_v."""
+    import dynamicrafter
+    from dynamicrafter.config import tiny_config
+    from dynamicrafter.model import DynamiCrafter
+    from training.modeling import InitError, load_init
+
+    torch.manual_seed(1)
+    cfg = tiny_config(family="videocrafter", frames=4)
+    fix = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, **fix(TINY["unet"])),
+                              vae=dataclasses.replace(cfg.vae, **fix(TINY["vae"])))
+    vc = DynamiCrafter(cfg)
+    assert vc.embedder is None and vc.image_proj_model is None
+    vc_path = dynamicrafter.save_checkpoint(vc, tmp_path / "vc.safetensors")
+    donor = tiny(seed=2)
+    donor_path = dynamicrafter.save_checkpoint(donor, tmp_path / "dc.safetensors")
+    with pytest.raises(InitError, match="init_extra"):
+        load_init(str(vc_path), frames=4)
+    dc = load_init(str(vc_path), [str(donor_path)], frames=4)
+    assert dc.variant["family"] == "dynamicrafter" and dc.unet.cfg.in_channels == 4
+    got = dict(dc.named_parameters())
+    for name, p in vc.named_parameters():
+        assert torch.equal(got[name], p), name
+    for name, p in donor.named_parameters():
+        if name.startswith(("embedder.", "image_proj_model.")):
+            assert torch.equal(got[name], p), name
+    kv = [m for m in dc.unet.modules() if hasattr(m, "to_k_ip")]
+    assert kv and all(torch.equal(m.to_k_ip.weight, m.to_k.weight) and torch.equal(m.to_v_ip.weight, m.to_v.weight)
+                      for m in kv)
+    # and it trains stage 1 as is
+    apply_trainable(dc, trainable_names(dc, 1))
+    stage_loss(dc, batch_of(clips, [0], frames=1), StageSettings(stage=1, seed=0)).backward()
+    assert all(m.to_k_ip.weight.grad is not None for m in kv)

@@ -17,7 +17,8 @@ import yaml
 @dataclass
 class ModelSection:
     init: Optional[str] = None          # checkpoint to start from (official layout, .ckpt/.safetensors)
-    init_extra: list = field(default_factory=list)  # more checkpoints merged over it, in order (missing parts)
+    init_extra: list = field(default_factory=list)  # more checkpoints: their tensors under init_extra_prefixes
+    init_extra_prefixes: list = field(default_factory=lambda: ["embedder.", "image_proj_model."])  # that init lacks
     tiny: bool = False                  # random tiny model of the official architecture (tests, demo)
     tiny_overrides: dict = field(default_factory=dict)  # sizes of the tiny model: {unet: {...}, vae: {...}, ...}
     variant: dict = field(default_factory=dict)     # overrides: parameterization, zero_snr, dynamic_rescale_base, fs_meaning

@@ -50,10 +50,14 @@ def build_tiny(frames: int, seed: int, overrides: Optional[dict] = None) -> Dyna
     return DynamiCrafter(tiny_model_config(frames, overrides=overrides)).eval().requires_grad_(False)
 
 
-def _merge(sd: dict, extras: Iterable[str]) -> dict:
+EXTRA_PREFIXES = ("embedder.", "image_proj_model.")
+
+
+def _merge(sd: dict, extras: Iterable[str], prefixes: tuple = EXTRA_PREFIXES) -> dict:
+    """Add the tensors under `prefixes` that `sd` lacks, from each extra checkpoint in turn."""
     for path in extras:
         extra, _ = read_state_dict(path)
-        added = [k for k in extra if k not in sd]
+        added = [k for k in extra if k not in sd and k.startswith(tuple(prefixes))]
         log.info("init_extra %s: adding %d tensors the main checkpoint lacks", path, len(added))
         for k in added:
             sd[k] = extra[k]
@@ -61,13 +65,14 @@ def _merge(sd: dict, extras: Iterable[str]) -> dict:
 
 
 def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = None, seed: int = 0,
-              frames: int = 16, image_kv_init: str = "copy_text") -> DynamiCrafter:
+              frames: int = 16, image_kv_init: str = "copy_text",
+              extra_prefixes: tuple = EXTRA_PREFIXES) -> DynamiCrafter:
     """Weights to start a run from. A complete DynamiCrafter file loads as is. A VideoCrafter
     (text-to-video) file is extended with the image stream: CLIP image encoder and Resampler
     from `extras` (e.g. a stage-1 or DynamiCrafter checkpoint), otherwise a fresh Resampler;
     new to_k_ip/to_v_ip start as copies of to_k/to_v (or random)."""
     sd, metadata = read_state_dict(path)
-    sd = _merge(sd, extras)
+    sd = _merge(sd, extras, extra_prefixes)
     has_image_kv = any("attn2.to_k_ip." in k for k in sd)
     if has_image_kv and any(k.startswith("image_proj_model.") for k in sd):
         return model_from_state_dict(sd, variant_overrides=variant or None, metadata=metadata)

@@ -101,7 +101,8 @@ def build_model(cfg: TrainConfig):
             overrides["variant"] = {**overrides.get("variant", {}), **m.variant}
         dc = build_tiny(frames, r.seed, overrides)
     else:
-        dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=frames, image_kv_init=m.image_kv_init)
+        dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=frames, image_kv_init=m.image_kv_init,
+                       extra_prefixes=tuple(m.init_extra_prefixes))
     prepare_model_for_stage(dc, r.stage)
     sync_config(dc)
     return dc
