@@ -114,3 +114,21 @@ def test_rng_state_roundtrip_through_safe_load(tmp_path):
     ck.set_rng_state(ck.load_checkpoint(path)["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_eight_bit_adam_needs_bitsandbytes_and_says_so(monkeypatch):
+    import builtins
+    from training.train import make_optimizer
+    real_import = builtins.__import__
+
+    def no_bnb(name, *a, **kw):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    cfg = load_config(None, ["model.tiny=true", "optim.name=adamw8bit"])
+    with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    plain = make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["model.tiny=true"]))
+    assert isinstance(plain, torch.optim.AdamW)

@@ -132,6 +132,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, data):
         assert torch.equal(sd[k], v), k
     assert dc.unet.cfg.in_channels == 4      # stage 2: no concat
 
+    # the export tool rebuilds the same file from the newest checkpoint
+    from safetensors.torch import load_file
+    from training.export import main as export_main
+    out = export_main([str(ref), "--out", str(tmp_path / "again.safetensors"), "--dtype", "fp32"])
+    a, b = load_file(out), load_file(str(ref / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    raw = load_file(export_main([str(ref), "--out", str(tmp_path / "raw.safetensors"), "--no-ema", "--step", "6"]))
+    k = "image_proj_model.proj_out.weight"
+    assert raw[k].dtype == torch.float16 and torch.allclose(raw[k].float(), r["trainable"][k], atol=1e-3)
+
 
 def test_stage_chain_and_export_dtype(tmp_path, data):
     """Stage 1 -> 2 -> 3, each started from the previous stage's export (fp16 between them)."""

@@ -42,6 +42,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
+    name: str = "adamw"                 # adamw | adamw8bit (bitsandbytes, 8-bit states: the 24 GB preset)
     lr: float = 5e-5
     weight_decay: float = 1e-2          # torch AdamW default, as the official trainer
     betas: tuple = (0.9, 0.999)
@@ -131,6 +132,8 @@ class TrainConfig:
             raise ValueError("run.micro_batch and run.global_batch must be >= 1, run.max_steps >= 0")
         if not 0.0 <= r.ema_decay < 1.0:
             raise ValueError("run.ema_decay must be in [0, 1)")
+        if self.optim.name not in ("adamw", "adamw8bit"):
+            raise ValueError(f"optim.name must be adamw or adamw8bit, got {self.optim.name!r}")
         if self.optim.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if not 0.0 <= self.data.uncond_prob <= 1.0 / 3.0:

@@ -50,6 +50,19 @@ class TrainStep(torch.nn.Module):
         return stage_loss(self.dc, batch, self.settings, self.autocast())
 
 
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if o.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise RuntimeError("optim.name=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
+                               "or use optim.name=adamw") from err
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
 def train_mode(dc) -> None:
     """UNet and Resampler in training mode (dropout as the official model); frozen encoders in eval."""
     dc.train()
@@ -233,8 +246,7 @@ def run(cfg: TrainConfig) -> dict:
 
     # after any FSDP wrapping, which swaps the parameters for sharded ones
     named = [(n, p) for n, p in dc.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([p for _, p in named], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    opt = make_optimizer([p for _, p in named], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     ema = EMA(named, r.ema_decay) if r.ema_decay > 0 else None
 
