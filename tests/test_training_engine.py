@@ -147,7 +147,9 @@ def test_stage_chain_and_export_dtype(tmp_path, data):
     """Stage 1 -> 2 -> 3, each started from the previous stage's export (fp16 between them)."""
     s1, s2, s3 = tmp_path / "s1", tmp_path / "s2", tmp_path / "s3"
     short = ["run.max_steps=1", "run.save_every=1", "run.export_dtype=fp16"]
-    train(s1, data, "run.stage=1", *short)
+    train(s1, data, "run.stage=1", *short, "eval.every=1", "eval.prompts=[a blue square moves up]", "eval.steps=2")
+    from training.data import probe_video
+    assert probe_video(str(s1 / "samples" / "step_00000001_0.mp4"))[0] == 1   # stage 1 samples images
     train(s2, data, "run.stage=2", "model.tiny=false", f"model.init={s1 / 'model.safetensors'}", *short)
     train(s3, data, "run.stage=3", "model.tiny=false", f"model.init={s2 / 'model.safetensors'}", *short,
           "run.precision=bf16", "run.grad_checkpointing=true", "model.frozen_dtype=bf16",

@@ -50,6 +50,21 @@ class TrainStep(torch.nn.Module):
         return stage_loss(self.dc, batch, self.settings, self.autocast())
 
 
+def memory_estimate(dc, cfg: TrainConfig, world: int = 1) -> dict:
+    """GB held by weights, gradients and optimizer states (activations not included)."""
+    gb = 1e9
+    train_n = sum(p.numel() for p in dc.parameters() if p.requires_grad)
+    frozen_b = sum(p.numel() * p.element_size() for p in dc.parameters() if not p.requires_grad)
+    train_b = sum(p.numel() * p.element_size() for p in dc.parameters() if p.requires_grad)
+    shard = world if cfg.run.distributed == "fsdp" else 1
+    state_bytes = 2 if cfg.optim.name == "adamw8bit" else 8
+    est = {"trainable_params_M": round(train_n / 1e6, 1), "trainable_weights": train_b / shard / gb,
+           "gradients": train_b / shard / gb, "optimizer_states": train_n * state_bytes / shard / gb,
+           "frozen_weights": frozen_b / gb, "ema": train_n * 4 / gb if cfg.run.ema_decay > 0 else 0.0}
+    est["total_static"] = sum(v for k, v in est.items() if k != "trainable_params_M")
+    return {k: round(v, 3) for k, v in est.items()}
+
+
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
@@ -149,6 +164,19 @@ def make_tensorboard(run_dir: str, enabled: bool):
     return SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
 
+class _ImageOnly:
+    """The model as stage 1 trains it: every UNet call with the temporal path bypassed."""
+
+    def __init__(self, dc):
+        self._dc = dc
+
+    def __getattr__(self, name):
+        return getattr(self._dc, name)
+
+    def denoise(self, *args, **kwargs):
+        return self._dc.denoise(*args, temporal=False, **kwargs)
+
+
 @torch.no_grad()
 def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device) -> list[str]:
     """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
@@ -183,7 +211,8 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device) -> list[str]
             z = dc.encode_first_stage(img, sample=False)
             concat = z[:, :, None].expand(-1, -1, frames, -1, -1)
         v = dc.variant
-        lat = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],
+        sampler_model = _ImageOnly(dc) if stage == 1 else dc
+        lat = dynamicrafter.sample_ddim(sampler_model, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],
                                         steps=e.steps, cfg_text=e.cfg_text, cfg_img=e.cfg_img,
                                         guidance_rescale=v.get("guidance_rescale", 0.0), spacing=v["spacing"],
                                         generator=g)
@@ -283,6 +312,7 @@ def run(cfg: TrainConfig) -> dict:
         n_train = sum(p.numel() for _, p in named)
         log.info("stage %d: %d trainable tensors, %.2fM parameters; world %d, micro-batch %d, accumulation %d",
                  r.stage, len(named), n_train / 1e6, world, r.micro_batch, accum)
+        log.info("static memory estimate per process: %s", json.dumps(memory_estimate(dc, cfg, world)))
 
     train_mode(dc)
     last_loss = float("nan")
