@@ -367,3 +367,40 @@ def test_error_model_of_another_kind(comfy):
     from nodes_pack_access import pack
     with pytest.raises(ValueError, match="not a DynamiCrafter"):
         pack("defaults").DynamiCrafterVariantDefaults().defaults(object())
+
+
+# ------------------------------------------------------------------------------ batches / pruned files / dtypes
+def test_batch_of_videos(comfy):
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2,
+                         sets=["DynamiCrafterImageConditioning.batch_size=2"])
+    video = run_and_get_video(comfy, prompt)
+    assert count_frames(video) == 2 * T      # the two videos one after the other
+
+
+def test_pruned_file_loads_from_diffusion_models(comfy, comfy_base, tiny_ckpt):
+    import dynamicrafter
+    from nodes_pack_access import pack
+    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    path = comfy_base / "models" / "diffusion_models" / "dc_tiny_pruned_fp16.safetensors"
+    dynamicrafter.save_checkpoint(dc, path, dtype=torch.float16, parts=("model.diffusion_model.", "image_proj_model."))
+    model, clip, cv, vae = pack("loader").DynamiCrafterLoader().load(path.name, "fp32", "auto")
+    assert clip is None and cv is None and vae is None
+    assert model.model.variant["parameterization"] == "v"
+    with pytest.raises(ValueError, match="VAELoader"):
+        pack("decode").decode_video(None, {"samples": torch.zeros(1, 4, T, H // 8, W // 8)})
+    with pytest.raises(ValueError, match="CLIPVisionLoader"):
+        pack("clip_vision").encode_clip_vision(None, torch.zeros(1, H, W, 3))
+
+
+def test_half_precision_model_samples_close_to_fp32(comfy, loaded, comfy_reference):
+    """fp16/bf16 weights (GPU users' default); on CPU bf16 is slow, so a 2-step check on the tiny model."""
+    from nodes_pack_access import pack
+    p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
+    ref = pack("sampler").DynamiCrafterDDIMSampler().sample(loaded[0], p, n, latent, 3, 2, 7.5, 0.0, 0.0, 0.7,
+                                                            "auto")[0]["samples"]
+    model16 = pack("loader").DynamiCrafterLoader().load("dc_tiny_v.safetensors", "bf16", "auto")[0]
+    out = pack("sampler").DynamiCrafterDDIMSampler().sample(model16, p, n, latent, 3, 2, 7.5, 0.0, 0.0, 0.7,
+                                                            "auto")[0]["samples"]
+    assert torch.isfinite(out).all()
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert rel < 0.1, rel
