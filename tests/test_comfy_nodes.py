@@ -437,3 +437,20 @@ def test_core_sampler_path_denoises_like_the_library(comfy, loaded, tiny_ckpt, c
         else:
             assert torch.allclose(den, ref, atol=2e-4, rtol=1e-4), (t, float((den - ref).abs().max()))
         assert abs(float(1 / (sigma ** 2 + 1)) - float(a)) < 1e-5 or t == 999
+
+
+@pytest.mark.parametrize("saver,inputs,suffix", [
+    ("SaveAnimatedWEBP", {"filename_prefix": "dc_webp", "fps": 8.0, "lossless": False, "quality": 80,
+                          "method": "default"}, ".webp"),
+    ("SaveWEBM", {"filename_prefix": "dc_webm", "codec": "vp9", "fps": 8.0, "crf": 32.0}, ".webm"),
+])
+def test_decoded_frames_feed_core_savers(comfy, saver, inputs, suffix):
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2)
+    dec = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterVideoDecode")
+    for k in [k for k, v in prompt.items() if v["class_type"] in ("CreateVideo", "SaveVideo")]:
+        del prompt[k]
+    prompt["900"] = {"class_type": saver, "inputs": {"images": [dec, 0], **inputs}}
+    result = comfy.run(prompt)
+    files = [i for o in result["outputs"].values() for i in o.get("images", [])]
+    assert files and files[0]["filename"].endswith(suffix), result["outputs"]
+    assert (comfy.output_dir / files[0].get("subfolder", "") / files[0]["filename"]).stat().st_size > 0
