@@ -19,4 +19,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
         q, k, v = (rearrange(x, "n l (h d) -> n l h d", h=heads).contiguous() for x in (q, k, v))
         return rearrange(xops.memory_efficient_attention(q, k, v), "n l h d -> n l (h d)")
     q, k, v = (rearrange(x, "n l (h d) -> n h l d", h=heads) for x in (q, k, v))
-    return rearrange(F.scaled_dot_product_attention(q, k, v), "n h l d -> n l (h d)")
+    out = F.scaled_dot_product_attention(q, k, v)
+    # contiguous (n, l, h*d): a Linear on the permuted view would fall back to a slow batched matmul
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)

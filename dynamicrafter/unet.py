@@ -69,7 +69,7 @@ class CrossAttention(nn.Module):
         elif not self.image_kv:
             out = attention(q, self.to_k(context), self.to_v(context), self.heads)
         else:
-            text, image = context[:, :TEXT_CONTEXT_LEN], context[:, TEXT_CONTEXT_LEN:]
+            text, image = context[:, :TEXT_CONTEXT_LEN].contiguous(), context[:, TEXT_CONTEXT_LEN:].contiguous()
             out = attention(q, self.to_k(text), self.to_v(text), self.heads)
             out_ip = attention(q, self.to_k_ip(image), self.to_v_ip(image), self.heads)
             if hasattr(self, "alpha"):
@@ -141,7 +141,7 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.use_linear:
             y = self.proj_in(y)
-        y = rearrange(y, "n c h w -> n (h w) c")
+        y = rearrange(y, "n c h w -> n (h w) c").contiguous()
         if self.use_linear:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
@@ -171,10 +171,11 @@ class TemporalTransformer(nn.Module):
     def forward(self, x):  # x: (b, C, T, h, w)
         b, _, t, h, w = x.shape
         y = self.norm(x)
+        # contiguous token layouts: a Linear on a strided 3-D view becomes a weight-broadcast bmm
         if self.use_linear:
-            y = self.proj_in(rearrange(y, "b c t h w -> (b h w) t c"))
+            y = self.proj_in(rearrange(y, "b c t h w -> (b h w) t c").contiguous())
         else:
-            y = rearrange(self.proj_in(rearrange(y, "b c t h w -> (b h w) c t")), "n c t -> n t c")
+            y = rearrange(self.proj_in(rearrange(y, "b c t h w -> (b h w) c t").contiguous()), "n c t -> n t c")
         for block in self.transformer_blocks:
             y = block(y)
         if self.use_linear:
