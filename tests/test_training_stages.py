@@ -249,3 +249,33 @@ def test_videocrafter_init_gets_the_image_stream(tmp_path, clips):
     apply_trainable(dc, trainable_names(dc, 1))
     stage_loss(dc, batch_of(clips, [0], frames=1), StageSettings(stage=1, seed=0)).backward()
     assert all(m.to_k_ip.weight.grad is not None for m in kv)
+
+
+@pytest.mark.parametrize("interp", [False, True])
+def test_stage3_concat_layouts(interp, clips):
+    """Repeat layout: the conditioning frame's latent on every frame; interpolation layout:
+    first and last frame latents, zeros between. fs reaches the UNet."""
+    dc = tiny()
+    prepare_model_for_stage(dc, 3)
+    seen = {}
+    inner = dc.unet.forward
+
+    def spy(x, t, context, fs=None, temporal=True):
+        seen.update(x=x, fs=fs, temporal=temporal, context=context)
+        return inner(x, t, context, fs=fs, temporal=temporal)
+
+    dc.unet.forward = spy
+    batch = batch_of(clips, [0, 1])
+    with torch.no_grad():
+        stage_loss(dc, batch, StageSettings(stage=3, seed=0, cond_frame="first", interp_prob=1.0 if interp else 0.0))
+    concat = seen["x"][:, 4:]
+    assert concat.shape == (2, 4, 4, 4, 4) and seen["temporal"] is True
+    assert torch.equal(seen["fs"], batch["fs"])
+    assert seen["context"].shape[1] == 77 + 16 * 4
+    if interp:
+        assert torch.count_nonzero(concat[:, :, 1:-1]) == 0
+        assert torch.count_nonzero(concat[:, :, 0]) > 0 and torch.count_nonzero(concat[:, :, -1]) > 0
+        assert not torch.equal(concat[:, :, 0], concat[:, :, -1])
+    else:
+        for f in range(1, 4):
+            assert torch.equal(concat[:, :, f], concat[:, :, 0])
