@@ -161,7 +161,9 @@ def test_stage_chain_and_export_dtype(tmp_path, data):
     logged = [json.loads(x) for x in open(s3 / "log.jsonl")]
     assert logged[0]["step"] == 1 and logged[0]["loss"] == logged[0]["loss"]   # finite, not NaN
     assert any("samples" in rec for rec in logged)
-    assert any(n.startswith("events.") for n in os.listdir(s3 / "tensorboard"))
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is not None:    # optional dependency
+        assert any(n.startswith("events.") for n in os.listdir(s3 / "tensorboard"))
     import dynamicrafter
     from safetensors import safe_open
     with safe_open(str(s3 / "model.safetensors"), "pt") as f:
