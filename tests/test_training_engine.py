@@ -179,7 +179,7 @@ def test_stage_chain_and_export_dtype(tmp_path, data):
 def test_fsdp_two_process_matches_and_resumes_across_world_sizes(tmp_path, data):
     """FSDP (gloo, CPU) trains like one process; a single-process checkpoint resumes under FSDP."""
     single, fsdp, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "resumed"
-    common = ["run.max_steps=3", "run.save_every=2", "run.keep_last=5"]
+    common = ["run.max_steps=3", "run.save_every=2", "run.keep_last=5", "run.ema_decay=0.9"]
     train(single, data, *common)
     train(fsdp, data, *common, "run.distributed=fsdp", nproc=2)
     la = [json.loads(x)["loss"] for x in open(single / "log.jsonl")]
@@ -192,6 +192,8 @@ def test_fsdp_two_process_matches_and_resumes_across_world_sizes(tmp_path, data)
     assert_same(a, b, atol=3e-3)
     close = sum(torch.allclose(a["trainable"][k], b["trainable"][k], atol=1e-5) for k in a["trainable"])
     assert close >= 0.95 * len(a["trainable"])
+    for k, v in a["ema"]["shadow"].items():     # EMA gathered from the shards
+        assert torch.allclose(v, b["ema"]["shadow"][k], atol=3e-3), k
     from safetensors.torch import load_file
     ea, eb = load_file(str(single / "model.safetensors")), load_file(str(fsdp / "model.safetensors"))
     assert ea.keys() == eb.keys()
@@ -201,6 +203,9 @@ def test_fsdp_two_process_matches_and_resumes_across_world_sizes(tmp_path, data)
     shutil.copy(ck.checkpoint_path(str(single), 2), ck.checkpoint_path(str(resumed), 2))
     p = train(resumed, data, *common, "run.distributed=fsdp", nproc=2)
     assert "resumed from" in p.stderr
-    assert_same(a, final_state(resumed), atol=3e-3)
+    c = final_state(resumed)
+    assert_same(a, c, atol=3e-3)
+    for k, v in a["ema"]["shadow"].items():     # EMA restored into the shards
+        assert torch.allclose(v, c["ema"]["shadow"][k], atol=3e-3), k
     lr = [json.loads(x)["loss"] for x in open(resumed / "log.jsonl")]
     assert lr == pytest.approx(la[2:], rel=1e-5)

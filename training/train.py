@@ -292,6 +292,11 @@ def run(cfg: TrainConfig) -> dict:
         del state
 
     frames = 1 if r.stage == 1 else cfg.data.frames
+    tokens_for = dc.image_proj_model.cfg.video_length
+    if r.stage != 1 and frames != tokens_for and is_main:
+        log.warning("data.frames=%d but the Resampler makes image tokens for %d frames: every frame will attend "
+                    "to all image tokens instead of its own 16 (as the official model does at other lengths)",
+                    frames, tokens_for)
     fs_meaning = cfg.data.fs_meaning or dc.variant.get("fs_meaning", "frame_stride")
     dataset = make_dataset(cfg.data.csv, cfg.data.video_dir, frames=frames, height=cfg.data.height,
                            width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
@@ -414,6 +419,9 @@ def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
     opt_state = opt.state_dict()
     opt_state["state"] = {i: {k: (_full(v) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
                           for i, s in opt_state["state"].items()}
+    ema_state = None
+    if ema is not None:   # gathered on every rank (a collective under FSDP)
+        ema_state = {"decay": ema.decay, "shadow": {n: _full(v) for n, v in ema.shadow.items()}}
     rngs = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, ck.rng_state())
@@ -422,7 +430,7 @@ def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
     if rank == 0:
         state = {"step": step, "samples_seen": step * r.global_batch, "global_batch": r.global_batch,
                  "stage": r.stage, "trainable": trainable, "optimizer": opt_state, "scheduler": sched.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None, "rng": rngs,
+                 "ema": ema_state, "rng": rngs,
                  "config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dc.cfg.to_dict())}
         ck.atomic_save(state, ck.checkpoint_path(r.run_dir, step), step=step)
         ck.prune(r.run_dir, r.keep_last)
@@ -458,7 +466,14 @@ def restore(state, named, opt, sched, ema, rank, world) -> None:
     if ema is not None:
         if state["ema"] is None:
             raise ValueError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
-        ema.load_state_dict(state["ema"])
+        shadow = {}
+        for n, v in state["ema"]["shadow"].items():
+            target = ema.shadow[n]
+            if hasattr(target, "full_tensor"):
+                from torch.distributed.tensor import distribute_tensor
+                v = distribute_tensor(v.to(target.dtype), target.device_mesh, target.placements)
+            shadow[n] = v
+        ema.load_state_dict({"decay": state["ema"]["decay"], "shadow": shadow})
     rngs = state["rng"]
     ck.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
 
