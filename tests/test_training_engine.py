@@ -181,7 +181,9 @@ def test_fsdp_two_process_matches_and_resumes_across_world_sizes(tmp_path, data)
     single, fsdp, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "resumed"
     common = ["run.max_steps=3", "run.save_every=2", "run.keep_last=5", "run.ema_decay=0.9"]
     train(single, data, *common)
-    train(fsdp, data, *common, "run.distributed=fsdp", nproc=2)
+    train(fsdp, data, *common, "run.distributed=fsdp", "eval.every=3", "eval.prompts=[a red circle moves up]",
+          "eval.steps=2", nproc=2)
+    assert os.listdir(fsdp / "samples") == ["step_00000003_0.mp4"]      # sampled by all ranks, written by rank 0
     la = [json.loads(x)["loss"] for x in open(single / "log.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(fsdp / "log.jsonl")]
     assert la == pytest.approx(lb, rel=1e-5)

@@ -178,7 +178,7 @@ class _ImageOnly:
 
 
 @torch.no_grad()
-def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device) -> list[str]:
+def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool = True) -> list[str]:
     """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
     import dynamicrafter
     from dynamicrafter.video import load_image, save_video
@@ -218,8 +218,9 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device) -> list[str]
                                         generator=g)
         video = dc.decode(lat)[0]
         path = os.path.join(cfg.run.run_dir, "samples", f"step_{step:08d}_{i}.mp4")
-        save_video(video.cpu(), path, fps=e.fps)
-        out.append(path)
+        if write:
+            save_video(video.cpu(), path, fps=e.fps)
+            out.append(path)
     return out
 
 
@@ -367,12 +368,15 @@ def run(cfg: TrainConfig) -> dict:
                 window_t, window_samples = now, 0
         if step % r.save_every == 0 or step == r.max_steps:
             save(cfg, dc, named, opt, sched, ema, step, rank, world)
-        if cfg.eval.every and cfg.eval.prompts and step % cfg.eval.every == 0 and is_main:
+        sharded = world > 1 and r.distributed == "fsdp"
+        if cfg.eval.every and cfg.eval.prompts and step % cfg.eval.every == 0 and (is_main or sharded):
+            # under FSDP every rank runs the sampler (the UNet's shards are gathered collectively)
             dc.eval()
             with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                paths = sample_videos(dc, cfg, dataset, step, device)
+                paths = sample_videos(dc, cfg, dataset, step, device, write=is_main)
             train_mode(dc)
-            jsonl.write({"step": step, "samples": paths})
+            if is_main:
+                jsonl.write({"step": step, "samples": paths})
 
     export_path = None
     if r.export_at_end:
