@@ -451,3 +451,33 @@ def test_decoded_frames_feed_core_savers(comfy, saver, inputs, suffix):
     files = [i for o in result["outputs"].values() for i in o.get("images", [])]
     assert files and files[0]["filename"].endswith(suffix), result["outputs"]
     assert (comfy.output_dir / files[0].get("subfolder", "") / files[0]["filename"]).stat().st_size > 0
+
+
+def test_pruned_model_with_core_vae_loader(comfy, comfy_base, tiny_ckpt):
+    """A pruned file gives only MODEL; the VAE then comes from core VAELoader (an SD KL-f8 VAE)."""
+    import dynamicrafter
+    from safetensors.torch import load_file, save_file
+    from tiny_sd import write_tiny_sd15
+    sd_path = write_tiny_sd15(comfy_base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    vae_path = comfy_base / "models" / "vae" / "sd_vae_random.safetensors"
+    if not vae_path.exists():
+        full = load_file(str(sd_path))
+        save_file({k[len("first_stage_model."):]: v for k, v in full.items() if k.startswith("first_stage_model.")},
+                  str(vae_path))
+    pruned = comfy_base / "models" / "diffusion_models" / "dc_tiny_pruned.safetensors"
+    if not pruned.exists():
+        dynamicrafter.save_checkpoint(dynamicrafter.load_model(str(tiny_ckpt)), pruned,
+                                      parts=("model.diffusion_model.", "image_proj_model."))
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2)
+    loader_id = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterLoader")
+    prompt["801"] = {"class_type": "DynamiCrafterLoader",
+                     "inputs": {"ckpt_name": pruned.name, "dtype": "fp32", "variant": "auto"}}
+    prompt["802"] = {"class_type": "VAELoader", "inputs": {"vae_name": vae_path.name}}
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] == loader_id and value[1] == 0:
+                node["inputs"][name] = ["801", 0]
+            if isinstance(value, list) and value[0] == loader_id and value[1] == 3:
+                node["inputs"][name] = ["802", 0]
+    video = run_and_get_video(comfy, prompt)
+    assert count_frames(video) == T
