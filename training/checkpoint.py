@@ -106,7 +106,8 @@ def remove_stale_temporaries(run_dir: str) -> list[str]:
 
 
 def load_checkpoint(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # mmap: processes on one node share the page cache instead of each holding a copy
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def load_latest(run_dir: str) -> Optional[dict]:

@@ -354,7 +354,8 @@ def run(cfg: TrainConfig) -> dict:
         if is_main:
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
+                                clips_per_s=f"{window_samples / max(time.time() - window_t, 1e-9):.2f}")
             if step % r.log_every == 0 or step == r.max_steps:
                 now = time.time()
                 rec = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
