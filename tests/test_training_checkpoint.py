@@ -29,7 +29,7 @@ def test_yaml_toml_and_overrides(tmp_path):
         cfg.accumulation(world=3)
     t = tmp_path / "run.toml"
     t.write_text('[model]\ntiny = true\n[run]\nstage = 2\nprecision = "bf16"\n')
-    cfg2 = load_config(str(t))
+    cfg2 = load_config(str(t), ["data.csv=x.csv"])
     assert cfg2.run.stage == 2 and cfg2.run.precision == "bf16"
     assert TrainConfig.from_dict(cfg2.to_dict()).to_dict() == cfg2.to_dict()
 
@@ -44,12 +44,14 @@ def test_yaml_toml_and_overrides(tmp_path):
 ])
 def test_bad_config_is_explained(override, match):
     with pytest.raises(ValueError, match=match):
-        load_config(None, ["model.tiny=true", override])
+        load_config(None, ["model.tiny=true", "data.csv=x.csv", override])
 
 
-def test_config_needs_a_model():
+def test_config_needs_a_model_and_data():
     with pytest.raises(ValueError, match="model.init"):
-        load_config(None, [])
+        load_config(None, ["data.csv=x.csv"])
+    with pytest.raises(ValueError, match="set data.csv"):
+        load_config(None, ["model.tiny=true"])
 
 
 def test_atomic_save_keep_last_and_latest(tmp_path):
@@ -127,8 +129,8 @@ def test_eight_bit_adam_needs_bitsandbytes_and_says_so(monkeypatch):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_bnb)
-    cfg = load_config(None, ["model.tiny=true", "optim.name=adamw8bit"])
+    cfg = load_config(None, ["model.tiny=true", "data.csv=x.csv", "optim.name=adamw8bit"])
     with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
         make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
-    plain = make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["model.tiny=true"]))
+    plain = make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["model.tiny=true", "data.csv=x.csv"]))
     assert isinstance(plain, torch.optim.AdamW)

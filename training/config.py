@@ -144,6 +144,8 @@ class TrainConfig:
             raise ValueError("run.interp_prob must be in [0, 1]")
         if self.model.image_kv_init not in ("copy_text", "random"):
             raise ValueError("model.image_kv_init must be copy_text or random")
+        if not self.data.csv:
+            raise ValueError("set data.csv: the CSV listing the training videos (video,caption or videoid,name,page_dir)")
         if not self.model.init and not self.model.tiny:
             raise ValueError("set model.init (a checkpoint to start from) or model.tiny=true")
 
