@@ -23,6 +23,7 @@ def official_clip_preprocess(signed: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+@torch.no_grad()
 def clip_tokens(clip_vision, signed: torch.Tensor) -> torch.Tensor:
     """All tokens of the last vision block (no post-layernorm, no projection): (n, 1+grid^2, D)."""
     comfy.model_management.load_model_gpu(clip_vision.patcher)

@@ -38,6 +38,7 @@ def check_size(width: int, height: int) -> None:
                          f"{max(64, round(width / 64) * 64)}x{max(64, round(height / 64) * 64)}")
 
 
+@torch.no_grad()
 def build_conditioning(positive, negative, vae, image_context, start_image, width, height, frames,
                        batch_size, fs, mode, end_image=None):
     if vae is None:

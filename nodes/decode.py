@@ -9,6 +9,7 @@ import comfy.utils
 TRIM = ["auto", "keep all frames", "drop last frame"]
 
 
+@torch.no_grad()
 def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto") -> torch.Tensor:
     if vae is None:
         raise ValueError("no VAE connected: this checkpoint has none (pruned file); load the SD KL-f8 VAE "

@@ -11,6 +11,7 @@ from .comfy_model import require_dynamicrafter_model
 IMAGE_CONTEXT_TYPE = "DYNAMICRAFTER_IMAGE_CONTEXT"
 
 
+@torch.no_grad()
 def resample_context(model, clip_tokens: dict) -> dict:
     inner = require_dynamicrafter_model(model, "Context Resampler")
     res = inner.image_proj_model

@@ -68,6 +68,7 @@ def prepare_inputs(inner, positive, negative, latent):
     return cond, uncond, uncond_img, concat, fs
 
 
+@torch.no_grad()
 def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
              x_T: torch.Tensor | None = None, previews: bool = True):
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
