@@ -118,6 +118,29 @@ def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = N
     return model.eval().requires_grad_(False)
 
 
+def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = EXTRA_PREFIXES) -> int:
+    """Replace parts of a (tiny, random) model with tensors from other files, e.g. a VAE trained
+    by training.vae (prefix first_stage_model.). Shapes must match the model's."""
+    own = dc.state_dict()
+    loaded = {}
+    for path in extras:
+        extra, _ = read_state_dict(path)
+        for k, v in extra.items():
+            if not k.startswith(tuple(prefixes)):
+                continue
+            if k not in own:
+                raise InitError(f"{path}: tensor {k} is not part of this model; do the sizes in "
+                                "model.tiny_overrides match the file?")
+            if own[k].shape != v.shape:
+                raise InitError(f"{path}: {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}; "
+                                "match model.tiny_overrides to the file")
+            loaded[k] = v.to(own[k].dtype)
+    if not loaded and list(extras):
+        raise InitError(f"none of {list(extras)} holds tensors under {list(prefixes)}")
+    dc.load_state_dict(loaded, strict=False)
+    return len(loaded)
+
+
 def sync_config(dc: DynamiCrafter) -> None:
     """Keep dc.cfg in step with the UNet after growing its input conv."""
     if dc.cfg.unet != dc.unet.cfg:

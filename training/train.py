@@ -25,7 +25,7 @@ from training import checkpoint as ck
 from training.config import TrainConfig, load_config
 from training.data import StreamSampler, collate, make_dataset
 from training.modeling import (DTYPES, EMA, build_tiny, cast_frozen, enable_gradient_checkpointing,
-                               export_safetensors, load_init, sync_config)
+                               export_safetensors, load_init, overlay_extras, sync_config)
 from training.stages import (StageSettings, apply_trainable, prepare_model_for_stage, sample_generator,
                              stage_loss, trainable_names)
 
@@ -128,6 +128,8 @@ def build_model(cfg: TrainConfig):
         if m.variant:
             overrides["variant"] = {**overrides.get("variant", {}), **m.variant}
         dc = build_tiny(frames, r.seed, overrides)
+        if m.init_extra:
+            overlay_extras(dc, m.init_extra, tuple(m.init_extra_prefixes))
     else:
         dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=frames, image_kv_init=m.image_kv_init,
                        extra_prefixes=tuple(m.init_extra_prefixes))
