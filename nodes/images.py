@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-import comfy.utils
 
 
 def check_finite(image: torch.Tensor, name: str) -> None:
@@ -29,10 +28,17 @@ def images_to_signed(image: torch.Tensor) -> torch.Tensor:
 
 
 def resize_center(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Scale the shorter side to fit and centre-crop to width x height (like the official
-    Resize(min side) + CenterCrop); a no-op when the size already matches."""
+    """Scale (bilinear with antialiasing, like torchvision's Resize) so the image covers
+    width x height, then centre-crop; a no-op when the size already matches.  (The official
+    Resize(min side) + CenterCrop pads with black when the aspect ratios differ; covering and
+    cropping keeps the picture full.)"""
     image = rgb(image)
-    if image.shape[1] == height and image.shape[2] == width:
+    h, w = image.shape[1], image.shape[2]
+    if h == height and w == width:
         return image
-    s = comfy.utils.common_upscale(image.movedim(-1, 1), width, height, "bilinear", "center")
-    return s.movedim(1, -1)
+    scale = max(width / w, height / h)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    x = torch.nn.functional.interpolate(image.movedim(-1, 1).float(), size=(nh, nw), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return x[:, :, top:top + height, left:left + width].clamp(0, 1).movedim(1, -1)

@@ -481,3 +481,16 @@ def test_pruned_model_with_core_vae_loader(comfy, comfy_base, tiny_ckpt):
                 node["inputs"][name] = ["802", 0]
     video = run_and_get_video(comfy, prompt)
     assert count_frames(video) == T
+
+
+def test_start_image_of_another_size_is_covered_and_centre_cropped(comfy):
+    from nodes_pack_access import pack
+    img = torch.zeros(1, 100, 100, 3)
+    img[:, 45:55, 45:55] = 1.0                     # a white square in the middle
+    out = pack("images").resize_center(img, W, H)
+    assert out.shape == (1, H, W, 3)
+    assert out[0, H // 2, W // 2].min() > 0.9 and out[0, 0, 0].max() < 0.05
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2,
+                         sets=['DynamiCrafterImageConditioning.width=64', 'DynamiCrafterImageConditioning.height=128'])
+    video = run_and_get_video(comfy, prompt)     # a 128x64 input animated as a 64x128 portrait video
+    assert count_frames(video) == T
