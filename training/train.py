@@ -284,6 +284,12 @@ def run(cfg: TrainConfig) -> dict:
 
     step = 0
     state = ck.load_latest(r.run_dir)
+    if world > 1:   # every process must resume from the same checkpoint
+        found = [None] * world
+        dist.all_gather_object(found, None if state is None else state["step"])
+        if len(set(found)) != 1:
+            raise RuntimeError(f"processes see different checkpoints in {r.run_dir} (steps {found}): run_dir must "
+                               "be on a filesystem shared by every node")
     if state is not None:
         if state["global_batch"] != r.global_batch:
             raise ValueError(f"{state['path']} was trained with global_batch={state['global_batch']}; resuming "
