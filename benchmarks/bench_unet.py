@@ -116,6 +116,7 @@ def main():
     print(f"forward: {fwd:.1f}s, {flops / fwd / 1e9:.1f} GFLOP/s = {flops / fwd / 1e9 / gflops_mm:.0%} of matmul; "
           f"peak RSS {fwd_peak / GIB:.2f} GiB, activations {(fwd_peak - base) / GIB:.2f} GiB")
 
+    fwd_act = fwd_peak - base
     if not args.skip_cfg:
         base = rss_bytes()
         reset_peak_rss()
@@ -129,7 +130,7 @@ def main():
                    cfg_step_activation_gib=(step_peak - base) / GIB)
         print(f"dual-CFG DDIM step (3 branches): {step:.1f}s = {step / fwd:.2f}x forward; peak RSS "
               f"{step_peak / GIB:.2f} GiB, activations {(step_peak - base) / GIB:.2f} GiB "
-              f"= {(step_peak - base) / max(fwd_peak - base, 1):.2f}x forward")
+              f"= {(step_peak - base) / max(fwd_act, 1):.2f}x forward")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -1,8 +1,9 @@
 """DDIM with single / dual classifier-free guidance and guidance rescale (MODEL-SPEC §8-9).
 
 `denoise(x_t, t, context)` is the only model access: everything else is the math of one step.
-The guidance branches (cond, uncond, uncond_img) run as one batched call; that is the same
-computation as the official separate calls, in fewer passes.
+The guidance branches (cond, uncond, uncond_img) run as one UNet call on one x_t with stacked
+contexts: the same computation as the official separate calls, with the layers before the first
+cross-attention shared.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from .config import TEXT_CONTEXT_LEN
 from .schedule import ddim_timesteps
 
+# denoise(x_t (b, ...), t (b,), contexts (k*b, L, C)) -> (k*b, ...): k guidance branches on one x_t
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -27,9 +29,8 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
                   cfg_img: Optional[float], guidance_rescale: float) -> torch.Tensor:
     """contexts = [cond] (no guidance), [cond, uncond] (single CFG) or
     [cond, uncond, uncond_img] (dual CFG: uncond_img = empty text + the real image tokens)."""
-    k = len(contexts)
-    b = x.shape[0]
-    outs = denoise(x.repeat(k, *[1] * (x.ndim - 1)), t.repeat(k), torch.cat(list(contexts))).split(b)
+    outs = denoise(x, t, torch.cat(list(contexts))).split(x.shape[0])
+    k = len(outs)
     if k == 1:
         return outs[0]
     if k == 2:
@@ -95,11 +96,9 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
         if uncond_img is not None or cfg_img is not None:
             contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
             cfg_img = cfg_text if cfg_img is None else cfg_img
-    k = len(contexts)
 
     def denoise(x, t, context):
-        return dc.denoise(x, t, context, None if concat is None else concat.repeat(k, 1, 1, 1, 1),
-                          None if fs_t is None else fs_t.repeat(k))
+        return dc.denoise(x, t, context, concat, fs_t)
 
     timesteps = ddim_timesteps(steps, spacing)
     ac = dc.alphas_cumprod.float().cpu()

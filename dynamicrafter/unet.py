@@ -243,12 +243,34 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+SLICE_ELEMENTS = 1 << 24   # inference: a block whose input is larger runs a few videos at a time
+
+
+def expand_batch(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Repeat rows shared by every guidance branch (branch-major) up to n rows."""
+    return x if x.shape[0] == n else x.repeat(n // x.shape[0], *[1] * (x.ndim - 1))
+
+
 class Block(nn.Sequential):
     """One entry of input_blocks / middle_block / output_blocks: routes each layer its inputs.
-    `frames=None` bypasses every temporal layer (stage-1 text-to-image training)."""
+    `frames=None` bypasses every temporal layer (stage-1 text-to-image training).
+    Without autograd, a large input is processed a few videos at a time (every layer works per
+    frame or per video, so this is exact): batched guidance branches then need no more
+    transient memory than one video does."""
 
-    def forward(self, x, emb, context, frames: Optional[int]):
-        for layer in self:
+    def forward(self, x, emb, context, frames: Optional[int], start: int = 0, stop: Optional[int] = None):
+        layers = list(self)[start:stop]
+        rows = frames or 1
+        videos = x.shape[0] // rows
+        if torch.is_grad_enabled() or videos == 1 or x.numel() <= SLICE_ELEMENTS:
+            return self._run(layers, x, emb, context, frames)
+        step = max(1, videos * SLICE_ELEMENTS // x.numel()) * rows
+        return torch.cat([self._run(layers, x[i:i + step], emb[i:i + step], context[i:i + step], frames)
+                          for i in range(0, x.shape[0], step)])
+
+    @staticmethod
+    def _run(layers, x, emb, context, frames):
+        for layer in layers:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb, frames)
             elif isinstance(layer, SpatialTransformer):
@@ -324,8 +346,13 @@ class UNet3D(nn.Module):
 
     def forward(self, x, timesteps, context, fs=None, temporal: bool = True, debug: Optional[dict] = None):
         """x (b, Cin, T, h, w) with any concat latent already appended; timesteps (b,);
-        context (b, L, C); fs (b,) or None for the default. Returns (b, Cout, T, h, w)."""
+        context (k*b, L, C); fs (b,) or None for the default. Returns (k*b, Cout, T, h, w).
+
+        k > 1 evaluates k contexts (guidance branches, branch-major) on the same x, t and fs:
+        the layers before the first cross-attention run once and are shared."""
         b, _, t, _, _ = x.shape
+        if context.shape[0] % b:
+            raise ValueError(f"context batch {context.shape[0]} is not a multiple of the latent batch {b}")
         emb = self.time_embed(timestep_embedding(timesteps.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
         if debug is not None:
             debug["time_embed"] = emb
@@ -338,12 +365,20 @@ class UNet3D(nn.Module):
             emb = emb + fs_emb
         emb = emb.repeat_interleave(t, dim=0)
         context = self.per_frame_context(context, t)
+        n = context.shape[0]        # k*b*T rows once the branches part
         frames = t if temporal else None
 
         h = rearrange(x, "b c t h w -> (b t) c h w")
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, frames)
+            if h.shape[0] == n:
+                h = block(h, expand_batch(emb, n), context, frames)
+            else:   # still shared: run up to the first cross-attention, then part the branches
+                cut = next((j for j, layer in enumerate(block) if isinstance(layer, SpatialTransformer)), len(block))
+                h = block(h, emb, context, frames, stop=cut)
+                if cut < len(block):
+                    emb, h = expand_batch(emb, n), expand_batch(h, n)
+                    h = block(h, emb, context, frames, start=cut)
             if debug is not None:
                 debug[f"input_blocks.{i:02d}"] = h
             if i == 0 and hasattr(self, "init_attn"):
@@ -351,14 +386,15 @@ class UNet3D(nn.Module):
                 if debug is not None:
                     debug["init_attn"] = h
             skips.append(h)
+        emb, h = expand_batch(emb, n), expand_batch(h, n)
         h = self.middle_block(h, emb, context, frames)
         if debug is not None:
             debug["middle_block"] = h
         for i, block in enumerate(self.output_blocks):
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, frames)
+            h = block(torch.cat([h, expand_batch(skips.pop(), n)], dim=1), emb, context, frames)
             if debug is not None:
                 debug[f"output_blocks.{i:02d}"] = h
-        return rearrange(self.out(h), "(b t) c h w -> b c t h w", b=b)
+        return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t)
 
 
 # ------------------------------------------------------------------------------------ training helpers
