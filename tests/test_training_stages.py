@@ -84,26 +84,23 @@ def test_gradients_reach_exactly_the_trainable_set(stage, clips):
 
 
 def test_stage1_bypasses_the_temporal_path(clips):
-    dc = tiny()
     batch = batch_of(clips, [0, 1])
-    st = StageSettings(stage=1, seed=0)
-    st2 = StageSettings(stage=2, seed=0)
-    temporal = temporal_param_names(dc)
-    with torch.no_grad():
-        before = stage_loss(dc, batch, st)
-        for n, p in dc.named_parameters():
-            if n in temporal:
-                p.add_(torch.randn_like(p))
-        after = stage_loss(dc, batch, st)
+
+    def loss_before_and_after_perturbing_temporal(stage):
+        dc = tiny()
+        temporal = temporal_param_names(dc)
+        st = StageSettings(stage=stage, seed=0)
+        with torch.no_grad():
+            before = stage_loss(dc, batch, st)
+            for n, p in dc.named_parameters():
+                if n in temporal:
+                    p.add_(torch.randn_like(p))
+            return before, stage_loss(dc, batch, st)
+
+    before, after = loss_before_and_after_perturbing_temporal(1)
     assert torch.equal(before, after)
-    dc2 = tiny()
-    with torch.no_grad():
-        a = stage_loss(dc2, batch, st2)
-        for n, p in dc2.named_parameters():
-            if n in temporal:
-                p.add_(torch.randn_like(p))
-        b = stage_loss(dc2, batch, st2)
-    assert not torch.equal(a, b), "stage 2 must use the temporal layers"
+    before, after = loss_before_and_after_perturbing_temporal(2)
+    assert not torch.equal(before, after), "stage 2 must use the temporal layers"
 
 
 def test_growth_4_to_8_keeps_outputs_at_step_0():
