@@ -242,6 +242,12 @@ def test_videocrafter_init_gets_the_image_stream(tmp_path, clips):
     kv = [m for m in dc.unet.modules() if hasattr(m, "to_k_ip")]
     assert kv and all(torch.equal(m.to_k_ip.weight, m.to_k.weight) and torch.equal(m.to_v_ip.weight, m.to_v.weight)
                       for m in kv)
+    # only the CLIP image tower from the extra file: a fresh Resampler of the matching sizes
+    fresh = load_init(str(vc_path), [str(donor_path)], frames=4, extra_prefixes=("embedder.",))
+    rc = fresh.image_proj_model.cfg
+    assert (rc.dim, rc.output_dim, rc.embedding_dim, rc.video_length) == (64, 64, 48, 4)
+    assert not torch.equal(fresh.image_proj_model.latents, donor.image_proj_model.latents)
+    assert torch.equal(fresh.embedder.model.visual.conv1.weight, donor.embedder.model.visual.conv1.weight)
     # and it trains stage 1 as is
     apply_trainable(dc, trainable_names(dc, 1))
     stage_loss(dc, batch_of(clips, [0], frames=1), StageSettings(stage=1, seed=0)).backward()
