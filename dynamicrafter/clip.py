@@ -8,9 +8,7 @@ checkpoint's sizes and no pretrained download; weights come from our checkpoint.
 from __future__ import annotations
 
 import kornia
-import open_clip
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from .config import ClipConfig
@@ -19,9 +17,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def build_open_clip(cfg: ClipConfig, keep: str) -> CLIP:
+def build_open_clip(cfg: ClipConfig, keep: str):
     """An open_clip CLIP of these sizes; keep='text' drops the vision tower (official text
     encoder), keep='vision' drops the text transformer (official image embedder)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg   # imported when first needed (~5 s)
     vision = CLIPVisionCfg(layers=max(cfg.vision_layers, 1), width=cfg.vision_width,
                            head_width=cfg.vision_width // cfg.vision_heads, patch_size=cfg.patch_size,
                            image_size=cfg.image_size, mlp_ratio=cfg.mlp_ratio)
@@ -46,6 +45,7 @@ class TextEncoder(nn.Module):
 
     @staticmethod
     def tokenize(prompts: list[str]) -> torch.Tensor:
+        import open_clip
         return open_clip.tokenize(prompts)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ checkpoint layout and loads/saves with no key mapping. Pruned files leave parts 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ from .clip import ImageEncoder, TextEncoder
 from .config import ModelConfig
 from .resampler import Resampler
 from .schedule import schedule_buffers
-from .unet import UNet3D
+from .unet import UNet3D, grow_input_channels
 from .vae import AutoencoderKL, posterior_sample
 
 
@@ -97,10 +98,11 @@ class DynamiCrafter(nn.Module):
         return torch.cat([vae.moments(x.to(self.device, dt)).float() for x in images.split(frames_per_batch)])
 
     def encode_first_stage(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None,
-                           generator: Optional[torch.Generator] = None, sample: bool = True) -> torch.Tensor:
+                           generator: Optional[torch.Generator] = None, sample: bool = True,
+                           frames_per_batch: int = 1) -> torch.Tensor:
         """Scaled latents 0.18215 * z with z sampled from the posterior (as the official encode),
         or its mean with sample=False."""
-        moments = self.vae_moments(images)
+        moments = self.vae_moments(images, frames_per_batch)
         z = posterior_sample(moments, noise, generator) if sample else moments.chunk(2, dim=1)[0]
         return self.scale_factor * z
 
@@ -112,6 +114,11 @@ class DynamiCrafter(nn.Module):
         dt = self._dtype_of(vae)
         frames = torch.cat([vae.decode(part.to(self.device, dt)).float() for part in z.split(frames_per_batch)])
         return frames.unflatten(0, (b, t)).transpose(1, 2)
+
+    def grow_input_channels(self, in_channels: int) -> None:
+        """Widen the UNet input (4 -> 8 for the image-concat stage), new weights zero."""
+        grow_input_channels(self.unet, in_channels)
+        self.cfg = dataclasses.replace(self.cfg, unet=self.unet.cfg)
 
     # ------------------------------------------------------------------ UNet
     def denoise(self, x_t: torch.Tensor, t, context: torch.Tensor, concat: Optional[torch.Tensor] = None,

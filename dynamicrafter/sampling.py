@@ -63,7 +63,9 @@ def ddim_step(x, out, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, parameterization,
         x0 = (x - torch.sqrt(1.0 - a_t) * eps) / a_t.sqrt()
     if x0_factor is not None:
         x0 = x0 * x0_factor
-    direction = (1.0 - a_prev - sigma ** 2).sqrt() * eps
+    # clamp: with zero-SNR and eta=1 the first step's 1 - a_prev - sigma^2 is 0 exactly and can
+    # round to -1 ulp in float32 (the official code then yields NaN); elsewhere this is a no-op
+    direction = (1.0 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
     x_prev = a_prev.sqrt() * (x0 if prev_factor is None else prev_factor * x0) + direction
     if noise is not None:
         x_prev = x_prev + sigma * noise

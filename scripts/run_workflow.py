@@ -41,9 +41,17 @@ def _parse_value(text: str):
 
 def prepare_prompt(workflow: dict, node_classes: dict, ckpt_name: str | None = None,
                    image_names: list[str] | None = None, width: int | None = None, height: int | None = None,
-                   frames: int | None = None, steps: int | None = None, sets: list[str] | None = None) -> dict:
-    """The workflow as an API prompt with the given files and sizes swapped in."""
+                   frames: int | None = None, steps: int | None = None, sets: list[str] | None = None,
+                   text: str | None = None) -> dict:
+    """The workflow as an API prompt with the given files, sizes and prompt text swapped in."""
     prompt = ui_to_api(workflow, node_classes)
+    if text is not None:   # the text encoders titled "Prompt" (the negatives are titled otherwise)
+        targets = [n for n in prompt.values()
+                   if n["class_type"] == "CLIPTextEncode" and n.get("_meta", {}).get("title") == "Prompt"]
+        if not targets:
+            raise ValueError("--prompt: the workflow has no CLIPTextEncode node titled 'Prompt'")
+        for n in targets:
+            n["inputs"]["text"] = text
     loads = sorted((k for k, v in prompt.items() if v["class_type"] == "LoadImage"), key=int)
     for i, k in enumerate(loads):
         if image_names:
@@ -96,6 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--height", type=int)
     ap.add_argument("--frames", type=int)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--prompt", help="text of the workflow's 'Prompt' node(s)")
     ap.add_argument("--set", action="append", default=[], metavar="TYPE.INPUT=VALUE")
     ap.add_argument("--base", help="ComfyUI base directory to use (default: a temporary one)")
     ap.add_argument("--gpu", action="store_true", help="let ComfyUI use the GPU (default: --cpu)")
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
     rt = comfy_runtime.InProcessComfy(base, extra_args={} if not args.gpu else {"cpu": False})
     try:
         prompt = prepare_prompt(load_workflow(args.workflow), rt.node_classes, ckpt.name, names, args.width,
-                                args.height, args.frames, args.steps, args.set)
+                                args.height, args.frames, args.steps, args.set, args.prompt)
         result = rt.run(prompt)
     except (comfy_runtime.PromptFailed, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
