@@ -126,6 +126,13 @@ def loaded(comfy, tiny_ckpt):
     return model, clip, cv, vae
 
 
+@pytest.fixture(scope="module")
+def lib_model(tiny_ckpt):
+    """The library's own model from the same file (never handed to ComfyUI, so never modified)."""
+    import dynamicrafter
+    return dynamicrafter.load_model(str(tiny_ckpt))
+
+
 def _i2v_inputs(comfy, loaded, comfy_reference, mode="image-to-video"):
     from nodes_pack_access import pack, load_input_image
     model, clip, cv, vae = loaded
@@ -140,7 +147,7 @@ def _i2v_inputs(comfy, loaded, comfy_reference, mode="image-to-video"):
     return p, n, io, latent, tokens, ctx, image, prompt
 
 
-def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_reference):
+def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_reference, lib_model):
     import comfy.sample as comfy_sample
     import dynamicrafter
     from nodes_pack_access import pack
@@ -150,7 +157,7 @@ def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_re
     node_out = pack("sampler").DynamiCrafterDDIMSampler().sample(
         model, p, n, latent, seed, steps, 7.5, 1.5, 0.0, 0.7, "auto")[0]["samples"]
 
-    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    dc = lib_model
     text_p, text_n = p[0][0], n[0][0]
     img_c, img_u = p[0][1]["dc_image_context"], n[0][1]["dc_image_context"]
     cond = torch.cat([text_p, img_c], 1)
@@ -166,11 +173,11 @@ def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_re
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), float((ours - ref).abs().max())
 
 
-def test_comfy_side_encoders_match_library(comfy, loaded, tiny_ckpt, comfy_reference):
+def test_comfy_side_encoders_match_library(comfy, loaded, tiny_ckpt, comfy_reference, lib_model):
     """The CLIP / CLIP_VISION / VAE the loader hands to ComfyUI compute what the library computes."""
     import dynamicrafter
     p, n, io, latent, tokens, ctx, image, prompt = _i2v_inputs(comfy, loaded, comfy_reference)
-    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    dc = lib_model
     ref_text = dc.encode_text([prompt])
     assert torch.allclose(p[0][0], ref_text, atol=1e-4), float((p[0][0] - ref_text).abs().max())
     signed = image.movedim(-1, 1) * 2 - 1
@@ -374,10 +381,10 @@ def test_batch_of_videos(comfy):
     assert count_frames(video) == 2 * T      # the two videos one after the other
 
 
-def test_pruned_file_loads_from_diffusion_models(comfy, comfy_base, tiny_ckpt):
+def test_pruned_file_loads_from_diffusion_models(comfy, comfy_base, tiny_ckpt, lib_model):
     import dynamicrafter
     from nodes_pack_access import pack
-    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    dc = lib_model
     path = comfy_base / "models" / "diffusion_models" / "dc_tiny_pruned_fp16.safetensors"
     dynamicrafter.save_checkpoint(dc, path, dtype=torch.float16, parts=("model.diffusion_model.", "image_proj_model."))
     model, clip, cv, vae = pack("loader").DynamiCrafterLoader().load(path.name, "fp32", "auto")
@@ -403,7 +410,7 @@ def test_half_precision_model_samples_close_to_fp32(comfy, loaded, comfy_referen
     assert rel < 0.1, rel
 
 
-def test_core_sampler_path_denoises_like_the_library(comfy, loaded, tiny_ckpt, comfy_reference):
+def test_core_sampler_path_denoises_like_the_library(comfy, loaded, tiny_ckpt, comfy_reference, lib_model):
     """What KSampler / SamplerCustomAdvanced call (BaseModel.extra_conds + apply_model at a sigma)
     equals the library's x0 prediction at the matching DDPM timestep: v-prediction, the zero-SNR
     schedule, the concat latent, the [text | image] context and fs are all wired as in the model."""
@@ -415,7 +422,7 @@ def test_core_sampler_path_denoises_like_the_library(comfy, loaded, tiny_ckpt, c
     c_concat = conds["c_concat"].cond
     c_cross = conds["c_crossattn"].cond
     fs = conds["fs"].cond
-    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    dc = lib_model
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(latent["samples"].shape, generator=g)
     eps = torch.randn(latent["samples"].shape, generator=g)
@@ -453,7 +460,7 @@ def test_decoded_frames_feed_core_savers(comfy, saver, inputs, suffix):
     assert (comfy.output_dir / files[0].get("subfolder", "") / files[0]["filename"]).stat().st_size > 0
 
 
-def test_pruned_model_with_core_vae_loader(comfy, comfy_base, tiny_ckpt):
+def test_pruned_model_with_core_vae_loader(comfy, comfy_base, tiny_ckpt, lib_model):
     """A pruned file gives only MODEL; the VAE then comes from core VAELoader (an SD KL-f8 VAE)."""
     import dynamicrafter
     from safetensors.torch import load_file, save_file
@@ -466,7 +473,7 @@ def test_pruned_model_with_core_vae_loader(comfy, comfy_base, tiny_ckpt):
                   str(vae_path))
     pruned = comfy_base / "models" / "diffusion_models" / "dc_tiny_pruned.safetensors"
     if not pruned.exists():
-        dynamicrafter.save_checkpoint(dynamicrafter.load_model(str(tiny_ckpt)), pruned,
+        dynamicrafter.save_checkpoint(lib_model, pruned,
                                       parts=("model.diffusion_model.", "image_proj_model."))
     prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2)
     loader_id = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterLoader")
