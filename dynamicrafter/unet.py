@@ -251,6 +251,13 @@ def expand_batch(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if x.shape[0] == n else x.repeat(n // x.shape[0], *[1] * (x.ndim - 1))
 
 
+def _shared_rows(t: torch.Tensor, i: int, step: int, n: int) -> torch.Tensor:
+    """Rows i..i+step of `t` broadcast branch-major to n rows, without materialising the broadcast
+    when the slice lies inside one copy."""
+    j = i % t.shape[0]
+    return t[j:j + step] if j + step <= t.shape[0] else expand_batch(t, n)[i:i + step]
+
+
 class Block(nn.Sequential):
     """One entry of input_blocks / middle_block / output_blocks: routes each layer its inputs.
     `frames=None` bypasses every temporal layer (stage-1 text-to-image training).
@@ -258,15 +265,24 @@ class Block(nn.Sequential):
     frame or per video, so this is exact): batched guidance branches then need no more
     transient memory than one video does."""
 
-    def forward(self, x, emb, context, frames: Optional[int], start: int = 0, stop: Optional[int] = None):
+    def forward(self, x, emb, context, frames: Optional[int], start: int = 0, stop: Optional[int] = None,
+                skip: Optional[torch.Tensor] = None):
+        """Run layers [start:stop). `skip` (output blocks) is concatenated to x along channels,
+        slice by slice, so the concatenation never exists for the whole batch at once."""
         layers = list(self)[start:stop]
         rows = frames or 1
-        videos = x.shape[0] // rows
-        if torch.is_grad_enabled() or videos == 1 or x.numel() <= SLICE_ELEMENTS:
+        n = x.shape[0]
+        size = x.numel() + (0 if skip is None else skip[0].numel() * n)
+        if torch.is_grad_enabled() or n == rows or size <= SLICE_ELEMENTS:
+            if skip is not None:
+                x = torch.cat([x, expand_batch(skip, n)], dim=1)
             return self._run(layers, x, emb, context, frames)
-        step = max(1, videos * SLICE_ELEMENTS // x.numel()) * rows
-        return torch.cat([self._run(layers, x[i:i + step], emb[i:i + step], context[i:i + step], frames)
-                          for i in range(0, x.shape[0], step)])
+        step = max(1, (n // rows) * SLICE_ELEMENTS // size) * rows
+        outs = []
+        for i in range(0, n, step):
+            xi = x[i:i + step] if skip is None else torch.cat([x[i:i + step], _shared_rows(skip, i, step, n)], dim=1)
+            outs.append(self._run(layers, xi, emb[i:i + step], context[i:i + step], frames))
+        return torch.cat(outs)
 
     @staticmethod
     def _run(layers, x, emb, context, frames):
@@ -391,7 +407,7 @@ class UNet3D(nn.Module):
         if debug is not None:
             debug["middle_block"] = h
         for i, block in enumerate(self.output_blocks):
-            h = block(torch.cat([h, expand_batch(skips.pop(), n)], dim=1), emb, context, frames)
+            h = block(h, emb, context, frames, skip=skips.pop())
             if debug is not None:
                 debug[f"output_blocks.{i:02d}"] = h
         return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t)
