@@ -48,8 +48,13 @@ def prepare_prompt(workflow: dict, node_classes: dict, ckpt_name: str | None = N
     if text is not None:   # the text encoders titled "Prompt" (the negatives are titled otherwise)
         targets = [n for n in prompt.values()
                    if n["class_type"] == "CLIPTextEncode" and n.get("_meta", {}).get("title") == "Prompt"]
+        if not targets:   # else: the text encoders feeding a DynamiCrafter node's positive input
+            feeding = {v["inputs"]["positive"][0] for v in prompt.values()
+                       if v["class_type"].startswith("DynamiCrafter") and isinstance(v["inputs"].get("positive"), list)}
+            targets = [prompt[k] for k in sorted(feeding) if prompt[k]["class_type"] == "CLIPTextEncode"]
         if not targets:
-            raise ValueError("--prompt: the workflow has no CLIPTextEncode node titled 'Prompt'")
+            raise ValueError("--prompt: no CLIPTextEncode titled 'Prompt' or feeding a DynamiCrafter node's "
+                             "positive input in this workflow")
         for n in targets:
             n["inputs"]["text"] = text
     loads = sorted((k for k, v in prompt.items() if v["class_type"] == "LoadImage"), key=int)

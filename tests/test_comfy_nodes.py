@@ -501,3 +501,11 @@ def test_start_image_of_another_size_is_covered_and_centre_cropped(comfy):
                          sets=['DynamiCrafterImageConditioning.width=64', 'DynamiCrafterImageConditioning.height=128'])
     video = run_and_get_video(comfy, prompt)     # a 128x64 input animated as a 64x128 portrait video
     assert count_frames(video) == T
+
+
+def test_run_workflow_prompt_option_targets_the_positive_text(comfy):
+    for name in ("dynamicrafter_image_to_video.json", "dynamicrafter_long_video.json",
+                 "videocrafter_text_to_video.json", "dynamicrafter_image_to_video_ksampler.json"):
+        prompt = prepare_prompt(load_workflow(WORKFLOWS / name), comfy.node_classes, text="a dancing robot")
+        texts = [v["inputs"]["text"] for v in prompt.values() if v["class_type"] == "CLIPTextEncode"]
+        assert texts.count("a dancing robot") == 1 and "" in texts, (name, texts)
