@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Reproduces the bundled demo model (assets/demo/dynamicrafter_demo.safetensors) from scratch
+# with this repository's trainer: synthetic clips -> small VAE -> stage 1 -> 2 -> 3 -> fp16 export
+# -> held-out evaluation. Everything is seeded; on 2 shared CPU cores it takes about 40 minutes.
+#
+#   bash training/demo/train_demo.sh            # whole chain, then evaluate
+#   S3_STEPS=2000 bash training/demo/train_demo.sh   # longer stage 3
+#
+# Intermediate data lives in data/demo/ and runs/demo/ (git-ignored). A finished stage is not
+# rerun (its model.safetensors exists); an interrupted one resumes from its last checkpoint.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+PY="${PY:-.venv/bin/python}"
+S1_STEPS="${S1_STEPS:-20}" S2_STEPS="${S2_STEPS:-30}" S3_STEPS="${S3_STEPS:-1200}" VAE_STEPS="${VAE_STEPS:-400}"
+OUT="assets/demo/dynamicrafter_demo.safetensors"
+log() { echo "[train_demo $(date +%H:%M:%S)] $*"; }
+
+# 1. data: 800 training clips and 96 held-out clips (different seeds), 64x64, 8 frames at 24 fps
+#    (the trainer conditions on fs = fps = 24, the workflow's default)
+if [[ ! -f data/demo/train/captions.csv ]]; then
+    log "synthetic data"
+    "$PY" -m training.synthetic --out data/demo/train --n 800 --size 64 --frames 8 --fps 24 --seed 1000
+fi
+if [[ ! -f data/demo/heldout/captions.csv ]]; then
+    "$PY" -m training.synthetic --out data/demo/heldout --n 96 --size 64 --frames 8 --fps 24 --seed 2000
+fi
+
+# 2. the small KL-f8 VAE (64x64 frames -> 4x8x8 latents)
+if [[ ! -f runs/demo/vae.safetensors ]]; then
+    log "VAE ($VAE_STEPS steps)"
+    "$PY" -m training.vae --csv data/demo/train/captions.csv --out runs/demo/vae.safetensors --size 64 \
+        --steps "$VAE_STEPS" --batch 8 --lr 6e-4 --vae '{"ch": 32, "ch_mult": [1,1,1,1], "num_res_blocks": 1}'
+fi
+
+# 3. the three stages (stage 1 builds the random tiny model: CLIP towers frozen at seed 0)
+for s in 1 2 3; do
+    steps_var="S${s}_STEPS"
+    if [[ ! -f "runs/demo/stage$s/model.safetensors" ]]; then
+        log "stage $s (${!steps_var} steps)"
+        "$PY" -m training.train "training/configs/demo_stage$s.yaml" "run.max_steps=${!steps_var}"
+    fi
+done
+
+# 4. fp16 export (EMA weights) for the node pack, its config in the file's metadata
+mkdir -p assets/demo
+"$PY" -m training.export runs/demo/stage3 --out "$OUT" --dtype fp16
+log "exported $OUT ($(du -h "$OUT" | cut -f1))"
+
+# 5. held-out evaluation -> assets/demo/eval.json + frame strip
+"$PY" training/demo/evaluate.py --ckpt "$OUT" --csv data/demo/heldout/captions.csv --out assets/demo/eval.json
