@@ -39,7 +39,7 @@ if [[ -z "$CKPT" ]]; then
         echo "[demo] no checkpoint: pass --ckpt /path/to/dynamicrafter_512.ckpt" >&2
         exit 2
     fi
-    SIZE=(--width 64 --height 64 --frames 16 --steps 25)
+    SIZE=(--width 64 --height 64 --frames 8 --steps 25)
 fi
 
 .venv/bin/python scripts/run_workflow.py workflows/dynamicrafter_image_to_video.json \

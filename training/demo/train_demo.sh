@@ -45,7 +45,10 @@ done
 # 4. fp16 export (EMA weights) for the node pack, its config in the file's metadata
 mkdir -p assets/demo
 "$PY" -m training.export runs/demo/stage3 --out "$OUT" --dtype fp16
-log "exported $OUT ($(du -h "$OUT" | cut -f1))"
+"$PY" -c "import json, sys; from safetensors import safe_open
+m = json.loads(safe_open(sys.argv[1], 'pt').metadata()['dynamicrafter_config'])
+json.dump(m, open(sys.argv[2], 'w'), indent=1)" "$OUT" "${OUT%.safetensors}.json"
+log "exported $OUT ($(du -h "$OUT" | cut -f1)) and its config ${OUT%.safetensors}.json"
 
-# 5. held-out evaluation -> assets/demo/eval.json + frame strip
+# 5. held-out evaluation (all 96 held-out clips) -> assets/demo/eval.json
 "$PY" training/demo/evaluate.py --ckpt "$OUT" --csv data/demo/heldout/captions.csv --out assets/demo/eval.json
