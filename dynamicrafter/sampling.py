@@ -108,33 +108,31 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     alphas_prev = torch.cat([ac[:1], ac[timesteps[:-1]]])
     sigmas = (eta * torch.sqrt((1 - alphas_prev.double()) / (1 - alphas.double())
                                * (1 - alphas.double() / alphas_prev.double()))).float()
+    x0_factor = prev_factor = [None] * len(timesteps)
     scale = getattr(dc, "scale_arr", None)
-    dynamic = variant.get("dynamic_rescale_base") is not None and scale is not None
-    use_scale = variant.get("use_scale", False) and scale is not None
-    if dynamic or use_scale:
+    if scale is not None and (variant.get("dynamic_rescale_base") is not None or variant.get("use_scale")):
         scale = scale.float().cpu()
         step_scale = scale[timesteps]
-        prev_scale = torch.cat([scale[:1] if use_scale else step_scale[:1], step_scale[:-1]])
+        if variant.get("use_scale"):    # VideoCrafter: x0 / scale_t, then * scale_prev in the update
+            prev_scale = torch.cat([scale[:1], step_scale[:-1]])
+            x0_factor, prev_factor = 1.0 / step_scale, prev_scale
+        else:                           # DynamiCrafter: x0 * scale_prev / scale_t
+            x0_factor = torch.cat([step_scale[:1], step_scale[:-1]]) / step_scale
+    # per-step coefficients, on the sampling device: (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f)
+    on = lambda v: None if v is None else v.to(device=device, dtype=x_T.dtype)  # noqa: E731
+    table = [(int(timesteps[i]), on(alphas[i]), on(alphas_prev[i]), on(sigmas[i]),
+              on(dc.sqrt_alphas_cumprod[int(timesteps[i])]), on(dc.sqrt_one_minus_alphas_cumprod[int(timesteps[i])]),
+              on(x0_factor[i]), on(prev_factor[i])) for i in range(len(timesteps))]
 
     x = x_T
-    total = len(timesteps)
-    for n, i in enumerate(reversed(range(total))):
-        t = int(timesteps[i])
+    total = len(table)
+    for n, (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f) in enumerate(reversed(table)):
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
         out = guided_output(denoise, x, t_batch, contexts, cfg_text, cfg_img, guidance_rescale)
-        x0_factor = prev_factor = None
-        if dynamic:
-            x0_factor = (prev_scale[i] / step_scale[i]).to(device)
-        elif use_scale:
-            x0_factor, prev_factor = (1.0 / step_scale[i]).to(device), prev_scale[i].to(device)
         step_noise = None
         if eta > 0:
-            step_noise = (noise[n].to(x) if noise is not None else
-                          torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype))
-        f = lambda v: v.to(device=device, dtype=x.dtype)
-        x, x0 = ddim_step(x, out, f(alphas[i]), f(alphas_prev[i]), f(sigmas[i]),
-                          f(dc.sqrt_alphas_cumprod[t]), f(dc.sqrt_one_minus_alphas_cumprod[t]),
-                          param, x0_factor, prev_factor, step_noise)
+            step_noise = (noise[n] if noise is not None else torch.randn(x.shape, generator=generator)).to(x)
+        x, x0 = ddim_step(x, out, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, param, x0_f, prev_f, step_noise)
         if callback is not None:
             callback(n, total, x, x0)
     return x

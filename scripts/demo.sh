@@ -44,4 +44,4 @@ fi
 
 .venv/bin/python scripts/run_workflow.py workflows/dynamicrafter_image_to_video.json \
     --ckpt "$CKPT" --image "$IMAGE" --prompt "$PROMPT" --out "$OUT" "${SIZE[@]}" "${EXTRA[@]}"
-echo "$ROOT/$OUT"
+case "$OUT" in /*) echo "$OUT" ;; *) echo "$ROOT/$OUT" ;; esac

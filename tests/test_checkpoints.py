@@ -5,7 +5,6 @@ import csv
 import json
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
