@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import CheckpointError, ModelConfig, infer_config
+from .schedule import variant_schedule
 
 UNET_PREFIX = "model.diffusion_model."
 OLD_KEY_RENAMES = {"framestride_embed": "fps_embedding"}   # the 256 checkpoint's old name
@@ -173,7 +174,7 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
     # schedule buffers: the file's values unless the variant was overridden to a different schedule
     own_schedule = variant_overrides and any(
         k in variant_overrides for k in ("parameterization", "zero_snr", "dynamic_rescale_base", "use_scale"))
-    computed = _computed_schedule(cfg)
+    computed = variant_schedule(cfg.variant)
     for k in schedule:
         if own_schedule or k not in sd:
             sd[k] = computed[k]
@@ -199,13 +200,6 @@ def _variant_fields(cfg: ModelConfig) -> dict:
     v = cfg.variant
     return {k: getattr(v, k) for k in ("name", "default_fs", "fs_meaning", "spacing", "guidance_rescale",
                                        "cfg_text", "resolution", "fs_range")}
-
-
-def _computed_schedule(cfg: ModelConfig) -> dict:
-    from .schedule import schedule_buffers
-    v = cfg.variant
-    rescale = v.dynamic_rescale_base if v.dynamic_rescale_base is not None else (0.7 if v.use_scale else None)
-    return schedule_buffers(v.zero_snr, v.parameterization, rescale)
 
 
 def save_checkpoint(model, path, dtype: Optional[torch.dtype] = None, parts: Optional[tuple] = None) -> Path:

@@ -15,7 +15,7 @@ from torch import nn
 from .clip import ImageEncoder, TextEncoder
 from .config import ModelConfig
 from .resampler import Resampler
-from .schedule import schedule_buffers
+from .schedule import variant_schedule
 from .unet import UNet3D, grow_input_channels
 from .vae import AutoencoderKL, posterior_sample
 
@@ -39,9 +39,7 @@ class DynamiCrafter(nn.Module):
         self.cond_stage_model = TextEncoder(cfg.text) if cfg.text else None
         self.embedder = ImageEncoder(cfg.vision) if cfg.vision else None
         self.image_proj_model = Resampler(cfg.resampler) if cfg.resampler else None
-        v = cfg.variant
-        rescale = v.dynamic_rescale_base if v.dynamic_rescale_base is not None else (0.7 if v.use_scale else None)
-        for name, value in schedule_buffers(v.zero_snr, v.parameterization, rescale).items():
+        for name, value in variant_schedule(cfg.variant).items():
             self.register_buffer(name, value)
         self.scale_factor = cfg.scale_factor
 

@@ -55,6 +55,14 @@ def schedule_buffers(zero_snr: bool, parameterization: str, rescale_base: float 
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in buffers.items()}
 
 
+def variant_schedule(variant) -> dict:
+    """The schedule buffers of a `config.Variant` (VideoCrafter's use_scale array has base 0.7)."""
+    rescale = variant.dynamic_rescale_base
+    if rescale is None and variant.use_scale:
+        rescale = 0.7
+    return schedule_buffers(variant.zero_snr, variant.parameterization, rescale)
+
+
 def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEPS) -> np.ndarray:
     """Ascending DDPM timesteps the DDIM sampler visits (in reverse), as `make_ddim_timesteps`:
     'uniform' = 0, c, 2c, ... plus 1; 'uniform_trailing' = round(n, n-c, ...) minus 1."""

@@ -99,18 +99,23 @@ def _reference_file(*parts) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def ref_v():
-    """(model, reference tensors, manifest) of the tiny v-prediction DynamiCrafter."""
+def load_reference(name: str):
+    """(model, reference tensors, manifest) of ../shared/reference/<name> (skips when absent)."""
     import json
 
     from safetensors.torch import load_file
 
     import dynamicrafter
-    model = dynamicrafter.load_model(_reference_file("tiny_v", "model.safetensors"))
-    tensors = load_file(_reference_file("tiny_v", "reference.safetensors"))
-    manifest = json.loads(_reference_file("tiny_v", "manifest.json").read_text())
+    model = dynamicrafter.load_model(_reference_file(name, "model.safetensors"))
+    tensors = load_file(_reference_file(name, "reference.safetensors"))
+    manifest = json.loads(_reference_file(name, "manifest.json").read_text())
     return model, tensors, manifest
+
+
+@pytest.fixture(scope="session")
+def ref_v():
+    """The tiny v-prediction DynamiCrafter and what the official code computed with it."""
+    return load_reference("tiny_v")
 
 
 @pytest.fixture(scope="session")

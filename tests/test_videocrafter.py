@@ -1,10 +1,9 @@
 """VideoCrafter2 text-to-video through the same library and API (issue 6; MODEL-SPEC-VIDEOCRAFTER):
 parity with the official VideoCrafter code's tensors in ../shared/reference/tiny_vc2."""
-import json
 
 import pytest
 import torch
-from conftest import _reference_file, assert_close_to_ref
+from conftest import _reference_file, assert_close_to_ref, load_reference
 
 import dynamicrafter
 
@@ -13,11 +12,7 @@ PROMPT = "a red ball rolling across a wooden table, cinematic lighting"
 
 @pytest.fixture(scope="module")
 def ref_vc2():
-    from safetensors.torch import load_file
-    model = dynamicrafter.load_model(_reference_file("tiny_vc2", "model.safetensors"))
-    tensors = load_file(_reference_file("tiny_vc2", "reference.safetensors"))
-    manifest = json.loads(_reference_file("tiny_vc2", "manifest.json").read_text())
-    return model, tensors, manifest
+    return load_reference("tiny_vc2")
 
 
 def test_variant_detected_from_keys(ref_vc2):
