@@ -57,18 +57,25 @@ def _muted_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def render_background(kind: str, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) float array in [0, 255]."""
+    """(H, W, 3) float array in [0, 255].
+
+    Textures are low-frequency on purpose (soft stripes and checks of period >= 24 px at 64x64):
+    a KL-f8 VAE with 4 latent channels sees an 8x8 pixel patch per latent, and finer textures
+    would be lost in it, so the demo model would spend its capacity on texture instead of motion.
+    """
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
     c0, c1 = _muted_colour(rng), _muted_colour(rng)
-    if kind == "stripes":
+    unit = max(height, width) / 64
+    if kind == "stripes":       # soft sinusoidal stripes at a random angle
         angle = rng.uniform(0, np.pi)
-        period = rng.uniform(6, 16) * max(height, width) / 64
-        phase = (xx * np.cos(angle) + yy * np.sin(angle)) / period
-        t = (np.sin(2 * np.pi * phase) > 0).astype(np.float64)
-    elif kind == "checker":
-        cell = max(2, int(rng.integers(4, 11) * max(height, width) / 64))
-        t = (((yy // cell) + (xx // cell)) % 2).astype(np.float64)
-    elif kind == "noise":
+        period = rng.uniform(24, 40) * unit
+        phase = (xx * np.cos(angle) + yy * np.sin(angle)) / period + rng.uniform(0, 1)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * phase)
+    elif kind == "checker":     # soft checks: the sign of sin(x) sin(y), smoothed by tanh
+        cell = rng.uniform(14, 22) * unit
+        ox, oy = rng.uniform(0, 2 * cell, size=2)
+        t = 0.5 + 0.5 * np.tanh(3 * np.sin(np.pi * (xx + ox) / cell) * np.sin(np.pi * (yy + oy) / cell))
+    elif kind == "noise":       # value noise on a 5x5 grid, bilinearly interpolated
         grid = rng.uniform(0, 1, size=(5, 5))
         gy = yy / max(height - 1, 1) * 4
         gx = xx / max(width - 1, 1) * 4
@@ -84,7 +91,7 @@ def render_background(kind: str, height: int, width: int, rng: np.random.Generat
         raise ValueError(f"unknown background {kind!r}; choose one of {BACKGROUNDS}")
     img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
     # a little per-pixel grain so the texture is not perfectly flat
-    img = img + rng.normal(0, 4, size=img.shape)
+    img = img + rng.normal(0, 2, size=img.shape)
     return np.clip(img, 0, 255)
 
 
@@ -117,7 +124,7 @@ def render_clip(spec: ClipSpec, height: int, width: int, frames: int):
     """Returns (uint8 frames (T, H, W, 3), centroid track (T, 2) as (x, y) pixels)."""
     rng = np.random.default_rng(spec.seed)
     bg = render_background(spec.background, height, width, rng)
-    r = rng.uniform(0.12, 0.18) * min(height, width)
+    r = rng.uniform(0.14, 0.2) * min(height, width)
     dx, dy = DIRECTIONS[spec.direction]
     # travel between 40% and 60% of the frame along the motion axis, staying inside it
     extent = width if dx != 0 else height
@@ -125,11 +132,14 @@ def render_clip(spec: ClipSpec, height: int, width: int, frames: int):
     margin = r + 1
     lo_x, hi_x = margin, width - margin
     lo_y, hi_y = margin, height - margin
+    travel = min(travel, (hi_x - lo_x) if dx != 0 else (hi_y - lo_y))    # small frames: what fits
     if dx != 0:
-        start_x = rng.uniform(lo_x, hi_x - travel) if dx > 0 else rng.uniform(lo_x + travel, hi_x)
+        slack = max(hi_x - lo_x - travel, 0.0)
+        start_x = lo_x + rng.uniform(0, slack) if dx > 0 else hi_x - rng.uniform(0, slack)
         start_y = rng.uniform(lo_y, hi_y)
     else:
-        start_y = rng.uniform(lo_y, hi_y - travel) if dy > 0 else rng.uniform(lo_y + travel, hi_y)
+        slack = max(hi_y - lo_y - travel, 0.0)
+        start_y = lo_y + rng.uniform(0, slack) if dy > 0 else hi_y - rng.uniform(0, slack)
         start_x = rng.uniform(lo_x, hi_x)
     colour = np.array(COLORS[spec.color], dtype=np.float64)
     out = np.empty((frames, height, width, 3), dtype=np.uint8)
