@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -159,14 +160,18 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
     problem = describe_foreign_checkpoint(sd)
     if problem:
         raise CheckpointError(problem)
-    if metadata and CONFIG_METADATA_KEY in metadata and not heads:
+    stored = None
+    if metadata and CONFIG_METADATA_KEY in metadata:
         stored = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    if stored and not heads:
         heads = dict(unet_head_channels=stored.unet.num_head_channels,
                      text_heads=stored.text.text_heads if stored.text else None,
                      vision_heads=stored.vision.vision_heads if stored.vision else None,
                      resampler_dim_head=stored.resampler.dim_head if stored.resampler else None)
         variant_overrides = {**_variant_fields(stored), **(variant_overrides or {})}
     cfg = infer_config(sd, variant_overrides, heads)
+    if stored and stored.vae and cfg.vae:     # what shapes cannot tell: the VAE's GroupNorm groups
+        cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, norm_groups=stored.vae.norm_groups))
     with torch.device("meta"):
         model = DynamiCrafter(cfg)
     expected = model.state_dict()

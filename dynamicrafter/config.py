@@ -56,6 +56,10 @@ class VAEConfig:
     embed_dim: int = 4
     in_channels: int = 3
     out_ch: int = 3
+    # GroupNorm groups. 32 in every released VAE; not stored in the weights, so a small VAE
+    # (ch 32, where 32 groups would normalise each channel alone and erase its colour) keeps
+    # its own count in the checkpoint's config metadata.
+    norm_groups: int = 32
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,15 @@ from .attention import attention
 from .config import VAEConfig
 
 
-def norm(ch):
-    return nn.GroupNorm(32, ch, eps=1e-6)
+def norm(ch, groups=32):
+    return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout):
+    def __init__(self, cin, cout, groups=32):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)
 
@@ -30,9 +30,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head attention over the pixels of the lowest-resolution feature map."""
 
-    def __init__(self, ch):
+    def __init__(self, ch, groups=32):
         super().__init__()
-        self.norm = norm(ch)
+        self.norm = norm(ch, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
@@ -61,27 +61,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def mid_block(ch):
+def mid_block(ch, groups):
     m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
+    m.block_1, m.attn_1, m.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
     return m
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        chans = [cfg.ch * m for m in (1,) + tuple(cfg.ch_mult)]
+        chans, g = [cfg.ch * m for m in (1,) + tuple(cfg.ch_mult)], cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         for i in range(len(cfg.ch_mult)):
             level = nn.Module()
-            level.block = nn.ModuleList([ResnetBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1])
+            level.block = nn.ModuleList([ResnetBlock(chans[i] if j == 0 else chans[i + 1], chans[i + 1], g)
                                          for j in range(cfg.num_res_blocks)])
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(chans[i + 1])
             self.down.append(level)
-        self.mid = mid_block(chans[-1])
-        self.norm_out = norm(chans[-1])
+        self.mid = mid_block(chans[-1], g)
+        self.norm_out = norm(chans[-1], g)
         self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
@@ -98,20 +98,20 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        chans = [cfg.ch * m for m in cfg.ch_mult]
+        chans, g = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
-        self.mid = mid_block(chans[-1])
+        self.mid = mid_block(chans[-1], g)
         self.up = nn.ModuleList(nn.Module() for _ in cfg.ch_mult)   # index = resolution level
         cin = chans[-1]
         for i in reversed(range(len(cfg.ch_mult))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, chans[i]))
+                blocks.append(ResnetBlock(cin, chans[i], g))
                 cin = chans[i]
             self.up[i].block = nn.ModuleList(blocks)
             if i != 0:
                 self.up[i].upsample = Upsample(cin)
-        self.norm_out = norm(cin)
+        self.norm_out = norm(cin, g)
         self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):

@@ -260,6 +260,10 @@ def make_comfy_vae(vae, dtype: torch.dtype) -> comfy.sd.VAE:
                 "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": [], "dropout": 0.0}
     sd = {k: v.detach() for k, v in vae.state_dict().items()}
     out = comfy.sd.VAE(sd=sd, config={"params": {"embed_dim": cfg.embed_dim, "ddconfig": ddconfig}}, dtype=dtype)
+    if cfg.norm_groups != 32:    # ComfyUI's AutoencoderKL builds every GroupNorm with 32 groups
+        for m in out.first_stage_model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.num_groups = cfg.norm_groups
     return out
 
 

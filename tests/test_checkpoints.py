@@ -164,6 +164,23 @@ def test_bare_and_deepspeed_dicts(tmp_path):
         assert torch.equal(_denoise_once(dynamicrafter.load_model(tmp_path / name)), ref), name
 
 
+def test_vae_norm_groups_travel_in_the_file(tmp_path):
+    """A small VAE's GroupNorm group count is not in its weights: it must come back from the
+    file's config metadata, or every decode would silently change."""
+    cfg = tiny_config()
+    cfg = replace(cfg, vae=replace(cfg.vae, norm_groups=8))
+    model = _random_model(cfg)
+    assert model.first_stage_model.decoder.norm_out.num_groups == 8
+    back = dynamicrafter.load_model(dynamicrafter.save_checkpoint(model, tmp_path / "g8.safetensors"))
+    assert back.cfg.vae.norm_groups == 8
+    z = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.decode(z)
+        assert torch.equal(back.decode(z), ref)
+        model.first_stage_model.apply(lambda m: setattr(m, "num_groups", 32) if isinstance(m, torch.nn.GroupNorm) else None)
+        assert (model.decode(z) - ref).abs().max() > 1e-3     # the count matters
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)])
 def test_reduced_precision_files_and_inference(tmp_path, dtype, tol):
     """fp16/bf16 files load; inference in that dtype stays within `tol` (relative to the output's

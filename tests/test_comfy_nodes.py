@@ -195,6 +195,26 @@ def test_comfy_side_encoders_match_library(comfy, loaded, tiny_ckpt, comfy_refer
     assert torch.allclose(frames.movedim(-1, 1), ref_frames, atol=1e-4)
 
 
+def test_comfy_vae_keeps_a_small_vaes_group_count(comfy):
+    """ComfyUI's AutoencoderKL always builds 32-group norms; a small VAE trained with 8 groups
+    (the demo model's) must encode and decode in ComfyUI exactly as in the library."""
+    from nodes_pack_access import pack
+    from dynamicrafter.config import VAEConfig
+    from dynamicrafter.vae import AutoencoderKL
+    torch.manual_seed(0)
+    lib = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)).eval()
+    with torch.no_grad():
+        for p in lib.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae = pack("comfy_model").make_comfy_vae(lib, torch.float32)
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mean = lib.moments(image.movedim(-1, 1) * 2 - 1)[:, :4]
+        ref = ((lib.decode(mean) + 1) / 2).clamp(0, 1).movedim(1, -1)
+    assert torch.allclose(vae.encode(image), mean, atol=1e-4), float((vae.encode(image) - mean).abs().max())
+    assert torch.allclose(vae.decode(mean), ref, atol=1e-4), float((vae.decode(mean) - ref).abs().max())
+
+
 def test_official_layouts_in_conditioning(comfy, loaded, comfy_reference):
     from nodes_pack_access import pack, load_input_image
     model, clip, cv, vae = loaded

@@ -44,6 +44,9 @@ def test_train_vae_and_use_it_in_a_tiny_model(tmp_path):
     from safetensors.torch import load_file
     sd = load_file(res["path"])
     assert torch.equal(dc.first_stage_model.quant_conv.weight, sd["first_stage_model.quant_conv.weight"])
+    regrouped = build_tiny(4, 0, {**tiny_sizes, "vae": {**tiny_sizes["vae"], "norm_groups": 8}})
+    with pytest.raises(InitError, match="norm_groups 32"):
+        overlay_extras(regrouped, [res["path"]], ("first_stage_model.",))
     bigger = build_tiny(4, 0, {**tiny_sizes, "vae": {"ch": 64, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1}})
     with pytest.raises(InitError, match="tiny_overrides"):
         overlay_extras(bigger, [res["path"]], ("first_stage_model.",))

@@ -7,6 +7,7 @@ training); nothing here re-implements a layer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from contextlib import contextmanager
 from typing import Iterable, Optional
@@ -125,6 +126,7 @@ def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = E
     loaded = {}
     for path in extras:
         extra, _ = read_state_dict(path)
+        _check_vae_groups(path, dc)
         for k, v in extra.items():
             if not k.startswith(tuple(prefixes)):
                 continue
@@ -139,6 +141,20 @@ def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = E
         raise InitError(f"none of {list(extras)} holds tensors under {list(prefixes)}")
     dc.load_state_dict(loaded, strict=False)
     return len(loaded)
+
+
+def _check_vae_groups(path: str, dc: DynamiCrafter) -> None:
+    """A VAE file from training.vae records its GroupNorm group count, which its weights cannot
+    show; using it with another count would silently change every reconstruction."""
+    if not path.endswith(".safetensors") or dc.cfg.vae is None:
+        return
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = (f.metadata() or {}).get("vae_config")
+    groups = json.loads(meta).get("norm_groups", 32) if meta else None
+    if groups is not None and groups != dc.cfg.vae.norm_groups:
+        raise InitError(f"{path}: this VAE was trained with norm_groups {groups}, the model has "
+                        f"{dc.cfg.vae.norm_groups}; set model.tiny_overrides.vae.norm_groups: {groups}")
 
 
 def sync_config(dc: DynamiCrafter) -> None:

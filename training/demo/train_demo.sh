@@ -12,15 +12,15 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${PY:-.venv/bin/python}"
-S1_STEPS="${S1_STEPS:-20}" S2_STEPS="${S2_STEPS:-30}" S3_STEPS="${S3_STEPS:-1200}" VAE_STEPS="${VAE_STEPS:-400}"
+S1_STEPS="${S1_STEPS:-150}" S2_STEPS="${S2_STEPS:-100}" S3_STEPS="${S3_STEPS:-3000}" VAE_STEPS="${VAE_STEPS:-1500}"
 OUT="assets/demo/dynamicrafter_demo.safetensors"
 log() { echo "[train_demo $(date +%H:%M:%S)] $*"; }
 
-# 1. data: 800 training clips and 96 held-out clips (different seeds), 64x64, 8 frames at 24 fps
+# 1. data: 2000 training clips and 96 held-out clips (different seeds), 64x64, 8 frames at 24 fps
 #    (the trainer conditions on fs = fps = 24, the workflow's default)
 if [[ ! -f data/demo/train/captions.csv ]]; then
     log "synthetic data"
-    "$PY" -m training.synthetic --out data/demo/train --n 800 --size 64 --frames 8 --fps 24 --seed 1000
+    "$PY" -m training.synthetic --out data/demo/train --n 2000 --size 64 --frames 8 --fps 24 --seed 1000
 fi
 if [[ ! -f data/demo/heldout/captions.csv ]]; then
     "$PY" -m training.synthetic --out data/demo/heldout --n 96 --size 64 --frames 8 --fps 24 --seed 2000
@@ -30,7 +30,7 @@ fi
 if [[ ! -f runs/demo/vae.safetensors ]]; then
     log "VAE ($VAE_STEPS steps)"
     "$PY" -m training.vae --csv data/demo/train/captions.csv --out runs/demo/vae.safetensors --size 64 \
-        --steps "$VAE_STEPS" --batch 8 --lr 6e-4 --vae '{"ch": 32, "ch_mult": [1,1,1,1], "num_res_blocks": 1}'
+        --steps "$VAE_STEPS" --batch 16 --lr 4e-4 --vae '{"ch": 32, "ch_mult": [1,2,2,2], "num_res_blocks": 1, "norm_groups": 8}'
 fi
 
 # 3. the three stages (stage 1 builds the random tiny model: CLIP towers frozen at seed 0)
