@@ -4,11 +4,9 @@ node against the library, progress/previews, interrupt, and clear errors for bad
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ import comfy_runtime
 
 REPO = comfy_runtime.REPO_ROOT
 sys.path.insert(0, str(REPO / "scripts"))
-from comfy_workflow import load_workflow, ui_to_api, widget_layout  # noqa: E402
+from comfy_workflow import load_workflow, widget_layout  # noqa: E402
 from run_workflow import prepare_prompt, video_outputs  # noqa: E402
 
 W, H, T, STEPS = 128, 64, 8, 3
@@ -175,7 +173,6 @@ def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_re
 
 def test_comfy_side_encoders_match_library(comfy, loaded, tiny_ckpt, comfy_reference, lib_model):
     """The CLIP / CLIP_VISION / VAE the loader hands to ComfyUI compute what the library computes."""
-    import dynamicrafter
     p, n, io, latent, tokens, ctx, image, prompt = _i2v_inputs(comfy, loaded, comfy_reference)
     dc = lib_model
     ref_text = dc.encode_text([prompt])
@@ -434,7 +431,6 @@ def test_core_sampler_path_denoises_like_the_library(comfy, loaded, tiny_ckpt, c
     """What KSampler / SamplerCustomAdvanced call (BaseModel.extra_conds + apply_model at a sigma)
     equals the library's x0 prediction at the matching DDPM timestep: v-prediction, the zero-SNR
     schedule, the concat latent, the [text | image] context and fs are all wired as in the model."""
-    import dynamicrafter
     p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
     inner = loaded[0].model
     extras = dict(p[0][1])

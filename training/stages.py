@@ -18,7 +18,6 @@ draws exactly what the uninterrupted run drew.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch

@@ -240,7 +240,7 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(r.seed)
     dc = build_model(cfg)
     names = trainable_names(dc, r.stage, r.train_all)
-    params = apply_trainable(dc, names)
+    apply_trainable(dc, names)
     dc.to(device)
     if cfg.model.frozen_dtype != "fp32":
         cast_frozen(dc, DTYPES[cfg.model.frozen_dtype])
