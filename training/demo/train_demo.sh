@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (assets/demo/dynamicrafter_demo.safetensors) from scratch
 # with this repository's trainer: synthetic clips -> small VAE -> stage 1 -> 2 -> 3 -> fp16 export
-# -> held-out evaluation. Everything is seeded; on 2 shared CPU cores it takes about 40 minutes.
+# -> held-out evaluation. Everything is seeded; on 2 CPU cores it takes about 90 minutes + 10 of evaluation.
 #
 #   bash training/demo/train_demo.sh            # whole chain, then evaluate
 #   S3_STEPS=2000 bash training/demo/train_demo.sh   # longer stage 3
