@@ -24,7 +24,7 @@ def _clips(n=24):
 def test_tracker_follows_the_true_motion():
     gts, tracks, rows = _clips()
     for gt, tr, row in zip(gts, tracks, rows):
-        mask = evaluate.object_mask(gt[0], row["color"], tol=evaluate.OBJECT_TOL)
+        mask = evaluate.object_mask(gt[0], row["color"])
         pos, rms = evaluate.track(gt, gt[0], mask)
         assert np.abs(pos - (tr - tr[0])).max() <= 1.0, row      # whole-pixel placements
         assert rms.max() < 20

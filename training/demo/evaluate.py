@@ -54,7 +54,7 @@ def read_clip(path: str) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
-def object_mask(frame: np.ndarray, colour, tol: float = 70.0) -> np.ndarray:
+def object_mask(frame: np.ndarray, colour, tol: float = OBJECT_TOL) -> np.ndarray:
     """Pixels within `tol` (RGB distance) of the object's colour (a name or an RGB triple)."""
     ref = np.array(COLORS[colour] if isinstance(colour, str) else colour, dtype=np.float64)
     d = np.linalg.norm(frame.astype(np.float64) - ref, axis=-1)
@@ -134,7 +134,7 @@ def score(videos: np.ndarray, gts: np.ndarray, rows: list[dict], interp: bool = 
         first_psnr.append(psnr(vid[0], gt[0]))
         frame_psnr.append(float(np.mean([psnr(vid[t], gt[t]) for t in range(len(gt))])))
         end_psnr.append(psnr(vid[-1], gt[-1]))
-        mask = object_mask(gt[0], row["color"], tol=OBJECT_TOL)
+        mask = object_mask(gt[0], row["color"])
         shift, rms = track(vid, gt[0], mask)
         first_pos_err.append(float(np.linalg.norm(shift[0])))
         d = float(np.dot(shift[-1] - shift[0], np.array(DIRECTIONS[row["direction"]])))
