@@ -10,8 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import TEXT_CONTEXT_LEN
-from .sampling import sample_ddim
+from .sampling import image_only_context, sample_ddim
 
 
 def validate_image(images: torch.Tensor, name: str = "image") -> None:
@@ -61,7 +60,7 @@ class Conditioning:
     @property
     def uncond_img(self) -> torch.Tensor:
         """[negative text | real image tokens], the dual-CFG third branch."""
-        return torch.cat([self.uncond[:, :TEXT_CONTEXT_LEN], self.cond[:, TEXT_CONTEXT_LEN:]], dim=1)
+        return image_only_context(self.cond, self.uncond)
 
 
 def image_context_pair(dc, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ node of that type (VALUE parsed as JSON when possible, e.g. --set DynamiCrafterD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -20,7 +21,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(HERE))
 
 from comfy_workflow import load_workflow, ui_to_api  # noqa: E402
@@ -99,6 +99,29 @@ def video_outputs(result: dict, output_dir: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _progress_bar(rt):
+    """One tqdm bar per progress-reporting node (sampler steps, decoded frames) while the graph runs."""
+    from tqdm import tqdm
+    state = {"bar": None}
+
+    def update(value, total):
+        bar = state["bar"]
+        if bar is None or bar.total != total or value < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = state["bar"] = tqdm(total=total, unit="step", leave=True)
+        bar.update(value - bar.n)
+
+    rt.on_progress = update
+    try:
+        yield
+    finally:
+        rt.on_progress = None
+        if state["bar"] is not None:
+            state["bar"].close()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("workflow", help="UI-format workflow JSON (e.g. workflows/dynamicrafter_image_to_video.json)")
@@ -130,7 +153,8 @@ def main(argv=None) -> int:
     try:
         prompt = prepare_prompt(load_workflow(args.workflow), rt.node_classes, ckpt.name, names, args.width,
                                 args.height, args.frames, args.steps, args.set, args.prompt)
-        result = rt.run(prompt)
+        with _progress_bar(rt):
+            result = rt.run(prompt)
     except (comfy_runtime.PromptFailed, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

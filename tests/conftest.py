@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+# The ComfyUI runtime helper is product code (scripts/demo.sh runs through it); tests import it too.
+for _dir in (TESTS_DIR, TESTS_DIR.parent / "scripts"):
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
 
 # =============================================================================================

@@ -119,6 +119,15 @@ def test_ddim_sampling_case(ref_v, case):
     assert (ours.int() - official.int()).abs().max() <= 1   # truncation at 1e-5 noise can flip one level
 
 
+def test_derived_third_branch_is_the_official_one(ref_v):
+    """`sample_ddim(cfg_img=...)` without an explicit uncond_img (what animate and --cfg-img use)
+    derives the third branch from cond/uncond: it must be the official multi-cond branch."""
+    from dynamicrafter.sampling import image_only_context
+    _, ref, _ = ref_v
+    derived = image_only_context(ref["caseB.cond.c_crossattn"], ref["caseB.uncond.c_crossattn"])
+    assert torch.equal(derived, ref["caseB.uncond_img_nonetext.c_crossattn"])
+
+
 def test_ddim_schedule_tables(ref_v):
     dc, ref, _ = ref_v
     from dynamicrafter.schedule import ddim_timesteps

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -144,6 +145,16 @@ class InProcessComfy:
         for k, v in (extra_args or {}).items():
             setattr(args, k, v)
 
+        held = _HeldBootLogs()
+        logging.getLogger().addFilter(held)
+        try:
+            self._boot(args)
+        finally:
+            logging.getLogger().removeFilter(held)
+            held.release()
+        InProcessComfy._instance = self
+
+    def _boot(self, args) -> None:
         import folder_paths
         import utils.extra_config  # noqa: F401  (must precede `nodes`, as in main.py)
         import comfy.model_management
@@ -171,7 +182,6 @@ class InProcessComfy:
         comfy.utils.set_progress_bar_global_hook(hook)
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
-        InProcessComfy._instance = self
 
     @classmethod
     def get(cls) -> "InProcessComfy | None":
@@ -218,6 +228,54 @@ class InProcessComfy:
 
     def interrupt(self) -> None:
         self.nodes.interrupt_processing(True)
+
+
+class _HeldBootLogs(logging.Filter):
+    """Holds ComfyUI's boot-time log records, then passes them on except the noise about its own
+    audio nodes when torchaudio (which nothing of ours needs) is not installed: each such import
+    failure prints a traceback and generic "pip install -r requirements.txt" advice.  Any other
+    record - our pack failing to import above all - is passed on unchanged, in order."""
+
+    OPTIONAL = "torchaudio"
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def release(self) -> None:
+        texts = [r.getMessage() for r in self.records]
+        failed, optional = set(), set()
+        for text in texts:
+            if text.startswith("Cannot import ") and " module for custom nodes: " in text:
+                module = Path(text[len("Cannot import "):].split(" module for custom nodes: ")[0]).name
+                failed.add(module)
+                if f"No module named '{self.OPTIONAL}'" in text:
+                    optional.add(module)
+        only_optional = failed == optional
+        dropped = False
+        for record, text in zip(self.records, texts):
+            noise = (f"{self.OPTIONAL} missing" in text
+                     or (text.startswith("Traceback") and f"No module named '{self.OPTIONAL}'" in text)
+                     or (text.startswith("Cannot import ") and any(m in text for m in optional))
+                     or (text.startswith("IMPORT FAILED: ") and text[len("IMPORT FAILED: "):].strip() in optional)
+                     or (only_optional and _is_generic_import_advice(text)))
+            if noise:
+                dropped = True
+                continue
+            logging.getLogger(record.name).handle(record)
+        if dropped:
+            logging.getLogger(__name__).info("ComfyUI's audio nodes are off (%s is not installed); "
+                                             "nothing here needs them", self.OPTIONAL)
+
+
+def _is_generic_import_advice(text: str) -> bool:
+    t = text.strip()
+    return (not t or "some comfy_extras/ nodes did not import" in t or "might be caused by new missing" in t
+            or t.startswith("Please do a: pip install"))
 
 
 def _format_validation(error: dict, node_errors: dict) -> str:
