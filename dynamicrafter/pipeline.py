@@ -20,19 +20,28 @@ def validate_image(images: torch.Tensor, name: str = "image") -> None:
         raise ValueError(f"{name} contains NaN or infinite values; check the node or file that produced it")
 
 
-def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize (antialiased bilinear) so the image covers height x width, then center-crop.
-    Equals the official Resize(shorter side) + CenterCrop when the aspect ratio is at least the
-    target's, and crops instead of padding with black when it is not."""
-    validate_image(images)
-    _, _, h, w = images.shape
+def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(n, C, H, W) -> (n, C, height, width), any value range: resize (antialiased bilinear) so
+    the picture covers height x width, then crop the centre with torchvision's CenterCrop rounding
+    (offset round(margin / 2), so a 3-row margin starts at row 2).  Equals the official
+    Resize(shorter side) + CenterCrop when the aspect ratio is at least the target's, and crops
+    instead of padding with black when it is not.  The one resize rule of the library, the nodes
+    and the trainer, so training, inference and graphs see the same pixels."""
+    h, w = x.shape[-2:]
     if (h, w) == (height, width):
-        return images
+        return x
     scale = max(height / h, width / w)
     nh, nw = max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
-    x = F.interpolate(images, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))
-    return x[:, :, top:top + height, left:left + width]
+    return x[..., top:top + height, left:left + width]
+
+
+def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A checked (n, 3, H, W) image batch in [-1, 1] covered and centre-cropped (`cover_crop`)."""
+    validate_image(images)
+    return cover_crop(images, height, width)
 
 
 def concat_latent(z_start: torch.Tensor, frames: int, z_end: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from dynamicrafter.pipeline import cover_crop
 
 
 def check_finite(image: torch.Tensor, name: str) -> None:
@@ -28,17 +29,8 @@ def images_to_signed(image: torch.Tensor) -> torch.Tensor:
 
 
 def resize_center(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Scale (bilinear with antialiasing, like torchvision's Resize) so the image covers
-    width x height, then centre-crop; a no-op when the size already matches.  (The official
-    Resize(min side) + CenterCrop pads with black when the aspect ratios differ; covering and
-    cropping keeps the picture full.)"""
+    """IMAGE covered and centre-cropped to width x height by the library's one rule (`cover_crop`)."""
     image = rgb(image)
-    h, w = image.shape[1], image.shape[2]
-    if h == height and w == width:
+    if image.shape[1:3] == (height, width):
         return image
-    scale = max(width / w, height / h)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    x = torch.nn.functional.interpolate(image.movedim(-1, 1).float(), size=(nh, nw), mode="bilinear",
-                                        antialias=True, align_corners=False)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return x[:, :, top:top + height, left:left + width].clamp(0, 1).movedim(1, -1)
+    return cover_crop(image.movedim(-1, 1).float(), height, width).clamp(0, 1).movedim(1, -1)

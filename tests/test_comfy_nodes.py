@@ -513,6 +513,12 @@ def test_start_image_of_another_size_is_covered_and_centre_cropped(comfy):
     out = pack("images").resize_center(img, W, H)
     assert out.shape == (1, H, W, 3)
     assert out[0, H // 2, W // 2].min() > 0.9 and out[0, 0, 0].max() < 0.05
+    # odd margin: the node crops where the library and the trainer crop (torchvision's rounding)
+    ramp = (torch.arange(H + 3, dtype=torch.float32) / (H + 3)).view(1, H + 3, 1, 1).expand(1, H + 3, W, 3)
+    from dynamicrafter.pipeline import fit_image
+    library = (fit_image(ramp.movedim(-1, 1) * 2 - 1, H, W) + 1) / 2
+    assert torch.allclose(pack("images").resize_center(ramp, W, H).movedim(-1, 1), library, atol=1e-6)
+    assert torch.equal(pack("images").resize_center(ramp, W, H)[0, :, 0, 0], ramp[0, 2:H + 2, 0, 0])
     prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2,
                          sets=['DynamiCrafterImageConditioning.width=64', 'DynamiCrafterImageConditioning.height=128'])
     video = run_and_get_video(comfy, prompt)     # a 128x64 input animated as a 64x128 portrait video

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from training import synthetic
+from dynamicrafter.pipeline import cover_crop
 from training.data import (DatasetError, StreamSampler, VideoDataset, collate, decode_frames, make_dataset,
-                           probe_video, read_annotations, resize_center_crop)
+                           probe_video, read_annotations)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,14 @@ def test_frames_at_stride_are_decoded_in_order(plain):
         assert starts, f"sample {k} is not a stride-{s} clip of the source"
 
 
-def test_resize_center_crop_covers_and_centres():
+def test_cover_crop_covers_and_centres():
     x = torch.zeros(1, 3, 20, 40)
     x[..., :, 15:25] = 1.0      # a centred vertical bar
-    y = resize_center_crop(x, 16, 16)
+    y = cover_crop(x, 16, 16)
     assert y.shape == (1, 3, 16, 16)
     # scale 0.8 -> 16x32, crop columns 8..24: the bar (12..20 after scaling) sits in the middle
     assert y[0, 0, 8, 8].item() > 0.9 and y[0, 0, 8, 0].item() < 0.1 and y[0, 0, 8, 15].item() < 0.1
-    up = resize_center_crop(torch.rand(2, 3, 8, 8), 16, 24)
+    up = cover_crop(torch.rand(2, 3, 8, 8), 16, 24)
     assert up.shape == (2, 3, 16, 24)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +26,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from dynamicrafter.pipeline import cover_crop
 
 log = logging.getLogger("training.data")
 
@@ -97,17 +97,6 @@ def decode_frames(path: str, indices: list[int]) -> np.ndarray:
     return np.stack([got[i] for i in indices])
 
 
-def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(T, 3, H0, W0) float -> (T, 3, height, width): scale to cover, then crop the centre."""
-    h0, w0 = frames.shape[-2:]
-    scale = max(height / h0, width / w0)
-    nh, nw = max(height, math.ceil(h0 * scale - 1e-6)), max(width, math.ceil(w0 * scale - 1e-6))
-    if (nh, nw) != (h0, w0):
-        frames = F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return frames[..., top:top + height, left:left + width]
-
-
 def choose_clip(n_frames: int, frames: int, max_stride: int, rng: np.random.Generator) -> tuple[int, int]:
     """(start, stride) of a clip of `frames` frames with a random stride in 1..max_stride that fits."""
     if n_frames < frames:
@@ -174,7 +163,7 @@ class VideoDataset(torch.utils.data.Dataset):
         idx = [start + i * stride for i in range(self.frames)]
         raw = decode_frames(rec.path, idx)
         x = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
-        x = resize_center_crop(x, self.height, self.width) / 127.5 - 1.0
+        x = cover_crop(x, self.height, self.width) / 127.5 - 1.0
         if self.fs_meaning == "frame_stride":
             fs = stride
         else:

@@ -184,7 +184,7 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
     """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
     import dynamicrafter
     from dynamicrafter.video import load_image, save_video
-    from training.data import resize_center_crop
+    from dynamicrafter.pipeline import cover_crop
 
     e = cfg.eval
     out = []
@@ -193,7 +193,7 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
     H, W = cfg.data.height, cfg.data.width
     for i, prompt in enumerate(e.prompts):
         if i < len(e.images):
-            img = resize_center_crop(load_image(e.images[i]), H, W)
+            img = cover_crop(load_image(e.images[i]), H, W)
         else:
             img = dataset[i]["video"][:, 0][None]
         img = img.to(device)

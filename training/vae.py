@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from dynamicrafter.config import VAEConfig
 from dynamicrafter.vae import AutoencoderKL, posterior_sample
-from training.data import decode_frames, probe_video, read_annotations, resize_center_crop
+from dynamicrafter.pipeline import cover_crop
+from training.data import decode_frames, probe_video, read_annotations
 
 SCALE_FACTOR = 0.18215
 TINY_VAE = dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
@@ -36,7 +37,7 @@ def load_frames(csv: str, video_dir: str | None, size: int, max_frames: int = 20
     out, n = [], 0
     for rec in read_annotations(csv, video_dir):
         frames = torch.from_numpy(decode_frames(rec.path, list(range(probe_video(rec.path)[0]))))
-        frames = resize_center_crop(frames.permute(0, 3, 1, 2).float(), size, size)
+        frames = cover_crop(frames.permute(0, 3, 1, 2).float(), size, size)
         out.append(frames.round().clamp(0, 255).to(torch.uint8))
         n += len(frames)
         if n >= max_frames:
