@@ -33,9 +33,6 @@ def _ensure_library():
 _ensure_library()
 
 if "comfy" in sys.modules:   # loaded by ComfyUI (pytest also imports this file, as a package, without it)
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-else:
-    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
+    from .nodes import comfy_entrypoint  # noqa: E402,F401  (ComfyUI's V3 entry point)
 
 WEB_DIRECTORY = None
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -63,6 +63,10 @@ def variant_schedule(variant) -> dict:
     return schedule_buffers(variant.zero_snr, variant.parameterization, rescale)
 
 
+# The official 'uniform_trailing' spacing is well defined up to here (a float quirk above it).
+MAX_TRAILING_STEPS = 60
+
+
 def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEPS) -> np.ndarray:
     """Ascending DDPM timesteps the DDIM sampler visits (in reverse), as `make_ddim_timesteps`:
     'uniform' = 0, c, 2c, ... plus 1; 'uniform_trailing' = round(n, n-c, ...) minus 1."""
@@ -75,7 +79,7 @@ def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEP
         t = np.flip(np.round(np.arange(n, 0, -n / steps))).astype(np.int64) - 1
         if len(t) != steps or t[0] < 0:   # float arange quirk of the official code for some steps > 60
             raise ValueError(f"'uniform_trailing' spacing is not defined for {steps} steps "
-                             "(the official code yields a timestep of -1); use at most 60 steps")
+                             f"(the official code yields a timestep of -1); use at most {MAX_TRAILING_STEPS} steps")
         return t
     if spacing == "quad":
         return ((np.linspace(0, np.sqrt(n * 0.8), steps)) ** 2).astype(int) + 1

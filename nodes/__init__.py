@@ -1,14 +1,24 @@
-"""The DynamiCrafter node pack: one module per feature, merged here.  Imported only relatively,
-through the repository's root ``__init__.py`` (ComfyUI's own top-level module is ``nodes``)."""
+"""The DynamiCrafter node pack in ComfyUI's V3 schema: one module per feature, each with a
+``NODES`` list, merged here into the extension that ``comfy_entrypoint`` returns.  Imported
+only relatively, through the repository's root ``__init__.py`` (ComfyUI's own top-level module
+is ``nodes``)."""
+from comfy_api.v0_0_2 import ComfyExtension, io
+
 from . import (clip_vision, conditioning, decode, defaults, loader, long_video, resampler, sampler,
                text_to_video)
 
 _MODULES = (loader, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video, text_to_video)
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
-for _m in _MODULES:
-    NODE_CLASS_MAPPINGS.update(_m.NODE_CLASS_MAPPINGS)
-    NODE_DISPLAY_NAME_MAPPINGS.update(_m.NODE_DISPLAY_NAME_MAPPINGS)
+NODES: list[type[io.ComfyNode]] = [node for m in _MODULES for node in m.NODES]
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+class DynamiCrafterExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> DynamiCrafterExtension:
+    return DynamiCrafterExtension()
+
+
+__all__ = ["NODES", "comfy_entrypoint"]

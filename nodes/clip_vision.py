@@ -5,12 +5,14 @@ import kornia
 import torch
 
 import comfy.model_management
+from comfy_api.v0_0_2 import io
 
+from .inputs import CATEGORY
 from .images import check_finite, images_to_signed
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_TOKENS_TYPE = "DYNAMICRAFTER_CLIP_TOKENS"
+ClipTokens = io.Custom("DYNAMICRAFTER_CLIP_TOKENS")
 
 
 def official_clip_preprocess(signed: torch.Tensor, size: int) -> torch.Tensor:
@@ -47,26 +49,27 @@ def encode_clip_vision(clip_vision, image: torch.Tensor) -> dict:
     return {"cond": cond, "uncond": uncond}
 
 
-class DynamiCrafterCLIPVisionEncode:
+class DynamiCrafterCLIPVisionEncode(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "clip_vision": ("CLIP_VISION", {"tooltip": "OpenCLIP ViT-H-14 vision tower (from the DynamiCrafter "
-                                                       "loader or CLIPVisionLoader)"}),
-            "image": ("IMAGE", {"tooltip": "the start image (the official code conditions CLIP on the first "
-                                           "image only, also for interpolation)"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterCLIPVisionEncode",
+            display_name="DynamiCrafter CLIP Vision Encode",
+            category=CATEGORY,
+            description="CLIP image tokens exactly as DynamiCrafter computes them: 224x224 kornia bicubic resize "
+                        "(no crop), all 257 tokens of the last block, plus the tokens of the grey "
+                        "unconditional image. Feed them to 'DynamiCrafter Context Resampler'.",
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-H-14 vision tower (from the DynamiCrafter "
+                                                           "loader or CLIPVisionLoader)"),
+                io.Image.Input("image", tooltip="the start image (the official code conditions CLIP on the first "
+                                                "image only, also for interpolation)"),
+            ],
+            outputs=[ClipTokens.Output(display_name="clip_tokens")])
 
-    RETURN_TYPES = (CLIP_TOKENS_TYPE,)
-    RETURN_NAMES = ("clip_tokens",)
-    FUNCTION = "encode"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = ("CLIP image tokens exactly as DynamiCrafter computes them: 224x224 kornia bicubic resize "
-                   "(no crop), all 257 tokens of the last block, plus the tokens of the grey unconditional image.")
-
-    def encode(self, clip_vision, image):
-        return (encode_clip_vision(clip_vision, image),)
+    @classmethod
+    def execute(cls, clip_vision, image) -> io.NodeOutput:
+        return io.NodeOutput(encode_clip_vision(clip_vision, image))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterCLIPVisionEncode": DynamiCrafterCLIPVisionEncode}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterCLIPVisionEncode": "DynamiCrafter CLIP Vision Encode"}
+NODES = [DynamiCrafterCLIPVisionEncode]

@@ -11,31 +11,16 @@ import torch
 
 import comfy.model_management
 import node_helpers
+from comfy_api.v0_0_2 import io
+
+from dynamicrafter.pipeline import check_size, concat_latent
 
 from .images import check_finite, resize_center
-from .resampler import IMAGE_CONTEXT_TYPE
+from .inputs import CATEGORY, fs_input, size_inputs
+from .resampler import ImageContext
 
 MODES = ["image-to-video", "interpolation", "loop"]
 MAX_FRAMES = 64
-
-
-def concat_layout(z_start: torch.Tensor, frames: int, z_end: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """(1,4,h,w) latents -> (1,4,T,h,w): the start latent on every frame (image-to-video), or start at
-    frame 0, end (interpolation) / start again (loop) at frame T-1 and zeros between."""
-    if mode == "image-to-video":
-        return z_start.unsqueeze(2).repeat(1, 1, frames, 1, 1)
-    out = torch.zeros((z_start.shape[0], z_start.shape[1], frames) + tuple(z_start.shape[2:]),
-                      dtype=z_start.dtype, device=z_start.device)
-    out[:, :, 0] = z_start
-    out[:, :, -1] = z_end if mode == "interpolation" else z_start
-    return out
-
-
-def check_size(width: int, height: int) -> None:
-    if width % 64 or height % 64:
-        raise ValueError(f"width and height must be multiples of 64 for the DynamiCrafter UNet (8 for the VAE, "
-                         f"then 3 downsamplings); got {width}x{height}, e.g. use "
-                         f"{max(64, round(width / 64) * 64)}x{max(64, round(height / 64) * 64)}")
 
 
 @torch.no_grad()
@@ -51,7 +36,7 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
     if not 2 <= frames <= MAX_FRAMES:
         raise ValueError(f"frames must be in 2..{MAX_FRAMES} for one segment (use 'DynamiCrafter Long Video' "
                          f"for longer videos); got {frames}")
-    check_size(width, height)
+    check_size(height, width)
     check_finite(start_image, "start_image")
     start = resize_center(start_image[:1], width, height)
     end = None
@@ -66,7 +51,7 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
         end = resize_center(end_image[:1], width, height)
     z_start = vae.encode(start)
     z_end = vae.encode(end) if end is not None else None
-    concat = concat_layout(z_start, frames, z_end, mode)
+    concat = concat_latent(z_start, frames, z_start if mode == "loop" else z_end)
     concat = concat.repeat(batch_size, 1, 1, 1, 1).to(comfy.model_management.intermediate_device())
 
     common = {"concat_latent_image": concat, "dc_fs": int(fs)}
@@ -79,45 +64,50 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
     return pos, neg, img_only, out
 
 
-class DynamiCrafterImageConditioning:
+class DynamiCrafterImageConditioning(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING", {"tooltip": "prompt from CLIPTextEncode (OpenCLIP-H text encoder)"}),
-            "negative": ("CONDITIONING", {"tooltip": "CLIPTextEncode of an empty prompt (the official "
-                                                     "unconditional text)"}),
-            "vae": ("VAE",),
-            "image_context": (IMAGE_CONTEXT_TYPE, {"tooltip": "from 'DynamiCrafter Context Resampler'"}),
-            "start_image": ("IMAGE", {"tooltip": "first frame; resized (shorter side) and centre-cropped"}),
-            "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
-            "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 64}),
-            "frames": ("INT", {"default": 16, "min": 2, "max": MAX_FRAMES,
-                               "tooltip": "frames of this segment; the released models are trained on 16"}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
-            "fs": ("INT", {"default": 24, "min": 1, "max": 60,
-                           "tooltip": "frame-rate conditioning: fps for 512/1024/interp (512: 15-30, 1024: 5-15; "
-                                      "smaller = more motion), frame stride for 256 (1-6; larger = more motion)"}),
-            "mode": (MODES, {"default": "image-to-video",
-                             "tooltip": "image-to-video: start image on every frame's concat latent; "
-                                        "interpolation: start..end image (use the 512_interp model); loop: start "
-                                        "image at both ends"}),
-        }, "optional": {
-            "end_image": ("IMAGE", {"tooltip": "last frame, interpolation mode only; same size as start_image"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterImageConditioning",
+            display_name="DynamiCrafter Image Conditioning (image to video, interpolation, loop)",
+            category=CATEGORY,
+            description="Animate an image: puts the image latent and the image context into the prompt's "
+                        "conditioning and makes the empty video latent, for the DDIM node or core samplers. "
+                        "Interpolation mode animates from a start to an end image (512-interp model).",
+            inputs=[
+                io.Conditioning.Input("positive", tooltip="prompt from CLIPTextEncode (OpenCLIP-H text encoder)"),
+                io.Conditioning.Input("negative", tooltip="CLIPTextEncode of an empty prompt (the official "
+                                                          "unconditional text)"),
+                io.Vae.Input("vae"),
+                ImageContext.Input("image_context", tooltip="from 'DynamiCrafter Context Resampler'"),
+                io.Image.Input("start_image", tooltip="first frame; scaled to cover width x height and "
+                                                      "centre-cropped"),
+                *size_inputs(),
+                io.Int.Input("frames", default=16, min=2, max=MAX_FRAMES,
+                             tooltip="frames of this segment; the released models are trained on 16"),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="videos made at once"),
+                fs_input(),
+                io.Combo.Input("mode", options=MODES, default="image-to-video",
+                               tooltip="image-to-video: start image on every frame's concat latent; "
+                                       "interpolation: start..end image (use the 512_interp model); loop: start "
+                                       "image at both ends"),
+                io.Image.Input("end_image", optional=True,
+                               tooltip="last frame, interpolation mode only; same size as start_image"),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="text + image tokens + image latent"),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="empty text + grey-image tokens + image latent"),
+                io.Conditioning.Output(display_name="image_only", tooltip="empty text + real image tokens: the "
+                                                                          "middle conditioning for DualCFGGuider"),
+                io.Latent.Output(display_name="latent", tooltip="empty (b, 4, T, h, w) video latent to sample"),
+            ])
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative", "image_only", "latent")
-    OUTPUT_TOOLTIPS = ("text + image tokens + image latent", "empty text + grey-image tokens + image latent",
-                       "empty text + real image tokens: the middle conditioning for DualCFGGuider",
-                       "empty (b, 4, T, h, w) video latent to sample")
-    FUNCTION = "encode"
-    CATEGORY = "DynamiCrafter"
-
-    def encode(self, positive, negative, vae, image_context, start_image, width, height, frames, batch_size, fs,
-               mode, end_image=None):
-        return build_conditioning(positive, negative, vae, image_context, start_image, width, height, frames,
-                                  batch_size, fs, mode, end_image)
+    @classmethod
+    def execute(cls, positive, negative, vae, image_context, start_image, width, height, frames, batch_size, fs,
+                mode, end_image=None) -> io.NodeOutput:
+        return io.NodeOutput(*build_conditioning(positive, negative, vae, image_context, start_image, width,
+                                                 height, frames, batch_size, fs, mode, end_image))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterImageConditioning": DynamiCrafterImageConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterImageConditioning": "DynamiCrafter Image Conditioning"}
+NODES = [DynamiCrafterImageConditioning]

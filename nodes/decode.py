@@ -5,6 +5,9 @@ import torch
 
 import comfy.model_management
 import comfy.utils
+from comfy_api.v0_0_2 import io
+
+from .inputs import CATEGORY
 
 TRIM = ["auto", "keep all frames", "drop last frame"]
 
@@ -38,26 +41,28 @@ def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto
     return images.flatten(0, 1)
 
 
-class DynamiCrafterVideoDecode:
+class DynamiCrafterVideoDecode(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": ("VAE",),
-            "latent": ("LATENT",),
-            "frames_per_batch": ("INT", {"default": 4, "min": 1, "max": 64,
-                                         "tooltip": "frames decoded at once; lower = less memory"}),
-            "trim": (TRIM, {"default": "auto", "tooltip": "auto drops a loop video's duplicate last frame"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterVideoDecode",
+            display_name="DynamiCrafter Video Decode",
+            category=CATEGORY,
+            description="Decodes every frame of a video latent (video after video) into an IMAGE batch for "
+                        "CreateVideo / SaveWEBM / VideoHelperSuite.",
+            inputs=[
+                io.Vae.Input("vae"),
+                io.Latent.Input("latent", tooltip="a video latent (b, 4, T, h, w) from a sampler"),
+                io.Int.Input("frames_per_batch", default=4, min=1, max=64,
+                             tooltip="frames decoded at once; lower = less memory"),
+                io.Combo.Input("trim", options=TRIM, default="auto",
+                               tooltip="auto drops a loop video's duplicate last frame"),
+            ],
+            outputs=[io.Image.Output(display_name="frames")])
 
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    FUNCTION = "decode"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = "Decodes every frame (video after video) into an IMAGE batch for SaveWEBM / CreateVideo / VHS."
-
-    def decode(self, vae, latent, frames_per_batch, trim="auto"):
-        return (decode_video(vae, latent, frames_per_batch, trim),)
+    @classmethod
+    def execute(cls, vae, latent, frames_per_batch, trim="auto") -> io.NodeOutput:
+        return io.NodeOutput(decode_video(vae, latent, frames_per_batch, trim))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterVideoDecode": DynamiCrafterVideoDecode}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterVideoDecode": "DynamiCrafter Video Decode"}
+NODES = [DynamiCrafterVideoDecode]

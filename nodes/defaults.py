@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
+from comfy_api.v0_0_2 import io
+
 from .comfy_model import require_dynamicrafter_model
+from .inputs import CATEGORY
 
 
 def variant_defaults(model) -> dict:
@@ -15,24 +18,32 @@ def variant_defaults(model) -> dict:
             "spacing": v.get("spacing", "uniform_trailing"), "variant": v}
 
 
-class DynamiCrafterVariantDefaults:
+class DynamiCrafterVariantDefaults(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",)}}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterVariantDefaults",
+            display_name="DynamiCrafter Variant Defaults",
+            category=CATEGORY,
+            description="The official resolution, frames, fs and guidance of the loaded model's variant "
+                        "(256/512/1024/interp, VideoCrafter), as outputs to wire into the other nodes.",
+            inputs=[io.Model.Input("model")],
+            outputs=[
+                io.Int.Output(display_name="width", tooltip="trained width"),
+                io.Int.Output(display_name="height", tooltip="trained height"),
+                io.Int.Output(display_name="frames", tooltip="frames per segment"),
+                io.Int.Output(display_name="fs", tooltip="default fs (fps or frame stride)"),
+                io.Float.Output(display_name="cfg_text", tooltip="official text guidance"),
+                io.Float.Output(display_name="guidance_rescale", tooltip="official guidance rescale"),
+                io.String.Output(display_name="info", tooltip="the detected variant as JSON"),
+            ])
 
-    RETURN_TYPES = ("INT", "INT", "INT", "INT", "FLOAT", "FLOAT", "STRING")
-    RETURN_NAMES = ("width", "height", "frames", "fs", "cfg_text", "guidance_rescale", "info")
-    OUTPUT_TOOLTIPS = ("trained width", "trained height", "frames per segment", "default fs (fps or frame stride)",
-                       "official text guidance", "official guidance rescale", "the detected variant as JSON")
-    FUNCTION = "defaults"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = "Official resolution, frames, fs and guidance for the loaded variant (256/512/1024/interp/VC)."
-
-    def defaults(self, model):
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
         d = variant_defaults(model)
         info = json.dumps({k: (list(x) if isinstance(x, tuple) else x) for k, x in d["variant"].items()})
-        return (d["width"], d["height"], d["frames"], d["fs"], d["cfg_text"], d["guidance_rescale"], info)
+        return io.NodeOutput(d["width"], d["height"], d["frames"], d["fs"], d["cfg_text"], d["guidance_rescale"],
+                             info)
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterVariantDefaults": DynamiCrafterVariantDefaults}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterVariantDefaults": "DynamiCrafter Variant Defaults"}
+NODES = [DynamiCrafterVariantDefaults]

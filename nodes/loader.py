@@ -8,10 +8,12 @@ import torch
 
 import comfy.model_management
 import folder_paths
+from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 
 from .comfy_model import comfy_dtype, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
+from .inputs import CATEGORY
 
 VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
@@ -82,34 +84,41 @@ def load_dynamicrafter(path: str, dtype: torch.dtype, variant: str = "auto"):
     return model, clip, clip_vision, vae
 
 
-class DynamiCrafterLoader:
+class DynamiCrafterLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "ckpt_name": (list_model_files(), {"tooltip": "DynamiCrafter (256/512/1024/interp) or VideoCrafter "
-                                                          "file from models/checkpoints (full) or "
-                                                          "models/diffusion_models (pruned UNet+resampler)"}),
-            "dtype": (DTYPES, {"default": "auto", "tooltip": "weight dtype; auto = fp32 on CPU, "
-                                                             "bf16/fp16 on GPU"}),
-            "variant": (VARIANTS, {"default": "auto", "tooltip": "auto detects eps/v, zero-SNR, rescale and "
-                                                                 "fs meaning from the weights; pick one to "
-                                                                 "override"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterLoader",
+            display_name="DynamiCrafter Checkpoint Loader (DynamiCrafter / VideoCrafter)",
+            category=CATEGORY,
+            description="Loads a DynamiCrafter image-to-video (256/512/1024/512-interp) or VideoCrafter "
+                        "text-to-video checkpoint; the variant is read from the weights.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=list_model_files(),
+                               tooltip="DynamiCrafter (256/512/1024/interp) or VideoCrafter file from "
+                                       "models/checkpoints (full) or models/diffusion_models (pruned "
+                                       "UNet+resampler)"),
+                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                               tooltip="weight dtype; auto = fp32 on CPU, bf16/fp16 on GPU"),
+                io.Combo.Input("variant", options=VARIANTS, default="auto",
+                               tooltip="auto detects eps/v, zero-SNR, rescale and fs meaning from the weights; "
+                                       "pick one to override"),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model",
+                                tooltip="the diffusion UNet + context resampler as a ComfyUI model"),
+                io.Clip.Output(display_name="clip", tooltip="OpenCLIP-H text encoder (None in pruned files: "
+                                                            "use CLIPLoader, type stable_diffusion)"),
+                io.ClipVision.Output(display_name="clip_vision", tooltip="OpenCLIP-H vision tower (None in "
+                                                                         "pruned files: use CLIPVisionLoader)"),
+                io.Vae.Output(display_name="vae", tooltip="KL-f8 VAE (None in pruned files: use VAELoader "
+                                                          "with the SD VAE)"),
+            ])
 
-    RETURN_TYPES = ("MODEL", "CLIP", "CLIP_VISION", "VAE")
-    RETURN_NAMES = ("model", "clip", "clip_vision", "vae")
-    OUTPUT_TOOLTIPS = ("the diffusion UNet + context resampler as a ComfyUI model",
-                       "OpenCLIP-H text encoder (None in pruned files: use CLIPLoader, type stable_diffusion)",
-                       "OpenCLIP-H vision tower (None in pruned files: use CLIPVisionLoader)",
-                       "KL-f8 VAE (None in pruned files: use VAELoader with the SD VAE)")
-    FUNCTION = "load"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = "Loads a DynamiCrafter/VideoCrafter checkpoint; the variant is read from the weights."
-
-    def load(self, ckpt_name, dtype="auto", variant="auto"):
+    @classmethod
+    def execute(cls, ckpt_name, dtype="auto", variant="auto") -> io.NodeOutput:
         path = resolve_model_file(ckpt_name)
-        return load_dynamicrafter(path, pick_dtype(dtype), variant)
+        return io.NodeOutput(*load_dynamicrafter(path, pick_dtype(dtype), variant))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterLoader": DynamiCrafterLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterLoader": "DynamiCrafter Checkpoint Loader"}
+NODES = [DynamiCrafterLoader]

@@ -9,13 +9,17 @@ from __future__ import annotations
 import math
 
 import torch
+from comfy_api.v0_0_2 import io
+
+from dynamicrafter.pipeline import check_size
 
 from .clip_vision import encode_clip_vision
-from .conditioning import build_conditioning, check_size
+from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
+from .inputs import CATEGORY, fs_input, sampler_inputs, size_inputs
 from .resampler import resample_context
-from .sampler import MAX_STEPS, SPACINGS, run_ddim
+from .sampler import run_ddim
 
 MAX_TOTAL_FRAMES = 1024
 
@@ -31,11 +35,10 @@ def chained_video(model, clip_vision, vae, positive, negative, start_image, widt
         raise ValueError(f"segment_frames must be at least 2, got {segment_frames}")
     if not 2 <= total_frames <= MAX_TOTAL_FRAMES:
         raise ValueError(f"total_frames must be in 2..{MAX_TOTAL_FRAMES}, got {total_frames}")
-    check_size(width, height)
+    check_size(height, width)
     check_finite(start_image, "start_image")
     current = start_image[:1]
     pieces = []
-    have = 0
     for k in range(segments_needed(total_frames, segment_frames)):
         tokens = encode_clip_vision(clip_vision, current)
         context = resample_context(model, tokens)
@@ -46,49 +49,42 @@ def chained_video(model, clip_vision, vae, positive, negative, start_image, widt
         if k > 0:
             frames = frames[1:]      # re-creates the previous segment's last frame
         pieces.append(frames)
-        have += frames.shape[0]
         current = frames[-1:]
     return torch.cat(pieces)[:total_frames]
 
 
-class DynamiCrafterLongVideo:
+class DynamiCrafterLongVideo(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL",),
-            "clip_vision": ("CLIP_VISION",),
-            "vae": ("VAE",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "start_image": ("IMAGE",),
-            "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
-            "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 64}),
-            "total_frames": ("INT", {"default": 48, "min": 2, "max": MAX_TOTAL_FRAMES}),
-            "segment_frames": ("INT", {"default": 16, "min": 2, "max": 64,
-                                       "tooltip": "frames per generated segment (the model's 16)"}),
-            "fs": ("INT", {"default": 24, "min": 1, "max": 60}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS}),
-            "cfg_text": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
-            "cfg_img": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1}),
-            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05}),
-            "guidance_rescale": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05}),
-            "spacing": (SPACINGS, {"default": "auto"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterLongVideo",
+            display_name="DynamiCrafter Long Video (chained segments)",
+            category=CATEGORY,
+            description="Videos longer than one segment: each segment is animated from the previous segment's "
+                        "last frame, so positions join without jumps (motion restarts at each join).",
+            inputs=[
+                io.Model.Input("model"),
+                io.ClipVision.Input("clip_vision"),
+                io.Vae.Input("vae"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Image.Input("start_image", tooltip="the first frame of the whole video"),
+                *size_inputs(),
+                io.Int.Input("total_frames", default=48, min=2, max=MAX_TOTAL_FRAMES,
+                             tooltip="frames of the whole video"),
+                io.Int.Input("segment_frames", default=16, min=2, max=64,
+                             tooltip="frames per generated segment (the model's 16)"),
+                fs_input(),
+                *sampler_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="frames")])
 
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    FUNCTION = "generate"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = ("Longer videos as chained segments: each segment is animated from the previous segment's "
-                   "last frame, so there are no jumps at the joins.")
-
-    def generate(self, model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
-                 segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing):
-        return (chained_video(model, clip_vision, vae, positive, negative, start_image, width, height,
-                              total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
-                              guidance_rescale, spacing),)
+    @classmethod
+    def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
+                segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> io.NodeOutput:
+        return io.NodeOutput(chained_video(model, clip_vision, vae, positive, negative, start_image, width, height,
+                                           total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
+                                           guidance_rescale, spacing))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterLongVideo": DynamiCrafterLongVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterLongVideo": "DynamiCrafter Long Video (chained segments)"}
+NODES = [DynamiCrafterLongVideo]

@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 
 import comfy.model_management
+from comfy_api.v0_0_2 import io
 
-from .clip_vision import CLIP_TOKENS_TYPE
+from .clip_vision import ClipTokens
 from .comfy_model import require_dynamicrafter_model
+from .inputs import CATEGORY
 
-IMAGE_CONTEXT_TYPE = "DYNAMICRAFTER_IMAGE_CONTEXT"
+ImageContext = io.Custom("DYNAMICRAFTER_IMAGE_CONTEXT")
 
 
 @torch.no_grad()
@@ -35,23 +37,24 @@ def resample_context(model, clip_tokens: dict) -> dict:
     return out
 
 
-class DynamiCrafterContextResampler:
+class DynamiCrafterContextResampler(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "the DynamiCrafter model (its resampler weights are used)"}),
-            "clip_tokens": (CLIP_TOKENS_TYPE, {"tooltip": "from 'DynamiCrafter CLIP Vision Encode'"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterContextResampler",
+            display_name="DynamiCrafter Context Resampler",
+            category=CATEGORY,
+            description="The model's resampler (a perceiver) turning the 257 CLIP image tokens into 16 context "
+                        "tokens per frame, read by every spatial cross-attention beside the text.",
+            inputs=[
+                io.Model.Input("model", tooltip="the DynamiCrafter model (its resampler weights are used)"),
+                ClipTokens.Input("clip_tokens", tooltip="from 'DynamiCrafter CLIP Vision Encode'"),
+            ],
+            outputs=[ImageContext.Output(display_name="image_context")])
 
-    RETURN_TYPES = (IMAGE_CONTEXT_TYPE,)
-    RETURN_NAMES = ("image_context",)
-    FUNCTION = "resample"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = "Resampler (perceiver) turning 257 CLIP tokens into 16 context tokens per frame."
-
-    def resample(self, model, clip_tokens):
-        return (resample_context(model, clip_tokens),)
+    @classmethod
+    def execute(cls, model, clip_tokens) -> io.NodeOutput:
+        return io.NodeOutput(resample_context(model, clip_tokens))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterContextResampler": DynamiCrafterContextResampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterContextResampler": "DynamiCrafter Context Resampler"}
+NODES = [DynamiCrafterContextResampler]

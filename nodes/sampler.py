@@ -1,4 +1,4 @@
-"""DynamiCrafter DDIM Sampler: the official DDIM with single/dual CFG and guidance rescale (MODEL-SPEC §8-9),
+"""DynamiCrafter DDIM Sampler: the official DDIM with single/dual CFG and guidance rescale (design §8-9),
 run by ``dynamicrafter.sample_ddim`` on the MODEL's UNet, with ComfyUI's progress bar, latent
 previews and interrupt."""
 from __future__ import annotations
@@ -9,13 +9,12 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 import latent_preview
+from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 
 from .comfy_model import TEXT_TOKENS, require_dynamicrafter_model
-
-SPACINGS = ["auto", "uniform_trailing", "uniform"]
-MAX_STEPS = 60   # 'uniform_trailing' misbehaves above 60 steps in the official schedule (MODEL-SPEC §8)
+from .inputs import CATEGORY, MAX_STEPS, sampler_inputs
 
 
 def _first_cond(conditioning, name: str):
@@ -113,39 +112,30 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
     return result
 
 
-class DynamiCrafterDDIMSampler:
+class DynamiCrafterDDIMSampler(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL",),
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "latent_image": ("LATENT", {"tooltip": "shape/batch of the video; sampling starts from pure noise"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True}),
-            "steps": ("INT", {"default": 50, "min": 1, "max": MAX_STEPS}),
-            "cfg_text": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
-                                   "tooltip": "text guidance scale (1 = no guidance)"}),
-            "cfg_img": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "image guidance scale of dual (multi-condition) CFG; 0 = off, i.e. "
-                                             "single CFG as the official default"}),
-            "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                              "tooltip": "DDIM eta (official scripts: 1.0; 0 = deterministic)"}),
-            "guidance_rescale": ("FLOAT", {"default": 0.7, "min": 0.0, "max": 1.0, "step": 0.05,
-                                           "tooltip": "official: 0.7 for 512/1024/interp, 0 for 256"}),
-            "spacing": (SPACINGS, {"default": "auto", "tooltip": "DDIM timesteps; auto = the variant's "
-                                                                 "(uniform_trailing for v models, uniform for 256)"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterDDIMSampler",
+            display_name="DynamiCrafter DDIM Sampler (dual CFG)",
+            category=CATEGORY,
+            description="The official DynamiCrafter / VideoCrafter sampler, exact: DDIM with the dynamic x0 "
+                        "rescale, zero-SNR trailing steps, single or dual (text + image) CFG and guidance "
+                        "rescale, with previews and interrupt.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="shape/batch of the video; sampling starts from pure noise"),
+                *sampler_inputs(),
+            ],
+            outputs=[io.Latent.Output()])
 
-    RETURN_TYPES = ("LATENT",)
-    FUNCTION = "sample"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = "Exact official DDIM (dynamic x0 rescale, zero-SNR trailing steps, dual CFG, guidance rescale)."
-
-    def sample(self, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
-               guidance_rescale, spacing):
-        return (run_ddim(model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
-                         guidance_rescale, spacing),)
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
+                guidance_rescale, spacing) -> io.NodeOutput:
+        return io.NodeOutput(run_ddim(model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
+                                      guidance_rescale, spacing))
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterDDIMSampler": DynamiCrafterDDIMSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterDDIMSampler": "DynamiCrafter DDIM Sampler (dual CFG)"}
+NODES = [DynamiCrafterDDIMSampler]

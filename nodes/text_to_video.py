@@ -5,37 +5,41 @@ import torch
 
 import comfy.model_management
 import node_helpers
+from comfy_api.v0_0_2 import io
 
-from .conditioning import check_size
+from dynamicrafter.pipeline import check_size
+
+from .inputs import CATEGORY, fs_input, size_inputs
 
 
-class DynamiCrafterTextToVideoLatent:
+class DynamiCrafterTextToVideoLatent(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING",),
-            "negative": ("CONDITIONING",),
-            "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
-            "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 64}),
-            "frames": ("INT", {"default": 16, "min": 2, "max": 64}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
-            "fs": ("INT", {"default": 28, "min": 1, "max": 60, "tooltip": "fps conditioning (VideoCrafter2: 28)"}),
-        }}
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterTextToVideoLatent",
+            display_name="DynamiCrafter Text-to-Video Latent (VideoCrafter)",
+            category=CATEGORY,
+            description="Text to video with a VideoCrafter model: adds the fps conditioning to the prompts and "
+                        "makes an empty (b, 4, T, h, w) video latent.",
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                *size_inputs(),
+                io.Int.Input("frames", default=16, min=2, max=64, tooltip="frames of the video (trained on 16)"),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="videos made at once"),
+                fs_input(28, "fps conditioning (VideoCrafter2: 28; VideoCrafter1 ignores it)"),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+                     io.Latent.Output(display_name="latent")])
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("positive", "negative", "latent")
-    FUNCTION = "make"
-    CATEGORY = "DynamiCrafter"
-    DESCRIPTION = "Text-to-video (VideoCrafter): adds the fps conditioning and an empty (b, 4, T, h, w) latent."
-
-    def make(self, positive, negative, width, height, frames, batch_size, fs):
-        check_size(width, height)
+    @classmethod
+    def execute(cls, positive, negative, width, height, frames, batch_size, fs) -> io.NodeOutput:
+        check_size(height, width)
         pos = node_helpers.conditioning_set_values(positive, {"dc_fs": int(fs)})
         neg = node_helpers.conditioning_set_values(negative, {"dc_fs": int(fs)})
         latent = torch.zeros([batch_size, 4, frames, height // 8, width // 8],
                              device=comfy.model_management.intermediate_device())
-        return pos, neg, {"samples": latent}
+        return io.NodeOutput(pos, neg, {"samples": latent})
 
 
-NODE_CLASS_MAPPINGS = {"DynamiCrafterTextToVideoLatent": DynamiCrafterTextToVideoLatent}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamiCrafterTextToVideoLatent": "DynamiCrafter Text-to-Video Latent"}
+NODES = [DynamiCrafterTextToVideoLatent]

@@ -65,6 +65,24 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
                                                    "guidance_rescale", "spacing"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim"]
+    assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
+                                                 "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
+                                                 "spacing"]
+    assert layouts["DynamiCrafterTextToVideoLatent"] == ["width", "height", "frames", "batch_size", "fs"]
+    for n in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler", "DynamiCrafterVariantDefaults"):
+        assert layouts[n] == [], n
+
+
+def test_nodes_use_the_v3_schema_with_descriptions(comfy):
+    """V3 nodes (comfy_api, registered through comfy_entrypoint); each explains itself in the UI."""
+    from comfy_api.latest import io
+    for n in sorted(EXPECTED_NODES):
+        cls = comfy.node_classes[n]
+        assert issubclass(cls, io.ComfyNode), n
+        assert len(cls.DESCRIPTION) > 40, n
+    for n in ("DynamiCrafterImageConditioning", "DynamiCrafterLongVideo", "DynamiCrafterTextToVideoLatent"):
+        types = comfy.node_classes[n].INPUT_TYPES()["required"]
+        assert "multiple of 64" in types["width"][1]["tooltip"] and "multiple of 64" in types["height"][1]["tooltip"]
 
 
 # ------------------------------------------------------------------------------ workflows
@@ -120,7 +138,7 @@ def test_every_workflow_is_ui_format_with_notes():
 @pytest.fixture(scope="module")
 def loaded(comfy, tiny_ckpt):
     from nodes_pack_access import pack
-    model, clip, cv, vae = pack("loader").DynamiCrafterLoader().load("dc_tiny_v.safetensors", "fp32", "auto")
+    model, clip, cv, vae = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "auto")
     return model, clip, cv, vae
 
 
@@ -152,7 +170,7 @@ def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_re
     model = loaded[0]
     p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
     seed, steps = 11, 4
-    node_out = pack("sampler").DynamiCrafterDDIMSampler().sample(
+    node_out = pack("sampler").DynamiCrafterDDIMSampler.execute(
         model, p, n, latent, seed, steps, 7.5, 1.5, 0.0, 0.7, "auto")[0]["samples"]
 
     dc = lib_model
@@ -232,7 +250,7 @@ def test_official_layouts_in_conditioning(comfy, loaded, comfy_reference):
 
 def test_variant_defaults_node(comfy, loaded):
     from nodes_pack_access import pack
-    out = pack("defaults").DynamiCrafterVariantDefaults().defaults(loaded[0])
+    out = pack("defaults").DynamiCrafterVariantDefaults.execute(loaded[0])
     info = json.loads(out[-1])
     assert info["parameterization"] == "v" and info["zero_snr"] is True
     assert out[3] == 24      # fs of a 512-style (fps) model
@@ -373,7 +391,7 @@ def test_error_wrong_family_text_encoder(comfy, loaded, comfy_reference):
     p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
     wrong = [[torch.zeros(1, 77, 768), dict(p[0][1])]]
     with pytest.raises(ValueError, match="768"):
-        pack("sampler").DynamiCrafterDDIMSampler().sample(loaded[0], wrong, n, latent, 0, 2, 7.5, 0.0, 0.0, 0.0,
+        pack("sampler").DynamiCrafterDDIMSampler.execute(loaded[0], wrong, n, latent, 0, 2, 7.5, 0.0, 0.0, 0.0,
                                                           "auto")
 
 
@@ -387,7 +405,7 @@ def test_error_wrong_family_clip_vision(comfy, loaded):
 def test_error_model_of_another_kind(comfy):
     from nodes_pack_access import pack
     with pytest.raises(ValueError, match="not a DynamiCrafter"):
-        pack("defaults").DynamiCrafterVariantDefaults().defaults(object())
+        pack("defaults").DynamiCrafterVariantDefaults.execute(object())
 
 
 # ------------------------------------------------------------------------------ batches / pruned files / dtypes
@@ -404,7 +422,7 @@ def test_pruned_file_loads_from_diffusion_models(comfy, comfy_base, tiny_ckpt, l
     dc = lib_model
     path = comfy_base / "models" / "diffusion_models" / "dc_tiny_pruned_fp16.safetensors"
     dynamicrafter.save_checkpoint(dc, path, dtype=torch.float16, parts=("model.diffusion_model.", "image_proj_model."))
-    model, clip, cv, vae = pack("loader").DynamiCrafterLoader().load(path.name, "fp32", "auto")
+    model, clip, cv, vae = pack("loader").DynamiCrafterLoader.execute(path.name, "fp32", "auto")
     assert clip is None and cv is None and vae is None
     assert model.model.variant["parameterization"] == "v"
     with pytest.raises(ValueError, match="VAELoader"):
@@ -417,10 +435,10 @@ def test_half_precision_model_samples_close_to_fp32(comfy, loaded, comfy_referen
     """fp16/bf16 weights (GPU users' default); on CPU bf16 is slow, so a 2-step check on the tiny model."""
     from nodes_pack_access import pack
     p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
-    ref = pack("sampler").DynamiCrafterDDIMSampler().sample(loaded[0], p, n, latent, 3, 2, 7.5, 0.0, 0.0, 0.7,
+    ref = pack("sampler").DynamiCrafterDDIMSampler.execute(loaded[0], p, n, latent, 3, 2, 7.5, 0.0, 0.0, 0.7,
                                                             "auto")[0]["samples"]
-    model16 = pack("loader").DynamiCrafterLoader().load("dc_tiny_v.safetensors", "bf16", "auto")[0]
-    out = pack("sampler").DynamiCrafterDDIMSampler().sample(model16, p, n, latent, 3, 2, 7.5, 0.0, 0.0, 0.7,
+    model16 = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "bf16", "auto")[0]
+    out = pack("sampler").DynamiCrafterDDIMSampler.execute(model16, p, n, latent, 3, 2, 7.5, 0.0, 0.0, 0.7,
                                                             "auto")[0]["samples"]
     assert torch.isfinite(out).all()
     rel = float((out - ref).abs().max() / ref.abs().max())

@@ -52,7 +52,8 @@ def test_object_info_lists_every_node(comfy_server):
     assert EXPECTED_NODES <= set(info), EXPECTED_NODES - set(info)
     loader = info["DynamiCrafterLoader"]
     assert loader["output"] == ["MODEL", "CLIP", "CLIP_VISION", "VAE"]
-    assert "dc_tiny_v.safetensors" in loader["input"]["required"]["ckpt_name"][0]
+    assert loader["input"]["required"]["ckpt_name"][0] == "COMBO"          # V3 combo: choices in "options"
+    assert "dc_tiny_v.safetensors" in loader["input"]["required"]["ckpt_name"][1]["options"]
     assert info["DynamiCrafterDDIMSampler"]["input_order"]["required"][:4] == \
         ["model", "positive", "negative", "latent_image"]
 

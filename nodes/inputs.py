@@ -1,0 +1,50 @@
+"""Input groups that several nodes share, declared once (V3 schema).
+
+Widget order is part of every saved workflow: a group's inputs keep their order, and nodes add
+the group where their old widgets were."""
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from dynamicrafter.schedule import MAX_TRAILING_STEPS
+
+CATEGORY = "DynamiCrafter"
+SPACINGS = ["auto", "uniform_trailing", "uniform"]
+MAX_STEPS = MAX_TRAILING_STEPS
+SIZE_STEP = 64
+
+
+def size_inputs(default_width: int = 512, default_height: int = 320) -> list:
+    """width, height: the video size in pixels."""
+    note = "multiple of 64 (the UNet halves the 1/8-size latent three times)"
+    return [io.Int.Input("width", default=default_width, min=64, max=2048, step=SIZE_STEP,
+                         tooltip=f"video width in pixels, {note}"),
+            io.Int.Input("height", default=default_height, min=64, max=2048, step=SIZE_STEP,
+                         tooltip=f"video height in pixels, {note}")]
+
+
+def fs_input(default: int = 24, tooltip: str | None = None):
+    return io.Int.Input("fs", default=default, min=1, max=60, tooltip=tooltip or (
+        "frame-rate conditioning: fps for 512/1024/interp (512: 15-30, 1024: 5-15; smaller = more motion), "
+        "frame stride for 256 (1-6; larger = more motion)"))
+
+
+def sampler_inputs() -> list:
+    """seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing: the official DDIM settings."""
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                     tooltip="noise seed"),
+        io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="DDIM steps (official: 50)"),
+        io.Float.Input("cfg_text", default=7.5, min=0.0, max=30.0, step=0.1,
+                       tooltip="text guidance scale (1 = no guidance)"),
+        io.Float.Input("cfg_img", default=0.0, min=0.0, max=30.0, step=0.1,
+                       tooltip="image guidance scale of dual (multi-condition) CFG; 0 = off, i.e. single CFG "
+                               "as the official default"),
+        io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="DDIM eta (official scripts: 1.0; 0 = deterministic)"),
+        io.Float.Input("guidance_rescale", default=0.7, min=0.0, max=1.0, step=0.05,
+                       tooltip="official: 0.7 for 512/1024/interp, 0 for 256"),
+        io.Combo.Input("spacing", options=SPACINGS, default="auto",
+                       tooltip="DDIM timesteps; auto = the variant's (uniform_trailing for v models, uniform "
+                               "for 256)"),
+    ]
