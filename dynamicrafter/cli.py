@@ -8,7 +8,7 @@ import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from .config import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,17 @@ class TextEncoder(nn.Module):
         return self(self.tokenize(list(prompts)).to(device))
 
 
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 3, H, W) in [-1, 1] -> normalised (n, 3, size, size), as the official image embedder:
+    kornia bicubic resize with its antialias (aspect ratio not kept) in [-1, 1] space, then
+    (x + 1) / 2 and CLIP's mean/std (design §3)."""
+    x = kornia.geometry.resize(images, (size, size), interpolation="bicubic", align_corners=True, antialias=True)
+    x = (x + 1.0) / 2.0
+    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype)
+    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype)
+    return kornia.enhance.normalize(x, mean, std)
+
+
 def open_clip_causal_mask(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((n, n), float("-inf"), device=like.device, dtype=like.dtype).triu_(1)
 
@@ -72,13 +83,7 @@ class ImageEncoder(nn.Module):
         self.model = build_open_clip(cfg, keep="vision")
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) in [-1, 1] -> normalised (n, 3, 224, 224); aspect ratio not kept."""
-        size = (self.cfg.image_size, self.cfg.image_size)
-        x = kornia.geometry.resize(images, size, interpolation="bicubic", align_corners=True, antialias=True)
-        x = (x + 1.0) / 2.0
-        mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype)
-        std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype)
-        return kornia.enhance.normalize(x, mean, std)
+        return clip_preprocess(images, self.cfg.image_size)
 
     def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels -> (n, 1 + grid^2, width): CLS + patch tokens of the last block."""

@@ -16,6 +16,7 @@ import torch
 
 TEXT_CONTEXT_LEN = 77   # hard-coded in the official attention and UNet
 QUERIES_PER_FRAME = 16  # Resampler num_queries in every released config
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # dtype names users pick
 
 # Head widths of the released models, keyed by the width they belong to.
 _RELEASED_UNET_HEAD_CHANNELS = {320: 64}      # model_channels -> num_head_channels

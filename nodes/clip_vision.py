@@ -1,28 +1,17 @@
 """DynamiCrafter CLIP Vision Encode: the 257-token last-layer grid with the official preprocessing."""
 from __future__ import annotations
 
-import kornia
 import torch
 
 import comfy.model_management
 from comfy_api.v0_0_2 import io
 
+from dynamicrafter.clip import clip_preprocess
+
 from .inputs import CATEGORY
 from .images import check_finite, images_to_signed
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ClipTokens = io.Custom("DYNAMICRAFTER_CLIP_TOKENS")
-
-
-def official_clip_preprocess(signed: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, 3, H, W) in [-1, 1] -> normalised (n, 3, size, size): kornia bicubic resize with its
-    antialias (aspect ratio not kept), in [-1, 1] space, then (x+1)/2 and CLIP normalisation."""
-    x = kornia.geometry.resize(signed, (size, size), interpolation="bicubic", align_corners=True, antialias=True)
-    x = (x + 1.0) / 2.0
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 @torch.no_grad()
@@ -30,7 +19,7 @@ def clip_tokens(clip_vision, signed: torch.Tensor) -> torch.Tensor:
     """All tokens of the last vision block (no post-layernorm, no projection): (n, 1+grid^2, D)."""
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
-    pixels = official_clip_preprocess(signed.to(device, torch.float32), clip_vision.image_size)
+    pixels = clip_preprocess(signed.to(device, torch.float32), clip_vision.image_size)
     dtype = next(clip_vision.model.parameters()).dtype
     out = clip_vision.model(pixel_values=pixels.to(dtype), intermediate_output=-2)
     return out[0].float().to(comfy.model_management.intermediate_device())

@@ -30,7 +30,8 @@ import comfy.supported_models_base
 import comfy.utils
 from comfy.text_encoders import sd2_clip
 
-TEXT_TOKENS = 77
+from dynamicrafter.config import TEXT_CONTEXT_LEN
+
 
 
 class DynamiCrafterLatent(comfy.latent_formats.LatentFormat):
@@ -129,7 +130,7 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
                 img = img.to(cross)
                 if img.shape[0] != cross.shape[0]:
                     img = comfy.utils.repeat_to_batch_size(img, cross.shape[0])
-                cross = torch.cat([cross[:, :TEXT_TOKENS], img], dim=1)
+                cross = torch.cat([cross[:, :TEXT_CONTEXT_LEN], img], dim=1)
             out["c_crossattn"] = comfy.conds.CONDCrossAttn(cross)
         fs = kwargs.get("dc_fs", None)
         if fs is not None:
@@ -157,30 +158,26 @@ def require_dynamicrafter_model(model, node: str) -> DynamiCrafterBaseModel:
 
 
 # ------------------------------------------------------------------------- CLIP (text)
-def _text_config(sd_open_clip: dict) -> dict:
-    width = sd_open_clip["token_embedding.weight"].shape[1]
-    layers = 1 + max(int(k.split(".")[2]) for k in sd_open_clip if k.startswith("transformer.resblocks."))
-    inter = sd_open_clip["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    heads = 16 if width == 1024 else max(1, width // 16)
+def _text_config(cfg, sd_open_clip: dict) -> dict:
+    """transformers-style config of the text tower: sizes from the library's ClipConfig."""
     proj = sd_open_clip.get("text_projection")          # open_clip Parameter (width, embed)
     if proj is None and "text_projection.weight" in sd_open_clip:   # or nn.Linear weight (embed, width)
         proj = sd_open_clip["text_projection.weight"].t()
     return {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
-            "eos_token_id": 49407, "hidden_act": "gelu", "hidden_size": width, "initializer_factor": 1.0,
-            "initializer_range": 0.02, "intermediate_size": inter, "layer_norm_eps": 1e-05,
-            "max_position_embeddings": sd_open_clip["positional_embedding"].shape[0],
-            "model_type": "clip_text_model", "num_attention_heads": heads, "num_hidden_layers": layers,
-            "pad_token_id": 1, "projection_dim": proj.shape[1] if proj is not None else width,
-            "torch_dtype": "float32", "vocab_size": sd_open_clip["token_embedding.weight"].shape[0]}
+            "eos_token_id": 49407, "hidden_act": "gelu", "hidden_size": cfg.text_width, "initializer_factor": 1.0,
+            "initializer_range": 0.02, "intermediate_size": int(round(cfg.text_width * cfg.mlp_ratio)),
+            "layer_norm_eps": 1e-05, "max_position_embeddings": cfg.context_length,
+            "model_type": "clip_text_model", "num_attention_heads": cfg.text_heads,
+            "num_hidden_layers": cfg.text_layers, "pad_token_id": 1,
+            "projection_dim": proj.shape[1] if proj is not None else cfg.text_width,
+            "torch_dtype": "float32", "vocab_size": cfg.vocab_size}
 
 
-def make_comfy_clip(text_encoder, heads: int | None, dtype: torch.dtype) -> comfy.sd.CLIP:
+def make_comfy_clip(text_encoder, dtype: torch.dtype) -> comfy.sd.CLIP:
     """ComfyUI CLIP (SD2-style OpenCLIP text model, penultimate layer + final norm) from the
     library's open_clip text tower."""
     sd = {k: v.detach() for k, v in text_encoder.model.state_dict().items()}
-    config = _text_config(sd)
-    if heads:
-        config["num_attention_heads"] = int(heads)
+    config = _text_config(text_encoder.cfg, sd)
 
     class TextModel(comfy.sd1_clip.SDClipModel):
         def __init__(self, device="cpu", max_length=77, freeze=True, layer="penultimate", layer_idx=None,
@@ -218,21 +215,18 @@ def make_comfy_clip(text_encoder, heads: int | None, dtype: torch.dtype) -> comf
 _VISION_CONFIG_DIR = None
 
 
-def make_comfy_clip_vision(image_encoder, heads: int | None, dtype: torch.dtype) -> comfy.clip_vision.ClipVisionModel:
-    """ComfyUI ClipVisionModel from the library's open_clip vision tower (sizes from its tensors)."""
+def make_comfy_clip_vision(image_encoder, dtype: torch.dtype) -> comfy.clip_vision.ClipVisionModel:
+    """ComfyUI ClipVisionModel from the library's open_clip vision tower (sizes from its ClipConfig)."""
     global _VISION_CONFIG_DIR
     visual = {k: v.detach() for k, v in image_encoder.model.visual.state_dict().items()}
-    width = visual["conv1.weight"].shape[0]
-    patch = visual["conv1.weight"].shape[-1]
-    layers = 1 + max(int(k.split(".")[2]) for k in visual if k.startswith("transformer.resblocks."))
-    grid = visual["positional_embedding"].shape[0] - 1
-    image_size = int(round(grid ** 0.5)) * patch
+    cfg = image_encoder.cfg
+    width, patch, layers, image_size = cfg.vision_width, cfg.patch_size, cfg.vision_layers, cfg.image_size
     proj = visual.get("proj")
     config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "gelu", "hidden_size": width,
               "image_size": image_size, "initializer_factor": 1.0, "initializer_range": 0.02,
               "intermediate_size": visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
               "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
-              "num_attention_heads": int(heads) if heads else (16 if width == 1280 else max(1, width // 16)),
+              "num_attention_heads": cfg.vision_heads,
               "num_channels": 3, "num_hidden_layers": layers, "patch_size": patch,
               "projection_dim": proj.shape[1] if proj is not None else width, "torch_dtype": "float32"}
     if _VISION_CONFIG_DIR is None:
@@ -266,6 +260,3 @@ def make_comfy_vae(vae, dtype: torch.dtype) -> comfy.sd.VAE:
                 m.num_groups = cfg.norm_groups
     return out
 
-
-def comfy_dtype(choice: str, default: torch.dtype = torch.float32) -> torch.dtype:
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(choice, default)

@@ -12,11 +12,13 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 
-from .comfy_model import comfy_dtype, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
+from dynamicrafter.config import DTYPES as DTYPE_NAMES
+
+from .comfy_model import make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
 from .inputs import CATEGORY
 
 VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1"]
-DTYPES = ["auto", "fp32", "fp16", "bf16"]
+DTYPES = ["auto", *DTYPE_NAMES]
 FOLDERS = ("checkpoints", "diffusion_models")
 
 
@@ -39,7 +41,7 @@ def resolve_model_file(name: str) -> str:
 
 def pick_dtype(choice: str) -> torch.dtype:
     if choice != "auto":
-        return comfy_dtype(choice)
+        return DTYPE_NAMES[choice]
     device = comfy.model_management.get_torch_device()
     if device.type == "cpu":
         return torch.float32   # CPUs here have no fast fp16/bf16 matmul
@@ -65,12 +67,10 @@ def load_dynamicrafter(path: str, dtype: torch.dtype, variant: str = "auto"):
         raise ValueError(f"{os.path.basename(path)} could not be read as a DynamiCrafter checkpoint "
                          f"({type(e).__name__}: {e}); is the file complete and a .ckpt/.safetensors?") from e
     dc.eval()
-    cfg = dc.cfg
     # Text/vision encoders and VAE run in fp32 on CPU (no fast half precision there), else in the chosen dtype.
     te_dtype = torch.float32 if comfy.model_management.get_torch_device().type == "cpu" else dtype
-    clip = make_comfy_clip(dc.text_encoder, cfg.text.text_heads, te_dtype) if dc.text_encoder is not None else None
-    clip_vision = (make_comfy_clip_vision(dc.image_encoder, cfg.vision.vision_heads, te_dtype)
-                   if dc.image_encoder is not None else None)
+    clip = make_comfy_clip(dc.text_encoder, te_dtype) if dc.text_encoder is not None else None
+    clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype) if dc.image_encoder is not None else None
     vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
     # ComfyUI now owns these parts; keep only UNet + resampler + schedule inside the MODEL.
     dc.cond_stage_model = None

@@ -12,8 +12,9 @@ import latent_preview
 from comfy_api.v0_0_2 import io
 
 import dynamicrafter
+from dynamicrafter.config import TEXT_CONTEXT_LEN
 
-from .comfy_model import TEXT_TOKENS, require_dynamicrafter_model
+from .comfy_model import require_dynamicrafter_model
 from .inputs import CATEGORY, MAX_STEPS, sampler_inputs
 
 
@@ -25,7 +26,8 @@ def _first_cond(conditioning, name: str):
 
 
 def _context(text: torch.Tensor, image: torch.Tensor | None, batch: int) -> torch.Tensor:
-    ctx = text[:, :TEXT_TOKENS] if image is None else torch.cat([text[:, :TEXT_TOKENS], image.to(text)], dim=1)
+    text = text[:, :TEXT_CONTEXT_LEN]
+    ctx = text if image is None else torch.cat([text, image.to(text)], dim=1)
     return comfy.utils.repeat_to_batch_size(ctx, batch)
 
 

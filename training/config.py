@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
+from dynamicrafter.config import DTYPES
+
 
 @dataclass
 class ModelSection:
@@ -126,8 +128,8 @@ class TrainConfig:
             raise ValueError(f"run.distributed must be ddp or fsdp, got {r.distributed!r}")
         if r.cond_frame not in ("random", "first"):
             raise ValueError(f"run.cond_frame must be random or first, got {r.cond_frame!r}")
-        if r.export_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"run.export_dtype must be fp32, fp16 or bf16, got {r.export_dtype!r}")
+        if r.export_dtype not in DTYPES:
+            raise ValueError(f"run.export_dtype must be one of {', '.join(DTYPES)}, got {r.export_dtype!r}")
         if r.micro_batch < 1 or r.global_batch < 1 or r.max_steps < 0:
             raise ValueError("run.micro_batch and run.global_batch must be >= 1, run.max_steps >= 0")
         if not 0.0 <= r.ema_decay < 1.0:
@@ -138,8 +140,8 @@ class TrainConfig:
             raise ValueError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if not 0.0 <= self.data.uncond_prob <= 1.0 / 3.0:
             raise ValueError("data.uncond_prob must be in [0, 1/3] (three disjoint drop cases)")
-        if self.model.frozen_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError("model.frozen_dtype must be fp32, fp16 or bf16")
+        if self.model.frozen_dtype not in DTYPES:
+            raise ValueError(f"model.frozen_dtype must be one of {', '.join(DTYPES)}")
         if not 0.0 <= r.interp_prob <= 1.0:
             raise ValueError("run.interp_prob must be in [0, 1]")
         if self.model.image_kv_init not in ("copy_text", "random"):

@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from dynamicrafter.config import DTYPES
 from training import checkpoint as ck
 from training.config import TrainConfig
 from training.modeling import export_safetensors
@@ -44,7 +45,7 @@ def main(argv=None) -> str:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict, read_state_dict
-from dynamicrafter.config import ModelConfig, ResamplerConfig, infer_config, tiny_config
+from dynamicrafter.config import DTYPES, ModelConfig, ResamplerConfig, infer_config, tiny_config
 from dynamicrafter.model import DynamiCrafter
 
 log = logging.getLogger("training.modeling")
@@ -234,7 +234,6 @@ class EMA:
 
 # --------------------------------------------------------------------------- export
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export_safetensors(dc: DynamiCrafter, path: str, dtype: str = "fp16") -> str:
