@@ -360,7 +360,7 @@ class UNet3D(nn.Module):
             return torch.cat([text, image], dim=1)
         return context.repeat_interleave(frames, dim=0)
 
-    def forward(self, x, timesteps, context, fs=None, temporal: bool = True, debug: Optional[dict] = None):
+    def forward(self, x, timesteps, context, fs=None, temporal: bool = True):
         """x (b, Cin, T, h, w) with any concat latent already appended; timesteps (b,);
         context (k*b, L, C); fs (b,) or None for the default. Returns (k*b, Cout, T, h, w).
 
@@ -370,14 +370,10 @@ class UNet3D(nn.Module):
         if context.shape[0] % b:
             raise ValueError(f"context batch {context.shape[0]} is not a multiple of the latent batch {b}")
         emb = self.time_embed(timestep_embedding(timesteps.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
-        if debug is not None:
-            debug["time_embed"] = emb
         if self.cfg.fs_condition:
             if fs is None:
                 fs = torch.full((b,), self.cfg.default_fs, dtype=torch.long, device=x.device)
             fs_emb = self.fps_embedding(timestep_embedding(fs.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
-            if debug is not None:
-                debug["fps_embedding"] = fs_emb
             emb = emb + fs_emb
         emb = emb.repeat_interleave(t, dim=0)
         context = self.per_frame_context(context, t)
@@ -395,21 +391,13 @@ class UNet3D(nn.Module):
                 if cut < len(block):
                     emb, h = expand_batch(emb, n), expand_batch(h, n)
                     h = block(h, emb, context, frames, start=cut)
-            if debug is not None:
-                debug[f"input_blocks.{i:02d}"] = h
             if i == 0 and hasattr(self, "init_attn"):
                 h = self.init_attn(h, emb, context, frames)
-                if debug is not None:
-                    debug["init_attn"] = h
             skips.append(h)
         emb, h = expand_batch(emb, n), expand_batch(h, n)
         h = self.middle_block(h, emb, context, frames)
-        if debug is not None:
-            debug["middle_block"] = h
         for i, block in enumerate(self.output_blocks):
             h = block(h, emb, context, frames, skip=skips.pop())
-            if debug is not None:
-                debug[f"output_blocks.{i:02d}"] = h
         return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t)
 
 

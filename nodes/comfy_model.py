@@ -145,10 +145,6 @@ def make_model_patcher(dc) -> comfy.model_patcher.ModelPatcher:
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
-def is_dynamicrafter_model(model) -> bool:
-    return isinstance(getattr(model, "model", None), DynamiCrafterBaseModel)
-
-
 def require_dynamicrafter_model(model, node: str) -> DynamiCrafterBaseModel:
     inner = getattr(model, "model", None)
     if not isinstance(inner, DynamiCrafterBaseModel):

@@ -86,12 +86,7 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
     dc = inner.dc_model
     gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
     from dynamicrafter.schedule import ddim_timesteps
-    timesteps = ddim_timesteps(steps, spacing)
-    if int(max(timesteps)) >= len(dc.alphas_cumprod) or int(min(timesteps)) < 0:
-        raise ValueError(f"{steps} steps with '{spacing}' spacing give DDPM timestep {int(max(timesteps))}, "
-                         f"outside 0..{len(dc.alphas_cumprod) - 1} (the official schedule's quirk); "
-                         f"use another step count, e.g. {steps + 1}")
-    total = len(timesteps)
+    total = len(ddim_timesteps(steps, spacing))   # 'uniform' can make more steps than asked (official quirk)
     preview = latent_preview.prepare_callback(model, total) if previews else None
     pbar = None if previews else comfy.utils.ProgressBar(total)
 

@@ -127,8 +127,28 @@ def tiny_v_state_dict():
     return sd
 
 
+def unet_block_outputs(unet, *args, **kwargs):
+    """(output, {block name: its output}) of one UNet call, named like the reference's
+    `unet.debug.*` tensors (embeddings, every input/output block, init_attn, middle block),
+    read with forward hooks so the model itself carries no test seams."""
+    record, handles = {}, []
+    modules = {"time_embed": unet.time_embed, "fps_embedding": getattr(unet, "fps_embedding", None),
+               "init_attn": getattr(unet, "init_attn", None), "middle_block": unet.middle_block}
+    modules.update({f"input_blocks.{i:02d}": b for i, b in enumerate(unet.input_blocks)})
+    modules.update({f"output_blocks.{i:02d}": b for i, b in enumerate(unet.output_blocks)})
+    for name, module in modules.items():
+        if module is not None:   # a block run in two parts (shared prefix) records its final output last
+            handles.append(module.register_forward_hook(lambda m, i, o, name=name: record.__setitem__(name, o)))
+    try:
+        out = unet(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, record
+
+
 def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, name: str = ""):
-    """SPEC §5: max|ours - ref| <= rel * max(1, max|ref|)."""
+    """design §13: max|ours - ref| <= rel * max(1, max|ref|)."""
     assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
     diff = (ours.detach().float().cpu() - ref.float()).abs().max().item()
     tol = rel * max(1.0, ref.float().abs().max().item())

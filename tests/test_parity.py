@@ -2,7 +2,7 @@
 sampling case at 1e-3, relative to max(1, max|ref|). Inputs come from ../shared/reference."""
 import pytest
 import torch
-from conftest import assert_close_to_ref
+from conftest import assert_close_to_ref, unet_block_outputs
 
 import dynamicrafter
 from dynamicrafter.pipeline import image_conditioning
@@ -61,8 +61,7 @@ def test_vae_moments_latent_and_decode(ref_v):
 def test_unet_forward_block_by_block(ref_v):
     dc, ref, manifest = ref_v
     x = torch.cat([ref["unet.x_t"], ref["unet.c_concat"]], dim=1)
-    debug = {}
-    out = dc.unet(x, ref["unet.t"], ref["unet.context"], ref["unet.fs"], debug=debug)
+    out, debug = unet_block_outputs(dc.unet, x, ref["unet.t"], ref["unet.context"], ref["unet.fs"])
     blocks = [k.removeprefix("unet.debug.") for k in ref if k.startswith("unet.debug.")]
     assert len(blocks) == 28   # time/fps embeddings, in0, init_attn, in1-11, middle, out0-11
     for name in blocks:   # the first block that differs is where a bug lives

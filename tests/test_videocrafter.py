@@ -3,7 +3,7 @@ parity with the official VideoCrafter code's tensors in ../shared/reference/tiny
 
 import pytest
 import torch
-from conftest import _reference_file, assert_close_to_ref, load_reference
+from conftest import _reference_file, assert_close_to_ref, load_reference, unet_block_outputs
 
 import dynamicrafter
 
@@ -31,8 +31,7 @@ def test_text_and_unet(ref_vc2):
     with torch.no_grad():
         assert_close_to_ref(dc.encode_text([PROMPT]), ref["text.prompt_emb"])
         assert_close_to_ref(dc.encode_text([""]), ref["text.empty_emb"])
-        debug = {}
-        out = dc.unet(ref["unet.x_t"], ref["unet.t"], ref["unet.context"], ref["unet.fps"], debug=debug)
+        out, debug = unet_block_outputs(dc.unet, ref["unet.x_t"], ref["unet.t"], ref["unet.context"], ref["unet.fps"])
         for name in [k.removeprefix("unet.debug.") for k in ref if k.startswith("unet.debug.")]:
             assert_close_to_ref(debug[name], ref[f"unet.debug.{name}"], name=name)
         assert_close_to_ref(out, ref["unet.out"])

@@ -29,7 +29,7 @@ class InitError(ValueError):
     """The initial weights cannot start this run; the message says what to add."""
 
 
-def tiny_model_config(frames: int, family: str = "dynamicrafter", overrides: Optional[dict] = None) -> ModelConfig:
+def tiny_model_config(frames: int, overrides: Optional[dict] = None) -> ModelConfig:
     """A small random model of the official architecture with a 4-channel (text-to-video) UNet,
     as stage 1 starts from. `overrides` = {"unet": {...}, "vae": {...}, "resampler": {...},
     "text": {...}, "vision": {...}, "variant": {...}} changes sizes/fields."""
