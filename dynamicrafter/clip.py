@@ -1,4 +1,4 @@
-"""OpenCLIP towers as DynamiCrafter uses them (MODEL-SPEC §2-3), built by open_clip with the
+"""OpenCLIP towers as DynamiCrafter uses them (design §2-3), built by open_clip with the
 checkpoint's sizes and no pretrained download; weights come from our checkpoint.
 
 - text (`cond_stage_model`): all 77 token states after the penultimate block, then ln_final.

@@ -1,4 +1,4 @@
-"""Image-to-video end to end (MODEL-SPEC §1, §10): conditioning from an image and a prompt,
+"""Image-to-video end to end (design §1, §10): conditioning from an image and a prompt,
 DDIM sampling, decoding. `animate()` is the headless entry point; the ComfyUI nodes call the
 same pieces (`image_conditioning`, `concat_latent`, `sample_ddim`)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The context resampler (`image_proj_model`, MODEL-SPEC §4): a Perceiver whose 16*T learned
+"""The context resampler (`image_proj_model`, design §4): a Perceiver whose 16*T learned
 queries read the 257 CLIP image tokens and become 16 context tokens per frame (frame-major)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DDIM with single / dual classifier-free guidance and guidance rescale (MODEL-SPEC §8-9).
+"""DDIM with single / dual classifier-free guidance and guidance rescale (design §8-9).
 
 `denoise(x_t, t, context)` is the only model access: everything else is the math of one step.
 The guidance branches (cond, uncond, uncond_img) run as one UNet call on one x_t with stacked

@@ -1,4 +1,4 @@
-"""Noise schedules (MODEL-SPEC §6, §8): scaled-linear betas, zero terminal SNR, the dynamic
+"""Noise schedules (design §6, §8): scaled-linear betas, zero terminal SNR, the dynamic
 x0 rescale array, the DDIM timestep spacings. Computed in float64 like the official code,
 then stored as float32 buffers (the checkpoints carry the same values)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DynamiCrafter / VideoCrafter 3D UNet (MODEL-SPEC §7), in the official key layout.
+"""The DynamiCrafter / VideoCrafter 3D UNet (design §7), in the official key layout.
 
 Everything works per frame on (b*T, C, h, w) except the temporal layers, which see
 (b, C, T, h, w): the temporal convolution inside each ResBlock, the TemporalTransformers,
@@ -42,7 +42,7 @@ def _mlp(dim_in: int, dim: int) -> nn.Sequential:
 # ------------------------------------------------------------------------------------ attention
 
 class CrossAttention(nn.Module):
-    """Multi-head attention; with `image_kv`, the dual cross-attention of MODEL-SPEC §7.5:
+    """Multi-head attention; with `image_kv`, the dual cross-attention of design §7:
     the first 77 context tokens (text) and the rest (image) are attended with separate
     key/value weights and separate softmaxes, and the image result is added (gated in the 256 model)."""
 
@@ -352,7 +352,7 @@ class UNet3D(nn.Module):
 
     def per_frame_context(self, context: torch.Tensor, frames: int) -> torch.Tensor:
         """(b, L, C) -> (b*T, L', C). With exactly 77 + 16*T tokens, frame f reads the text and
-        its own 16 image tokens; otherwise every frame reads the whole context (MODEL-SPEC §7.2)."""
+        its own 16 image tokens; otherwise every frame reads the whole context (design §7)."""
         if context.shape[1] == TEXT_CONTEXT_LEN + QUERIES_PER_FRAME * frames:
             text, image = context[:, :TEXT_CONTEXT_LEN], context[:, TEXT_CONTEXT_LEN:]
             text = text.repeat_interleave(frames, dim=0)

@@ -1,4 +1,4 @@
-"""The SD KL-f8 autoencoder (`first_stage_model`, MODEL-SPEC §5), applied per 2D frame."""
+"""The SD KL-f8 autoencoder (`first_stage_model`, design §5), applied per 2D frame."""
 from __future__ import annotations
 
 import torch

@@ -3,11 +3,11 @@
 Two ways to drive it, both with this repository installed as the custom node pack
 ``BASE/custom_nodes/ComfyUI-DynamiCrafter`` (a symlink to the checkout):
 
-* :class:`InProcessComfy` - ComfyUI's own executor in this Python process (SPEC section 4.5): the
+* :class:`InProcessComfy` - ComfyUI's own executor in this Python process: the
   prompt is validated with ``execution.validate_prompt`` and run by ``execution.PromptExecutor``
   exactly as the server's worker thread would, without HTTP.  One per process (ComfyUI keeps
   global state: node mappings, cli args, folder paths).
-* :class:`ComfyServer` - ``main.py`` as a subprocess on a free loopback port (SPEC section 4.4),
+* :class:`ComfyServer` - ``main.py`` as a subprocess on a free loopback port,
   driven over HTTP (``/system_stats``, ``/object_info``, ``/prompt``, ``/history``,
   ``/interrupt``) with bounded waits everywhere.
 

@@ -1,4 +1,4 @@
-"""Checkpoint formats and variants (SPEC §2, §7): full-size official layouts, Lightning
+"""Checkpoint formats and variants: full-size official layouts, Lightning
 .ckpt with extras, DeepSpeed dicts, fp16/bf16 safetensors, pruned files, old key names, the
 256 gates, eps models, and clear errors for files that are not DynamiCrafter."""
 import csv

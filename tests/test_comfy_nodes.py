@@ -304,7 +304,7 @@ def test_interrupt_mid_sampling_then_next_prompt_runs(comfy):
     run_and_get_video(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2))
 
 
-# ------------------------------------------------------------------------------ bad input (SPEC §7)
+# ------------------------------------------------------------------------------ bad input
 def _error_of(comfy, prompt) -> str:
     result = comfy.run(prompt, check=False)
     assert not result["success"]

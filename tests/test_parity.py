@@ -1,4 +1,4 @@
-"""Parity with the official DynamiCrafter code (SPEC §5): every stage at 1e-4, every 10-step
+"""Parity with the official DynamiCrafter code (design §13): every stage at 1e-4, every 10-step
 sampling case at 1e-3, relative to max(1, max|ref|). Inputs come from ../shared/reference."""
 import pytest
 import torch

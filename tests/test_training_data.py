@@ -1,4 +1,4 @@
-"""Training data: synthetic clips, CSV layouts, stream sampling, bad input (SPEC §6, §7)."""
+"""Training data: synthetic clips, CSV layouts, stream sampling, bad input."""
 import csv
 import logging
 import os

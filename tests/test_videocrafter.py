@@ -1,4 +1,4 @@
-"""VideoCrafter2 text-to-video through the same library and API (issue 6; MODEL-SPEC-VIDEOCRAFTER):
+"""VideoCrafter2 text-to-video through the same library and API (design §11):
 parity with the official VideoCrafter code's tensors in ../shared/reference/tiny_vc2."""
 
 import pytest

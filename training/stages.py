@@ -1,4 +1,4 @@
-"""The paper's three training stages on the library's layers (SPEC §6, MODEL-SPEC §6-7).
+"""The paper's three training stages on the library's layers (design §6-7; training/README.md).
 
 Stage 1 (text-to-image): single frames, temporal path bypassed (``temporal=False``), 4 input
     channels; trains the Resampler and the image K/V projections (+ the tanh gates where the
@@ -139,7 +139,7 @@ def _at(buf: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def noisy_and_target(dc, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-    """(x_t, target) per MODEL-SPEC §6: with dynamic rescale the clean latent is first
+    """(x_t, target) per design §6: with dynamic rescale the clean latent is first
     multiplied by scale_arr[t]; target is eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
     variant = dc.variant
     if variant.get("dynamic_rescale_base") is not None or variant.get("use_scale"):
