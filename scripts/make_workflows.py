@@ -67,9 +67,23 @@ def save_video(g: UIGraph, frames, x, y, prefix, fps=8.0):
     return sv
 
 
+# The official releases (file names as the workflows expect them in models/checkpoints).  The
+# web UI reads a loader's properties.models and offers these when the file is missing.
+OFFICIAL_DOWNLOADS = {
+    "dynamicrafter_256.ckpt": "https://huggingface.co/Doubiiu/DynamiCrafter/resolve/main/model.ckpt",
+    "dynamicrafter_512.ckpt": "https://huggingface.co/Doubiiu/DynamiCrafter_512/resolve/main/model.ckpt",
+    "dynamicrafter_1024.ckpt": "https://huggingface.co/Doubiiu/DynamiCrafter_1024/resolve/main/model.ckpt",
+    "dynamicrafter_512_interp.ckpt": "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp/resolve/main/model.ckpt",
+    "videocrafter2_512.ckpt": "https://huggingface.co/VideoCrafter/VideoCrafter2/resolve/main/model.ckpt",
+}
+
+
 def loader(g: UIGraph, ckpt: str, x=0, y=0):
-    return g.add("DynamiCrafterLoader", (x, y), {"ckpt_name": ckpt, "dtype": "auto", "variant": "auto"},
+    node = g.add("DynamiCrafterLoader", (x, y), {"ckpt_name": ckpt, "dtype": "auto", "variant": "auto"},
                  size=[360, 150])
+    if ckpt in OFFICIAL_DOWNLOADS:
+        node["properties"]["models"] = [{"name": ckpt, "url": OFFICIAL_DOWNLOADS[ckpt], "directory": "checkpoints"}]
+    return node
 
 
 def image_to_video(classes) -> dict:

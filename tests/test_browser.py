@@ -107,3 +107,21 @@ def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server
             pass
         print("\n".join(logs[-40:]))
         raise
+
+
+def test_missing_model_brings_up_the_download_dialog(browser_page, comfy_server):
+    """A shared workflow names the official checkpoint the user does not have yet: the web UI's
+    missing-models dialog lists it (from the loader's properties.models) with its official URL."""
+    page, logs = browser_page
+    wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")   # as shipped: dynamicrafter_512.ckpt
+    entry = next(n for n in wf["nodes"] if n["type"] == "DynamiCrafterLoader")["properties"]["models"][0]
+    assert entry["url"].startswith("https://huggingface.co/Doubiiu/") and entry["directory"] == "checkpoints"
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', true) }")
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+    page.get_by_text("Missing Models", exact=False).first.wait_for(state="visible", timeout=30_000)
+    page.get_by_text(f"checkpoints / {entry['name']}", exact=False).first.wait_for(state="visible", timeout=10_000)
+    page.keyboard.press("Escape")
