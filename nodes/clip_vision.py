@@ -28,8 +28,10 @@ def clip_tokens(clip_vision, signed: torch.Tensor) -> torch.Tensor:
 def encode_clip_vision(clip_vision, image: torch.Tensor) -> dict:
     """IMAGE (b,H,W,C) in [0,1] -> {"cond": tokens of the images, "uncond": tokens of a zero image}."""
     if clip_vision is None:
-        raise ValueError("no CLIP_VISION connected: this checkpoint has none (pruned file); load the OpenCLIP "
-                         "ViT-H-14 vision model with CLIPVisionLoader")
+        raise ValueError("no CLIP vision model: the checkpoint brought none. A VideoCrafter checkpoint is a "
+                         "text-to-video model that takes no image: open the 'videocrafter_text_to_video' "
+                         "workflow instead. A pruned DynamiCrafter file: load the OpenCLIP ViT-H-14 vision model "
+                         "with CLIPVisionLoader")
     check_finite(image, "image")
     signed = images_to_signed(image)
     cond = clip_tokens(clip_vision, signed)

@@ -113,6 +113,14 @@ def test_text_to_video_workflow_runs(comfy, comfy_reference):
     assert count_frames(video) == T
 
 
+def test_text_to_video_checkpoint_in_the_image_graph_names_the_right_template(comfy, comfy_reference):
+    if not (comfy_reference / "tiny_vc2" / "model.safetensors").is_file():
+        pytest.skip("no tiny VideoCrafter2 checkpoint in the reference folder")
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="vc2_tiny.safetensors")
+    with pytest.raises(comfy_runtime.PromptFailed, match="text-to-video.*videocrafter_text_to_video"):
+        comfy.run(prompt)
+
+
 def test_text_to_image_then_animation_workflow_runs(comfy, comfy_base):
     """A core SD checkpoint -> KSampler -> VAEDecode -> our nodes, with a tiny SD 1.5-layout file."""
     from tiny_sd import write_tiny_sd15
