@@ -89,7 +89,7 @@ class DynamiCrafterLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DynamiCrafterLoader",
-            display_name="DynamiCrafter Checkpoint Loader (DynamiCrafter / VideoCrafter)",
+            display_name="DynamiCrafter Checkpoint Loader",
             category=CATEGORY,
             description="Loads a DynamiCrafter image-to-video (256/512/1024/512-interp) or VideoCrafter "
                         "text-to-video checkpoint; the variant is read from the weights.",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+TITLE_HEIGHT = 30        # LiteGraph's node title bar, above a node's pos
+TITLE_CHAR_WIDTH = 7.8   # title text width per character in the web UI (measured, with margin)
 
 
 def _spec_items(node_cls) -> list[tuple[str, tuple]]:
@@ -44,6 +46,11 @@ def widget_layout(node_cls) -> list[tuple[str, int]]:
             opts.get("video_upload") or opts.get("audio_upload") else 0
         out.append((name, 1 + extra))
     return out
+
+
+def _display_name(node_cls, ntype: str) -> str:
+    schema = getattr(node_cls, "GET_SCHEMA", None)     # V3 nodes carry it in their schema
+    return (schema().display_name if schema else None) or ntype
 
 
 def socket_inputs(node_cls) -> list[tuple[str, str]]:
@@ -144,13 +151,17 @@ class UIGraph:
                 values.append("fixed" if name in ("seed", "noise_seed") else "image")
         if widgets:
             raise ValueError(f"{ntype}: unknown widgets {sorted(widgets)}")
+        sockets, outputs = socket_inputs(cls), output_types(cls)
+        shown_title = title or _display_name(cls, ntype)
+        # at least what the web UI's LiteGraph lays out (measured): slot rows, widget rows, title text
+        need = [TITLE_CHAR_WIDTH * len(shown_title) + 40, 14 + 20 * max(len(sockets), len(outputs)) + 24 * len(values)]
+        size = size or [320, need[1]]
         node = {
             "id": len(self.nodes) + 1, "type": ntype, "pos": [float(pos[0]), float(pos[1])],
-            "size": list(size or [320, 60 + 26 * (len(values) + len(socket_inputs(cls)))]),
+            "size": [max(size[0], need[0]), max(size[1], need[1])],
             "flags": {}, "order": len(self.nodes), "mode": 0,
-            "inputs": [{"name": n, "type": t, "link": None} for n, t in socket_inputs(cls)],
-            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
-                        for i, (n, t) in enumerate(output_types(cls))],
+            "inputs": [{"name": n, "type": t, "link": None} for n, t in sockets],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
             "properties": {"Node name for S&R": ntype},
             "widgets_values": values,
         }
@@ -183,24 +194,52 @@ class UIGraph:
         target["link"] = link_id
         out["links"].append(link_id)
 
-    def group(self, title: str, bounding, color="#3f789e") -> None:
-        self.groups.append({"title": title, "bounding": list(bounding), "color": color, "font_size": 24})
+    def group(self, title: str, members: list, color="#3f789e") -> None:
+        """A titled frame around the given nodes (its bounds are taken once the layout is settled)."""
+        self.groups.append({"title": title, "members": [n["id"] for n in members], "color": color, "font_size": 24})
+
+    def _box(self, n: dict) -> tuple:
+        return n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT
+
+    def _settle(self, gap: float = 20.0) -> None:
+        """Move nodes down until none covers another (title bars included), column by column."""
+        placed = []
+        for n in sorted(self.nodes, key=lambda n: (n["pos"][0], n["pos"][1])):
+            moved = True
+            while moved:
+                moved = False
+                x, y, w, h = self._box(n)
+                for o in placed:
+                    ox, oy, ow, oh = self._box(o)
+                    if x < ox + ow + gap and ox < x + w + gap and y < oy + oh + gap and oy < y + h + gap:
+                        n["pos"][1] = oy + oh + gap + TITLE_HEIGHT
+                        moved = True
+            placed.append(n)
+
+    def _group_bounds(self, group: dict, pad: float = 20.0) -> list:
+        boxes = [self._box(n) for n in self.nodes if n["id"] in group["members"]]
+        x0, y0 = min(b[0] for b in boxes) - pad, min(b[1] for b in boxes) - pad - 40   # room for its title
+        x1, y1 = max(b[0] + b[2] for b in boxes) + pad, max(b[1] + b[3] for b in boxes) + pad
+        return [x0, y0, x1 - x0, y1 - y0]
 
     def to_json(self) -> dict:
+        self._settle()
+        groups = [{"title": g["title"], "bounding": self._group_bounds(g), "color": g["color"],
+                   "font_size": g["font_size"]} for g in self.groups]
         nodes = copy.deepcopy(self.nodes)
         for n in nodes:
             for o in n["outputs"]:
                 if not o["links"]:
                     o["links"] = None
         return {"last_node_id": len(nodes), "last_link_id": len(self.links), "nodes": nodes,
-                "links": copy.deepcopy(self.links), "groups": copy.deepcopy(self.groups), "config": {},
-                "extra": {"ds": self._fit_view()}, "version": 0.4}
+                "links": copy.deepcopy(self.links), "groups": groups, "config": {},
+                "extra": {"ds": self._fit_view(groups)}, "version": 0.4}
 
-    def _fit_view(self, width=1700, height=860, left=80, top=130) -> dict:
-        """Canvas scale/offset that shows the whole graph in a width x height area of the screen."""
-        xs = [n["pos"][0] + n["size"][0] for n in self.nodes] + [g["bounding"][0] + g["bounding"][2] for g in self.groups]
-        ys = [n["pos"][1] + n["size"][1] for n in self.nodes] + [g["bounding"][1] + g["bounding"][3] for g in self.groups]
-        x0 = min([n["pos"][0] for n in self.nodes] + [g["bounding"][0] for g in self.groups])
-        y0 = min([n["pos"][1] for n in self.nodes] + [g["bounding"][1] for g in self.groups])
+    def _fit_view(self, groups: list, width=1400, height=780, left=80, top=130) -> dict:
+        """Canvas scale/offset that shows the whole graph in a width x height area of the screen
+        (a laptop-sized window, below ComfyUI's top bar and right of its side bar)."""
+        boxes = [self._box(n) for n in self.nodes] + [tuple(g["bounding"]) for g in groups]
+        x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        xs, ys = [b[0] + b[2] for b in boxes], [b[1] + b[3] for b in boxes]
         scale = round(min(1.0, width / (max(xs) - x0 + 40), height / (max(ys) - y0 + 40)), 3)
         return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}

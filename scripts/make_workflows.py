@@ -160,10 +160,11 @@ def storytelling(classes) -> dict:
               ("scene3.png", "fireworks burst over the castle at night")]
     decs = []
     for i, (name, prompt) in enumerate(scenes):
-        y = i * 720
+        y = 260 + i * 820
+        first = len(g.nodes)
         img = g.add("LoadImage", (0, 200 + y), {"image": name}, title=f"Scene {i + 1}", size=[320, 320])
         decs.append(i2v_chain(g, ld, img, prompt, 420, y, title_suffix=f" (scene {i + 1})", seed=100 + i))
-        g.group(f"Scene {i + 1}", [-10, y - 40, 1640, 690])
+        g.group(f"Scene {i + 1}", g.nodes[first:])
     joined = decs[0]
     for i, d in enumerate(decs[1:]):
         b = g.add("ImageBatch", (1660, 300 + 200 * i), title="Join scenes")
@@ -184,7 +185,7 @@ def text_to_video(classes) -> dict:
     g.connect(ld, "clip", p, "clip")
     g.connect(ld, "clip", n, "clip")
     t2v = g.add("DynamiCrafterTextToVideoLatent", (800, 0),
-                {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 28})
+                {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 28}, title="Text-to-video latent")
     g.connect(p, 0, t2v, "positive")
     g.connect(n, 0, t2v, "negative")
     samp = g.add("DynamiCrafterDDIMSampler", (1200, 0),
@@ -240,7 +241,8 @@ def image_to_video_ksampler(classes) -> dict:
     g.connect(ld, "model", res, "model")
     g.connect(enc, 0, res, "clip_tokens")
     cond = g.add("DynamiCrafterImageConditioning", (800, 0),
-                 {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 24, "mode": "image-to-video"})
+                 {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 24, "mode": "image-to-video"},
+                 title="Image conditioning")
     for name, src, slot in (("positive", p, 0), ("negative", n, 0), ("vae", ld, "vae"), ("image_context", res, 0),
                             ("start_image", img, 0)):
         g.connect(src, slot, cond, name)

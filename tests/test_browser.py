@@ -125,3 +125,34 @@ def test_missing_model_brings_up_the_download_dialog(browser_page, comfy_server)
     page.get_by_text("Missing Models", exact=False).first.wait_for(state="visible", timeout=30_000)
     page.get_by_text(f"checkpoints / {entry['name']}", exact=False).first.wait_for(state="visible", timeout=10_000)
     page.keyboard.press("Escape")
+
+
+def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_server):
+    """Every template as the web UI lays it out (nodes grow to fit their widgets): no node covers
+    another, title bars included, and the graph's output node is inside the opening view."""
+    page, logs = browser_page
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(path))
+        boxes = page.evaluate("""() => {
+            const title = LiteGraph.NODE_TITLE_HEIGHT;
+            return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, out: !!n.constructor.nodeData?.output_node,
+                x: n.pos[0], y: n.pos[1] - title, w: n.size[0], h: n.size[1] + title}));
+        }""")
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                overlap = (min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"]),
+                           min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"]))
+                assert min(overlap) <= 0, f"{path.name}: {a['type']} #{a['id']} overlaps {b['type']} #{b['id']}"
+        view = page.evaluate("""() => { const ds = window.app.canvas.ds, c = window.app.canvas.canvas;
+            return {x: -ds.offset[0], y: -ds.offset[1], w: c.width / ds.scale, h: c.height / ds.scale}; }""")
+        outputs = [b for b in boxes if b["out"]]
+        assert outputs, path.name
+        for o in outputs:
+            assert view["x"] <= o["x"] and o["x"] + o["w"] <= view["x"] + view["w"] and \
+                view["y"] <= o["y"] and o["y"] + o["h"] <= view["y"] + view["h"], \
+                f"{path.name}: output node {o['type']} is outside the opening view {view}"
