@@ -23,7 +23,6 @@ the file is trusted.
 """
 from __future__ import annotations
 
-import io
 import pickletools
 import struct
 import zipfile
@@ -309,11 +308,12 @@ def scan_pickle(data: bytes, source: str = "checkpoint") -> dict:
                 func = stack.pop()
                 args = tuple(args) if isinstance(args, tuple) else ()
                 name = str(func) if isinstance(func, _Global) else ""
-                spent += _call_bytes(name, args, sized)
+                cost = _call_bytes(name, args, sized)
+                spent += cost
                 if spent > budget:
                     refuse(f"its pickle asks for about {spent} bytes of memory through {name or 'a call'}, "
                            f"more than a {len(data)}-byte pickle may ({budget})")
-                stack.append(_Value(_result_size(name, args)))
+                stack.append(_Value(max(cost, _result_size(name, args))))
             elif code == "BINPERSID":
                 pid = stack.pop()
                 storages_key = _storage_record(pid, refuse)
