@@ -19,13 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import CheckpointError, ModelConfig, infer_config
+from .metadata import KEY as CONFIG_METADATA_KEY, check_against_weights, stored_config
 from .schedule import variant_schedule
 from .torch_files import check_tensor_bytes, load_torch_file
 
 UNET_PREFIX = "model.diffusion_model."
 OLD_KEY_RENAMES = {"framestride_embed": "fps_embedding"}   # the 256 checkpoint's old name
 DEEPSPEED_PREFIX = "_forward_module."
-CONFIG_METADATA_KEY = "dynamicrafter_config"
 
 
 def read_state_dict(path) -> tuple[dict, dict]:
@@ -107,9 +107,7 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
     problem = describe_foreign_checkpoint(sd)
     if problem:
         raise CheckpointError(problem)
-    stored = None
-    if metadata and CONFIG_METADATA_KEY in metadata:
-        stored = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    stored = stored_config(metadata)     # schema-checked; CheckpointError names a bad key
     if stored and not heads:
         heads = dict(unet_head_channels=stored.unet.num_head_channels,
                      text_heads=stored.text.text_heads if stored.text else None,
@@ -117,6 +115,8 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
                      resampler_dim_head=stored.resampler.dim_head if stored.resampler else None)
         variant_overrides = {**_variant_fields(stored), **(variant_overrides or {})}
     cfg = infer_config(sd, variant_overrides, heads)
+    if stored:
+        check_against_weights(stored, cfg, sd)
     if stored and stored.vae and cfg.vae:     # what shapes cannot tell: the VAE's GroupNorm groups
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, norm_groups=stored.vae.norm_groups))
     with torch.device("meta"):
