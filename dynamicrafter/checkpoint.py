@@ -1,18 +1,16 @@
 """Reading and writing checkpoints in the official key layout, safely.
 
 - `.safetensors`: fp32/fp16/bf16, full or pruned (UNet + resampler only).
-- `.ckpt`/`.pt`/`.pth`: Lightning dicts (`state_dict`), bare state dicts, DeepSpeed `module`
-  dicts. Read with torch's weights-only unpickler; objects a checkpoint names that are not
-  tensors or plain containers (Lightning callbacks, OmegaConf hyper-parameters, anything) are
-  materialised as inert placeholders: loading never runs code from the file.
+- `.ckpt`/`.pt`/`.pth`/`.bin`: Lightning dicts (`state_dict`), bare state dicts, DeepSpeed
+  `module` dicts, in torch's zip format. Read only by torch's weights-only unpickler after the
+  file's sizes are checked; objects it names that are not tensors or plain containers (Lightning
+  callbacks, OmegaConf hyper-parameters, anything) become inert stand-ins: see torch_files.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -21,64 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import CheckpointError, ModelConfig, infer_config
+from .metadata import KEY as CONFIG_METADATA_KEY, check_against_weights, stored_config
 from .schedule import variant_schedule
+from .torch_files import check_tensor_bytes, load_torch_file
 
 UNET_PREFIX = "model.diffusion_model."
 OLD_KEY_RENAMES = {"framestride_embed": "fps_embedding"}   # the 256 checkpoint's old name
 DEEPSPEED_PREFIX = "_forward_module."
-CONFIG_METADATA_KEY = "dynamicrafter_config"
-
-
-class _Inert:
-    """Stands in for any non-tensor object a pickled checkpoint mentions; calling or building
-    it only records the arguments."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __setitem__(self, key, value):   # for objects rebuilt through SETITEMS
-        self.__dict__.setdefault("items", {})[key] = value
-
-    def append(self, value):
-        self.__dict__.setdefault("list", []).append(value)
-
-    def extend(self, values):
-        self.__dict__.setdefault("list", []).extend(values)
-
-
-def _inert_class(full_name: str):
-    module, _, name = full_name.rpartition(".")
-    return type(name, (_Inert,), {"__module__": module, "__qualname__": name})
-
-
-def _weights_only_allowlist() -> dict:
-    """What torch's weights-only unpickler accepts: tensors, storages, dtypes, plain containers."""
-    from torch import _weights_only_unpickler
-    return dict(_weights_only_unpickler._get_allowed_globals())
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only torch's weights-only allowlist; any other global becomes an inert class."""
-
-    def find_class(self, module, name):
-        return _weights_only_allowlist().get(f"{module}.{name}") or _inert_class(f"{module}.{name}")
-
-
-class _restricted_pickle:   # a pickle "module" for torch.load(pickle_module=...)
-    Unpickler = _RestrictedUnpickler
-    load = staticmethod(lambda f, **kw: _RestrictedUnpickler(f, **kw).load())
-    __name__ = "restricted_pickle"
-
-
-def _torch_load_safely(path: Path) -> dict:
-    mmap = zipfile.is_zipfile(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError:   # Lightning extras (callbacks, hparams objects): keep them inert
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle, mmap=mmap)
 
 
 def read_state_dict(path) -> tuple[dict, dict]:
@@ -93,8 +40,8 @@ def read_state_dict(path) -> tuple[dict, dict]:
                 metadata = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
         else:
-            obj = _torch_load_safely(path)
-            sd = _unwrap(obj)
+            sd = _unwrap(load_torch_file(path))
+            check_tensor_bytes(sd, path.name)
     except CheckpointError:
         raise
     except Exception as e:   # truncated zip, bad header, not a pickle ...
@@ -160,9 +107,7 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
     problem = describe_foreign_checkpoint(sd)
     if problem:
         raise CheckpointError(problem)
-    stored = None
-    if metadata and CONFIG_METADATA_KEY in metadata:
-        stored = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    stored = stored_config(metadata)     # schema-checked; CheckpointError names a bad key
     if stored and not heads:
         heads = dict(unet_head_channels=stored.unet.num_head_channels,
                      text_heads=stored.text.text_heads if stored.text else None,
@@ -170,6 +115,8 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
                      resampler_dim_head=stored.resampler.dim_head if stored.resampler else None)
         variant_overrides = {**_variant_fields(stored), **(variant_overrides or {})}
     cfg = infer_config(sd, variant_overrides, heads)
+    if stored:
+        check_against_weights(stored, cfg, sd)
     if stored and stored.vae and cfg.vae:     # what shapes cannot tell: the VAE's GroupNorm groups
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, norm_groups=stored.vae.norm_groups))
     with torch.device("meta"):

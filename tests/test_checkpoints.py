@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -80,10 +81,18 @@ class LightningHParams:
 
 
 class Exploit:
-    """A pickle that would run a shell command if the loader executed pickled code."""
+    """A pickle that would run a command if the loader executed pickled code (through a module
+    torch does not block, so the loader must neutralise it itself)."""
 
     def __init__(self, marker):
         self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+class ShellExploit(Exploit):
+    """The same through os.system: torch never loads a file naming it, neither do we."""
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
@@ -136,6 +145,11 @@ def test_lightning_ckpt_with_extras_and_old_key_name_loads_without_running_code(
         ("eps", False, None, "frame_stride", 3)
     assert loaded.cfg.unet.image_gate
     assert torch.equal(_denoise_once(loaded), _denoise_once(model))
+    ckpt["optimizer_states"] = [ShellExploit(marker)]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="posix.system"):
+        dynamicrafter.load_model(path)
+    assert not marker.exists(), "loading executed code from the checkpoint"
 
 
 def test_gate_is_tanh_alpha_plus_one(tiny_256_style):

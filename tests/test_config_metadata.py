@@ -1,0 +1,97 @@
+"""The `dynamicrafter_config` metadata of our .safetensors files is read with a schema: every
+malformed value is a CheckpointError naming its key, and the stored sizes must agree with the
+tensor shapes (table-driven: each row is an edit of a real file's metadata and the expected error)."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dynamicrafter
+from dynamicrafter import CheckpointError
+from dynamicrafter.metadata import KEY, parse_config_metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = dynamicrafter.DynamiCrafter(dynamicrafter.tiny_config(frames=2)).eval()
+    path = dynamicrafter.save_checkpoint(model, tmp_path_factory.mktemp("meta") / "tiny.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        return path, {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()[KEY])
+
+
+def edit(cfg: dict, dotted: str, value):
+    out = copy.deepcopy(cfg)
+    *parents, last = dotted.split(".")
+    node = out
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return out
+
+
+SCHEMA_ROWS = [   # (edit of the stored config or raw text, expected error text)
+    ("{", "(the whole value) is not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ("x" * 70000, "at most 65536 bytes"),
+    ('{"unet": ' + "[" * 5000 + "]" * 5000 + "}", "nests deeper than"),
+    ('{"unet": {}, "unet": {}}', "duplicate key 'unet'"),
+    (("evil", 1), "evil is not a known section"),
+    (("unet.foo", 1), "unet.foo is not a known field"),
+    (("unet", None), "unet is required"),
+    (("unet.model_channels", "32"), "unet.model_channels must be an integer in 1..65536, got '32'"),
+    (("unet.num_res_blocks", True), "unet.num_res_blocks must be an integer"),
+    (("unet.num_head_channels", -16), "unet.num_head_channels must be an integer in 1..65536, got -16"),
+    (("unet.model_channels", 10 ** 9), "unet.model_channels must be an integer in 1..65536"),
+    (("unet.channel_mult", [1, 2, 0]), "unet.channel_mult must hold integers in 1..64"),
+    (("unet.channel_mult", list(range(1, 20))), "unet.channel_mult must be a list of 1..8 integers"),
+    (("vae.norm_groups", 0), "vae.norm_groups must be an integer in 1..1024"),
+    (("text.mlp_ratio", float("nan")), "text.mlp_ratio must be a finite number"),
+    (("variant.cfg_text", float("nan")), "variant.cfg_text must be a finite number in [0.0, 100.0], got nan"),
+    (("variant.guidance_rescale", float("inf")), "variant.guidance_rescale must be a finite number"),
+    (("variant.dynamic_rescale_base", -0.5), "variant.dynamic_rescale_base must be a finite number"),
+    (("variant.parameterization", "x0"), "variant.parameterization must be one of ['eps', 'v']"),
+    (("variant.name", "../../etc"), "variant.name must be one of names like"),
+    (("variant.resolution", [320]), "variant.resolution must be a list of 2..2 integers"),
+    (("variant.fs_range", [30, 5]), "variant.fs_range must be [low, high]"),
+    (("scale_factor", float("inf")), "scale_factor must be a finite number"),
+    (("vision", 3), "vision must be an object or null"),
+]
+
+
+@pytest.mark.parametrize("change,expected", SCHEMA_ROWS, ids=[str(r[1])[:40] for r in SCHEMA_ROWS])
+def test_schema_refuses_with_the_key(tiny_file, change, expected):
+    _, _, cfg = tiny_file
+    text = change if isinstance(change, str) else json.dumps(edit(cfg, *change))
+    with pytest.raises(CheckpointError, match="dynamicrafter_config metadata") as err:
+        parse_config_metadata(text)
+    assert expected in str(err.value)
+
+
+def test_stored_config_round_trips(tiny_file):
+    path, _, cfg = tiny_file
+    assert parse_config_metadata(json.dumps(cfg)) == dynamicrafter.tiny_config(frames=2)
+    assert dynamicrafter.load_model(path).cfg.unet == dynamicrafter.tiny_config(frames=2).unet
+
+
+SHAPE_ROWS = [   # metadata that parses but does not describe the weights
+    (("unet.model_channels", 64), "unet.model_channels is 64 but the weights' shapes give 32"),
+    (("unet.num_head_channels", 48), "unet.num_head_channels (48) must divide the width 32"),
+    (("vae.norm_groups", 7), "vae.norm_groups (7) must divide every VAE width"),
+    (("text.text_heads", 5), "text.text_heads (5) must divide text_width 64"),
+    (("resampler.dim_head", 7), "resampler.heads is 3 but the weights' shapes give 6"),
+    (("vae.ch_mult", [1, 2, 4]), "vae.ch_mult is (1, 2, 4) but the weights' shapes give (1, 2, 4, 4)"),
+]
+
+
+@pytest.mark.parametrize("change,expected", SHAPE_ROWS, ids=[r[0][0] for r in SHAPE_ROWS])
+def test_stored_sizes_must_match_the_shapes(tmp_path, tiny_file, change, expected):
+    _, tensors, cfg = tiny_file
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata={KEY: json.dumps(edit(cfg, *change)), "format": "pt"})
+    with pytest.raises(CheckpointError, match="dynamicrafter_config metadata") as err:
+        dynamicrafter.load_model(path)
+    assert expected in str(err.value)
