@@ -200,7 +200,8 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
         z = encode_video(dc, video, d.vae_noise.to(device)).float()
         captions = ["" if drop else cap for cap, drop in zip(batch["caption"], d.drop_text.tolist())]
         text = dc.encode_text(captions)
-        cond_idx = d.cond_frame.to(device)
+        # an interpolation sample is conditioned on its first (and last) frame: CLIP sees the first
+        cond_idx = torch.where(d.interp, torch.zeros_like(d.cond_frame), d.cond_frame).to(device)
         img = video[torch.arange(b, device=device), :, cond_idx]            # (b, 3, H, W)
         img = torch.where(d.drop_image.to(device)[:, None, None, None], torch.zeros_like(img), img)
         clip_tokens = dc.encode_clip_image(img)
@@ -218,5 +219,8 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
             layout[:, :, 0], layout[:, :, -1] = z[:, :, 0], z[:, :, -1]
             concat = torch.where(d.interp.to(device)[:, None, None, None, None], layout, rep)
             inp = torch.cat([x_t, concat], dim=1)
-        out = unet(inp, t, context, fs=batch["fs"].to(device), temporal=st.stage != 1)
+        fs = batch["fs"].to(device)
+        if st.stage == 1:   # single images have no frame rate: the variant's default, as at sampling
+            fs = torch.full_like(fs, int(dc.variant["default_fs"]))
+        out = unet(inp, t, context, fs=fs, temporal=st.stage != 1)
     return F.mse_loss(out.float(), target.float())
