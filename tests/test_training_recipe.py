@@ -223,8 +223,10 @@ def test_resume_lists_changes_and_needs_permission_for_lr(tmp_path, clips):
     run = tmp_path / "run"
     base = [SMOKE, f"data.csv={clips}", f"run.run_dir={run}", "run.stage=2", "run.save_every=1",
             "run.global_batch=2", "run.micro_batch=2", "run.ema_decay=0.9999"]
-    p = _train_cli(*base, "run.max_steps=1")
+    p = _train_cli(*base, "run.max_steps=1", f"data.val_csv={clips}", "eval.val_every=1", "eval.val_clips=2")
     assert p.returncode == 0, p.stderr[-3000:]
+    val = [json.loads(x) for x in open(run / "log.jsonl") if "val_loss" in x]
+    assert len(val) == 1 and val[0]["step"] == 1 and len(val[0]["val_loss_t"]) == 5
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["weights"].startswith("EMA weights (decay 0.9999, 1 updates")
     from safetensors import safe_open
@@ -232,6 +234,7 @@ def test_resume_lists_changes_and_needs_permission_for_lr(tmp_path, clips):
         assert f.metadata()["training_weights"] == out["weights"]
         assert f.get_tensor("image_proj_model.proj_out.weight").dtype == torch.float32   # fp32 by default
 
+    base += [f"data.val_csv={clips}", "eval.val_every=1", "eval.val_clips=2"]   # not a guarded change
     changed = [*base, "run.max_steps=2", "optim.lr=3e-4"]
     p = _train_cli(*changed)
     assert p.returncode == 2 and "Traceback" not in p.stderr
@@ -240,7 +243,7 @@ def test_resume_lists_changes_and_needs_permission_for_lr(tmp_path, clips):
     p = _train_cli(*changed, "--allow-config-change")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resuming with config changes" in p.stderr and "run.max_steps: 1 -> 2" in p.stderr
-    logged = [json.loads(x) for x in open(run / "log.jsonl")]
+    logged = [r for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2]
     assert logged[0]["lr"] == pytest.approx(1e-3) and logged[1]["lr"] == pytest.approx(3e-4)
     # a data change is refused too; a change of only max_steps goes through
@@ -250,3 +253,30 @@ def test_resume_lists_changes_and_needs_permission_for_lr(tmp_path, clips):
     assert p.returncode == 2 and "data.csv" in p.stderr.strip().splitlines()[-1]
     p = _train_cli(*base, "run.max_steps=3", "optim.lr=3e-4")
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------ validation loss
+
+def test_validation_loss_is_fixed_across_runs(clips):
+    from training.data import collate
+    from training.stages import StageSettings
+    from training.train import build_model, validation_items, validation_loss
+    common = [f"data.csv={clips}", f"data.val_csv={clips}", "eval.val_every=1", "eval.val_clips=2",
+              "eval.val_timesteps=[200, 800]", "run.stage=2", "run.micro_batch=1", "run.global_batch=2"]
+    cfg = load_config(SMOKE, common)
+    other = load_config(SMOKE, [*common, "run.seed=7", "data.uncond_prob=0.2", "run.cond_frame=random"])
+    dc = build_model(cfg)
+    dc.train()
+    a = validation_loss(dc, validation_items(cfg, "frame_stride"), cfg)
+    assert dc.training                                          # back in training mode afterwards
+    b = validation_loss(dc, validation_items(other, "frame_stride"), other)
+    assert a == b                                               # independent of the run's seed and draws
+    assert a["val_loss_t"][200] != a["val_loss_t"][800]
+    items = validation_items(cfg, "frame_stride")
+    dc.eval()
+    with torch.no_grad():
+        ref = stage_loss(dc, collate(items), StageSettings(stage=2, seed=cfg.eval.seed, uncond_prob=0.0,
+                                                           cond_frame="first", fixed_t=800))
+    assert float(ref) == pytest.approx(a["val_loss_t"][800], rel=1e-6)
+    with pytest.raises(ConfigError, match="needs data.val_csv"):
+        load_config(SMOKE, [f"data.csv={clips}", "eval.val_every=5"])

@@ -43,6 +43,7 @@ class DataSection:
     fps_max: Optional[int] = None
     num_workers: int = 2
     uncond_prob: float = 0.05           # 5% text only, 5% image only, 5% both dropped (CFG)
+    val_csv: Optional[str] = None       # held-out clips for the validation loss (same layout as csv)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RunSection:
     distributed: str = "ddp"            # ddp | fsdp (only used under torchrun with >1 process)
     ema_decay: float = 0.0              # 0 = no EMA
     train_all: bool = False             # stage 3: train every UNet parameter (temporal too)
+    lora: dict = field(default_factory=dict)   # {rank, alpha, targets[, dropout]}: LoRA on a frozen UNet
     cond_frame: str = "random"          # stage 3 conditioning frame: random | first
     interp_prob: float = 0.0            # stage 3: share of samples with the first+last frame (interpolation) concat
     log_every: int = 10
@@ -95,6 +97,9 @@ class EvalSection:
     fs: Optional[int] = None
     seed: int = 1234
     fps: int = 8
+    val_every: int = 0                  # validation loss every N steps (needs data.val_csv); 0 = off
+    val_clips: int = 8                  # the first N clips of data.val_csv (fixed clip, noise and timesteps)
+    val_timesteps: list = field(default_factory=lambda: [100, 300, 500, 700, 900])
 
 
 @dataclass
@@ -160,7 +165,29 @@ class TrainConfig:
             raise ConfigError(f"stage 1 must keep the base model's parameterisation (model.variant sets {switch}): "
                               "it trains only the image context layers, which cannot absorb a new objective; "
                               "switch to v + zero-SNR in stage 2, where the UNet trains")
+        if self.eval.val_every and not self.data.val_csv:
+            raise ConfigError("eval.val_every needs data.val_csv: a CSV of held-out clips")
+        if any(not 0 <= int(t) < 1000 for t in self.eval.val_timesteps) or not self.eval.val_timesteps:
+            raise ConfigError("eval.val_timesteps must be a non-empty list of timesteps in [0, 1000)")
+        if r.lora:
+            self.check_lora()
         self.check_sizes(size_multiple(self))
+
+    def check_lora(self) -> None:
+        from training.lora import GROUPS
+        spec = self.run.lora
+        unknown = set(spec) - {"rank", "alpha", "targets", "dropout"}
+        if unknown:
+            raise ConfigError(f"run.lora has unknown keys {sorted(unknown)}; known: rank, alpha, targets, dropout")
+        if not isinstance(spec.get("rank"), int) or spec["rank"] < 1:
+            raise ConfigError("run.lora.rank must be a positive integer (e.g. 16)")
+        targets = spec.get("targets")
+        if not targets or not isinstance(targets, list) or set(targets) - set(GROUPS):
+            raise ConfigError(f"run.lora.targets must be a list of layer groups from {list(GROUPS)}, got {targets!r}")
+        if self.run.distributed == "fsdp":
+            raise ConfigError("run.lora trains a few million parameters: use run.distributed=ddp, not fsdp")
+        if self.run.train_all:
+            raise ConfigError("run.lora keeps the UNet frozen: drop run.train_all")
 
     def check_sizes(self, multiple: Optional[int]) -> None:
         """data.height/width must divide down to the UNet's smallest feature map."""
@@ -217,7 +244,7 @@ def _set(cfg: TrainConfig, section: str, key: str, value: Any) -> None:
         value = tuple(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(current, str) and key in ("run_dir", "csv", "video_dir", "init") and value is not None:
+    if key in ("run_dir", "csv", "video_dir", "init", "val_csv") and isinstance(value, str):
         value = os.path.expanduser(str(value))
     setattr(sec, key, value)
 
@@ -252,7 +279,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
 
 # Changes on resume that alter what the run trains (refused without --allow-config-change);
 # a key ending in "." guards its whole section.
-GUARDED = ("optim.lr", "data.csv", "data.video_dir", "run.stage", "run.train_all", "model.")
+GUARDED = ("optim.lr", "data.csv", "data.video_dir", "run.stage", "run.train_all", "run.lora", "model.")
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:

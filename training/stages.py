@@ -166,6 +166,7 @@ class StageSettings:
     uncond_prob: float = 0.05
     cond_frame: str = "random"
     interp_prob: float = 0.0
+    fixed_t: int | None = None     # validation: this timestep for every sample (noise still keyed by sample)
 
 
 def encode_video(dc, video: torch.Tensor, vae_noise: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,7 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
              num_timesteps=dc.alphas_cumprod.shape[0], uncond_prob=st.uncond_prob,
              cond_frame=st.cond_frame if st.stage == 3 else "first", query_groups=resampler_frames,
              interp_prob=st.interp_prob if st.stage == 3 else 0.0)
-    t = d.t.to(device)
+    t = d.t.to(device) if st.fixed_t is None else torch.full_like(d.t, st.fixed_t).to(device)
     with torch.no_grad(), autocast:
         z = encode_video(dc, video, d.vae_noise.to(device)).float()
         captions = ["" if drop else cap for cap, drop in zip(batch["caption"], d.drop_text.tolist())]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from training import checkpoint as ck
 from training.config import ConfigError, TrainConfig, config_changes, guarded, load_config
+from training.lora import add_lora, export_lora
 from training.data import DatasetError, StreamSampler, collate, make_dataset, shared_records
 from training.modeling import (DTYPES, EMA, InitError, build_tiny, cast_frozen, enable_gradient_checkpointing,
                                export_safetensors, load_init, overlay_extras, set_resblock_dropout, sync_config)
@@ -137,7 +138,15 @@ def build_model(cfg: TrainConfig):
     sync_config(dc)
     set_resblock_dropout(dc.unet, m.dropout)
     cfg.check_sizes(8 * 2 ** (len(dc.unet.cfg.channel_mult) - 1))   # a .ckpt init is only known now
+    if r.lora:
+        add_lora(dc, r.lora)
     return dc
+
+
+def names_to_train(dc, cfg: TrainConfig) -> list[str]:
+    if cfg.run.lora:       # the adapters only: UNet, Resampler and encoders frozen
+        return [n for n, _ in dc.named_parameters() if ".lora_" in n]
+    return trainable_names(dc, cfg.run.stage, cfg.run.train_all)
 
 
 class JsonlLog:
@@ -252,6 +261,40 @@ def check_resume(state: dict, cfg: TrainConfig, allow_config_change: bool, is_ma
                              + "); pass --allow-config-change to resume with them, or use a new run.run_dir")
 
 
+def validation_items(cfg: TrainConfig, fs_meaning: str, records=None) -> list[dict]:
+    """The held-out clips, decoded once: stream indices 0..val_clips-1 of data.val_csv with the
+    clip choice seeded by eval.seed (not the run's seed), so every run sees the same clips."""
+    frames = 1 if cfg.run.stage == 1 else cfg.data.frames
+    ds = make_dataset(cfg.data.val_csv, cfg.data.video_dir, records=records, frames=frames, height=cfg.data.height,
+                      width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
+                      fps_max=cfg.data.fps_max, seed=cfg.eval.seed)
+    return [ds[k] for k in range(cfg.eval.val_clips)]
+
+
+@torch.no_grad()
+def validation_loss(dc, items: list[dict], cfg: TrainConfig, autocast=contextlib.nullcontext) -> dict:
+    """Diffusion loss of the held-out clips at each of eval.val_timesteps, with noise keyed by
+    (eval.seed, clip), no dropout and nothing dropped from the conditioning (the first frame
+    conditions, no interpolation layout): the same weights give the same number in any run.
+    Every process computes it (under FSDP the UNet's shards are gathered collectively)."""
+    was_training = dc.training
+    dc.eval()
+    per_t = {}
+    try:
+        for t in cfg.eval.val_timesteps:
+            st = StageSettings(stage=cfg.run.stage, seed=cfg.eval.seed, uncond_prob=0.0, cond_frame="first",
+                               interp_prob=0.0, fixed_t=int(t))
+            total = 0.0
+            for i in range(0, len(items), cfg.run.micro_batch):
+                chunk = items[i:i + cfg.run.micro_batch]
+                total += float(stage_loss(dc, collate(chunk), st, autocast())) * len(chunk)
+            per_t[int(t)] = total / len(items)
+    finally:
+        if was_training:
+            train_mode(dc)
+    return {"val_loss": sum(per_t.values()) / len(per_t), "val_loss_t": per_t}
+
+
 def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
     r = cfg.run
     rank, world, device = setup_distributed(r.device)
@@ -265,7 +308,7 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
 
     torch.manual_seed(r.seed)
     dc = build_model(cfg)
-    names = trainable_names(dc, r.stage, r.train_all)
+    names = names_to_train(dc, cfg)
     apply_trainable(dc, names)
     dc.to(device)
     if cfg.model.frozen_dtype != "fp32":
@@ -335,6 +378,11 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
     dataset = make_dataset(cfg.data.csv, records=records, frames=frames, height=cfg.data.height,
                            width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
                            fps_max=cfg.data.fps_max, seed=r.seed)
+    val_items = []
+    if cfg.eval.val_every:
+        val_records = shared_records(cfg.data.val_csv, cfg.data.video_dir, rank,
+                                     broadcast_from_rank0 if world > 1 else None)
+        val_items = validation_items(cfg, fs_meaning, val_records)
     sampler = StreamSampler(r.micro_batch, accum, rank, world, start_step=step)
     loader = torch.utils.data.DataLoader(dataset, batch_size=r.micro_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
@@ -411,14 +459,23 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
             train_mode(dc)
             if is_main:
                 jsonl.write({"step": step, "samples": paths})
+        if val_items and step % cfg.eval.val_every == 0:
+            val = validation_loss(dc, val_items, cfg, autocast)
+            if is_main:
+                jsonl.write({"step": step, **val})
+                if tb is not None:
+                    tb.add_scalar("val/loss", val["val_loss"], step)
 
     export_path = None
     use_ema = ema is not None and r.export_ema
     weights = ema.describe() if use_ema else f"raw weights after {step} steps"
     if r.export_at_end:
-        export_path = os.path.join(r.run_dir, "model.safetensors")
+        export_path = os.path.join(r.run_dir, "lora.safetensors" if r.lora else "model.safetensors")
         with (ema.swapped_in() if use_ema else contextlib.nullcontext()):
-            if r.distributed == "fsdp" and world > 1:
+            if r.lora:
+                if is_main:
+                    export_lora(dc, export_path, r.lora, r.export_dtype, weights)
+            elif r.distributed == "fsdp" and world > 1:
                 full = {k: _full(v) for k, v in dc.state_dict().items()}    # collective: every rank gathers
                 if is_main:
                     export_safetensors(plain_copy(dc.cfg, full), export_path, r.export_dtype, weights)
