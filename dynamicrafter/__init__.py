@@ -5,6 +5,7 @@
 """
 from .checkpoint import load_model, read_state_dict, save_checkpoint
 from .config import CheckpointError, ModelConfig, infer_config, tiny_config
+from .lora import LoraError, load_lora
 from .model import DynamiCrafter, MissingComponentError
 from .pipeline import animate, concat_latent, fit_image, image_conditioning, text_conditioning
 from .sampling import sample_ddim
@@ -12,4 +13,5 @@ from .video import load_image, save_video, to_uint8
 
 __all__ = ["load_model", "read_state_dict", "save_checkpoint", "CheckpointError", "ModelConfig", "infer_config",
            "tiny_config", "DynamiCrafter", "MissingComponentError", "sample_ddim", "animate", "concat_latent",
-           "fit_image", "image_conditioning", "text_conditioning", "load_image", "save_video", "to_uint8"]
+           "fit_image", "image_conditioning", "text_conditioning", "load_image", "save_video", "to_uint8",
+           "load_lora", "LoraError"]

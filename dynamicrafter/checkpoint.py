@@ -154,9 +154,11 @@ def _variant_fields(cfg: ModelConfig) -> dict:
                                        "cfg_text", "resolution", "fs_range")}
 
 
-def save_checkpoint(model, path, dtype: Optional[torch.dtype] = None, parts: Optional[tuple] = None) -> Path:
+def save_checkpoint(model, path, dtype: Optional[torch.dtype] = None, parts: Optional[tuple] = None,
+                    metadata: Optional[dict] = None) -> Path:
     """Write the model as one .safetensors file in the official layout (atomically).
-    `parts` limits it to key prefixes (e.g. ('model.diffusion_model.', 'image_proj_model.'))."""
+    `parts` limits it to key prefixes (e.g. ('model.diffusion_model.', 'image_proj_model.'));
+    `metadata`: extra string entries for the file's header (e.g. which weights these are)."""
     path = Path(path)
     sd = {}
     schedule = {k for k, _ in model.named_buffers()}
@@ -166,7 +168,7 @@ def save_checkpoint(model, path, dtype: Optional[torch.dtype] = None, parts: Opt
         if dtype is not None and v.is_floating_point() and k not in schedule:
             v = v.to(dtype)
         sd[k] = v.detach().contiguous().cpu()
-    meta = {CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict()), "format": "pt"}
+    meta = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(model.cfg.to_dict()), "format": "pt"}
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
     os.replace(tmp, path)

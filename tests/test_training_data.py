@@ -141,8 +141,8 @@ def test_empty_dataset_errors(tmp_path, plain):
     with pytest.raises(DatasetError, match="none of the 1 videos listed exists"):
         make_dataset(str(missing), frames=2, height=8, width=8)
     wrong = tmp_path / "wrong.csv"
-    wrong.write_text("file,text\na.mp4,b\n")
-    with pytest.raises(DatasetError, match="videoid,name,page_dir"):
+    wrong.write_text("clip,description\na.mp4,b\n")
+    with pytest.raises(DatasetError, match="video/path/file.*caption/text/prompt.*videoid,name,page_dir"):
         make_dataset(str(wrong), frames=2, height=8, width=8)
     with pytest.raises(DatasetError, match="not found"):
         make_dataset(str(tmp_path / "absent.csv"), frames=2, height=8, width=8)

@@ -27,6 +27,10 @@ import torch
 
 log = logging.getLogger("training.checkpoint")
 
+class ResumeError(ValueError):
+    """The run directory's checkpoint cannot be resumed with this config; the message says why."""
+
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 TMP_MARK = ".tmp-"
 

@@ -2,8 +2,10 @@
 
 A dataset is a folder of videos and a CSV. Two CSV layouts are read:
   * WebVid: ``videoid,name,page_dir`` -> ``<video_dir>/<page_dir>/<videoid>.mp4``, caption ``name``
-  * plain:  ``video,caption``         -> ``<video_dir>/<video>`` (absolute paths are kept)
-``video_dir`` defaults to the CSV's folder. Extra columns are ignored.
+  * plain:  ``video,caption`` (or path/file for the video, text/prompt for the caption)
+            -> ``<video_dir>/<video>`` (absolute paths are kept)
+Optional ``start``/``end`` (or ``start_time``/``end_time``) columns, in seconds, trim each
+video. ``video_dir`` defaults to the CSV's folder. Extra columns are ignored.
 
 Sampling is a deterministic *stream*: stream index k (0, 1, 2, ...) maps to epoch
 k // N and, inside it, to position k % N of a seeded permutation of the N videos; every
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,27 +43,106 @@ class DatasetError(ValueError):
 class VideoRecord:
     path: str
     caption: str
+    start: Optional[float] = None       # seconds: clips are drawn from [start, end) of the video
+    end: Optional[float] = None
+
+
+PATH_COLUMNS = ("video", "path", "file")
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+START_COLUMNS = ("start", "start_time")
+END_COLUMNS = ("end", "end_time")
+
+
+def _pick(header: dict, names: tuple) -> Optional[str]:
+    return next((header[n] for n in names if n in header), None)
+
+
+def _seconds(value: str, column: str, line: int, csv_path: str) -> Optional[float]:
+    if value is None or not value.strip():
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        raise DatasetError(f"{csv_path} line {line}: {column}={value!r} is not a time in seconds") from None
+    if t < 0:
+        raise DatasetError(f"{csv_path} line {line}: {column}={value!r} is negative")
+    return t
 
 
 def read_annotations(csv_path: str, video_dir: Optional[str] = None) -> list[VideoRecord]:
-    """Rows of a WebVid-layout or plain CSV as (absolute video path, caption)."""
+    """Rows of a WebVid-layout or plain CSV as (absolute video path, caption[, start, end])."""
     if not os.path.isfile(csv_path):
         raise DatasetError(f"caption CSV not found: {csv_path}")
     video_dir = video_dir or os.path.dirname(os.path.abspath(csv_path))
     with open(csv_path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        header = set(reader.fieldnames or [])
-        if {"videoid", "name", "page_dir"} <= header:
-            def row_to_record(row):
-                return VideoRecord(os.path.join(video_dir, row["page_dir"], f"{row['videoid']}.mp4"), row["name"])
-        elif {"video", "caption"} <= header:
-            def row_to_record(row):
-                return VideoRecord(os.path.join(video_dir, row["video"]), row["caption"])
+        header = {(n or "").strip().lower(): n for n in reader.fieldnames or []}   # normalised -> as written
+        path_col, cap_col = _pick(header, PATH_COLUMNS), _pick(header, CAPTION_COLUMNS)
+        start_col, end_col = _pick(header, START_COLUMNS), _pick(header, END_COLUMNS)
+        if {"videoid", "name", "page_dir"} <= set(header):
+            vid, name, page = header["videoid"], header["name"], header["page_dir"]
+
+            def locate(row):
+                return os.path.join(video_dir, row[page], f"{row[vid]}.mp4"), row[name]
+        elif path_col and cap_col:
+            def locate(row):
+                return os.path.join(video_dir, row[path_col]), row[cap_col]
         else:
             raise DatasetError(
-                f"{csv_path}: unrecognised CSV header {sorted(header)}; expected WebVid columns "
-                "'videoid,name,page_dir' or plain columns 'video,caption'")
-        return [row_to_record(row) for row in reader]
+                f"{csv_path}: unrecognised CSV header {sorted(header)}; expected a video column "
+                f"({'/'.join(PATH_COLUMNS)}) and a caption column ({'/'.join(CAPTION_COLUMNS)}), "
+                "or the WebVid columns 'videoid,name,page_dir'")
+        records = []
+        for line, row in enumerate(reader, start=2):
+            path, caption = locate(row)
+            start = _seconds(row.get(start_col), start_col, line, csv_path) if start_col else None
+            end = _seconds(row.get(end_col), end_col, line, csv_path) if end_col else None
+            if start is not None and end is not None and end <= start:
+                raise DatasetError(f"{csv_path} line {line}: {end_col}={end} is not after {start_col}={start}")
+            records.append(VideoRecord(path, caption or "", start, end))
+    return records
+
+
+def empty_captions(records: list[VideoRecord]) -> int:
+    return sum(not r.caption.strip() for r in records)
+
+
+def check_records(records: list[VideoRecord], source: str) -> list[VideoRecord]:
+    """The records whose video exists (one stat per row), with a warning for missing files and
+    empty captions; a DatasetError when nothing is left. Run once, on rank 0 (see shared_records)."""
+    if not records:
+        raise DatasetError(f"{source}: the dataset is empty (no rows); add videos and captions to the CSV")
+    present = [r for r in records if os.path.isfile(r.path)]
+    if len(present) < len(records):
+        missing = [r.path for r in records if not os.path.isfile(r.path)]
+        log.warning("%s: %d of %d listed videos do not exist and are skipped (first: %s)",
+                    source, len(missing), len(records), missing[0])
+    if not present:
+        raise DatasetError(f"{source}: none of the {len(records)} videos listed exists "
+                           f"(first expected at {records[0].path}); check video_dir and the CSV paths")
+    empty = empty_captions(present)
+    if empty:
+        log.warning("%s: %d of %d rows have an empty caption; they train as text-dropped (unconditional) "
+                    "samples, on top of data.uncond_prob. Fill them in or remove those rows.",
+                    source, empty, len(present))
+    return present
+
+
+def shared_records(csv_path: str, video_dir: Optional[str], rank: int = 0, broadcast=None) -> list[VideoRecord]:
+    """Read and check the CSV on rank 0 only and hand the result to every process.
+    `broadcast(obj)` returns rank 0's obj on every rank (None: a single process)."""
+    payload = None
+    if rank == 0:
+        try:
+            payload = ("ok", check_records(read_annotations(csv_path, video_dir), csv_path))
+        except DatasetError as err:
+            payload = ("error", str(err))
+    if broadcast is not None:
+        payload = broadcast(payload)
+    kind, value = payload
+    if kind == "error":
+        raise DatasetError(value)
+    return value
 
 
 def probe_video(path: str) -> tuple[int, float]:
@@ -78,19 +160,60 @@ def probe_video(path: str) -> tuple[int, float]:
     return int(n), fps
 
 
-def decode_frames(path: str, indices: list[int]) -> np.ndarray:
-    """uint8 (len(indices), H, W, 3) RGB frames at the given (sorted, possibly repeated) indices."""
+def decode_frames(path: str, indices: list[int], stats: Optional[dict] = None) -> np.ndarray:
+    """uint8 (len(indices), H, W, 3) RGB frames at the given (possibly repeated) indices.
+
+    Seeks to the keyframe before the first wanted frame and decodes from there, so the cost
+    depends on the clip's length and the keyframe interval, not on where the clip starts.
+    Frame numbers come from the timestamps (constant frame rate); a stream without
+    timestamps, or a seek that lands after the wanted frame, falls back to decoding from the
+    start and counting. `stats["decoded"]` receives the number of frames decoded."""
     import av
 
     wanted = sorted(set(indices))
     got: dict[int, np.ndarray] = {}
-    last = wanted[-1]
+    decoded = 0
     with av.open(path) as container:
-        for i, frame in enumerate(container.decode(video=0)):
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        tb = stream.time_base
+        t0 = stream.start_time or 0
+        seekable = wanted[0] > 0 and tb is not None
+        if seekable:
+            container.seek(t0 + int(wanted[0] / fps / tb), stream=stream, backward=True, any_frame=False)
+        for i, frame in enumerate(container.decode(stream)):
+            decoded += 1
+            if seekable:
+                if frame.pts is None or (decoded == 1 and round((frame.pts - t0) * tb * fps) > wanted[0]):
+                    seekable = False       # no usable timestamps here: count from the start instead
+                    container.seek(t0, stream=stream, backward=True, any_frame=False)
+                    return _decode_counting(container, stream, wanted, indices, stats, decoded)
+                i = round((frame.pts - t0) * tb * fps)
+            if i in got or i < wanted[0]:
+                continue
             if i in wanted:
                 got[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
+            if i >= wanted[-1]:
                 break
+    if stats is not None:
+        stats["decoded"] = decoded
+    return _gather(got, wanted, indices)
+
+
+def _decode_counting(container, stream, wanted, indices, stats, decoded):
+    got = {}
+    for i, frame in enumerate(container.decode(stream)):
+        decoded += 1
+        if i in wanted:
+            got[i] = frame.to_ndarray(format="rgb24")
+        if i >= wanted[-1]:
+            break
+    if stats is not None:
+        stats["decoded"] = decoded
+    return _gather(got, wanted, indices)
+
+
+def _gather(got, wanted, indices):
     missing = [i for i in wanted if i not in got]
     if missing:
         raise ValueError(f"video ended before frame {missing[0]} (decoded {len(got)} of {len(wanted)} wanted frames)")
@@ -117,21 +240,12 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: list[VideoRecord], *, frames: int, height: int, width: int,
                  max_stride: int = 6, fs_meaning: str = "frame_stride", fps_max: Optional[int] = None,
-                 seed: int = 0, source: str = "dataset"):
+                 seed: int = 0, source: str = "dataset", checked: bool = False):
         if fs_meaning not in ("frame_stride", "fps"):
             raise ValueError(f"fs_meaning must be 'frame_stride' or 'fps', got {fs_meaning!r}")
         if frames < 1 or max_stride < 1:
             raise ValueError("frames and max_stride must be >= 1")
-        if not records:
-            raise DatasetError(f"{source}: the dataset is empty (no rows); add videos and captions to the CSV")
-        present = [r for r in records if os.path.isfile(r.path)]
-        if len(present) < len(records):
-            missing = [r.path for r in records if not os.path.isfile(r.path)]
-            log.warning("%s: %d of %d listed videos do not exist and are skipped (first: %s)",
-                        source, len(missing), len(records), missing[0])
-        if not present:
-            raise DatasetError(f"{source}: none of the {len(records)} videos listed exists "
-                               f"(first expected at {records[0].path}); check video_dir and the CSV paths")
+        present = records if checked else check_records(records, source)
         self.records = present
         self.frames, self.height, self.width = frames, height, width
         self.max_stride, self.fs_meaning, self.fps_max = max_stride, fs_meaning, fps_max
@@ -159,8 +273,10 @@ class VideoDataset(torch.utils.data.Dataset):
         if rec.path not in self._probe:
             self._probe[rec.path] = probe_video(rec.path)
         n_frames, fps = self._probe[rec.path]
-        start, stride = choose_clip(n_frames, self.frames, self.max_stride, rng)
-        idx = [start + i * stride for i in range(self.frames)]
+        lo = math.ceil(rec.start * fps - 1e-6) if rec.start is not None else 0
+        hi = min(n_frames, math.floor(rec.end * fps + 1e-6)) if rec.end is not None else n_frames
+        start, stride = choose_clip(hi - lo, self.frames, self.max_stride, rng)
+        idx = [lo + start + i * stride for i in range(self.frames)]
         raw = decode_frames(rec.path, idx)
         x = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
         x = cover_crop(x, self.height, self.width) / 127.5 - 1.0
@@ -230,5 +346,9 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-def make_dataset(csv_path: str, video_dir: Optional[str] = None, **kw) -> VideoDataset:
+def make_dataset(csv_path: str, video_dir: Optional[str] = None, records: Optional[list] = None,
+                 **kw) -> VideoDataset:
+    """`records`: the rows already read and checked (shared_records); else read and check here."""
+    if records is not None:
+        return VideoDataset(records, source=csv_path, checked=True, **kw)
     return VideoDataset(read_annotations(csv_path, video_dir), source=csv_path, **kw)

@@ -2,6 +2,8 @@
 
     python -m training.export runs/stage3 --out my_model.safetensors [--step 1200] [--dtype fp16] [--no-ema]
 
+(A run with run.lora exports its LoRA file instead.)
+
 The model is rebuilt the way the run built it (its stored config: init checkpoint or tiny
 seed, stage preparation), then the checkpoint's trained tensors (EMA ones by default when the
 run kept an EMA) are put in, and the whole model is written with the library's writer, so
@@ -55,8 +57,15 @@ def main(argv=None) -> str:
             raise SystemExit(f"no complete checkpoint in {ck.checkpoint_dir(a.run_dir)}")
     else:
         state = ck.load_checkpoint(ck.checkpoint_path(a.run_dir, a.step))
-    dc, _ = model_from_checkpoint(state, use_ema=not a.no_ema)
-    path = export_safetensors(dc, a.out, a.dtype)
+    dc, cfg = model_from_checkpoint(state, use_ema=not a.no_ema)
+    ema = state.get("ema") is not None and not a.no_ema
+    weights = (f"EMA weights (decay {state['ema']['decay']}) at step {state['step']}" if ema
+               else f"raw weights after {state['step']} steps")
+    if cfg.run.lora:      # a LoRA run exports its adapters (the lora_unet_* file), not the base model
+        from training.lora import export_lora
+        path = export_lora(dc, a.out, cfg.run.lora, a.dtype, weights)
+    else:
+        path = export_safetensors(dc, a.out, a.dtype, weights)
     print(path)
     return path
 

@@ -166,6 +166,7 @@ class StageSettings:
     uncond_prob: float = 0.05
     cond_frame: str = "random"
     interp_prob: float = 0.0
+    fixed_t: int | None = None     # validation: this timestep for every sample (noise still keyed by sample)
 
 
 def encode_video(dc, video: torch.Tensor, vae_noise: torch.Tensor) -> torch.Tensor:
@@ -195,12 +196,13 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
              num_timesteps=dc.alphas_cumprod.shape[0], uncond_prob=st.uncond_prob,
              cond_frame=st.cond_frame if st.stage == 3 else "first", query_groups=resampler_frames,
              interp_prob=st.interp_prob if st.stage == 3 else 0.0)
-    t = d.t.to(device)
+    t = d.t.to(device) if st.fixed_t is None else torch.full_like(d.t, st.fixed_t).to(device)
     with torch.no_grad(), autocast:
         z = encode_video(dc, video, d.vae_noise.to(device)).float()
         captions = ["" if drop else cap for cap, drop in zip(batch["caption"], d.drop_text.tolist())]
         text = dc.encode_text(captions)
-        cond_idx = d.cond_frame.to(device)
+        # an interpolation sample is conditioned on its first (and last) frame: CLIP sees the first
+        cond_idx = torch.where(d.interp, torch.zeros_like(d.cond_frame), d.cond_frame).to(device)
         img = video[torch.arange(b, device=device), :, cond_idx]            # (b, 3, H, W)
         img = torch.where(d.drop_image.to(device)[:, None, None, None], torch.zeros_like(img), img)
         clip_tokens = dc.encode_clip_image(img)
@@ -218,5 +220,8 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
             layout[:, :, 0], layout[:, :, -1] = z[:, :, 0], z[:, :, -1]
             concat = torch.where(d.interp.to(device)[:, None, None, None, None], layout, rep)
             inp = torch.cat([x_t, concat], dim=1)
-        out = unet(inp, t, context, fs=batch["fs"].to(device), temporal=st.stage != 1)
+        fs = batch["fs"].to(device)
+        if st.stage == 1:   # single images have no frame rate: the variant's default, as at sampling
+            fs = torch.full_like(fs, int(dc.variant["default_fs"]))
+        out = unet(inp, t, context, fs=fs, temporal=st.stage != 1)
     return F.mse_loss(out.float(), target.float())

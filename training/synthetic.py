@@ -154,8 +154,9 @@ def render_clip(spec: ClipSpec, height: int, width: int, frames: int):
     return out, track
 
 
-def write_video(frames: np.ndarray, path: str, fps: int = 8, crf: int = 12) -> None:
-    """Write uint8 (T, H, W, 3) RGB frames as an H.264 mp4 (H and W must be even)."""
+def write_video(frames: np.ndarray, path: str, fps: int = 8, crf: int = 12, keyframe_every: int = 0) -> None:
+    """Write uint8 (T, H, W, 3) RGB frames as an H.264 mp4 (H and W must be even);
+    `keyframe_every` > 0 sets the keyframe interval (GOP size)."""
     import av
 
     t, h, w, _ = frames.shape
@@ -167,6 +168,8 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8, crf: int = 12) -> N
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": str(crf), "preset": "veryfast"}
+        if keyframe_every:
+            stream.codec_context.gop_size = keyframe_every
         for f in range(t):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[f]), format="rgb24")
             for packet in stream.encode(frame):

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from training import checkpoint as ck
-from training.config import TrainConfig, load_config
-from training.data import StreamSampler, collate, make_dataset
-from training.modeling import (DTYPES, EMA, build_tiny, cast_frozen, enable_gradient_checkpointing,
-                               export_safetensors, load_init, overlay_extras, sync_config)
-from training.stages import (StageSettings, apply_trainable, prepare_model_for_stage, sample_generator,
-                             stage_loss, trainable_names)
+from training.config import ConfigError, TrainConfig, config_changes, guarded, load_config
+from training.lora import add_lora, export_lora
+from training.data import DatasetError, StreamSampler, collate, make_dataset, shared_records
+from training.modeling import (DTYPES, EMA, InitError, build_tiny, cast_frozen, enable_gradient_checkpointing,
+                               export_safetensors, load_init, overlay_extras, set_resblock_dropout, sync_config)
+from training.stages import (StageError, StageSettings, apply_trainable, prepare_model_for_stage,
+                             sample_generator, stage_loss, trainable_names)
 
 log = logging.getLogger("training")
 
@@ -135,7 +136,17 @@ def build_model(cfg: TrainConfig):
                        extra_prefixes=tuple(m.init_extra_prefixes))
     prepare_model_for_stage(dc, r.stage)
     sync_config(dc)
+    set_resblock_dropout(dc.unet, m.dropout)
+    cfg.check_sizes(8 * 2 ** (len(dc.unet.cfg.channel_mult) - 1))   # a .ckpt init is only known now
+    if r.lora:
+        add_lora(dc, r.lora)
     return dc
+
+
+def names_to_train(dc, cfg: TrainConfig) -> list[str]:
+    if cfg.run.lora:       # the adapters only: UNet, Resampler and encoders frozen
+        return [n for n, _ in dc.named_parameters() if ".lora_" in n]
+    return trainable_names(dc, cfg.run.stage, cfg.run.train_all)
 
 
 class JsonlLog:
@@ -226,7 +237,65 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
     return out
 
 
-def run(cfg: TrainConfig) -> dict:
+def broadcast_from_rank0(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_resume(state: dict, cfg: TrainConfig, allow_config_change: bool, is_main: bool) -> None:
+    """List every config change since the checkpoint; refuse those that change what the run
+    trains unless allowed, and the global batch (it fixes the data order) always."""
+    if state["global_batch"] != cfg.run.global_batch:
+        raise ck.ResumeError(f"{state['path']} was trained with run.global_batch={state['global_batch']}; "
+                             f"resuming with {cfg.run.global_batch} would change the data order. "
+                             "Keep run.global_batch, or use a new run.run_dir")
+    old = json.loads(state["config"])
+    changes = [c for c in config_changes(old, cfg.to_dict()) if c[0] != "run.global_batch"]
+    if changes and is_main:
+        log.warning("resuming with config changes: %s", "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+    refused = [c for c in changes if guarded(c[0])]
+    if refused and not allow_config_change:
+        raise ck.ResumeError(f"{state['path']} was trained with other settings ("
+                             + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in refused)
+                             + "); pass --allow-config-change to resume with them, or use a new run.run_dir")
+
+
+def validation_items(cfg: TrainConfig, fs_meaning: str, records=None) -> list[dict]:
+    """The held-out clips, decoded once: stream indices 0..val_clips-1 of data.val_csv with the
+    clip choice seeded by eval.seed (not the run's seed), so every run sees the same clips."""
+    frames = 1 if cfg.run.stage == 1 else cfg.data.frames
+    ds = make_dataset(cfg.data.val_csv, cfg.data.video_dir, records=records, frames=frames, height=cfg.data.height,
+                      width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
+                      fps_max=cfg.data.fps_max, seed=cfg.eval.seed)
+    return [ds[k] for k in range(cfg.eval.val_clips)]
+
+
+@torch.no_grad()
+def validation_loss(dc, items: list[dict], cfg: TrainConfig, autocast=contextlib.nullcontext) -> dict:
+    """Diffusion loss of the held-out clips at each of eval.val_timesteps, with noise keyed by
+    (eval.seed, clip), no dropout and nothing dropped from the conditioning (the first frame
+    conditions, no interpolation layout): the same weights give the same number in any run.
+    Every process computes it (under FSDP the UNet's shards are gathered collectively)."""
+    was_training = dc.training
+    dc.eval()
+    per_t = {}
+    try:
+        for t in cfg.eval.val_timesteps:
+            st = StageSettings(stage=cfg.run.stage, seed=cfg.eval.seed, uncond_prob=0.0, cond_frame="first",
+                               interp_prob=0.0, fixed_t=int(t))
+            total = 0.0
+            for i in range(0, len(items), cfg.run.micro_batch):
+                chunk = items[i:i + cfg.run.micro_batch]
+                total += float(stage_loss(dc, collate(chunk), st, autocast())) * len(chunk)
+            per_t[int(t)] = total / len(items)
+    finally:
+        if was_training:
+            train_mode(dc)
+    return {"val_loss": sum(per_t.values()) / len(per_t), "val_loss_t": per_t}
+
+
+def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
     r = cfg.run
     rank, world, device = setup_distributed(r.device)
     is_main = rank == 0
@@ -239,7 +308,7 @@ def run(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(r.seed)
     dc = build_model(cfg)
-    names = trainable_names(dc, r.stage, r.train_all)
+    names = names_to_train(dc, cfg)
     apply_trainable(dc, names)
     dc.to(device)
     if cfg.model.frozen_dtype != "fp32":
@@ -288,13 +357,11 @@ def run(cfg: TrainConfig) -> dict:
         found = [None] * world
         dist.all_gather_object(found, None if state is None else state["step"])
         if len(set(found)) != 1:
-            raise RuntimeError(f"processes see different checkpoints in {r.run_dir} (steps {found}): run_dir must "
-                               "be on a filesystem shared by every node")
+            raise ck.ResumeError(f"processes see different checkpoints in {r.run_dir} (steps {found}): run_dir "
+                                 "must be on a filesystem shared by every node")
     if state is not None:
-        if state["global_batch"] != r.global_batch:
-            raise ValueError(f"{state['path']} was trained with global_batch={state['global_batch']}; resuming "
-                             f"with {r.global_batch} would change the data order. Keep run.global_batch.")
-        restore(state, named, opt, sched, ema, rank, world)
+        check_resume(state, cfg, allow_config_change, is_main)
+        restore(state, named, opt, sched, ema, rank, world, cfg)
         step = state["step"]
         if is_main:
             log.info("resumed from %s (step %d)", state["path"], step)
@@ -307,9 +374,15 @@ def run(cfg: TrainConfig) -> dict:
                     "to all image tokens instead of its own 16 (as the official model does at other lengths)",
                     frames, tokens_for)
     fs_meaning = cfg.data.fs_meaning or dc.variant.get("fs_meaning", "frame_stride")
-    dataset = make_dataset(cfg.data.csv, cfg.data.video_dir, frames=frames, height=cfg.data.height,
+    records = shared_records(cfg.data.csv, cfg.data.video_dir, rank, broadcast_from_rank0 if world > 1 else None)
+    dataset = make_dataset(cfg.data.csv, records=records, frames=frames, height=cfg.data.height,
                            width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
                            fps_max=cfg.data.fps_max, seed=r.seed)
+    val_items = []
+    if cfg.eval.val_every:
+        val_records = shared_records(cfg.data.val_csv, cfg.data.video_dir, rank,
+                                     broadcast_from_rank0 if world > 1 else None)
+        val_items = validation_items(cfg, fs_meaning, val_records)
     sampler = StreamSampler(r.micro_batch, accum, rank, world, start_step=step)
     loader = torch.utils.data.DataLoader(dataset, batch_size=r.micro_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
@@ -386,19 +459,28 @@ def run(cfg: TrainConfig) -> dict:
             train_mode(dc)
             if is_main:
                 jsonl.write({"step": step, "samples": paths})
+        if val_items and step % cfg.eval.val_every == 0:
+            val = validation_loss(dc, val_items, cfg, autocast)
+            if is_main:
+                jsonl.write({"step": step, **val})
+                if tb is not None:
+                    tb.add_scalar("val/loss", val["val_loss"], step)
 
     export_path = None
+    use_ema = ema is not None and r.export_ema
+    weights = ema.describe() if use_ema else f"raw weights after {step} steps"
     if r.export_at_end:
-        export_path = os.path.join(r.run_dir, "model.safetensors")
-        with (ema.swapped_in() if (ema is not None and r.export_ema) else contextlib.nullcontext()):
-            if r.distributed == "fsdp" and world > 1:
+        export_path = os.path.join(r.run_dir, "lora.safetensors" if r.lora else "model.safetensors")
+        with (ema.swapped_in() if use_ema else contextlib.nullcontext()):
+            if r.lora:
+                if is_main:
+                    export_lora(dc, export_path, r.lora, r.export_dtype, weights)
+            elif r.distributed == "fsdp" and world > 1:
                 full = {k: _full(v) for k, v in dc.state_dict().items()}    # collective: every rank gathers
                 if is_main:
-                    export_safetensors(plain_copy(dc.cfg, full), export_path, r.export_dtype)
+                    export_safetensors(plain_copy(dc.cfg, full), export_path, r.export_dtype, weights)
             elif is_main:
-                export_safetensors(dc, export_path, r.export_dtype)
-        if is_main:
-            log.info("exported %s", export_path)
+                export_safetensors(dc, export_path, r.export_dtype, weights)
     if bar is not None:
         bar.close()
     if jsonl is not None:
@@ -407,7 +489,8 @@ def run(cfg: TrainConfig) -> dict:
         tb.close()
     if world > 1:
         dist.barrier()
-    return {"step": step, "loss": last_loss, "export": export_path, "model": dc, "trainable": [n for n, _ in named]}
+    return {"step": step, "loss": last_loss, "export": export_path, "weights": weights if export_path else None,
+            "model": dc, "trainable": [n for n, _ in named]}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -434,7 +517,8 @@ def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
                           for i, s in opt_state["state"].items()}
     ema_state = None
     if ema is not None:   # gathered on every rank (a collective under FSDP)
-        ema_state = {"decay": ema.decay, "shadow": {n: _full(v) for n, v in ema.shadow.items()}}
+        ema_state = {"decay": ema.decay, "num_updates": ema.num_updates,
+                     "shadow": {n: _full(v) for n, v in ema.shadow.items()}}
     rngs = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, ck.rng_state())
@@ -451,11 +535,11 @@ def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
         dist.barrier()
 
 
-def restore(state, named, opt, sched, ema, rank, world) -> None:
+def restore(state, named, opt, sched, ema, rank, world, cfg: TrainConfig) -> None:
     stored = state["trainable"]
     names = [n for n, _ in named]
     if set(stored) != set(names):
-        raise ValueError(f"{state['path']} trained a different parameter set ({len(stored)} tensors vs {len(names)}); "
+        raise ck.ResumeError(f"{state['path']} trained a different parameter set ({len(stored)} tensors vs {len(names)}); "
                          "the stage or train_all setting changed. Use a new run_dir for a new stage.")
     with torch.no_grad():
         for n, p in named:
@@ -476,9 +560,16 @@ def restore(state, named, opt, sched, ema, rank, world) -> None:
                 s[k] = distribute_tensor(v, p.device_mesh, p.placements)
     opt.load_state_dict(opt_state)
     sched.load_state_dict(state["scheduler"])
+    # the optimizer and scheduler states carry the old hyperparameters: the config's rule
+    o = cfg.optim
+    sched.base_lrs = [o.lr] * len(opt.param_groups)
+    for g in opt.param_groups:
+        g.update(initial_lr=o.lr, lr=o.lr * lr_factor(state["step"], cfg), betas=tuple(o.betas), eps=o.eps,
+                 weight_decay=o.weight_decay)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
     if ema is not None:
         if state["ema"] is None:
-            raise ValueError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
+            raise ck.ResumeError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
         shadow = {}
         for n, v in state["ema"]["shadow"].items():
             target = ema.shadow[n]
@@ -486,7 +577,9 @@ def restore(state, named, opt, sched, ema, rank, world) -> None:
                 from torch.distributed.tensor import distribute_tensor
                 v = distribute_tensor(v.to(target.dtype), target.device_mesh, target.placements)
             shadow[n] = v
-        ema.load_state_dict({"decay": state["ema"]["decay"], "shadow": shadow})
+        # checkpoints from before the EMA warm-up: it had run one update per step
+        ema.load_state_dict({"decay": state["ema"]["decay"], "shadow": shadow,
+                             "num_updates": state["ema"].get("num_updates", state["step"])})
     rngs = state["rng"]
     ck.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
 
@@ -495,15 +588,40 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="run config (.yaml/.yml/.toml)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. run.max_steps=100")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though lr, data, stage or model settings differ from the checkpoint's")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    cfg = load_config(a.config, a.overrides)
-    result = run(cfg)
+    with user_errors():
+        cfg = load_config(a.config, a.overrides)
+        result = run(cfg, allow_config_change=a.allow_config_change)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"step": result["step"], "loss": result["loss"], "export": result["export"]}))
+        print(json.dumps({"step": result["step"], "loss": result["loss"], "export": result["export"],
+                          "weights": result["weights"]}))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+USER_ERRORS = (ConfigError, DatasetError, StageError, InitError, ck.ResumeError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A mistake in the config, data or run directory ends the run with one line on stderr and
+    exit status 2, not a traceback (the message already says what to change)."""
+    from dynamicrafter.config import CheckpointError
+    try:
+        yield
+    except (*USER_ERRORS, CheckpointError) as err:
+        msg = str(err).strip()
+        if "Original Traceback" in msg:      # raised in a DataLoader worker: keep the original message
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {msg}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
