@@ -180,3 +180,23 @@ def test_cli_solver_flag(tmp_path, monkeypatch, tiny_ckpt):
                      "--solver", "unipc", "--steps", "3", "--frames", "8", "--width", "64", "--height", "64"]) == 0
     assert out.is_file() and out.stat().st_size > 0
     assert len(seen) == 1 and seen[0]["solver"] == "unipc" and seen[0]["eta"] == 0.0 and seen[0]["steps"] == 3
+
+
+@pytest.mark.parametrize("name", ["tiny_vc1", "tiny_vc2"])
+def test_levels_cover_eps_models_and_videocrafter_scale(comfy_reference, name):
+    """eps prediction without zero SNR (VideoCrafter 1), and VideoCrafter 2's use_scale x0 rescale:
+    DDIM on the levels equals the official DDIM there too; the fast solvers run."""
+    path = comfy_reference / name / "model.safetensors"
+    if not path.is_file():
+        pytest.skip(f"no {name} reference checkpoint")
+    dc = dynamicrafter.load_model(str(path)).eval()
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = [torch.randn(1, 77, dc.unet.cfg.context_dim, generator=g) for _ in range(2)]
+    x_T = torch.randn(1, 4, 4, 8, 8, generator=g)
+    kw = dict(concat=None, fs=None, steps=6, cfg_text=12.0, spacing=dc.variant["spacing"])
+    with torch.no_grad():
+        official = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, **kw)
+        levels = sample(dc, x_T, cond, uncond, solver="ddim", cfg_interval=(0, 999), **kw)
+        fast = sample(dc, x_T, cond, uncond, solver="dpmpp_2m", **kw)
+    torch.testing.assert_close(levels, official, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(fast).all() and psnr(fast, official) > 15
