@@ -49,7 +49,7 @@ def unet_forward(unet, x, timesteps, context, fs=None, depth: int = 0, deep: Opt
     first_shallow = len(unet.output_blocks) - 1 - depth
     if deep is None:
         h = unet.middle_block(expand_batch(h, n), emb, context, t)
-        for j, block in enumerate(unet.output_blocks[:first_shallow]):
+        for block in unet.output_blocks[:first_shallow]:
             h = block(h, emb, context, t, skip=skips.pop())
         deep = h
     else:
