@@ -9,9 +9,10 @@ from .lora import LoraError, load_lora
 from .model import DynamiCrafter, MissingComponentError
 from .pipeline import animate, concat_latent, fit_image, image_conditioning, text_conditioning
 from .sampling import sample_ddim
+from .solvers import sample
 from .video import load_image, save_video, to_uint8
 
 __all__ = ["load_model", "read_state_dict", "save_checkpoint", "CheckpointError", "ModelConfig", "infer_config",
-           "tiny_config", "DynamiCrafter", "MissingComponentError", "sample_ddim", "animate", "concat_latent",
-           "fit_image", "image_conditioning", "text_conditioning", "load_image", "save_video", "to_uint8",
-           "load_lora", "LoraError"]
+           "tiny_config", "DynamiCrafter", "MissingComponentError", "sample_ddim", "sample", "animate",
+           "concat_latent", "fit_image", "image_conditioning", "text_conditioning", "load_image", "save_video",
+           "to_uint8", "load_lora", "LoraError"]

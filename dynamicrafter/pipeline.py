@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .sampling import image_only_context, sample_ddim
+from .sampling import image_only_context
+from .solvers import sample
 
 
 def validate_image(images: torch.Tensor, name: str = "image") -> None:
@@ -120,11 +121,11 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             width: Optional[int] = None, fs: Optional[int] = None, steps: int = 50, cfg_text: Optional[float] = None,
             cfg_img: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
             spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "",
-            callback: Optional[Callable] = None) -> torch.Tensor:
+            callback: Optional[Callable] = None, solver: str = "ddim") -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance rescale, resolution) come from `dc.variant`. With a text-to-video
-    model, pass image=None."""
+    model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`)."""
     v = dc.variant
     frames = frames or v["frames"]
     height, width = height or v["resolution"][0], width or v["resolution"][1]
@@ -144,10 +145,10 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
         x_T = torch.randn((1, 4, frames, height // 8, width // 8), generator=generator).to(dc.device)
-        latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, steps=steps,
-                              cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
-                              guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
-                              spacing=spacing or v["spacing"], generator=generator, callback=callback)
+        latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
+                         cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
+                         guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
+                         spacing=spacing or v["spacing"], generator=generator, callback=callback)
         return dc.decode(latents)
 
 

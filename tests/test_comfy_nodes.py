@@ -63,7 +63,7 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterLoader"] == ["ckpt_name", "dtype", "variant"]
     assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
-                                                   "guidance_rescale", "spacing"]
+                                                   "guidance_rescale", "spacing", "solver"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
@@ -195,6 +195,54 @@ def test_ddim_node_equals_library_sample_ddim(comfy, loaded, tiny_ckpt, comfy_re
     ours = node_out * dc.scale_factor
     assert ours.shape == ref.shape == (1, 4, T, H // 8, W // 8)
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5), float((ours - ref).abs().max())
+
+
+def test_ddim_node_solver_input_equals_library_sample(comfy, loaded, comfy_reference, lib_model):
+    import comfy.sample as comfy_sample
+    import dynamicrafter
+    from nodes_pack_access import pack
+    p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
+    seed, steps = 5, 4
+    node_out = pack("sampler").DynamiCrafterDDIMSampler.execute(
+        loaded[0], p, n, latent, seed, steps, 7.5, 1.5, 1.0, 0.7, "auto", solver="dpmpp_2m")[0]["samples"]
+    dc = lib_model
+    cond = torch.cat([p[0][0], p[0][1]["dc_image_context"]], 1)
+    uncond = torch.cat([n[0][0], n[0][1]["dc_image_context"]], 1)
+    ref = dynamicrafter.sample(dc, comfy_sample.prepare_noise(latent["samples"], seed), cond, uncond,
+                               torch.cat([n[0][0], p[0][1]["dc_image_context"]], 1), solver="dpmpp_2m",
+                               concat=p[0][1]["concat_latent_image"] * dc.scale_factor, fs=24, steps=steps,
+                               cfg_text=7.5, cfg_img=1.5, guidance_rescale=0.7)   # eta is DDIM's: not used
+    assert torch.allclose(node_out * dc.scale_factor, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypatch):
+    """A workflow saved before the solver input (7 widgets + the seed's control value) still maps
+    value by value (the web UI fills widgets in order, the new last one keeps its default) and runs
+    DDIM; the solver input set to dpmpp_2m runs DPM-Solver++ 2M in the real executor."""
+    import dynamicrafter.solvers as solvers
+    wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
+    saved = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")["widgets_values"]
+    assert len(saved) == 8 and saved[-1] in ("auto", "uniform_trailing", "uniform")
+    calls = []
+
+    def recording(name, solver):
+        def run(model, x, levels, *args, **kwargs):
+            calls.append((name, len(levels)))
+            return solver(model, x, levels, *args, **kwargs)
+        return run
+    for name in ("ddim", "dpmpp_2m"):
+        monkeypatch.setitem(solvers.SOLVERS, name, recording(name, solvers.SOLVERS[name]))
+    old = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    sampler = next(v for v in old.values() if v["class_type"] == "DynamiCrafterDDIMSampler")
+    assert "solver" not in sampler["inputs"] and sampler["inputs"]["spacing"] == saved[-1]
+    run_and_get_video(comfy, old)
+    assert calls == []                  # DDIM through sample_ddim, no solver of the levels
+    new = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", sets=["DynamiCrafterDDIMSampler.solver=dpmpp_2m"])
+    run_and_get_video(comfy, new)
+    assert calls == [("dpmpp_2m", STEPS)]
+    bad = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", sets=["DynamiCrafterDDIMSampler.solver=heun"])
+    with pytest.raises(comfy_runtime.PromptFailed, match="solver"):
+        comfy.run(bad)
 
 
 def test_comfy_side_encoders_match_library(comfy, loaded, tiny_ckpt, comfy_reference, lib_model):

@@ -1,0 +1,291 @@
+"""Few-step solvers (k-diffusion style): DPM-Solver++ 2M, UniPC, and DDIM in the same terms.
+
+Noise levels. A solver walks levels i = 0..n with x_i = alpha_i * x0 + sigma_i * eps: the n
+visited DDPM timesteps (descending), then the level where the official DDIM ends (alpha_bar[0]).
+The model is seen through a denoiser `model(x, i) -> x0` at level i. DynamiCrafter's dynamic x0
+rescale fits in these terms: the model was trained on data scaled by scale_arr[t] at timestep t,
+so level t has alpha = sqrt(alpha_bar[t]) * scale_arr[t] and the denoiser divides the model's x0
+by scale_arr[t] (the official DDIM multiplies x0 by scale_prev / scale_t: the same update). The
+official last step keeps its x0 unscaled (DynamiCrafter) or rescales it to scale_arr[0]
+(VideoCrafter): the end level copies that, so first order here is the official DDIM.
+
+Zero terminal SNR: the first level has alpha = 0 (log-SNR -inf, k-diffusion's sigma = inf).
+A step from it is the first-order (x0) step x = alpha D + sigma x_T, the limit of every update
+below as the step length h -> inf; multistep history from that level is never used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .sampling import guided_output, image_only_context, sample_ddim, validate_sampling_args
+from .schedule import ddim_timesteps
+from .step_cache import DeepCache
+
+# model(x, i) -> x0 prediction at level i
+Model = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------ levels
+@dataclass
+class Levels:
+    t: list          # n DDPM timesteps, descending
+    alpha: list      # n + 1 signal scales (data scale included)
+    sigma: list      # n + 1 noise scales
+    scale: list      # n data scales of the visited timesteps (1 without dynamic rescale)
+    abar: list       # n + 1 alpha_bar (unscaled; DDIM's eta noise is defined on them)
+
+    def __len__(self):
+        return len(self.t)
+
+
+def noise_levels(dc, steps: int, spacing: str = "uniform_trailing") -> Levels:
+    """The DDIM timesteps of `steps` and `spacing` as levels (float64 Python numbers).
+
+    The official DynamiCrafter DDIM ends at the data scale of its smallest timestep, which moves
+    with the step count (50 trailing steps: scale_arr[19] = 0.986; 15: scale_arr[66] = 0.950);
+    every solver here ends there too. (Ending few-step solvers at the 50-step level instead was
+    measured to move them away from 50-step DDIM: their x0 is already larger than DDIM's.)"""
+    ts = [int(t) for t in reversed(ddim_timesteps(steps, spacing))]
+    ac = dc.alphas_cumprod.double().cpu()
+    v = dc.variant
+    scale_arr = getattr(dc, "scale_arr", None)
+    rescale = scale_arr is not None and (v.get("dynamic_rescale_base") is not None or v.get("use_scale"))
+    scale = [float(scale_arr[t]) if rescale else 1.0 for t in ts]
+    end_scale = 1.0
+    if rescale:
+        end_scale = float(scale_arr[0]) if v.get("use_scale") else scale[-1]
+    abar = [float(ac[t]) for t in ts] + [float(ac[0])]
+    alpha = [math.sqrt(a) * s for a, s in zip(abar, scale + [end_scale])]
+    sigma = [math.sqrt(1.0 - a) for a in abar]
+    return Levels(ts, alpha, sigma, scale, abar)
+
+
+def log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma); -inf at the zero-SNR level."""
+    return math.log(alpha / sigma) if alpha > 0 else -math.inf
+
+
+def first_order_step(x, x0, a, s, a_next, s_next):
+    """DDIM (eta 0) = DPM-Solver++ 1: keep the implied noise (x - a x0) / s, move x0 to the next level.
+    Finite at a = 0, where it is the x0 step a_next x0 + s_next x."""
+    return a_next * x0 + (s_next / s) * (x - a * x0)
+
+
+def ddim_noise_std(abar: float, abar_next: float, eta: float) -> float:
+    """The official DDIM's sigma_t (eta > 0 adds this much fresh noise)."""
+    return eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
+
+
+# ------------------------------------------------------------------------------------ solvers
+@torch.no_grad()
+def sample_ddim_x0(model: Model, x, lv: Levels, eta: float = 0.0, noise: Optional[Callable] = None,
+                   callback: Optional[Callable] = None):
+    """DDIM on the levels (official update; eta > 0 draws `noise(i)` each step)."""
+    for i in range(len(lv)):
+        x0 = model(x, i)
+        a, s, a_n, s_n = lv.alpha[i], lv.sigma[i], lv.alpha[i + 1], lv.sigma[i + 1]
+        if eta > 0:
+            c = ddim_noise_std(lv.abar[i], lv.abar[i + 1], eta)
+            eps = (x - a * x0) / s
+            x = a_n * x0 + math.sqrt(max(s_n ** 2 - c ** 2, 0.0)) * eps + c * noise(i).to(x)
+        else:
+            x = first_order_step(x, x0, a, s, a_n, s_n)
+        if callback is not None:
+            callback(i, len(lv), x, x0)
+    return x
+
+
+def dpmpp_2m_x0(x0, x0_prev, h, h_prev):
+    """DPM-Solver++(2M)'s corrected x0: linear extrapolation in log-SNR over the last two outputs
+    (r = h_prev / h); first order when there is no usable previous output."""
+    if x0_prev is None or not math.isfinite(h_prev):
+        return x0
+    r = h_prev / h
+    return (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Model, x, lv: Levels, callback: Optional[Callable] = None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, multistep: one model call per step."""
+    x0_prev, h_prev = None, math.inf
+    for i in range(len(lv)):
+        x0 = model(x, i)
+        a, s, a_n, s_n = lv.alpha[i], lv.sigma[i], lv.alpha[i + 1], lv.sigma[i + 1]
+        h = log_snr(a_n, s_n) - log_snr(a, s)
+        x = first_order_step(x, dpmpp_2m_x0(x0, x0_prev, h, h_prev), a, s, a_n, s_n)
+        x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, len(lv), x, x0)
+    return x
+
+
+def unipc_coefficients(rks: Sequence[float], h: float, corrector: bool) -> list:
+    """UniPC-bh2 weights of the differences D_k = (x0_k - x0_0) / r_k (Zhao et al. 2023, data
+    prediction, B(h) = e^-h - 1): with r = rks + [1], solve sum_k rho_k r_k^(j-1) = j! h phi_(j+1)(h) / B(h)
+    for j = 1..K. The predictor uses the K - 1 older outputs (rho = 1/2 for K = 2), the corrector
+    also the new output (r = 1; rho = 1/2 for K = 1, the trapezoid)."""
+    rks = list(rks) + [1.0]
+    k = len(rks)
+    if k == 1:
+        return [0.5] if corrector else []
+    if k == 2 and not corrector:
+        return [0.5]
+    hh = -h
+    b_h = math.expm1(hh)
+    phi, fact, rows, rhs = math.expm1(hh) / hh - 1.0, 1, [], []
+    for j in range(1, k + 1):
+        rows.append([r ** (j - 1) for r in rks])
+        rhs.append(phi * fact / b_h)
+        fact *= j + 1
+        phi = phi / hh - 1.0 / fact
+    R, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
+    return (torch.linalg.solve(R, b) if corrector else torch.linalg.solve(R[:-1, :-1], b[:-1])).tolist()
+
+
+def unipc_update(x, x0s, lams, a, s, a_n, s_n, lam_n, x0_new=None):
+    """One UniPC update from the last level to level n: predictor (x0_new None) or corrector (x0_new
+    the model's output at level n). x0s / lams: usable outputs and their log-SNRs, newest last."""
+    h = lam_n - lams[-1]
+    x = first_order_step(x, x0s[-1], a, s, a_n, s_n)
+    rks = [(lams[-1 - k] - lams[-1]) / h for k in range(1, len(x0s))]
+    diffs = [(x0s[-1 - k] - x0s[-1]) / r for k, r in zip(range(1, len(x0s)), rks)]
+    rhos = unipc_coefficients(rks, h, corrector=x0_new is not None)
+    if x0_new is not None:
+        diffs.append(x0_new - x0s[-1])
+    if not diffs:
+        return x
+    res = sum(r * d for r, d in zip(rhos, diffs))
+    return x - a_n * math.expm1(-h) * res
+
+
+@torch.no_grad()
+def sample_unipc(model: Model, x, lv: Levels, order: int = 2, callback: Optional[Callable] = None):
+    """UniPC-bh2 (predictor order `order`, corrector one above it), one model call per step: the
+    corrector reuses the output the next step needs anyway; none after the last step."""
+    x0s, lams = [], []
+    x_prev, lv_prev = None, None
+    for i in range(len(lv)):
+        a, s = lv.alpha[i], lv.sigma[i]
+        lam = log_snr(a, s)
+        x0 = model(x, i)
+        if lv_prev is not None and x0s:       # correct the point just reached with its own output
+            pa, ps = lv_prev
+            x = unipc_update(x_prev, x0s, lams, pa, ps, a, s, lam, x0_new=x0)
+        if math.isfinite(lam):
+            x0s, lams = (x0s + [x0])[-order:], (lams + [lam])[-order:]
+        a_n, s_n = lv.alpha[i + 1], lv.sigma[i + 1]
+        x_prev, lv_prev = x, (a, s)
+        if x0s:
+            x = unipc_update(x, x0s, lams, a, s, a_n, s_n, log_snr(a_n, s_n))
+        else:                                 # from the zero-SNR level: the x0 step
+            x = first_order_step(x, x0, a, s, a_n, s_n)
+        if callback is not None:
+            callback(i, len(lv), x, x0)
+    return x
+
+
+SOLVERS = {"ddim": sample_ddim_x0, "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc}
+
+
+# ------------------------------------------------------------------------------------ the denoiser
+class GuidedDenoiser:
+    """model(x, i) -> x0 for `Levels`: the UNet with single/dual CFG and guidance rescale (as
+    `sample_ddim`), its v/eps output turned into x0 and divided by the level's data scale.
+
+    cfg_interval (t_lo, t_hi): the guidance branches run only at timesteps t_lo <= t <= t_hi;
+    elsewhere the conditional branch alone. cache: a `DeepCache` (deep UNet features reused).
+    `evaluations` counts UNet branch evaluations, `cached` those that reused deep features."""
+
+    def __init__(self, dc, lv: Levels, contexts, concat, fs, cfg_text, cfg_img, guidance_rescale,
+                 cfg_interval=None, cache: Optional[DeepCache] = None):
+        self.dc, self.lv, self.contexts, self.concat = dc, lv, list(contexts), concat
+        self.fs, self.cfg_text, self.cfg_img, self.guidance_rescale = fs, cfg_text, cfg_img, guidance_rescale
+        self.cfg_interval, self.cache = cfg_interval, cache
+        self.evaluations = self.cached = 0
+
+    def branches(self, t: int) -> list:
+        lo, hi = self.cfg_interval if self.cfg_interval is not None else (0, 999)
+        return self.contexts if lo <= t <= hi else self.contexts[:1]
+
+    def unet(self, i: int):
+        def call(x, t, context):
+            k = context.shape[0] // x.shape[0]
+            self.evaluations += k
+            if self.cache is None:
+                return self.dc.denoise(x, t, context, self.concat, self.fs)
+            out, reused = self.cache(self.dc, i, x, t, context, self.concat, self.fs)
+            self.cached += k * reused
+            return out
+        return call
+
+    def __call__(self, x, i: int):
+        t = self.lv.t[i]
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = guided_output(self.unet(i), x, t_batch, self.branches(t), self.cfg_text, self.cfg_img,
+                            self.guidance_rescale)
+        dc = self.dc
+        sqrt_ab, sqrt_1m_ab = dc.sqrt_alphas_cumprod[t].to(x), dc.sqrt_one_minus_alphas_cumprod[t].to(x)
+        if dc.variant["parameterization"] == "v":
+            x0 = sqrt_ab * x - sqrt_1m_ab * out
+        else:
+            x0 = (x - sqrt_1m_ab * out) / sqrt_ab
+        return x0 / self.lv.scale[i]
+
+
+# ------------------------------------------------------------------------------------ entry point
+def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None,
+           uncond_img: Optional[torch.Tensor] = None, *, solver: str = "ddim", concat: Optional[torch.Tensor],
+           fs=None, steps: int = 50, cfg_text: float = 1.0, cfg_img: Optional[float] = None, eta: float = 0.0,
+           guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
+           noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
+           callback: Optional[Callable] = None, cfg_interval: Optional[tuple] = None,
+           cache_interval: int = 1, cache_depth: int = 1, stats: Optional[dict] = None) -> torch.Tensor:
+    """`sample_ddim` with a choice of solver: "ddim" (exactly `sample_ddim` unless cfg_interval or
+    the cache is on), "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
+
+    cfg_interval=(t_lo, t_hi): guidance only at DDPM timesteps in [t_lo, t_hi] (the rest run the
+    conditional branch alone). cache_interval=k > 1: the deep UNet blocks (below input block
+    `cache_depth`) are computed every k-th step and reused between (DeepCache). `stats`, when
+    given, receives {"evaluations": UNet branch evaluations, "cached": how many of them reused the
+    deep features}. eta > 0 is DDIM's only.
+    """
+    validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale)
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if eta > 0 and solver != "ddim":
+        raise ValueError(f"eta={eta} adds DDIM's noise; the {solver} solver is deterministic: pass eta=0")
+    if not isinstance(cache_interval, int) or cache_interval < 1:
+        raise ValueError(f"cache_interval must be an integer >= 1 (1 = no caching), got {cache_interval!r}")
+    if cfg_interval is not None:
+        lo, hi = cfg_interval
+        if not 0 <= lo <= hi <= 999:
+            raise ValueError(f"cfg_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 999, got {cfg_interval}")
+    contexts = [cond]
+    if uncond is not None and cfg_text != 1.0:
+        contexts.append(uncond)
+        if uncond_img is not None or cfg_img is not None:
+            contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
+            cfg_img = cfg_text if cfg_img is None else cfg_img
+    if solver == "ddim" and cfg_interval is None and cache_interval == 1:
+        if stats is not None:
+            stats.update(evaluations=steps * len(contexts), cached=0)
+        return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, steps=steps, cfg_text=cfg_text,
+                           cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale, spacing=spacing, noise=noise,
+                           generator=generator, callback=callback)
+    lv = noise_levels(dc, steps, spacing)
+    fs_t = None if fs is None else torch.as_tensor(fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
+    cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
+    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, cfg_interval, cache)
+    if solver == "ddim":
+        def draw(i):
+            return noise[i] if noise is not None else torch.randn(x_T.shape, generator=generator)
+        x = sample_ddim_x0(model, x_T, lv, eta=eta, noise=draw, callback=callback)
+    else:
+        x = SOLVERS[solver](model, x_T, lv, callback=callback)
+    if stats is not None:
+        stats.update(evaluations=model.evaluations, cached=model.cached)
+    return x
