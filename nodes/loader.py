@@ -13,7 +13,7 @@ import dynamicrafter
 
 from .comfy_model import comfy_dtype, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
 
-VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1"]
+VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1", "vc1_1024"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
 FOLDERS = ("checkpoints", "diffusion_models")
 

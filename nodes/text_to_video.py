@@ -19,7 +19,9 @@ class DynamiCrafterTextToVideoLatent:
             "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 64}),
             "frames": ("INT", {"default": 16, "min": 2, "max": 64}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
-            "fs": ("INT", {"default": 28, "min": 1, "max": 60, "tooltip": "fps conditioning (VideoCrafter2: 28)"}),
+            "fs": ("INT", {"default": 28, "min": 1, "max": 60,
+                           "tooltip": "fps conditioning (VideoCrafter2, VideoCrafter1 1024: 28; "
+                                      "VideoCrafter1 512 has no fps input and ignores it)"}),
         }}
 
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
