@@ -20,8 +20,9 @@ from safetensors.torch import save_file
 
 from .config import CheckpointError, ModelConfig, infer_config
 from .metadata import KEY as CONFIG_METADATA_KEY, check_against_weights, stored_config
-from .schedule import variant_schedule
+from .schedule import schedule_buffers, variant_schedule
 from .torch_files import check_tensor_bytes, load_torch_file
+from .unused_keys import refuse_unknown
 
 UNET_PREFIX = "model.diffusion_model."
 OLD_KEY_RENAMES = {"framestride_embed": "fps_embedding"}   # the 256 checkpoint's old name
@@ -139,7 +140,12 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
             "the checkpoint does not match the DynamiCrafter layout inferred from it: "
             f"{len(missing)} missing, {len(mismatched)} mis-shaped tensors "
             f"(e.g. {(missing + mismatched)[:3]}). Is the file complete?")
-    for k in unexpected:   # e.g. EMA copies, model_ema.*, extra logit_scale; never used
+    if own_schedule:   # the file's schedule buffers the overridden schedule lacks (e.g. scale_arr)
+        every_schedule_buffer = set(schedule_buffers(False, "eps", 0.7))
+        unexpected = [k for k in unexpected if k not in every_schedule_buffer]
+    for k in refuse_unknown(unexpected):   # known unused (EMA copies, logit_scale, ...); others refused
+        sd.pop(k)
+    for k in set(sd) - set(expected):
         sd.pop(k)
     for k, v in sd.items():
         target = torch.float32 if k in schedule or not v.is_floating_point() else dtype

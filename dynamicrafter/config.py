@@ -46,6 +46,8 @@ class UNetConfig:
     image_gate: bool = False                  # learnable tanh gate `attn2.alpha` (256 model)
     fs_condition: bool = True                 # fps_embedding
     default_fs: int = 24
+    relative_position: bool = False           # VideoCrafter1: relative frame positions in temporal attention
+    temporal_length: int = 16                 # ... with distances clamped to +-temporal_length
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,13 @@ class ResamplerConfig:
 @dataclass(frozen=True)
 class Variant:
     family: str = "dynamicrafter"          # or "videocrafter"
-    name: str = "512"                      # 256 | 512 | 1024 | 512_interp | vc2 | vc1 | custom
+    name: str = "512"                      # 256 | 512 | 1024 | 512_interp | vc2 | vc1 | vc1_1024 | custom
     parameterization: str = "v"            # eps | v
     zero_snr: bool = True
     dynamic_rescale_base: Optional[float] = 0.7   # DynamiCrafter x0 rescale (scale_arr), None = off
     use_scale: bool = False                # VideoCrafter-style x0 scale (divide by scale_arr[t])
+    scale_b: float = 0.7                   # ... its scale_arr goes 1 -> scale_b over t < 400
+    fix_scale_bug: bool = False            # ... 1000 scale_arr entries instead of 1400 (same values)
     default_fs: int = 24
     fs_meaning: str = "fps"                # fps | frame_stride
     spacing: str = "uniform_trailing"      # DDIM spacing of the official scripts
@@ -128,10 +132,16 @@ PRESETS = {
                    dynamic_rescale_base=None, use_scale=True, default_fs=28, fs_meaning="fps",
                    spacing="uniform", guidance_rescale=0.0, cfg_text=12.0, resolution=(320, 512),
                    fs_range=(1, 60)),
+    # VideoCrafter1 512: no fps embedding (fps is ignored), plain DDIM (no scale_arr)
     "vc1": Variant(family="videocrafter", name="vc1", parameterization="eps", zero_snr=False,
                    dynamic_rescale_base=None, use_scale=False, default_fs=24, fs_meaning="fps",
                    spacing="uniform", guidance_rescale=0.0, cfg_text=12.0, resolution=(320, 512),
                    fs_range=(1, 60)),
+    # VideoCrafter1 1024: fps embedding, use_scale with the default end value 0.3 and fix_scale_bug
+    "vc1_1024": Variant(family="videocrafter", name="vc1_1024", parameterization="eps", zero_snr=False,
+                        dynamic_rescale_base=None, use_scale=True, scale_b=0.3, fix_scale_bug=True,
+                        default_fs=28, fs_meaning="fps", spacing="uniform", guidance_rescale=0.0,
+                        cfg_text=12.0, resolution=(576, 1024), fs_range=(1, 60)),
 }
 
 
@@ -201,7 +211,16 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], prefix: str = "model.diffu
     depth = _count(keys, re.escape(first_attn) + r"\.transformer_blocks\.(\d+)\.")
     ctx_dim = sd[f"{p}{first_attn}.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     use_linear = sd[f"{p}{first_attn}.proj_in.weight"].ndim == 2
-    hc = head_channels or _RELEASED_UNET_HEAD_CHANNELS.get(mc, TINY_HEAD_WIDTH)
+    # VideoCrafter1 relative positions: a (2*temporal_length + 1, head width) table per temporal attention
+    table = next((k for k in keys if k.endswith("relative_position_k.embeddings_table")), None)
+    temporal_length, table_hc = 16, None
+    if table is not None:
+        rows, table_hc = sd[p + table].shape
+        temporal_length = (rows - 1) // 2
+        if head_channels and head_channels != table_hc:
+            raise CheckpointError(f"head width {head_channels} was given, but the relative-position tables "
+                                  f"('{table}') are {table_hc} wide: the temporal attention heads are {table_hc} wide")
+    hc = head_channels or table_hc or _RELEASED_UNET_HEAD_CHANNELS.get(mc, TINY_HEAD_WIDTH)
     has = lambda s: any(s in k for k in keys)
     init_heads = sd[p + "init_attn.0.proj_in.weight"].shape[0] // hc if p + "init_attn.0.proj_in.weight" in sd else 8
     return UNetConfig(
@@ -211,7 +230,8 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], prefix: str = "model.diffu
         temporal_conv=has("temopral_conv."), temporal_attention=f"{first_attn[:-1]}2.norm.weight" in keys,
         addition_attention=p + "init_attn.0.norm.weight" in sd, init_attn_heads=init_heads,
         image_cross_attention=has("attn2.to_k_ip."), image_gate=has("attn2.alpha"),
-        fs_condition=p + "fps_embedding.0.weight" in sd)
+        fs_condition=p + "fps_embedding.0.weight" in sd, relative_position=table is not None,
+        temporal_length=temporal_length)
 
 
 def infer_vae_config(sd, prefix="first_stage_model.") -> Optional[VAEConfig]:
@@ -280,8 +300,10 @@ def infer_variant(sd, unet: UNetConfig) -> Variant:
     recip = sd.get("sqrt_recip_alphas_cumprod")
     ac = sd.get("alphas_cumprod")
     scale_arr = sd.get("scale_arr")
-    if family == "videocrafter":
-        base = PRESETS["vc2" if scale_arr is not None else "vc1"]
+    if family == "videocrafter" and unet.relative_position:     # VideoCrafter1: 1024 has fps + scale_arr
+        base = PRESETS["vc1_1024" if unet.fs_condition or scale_arr is not None else "vc1"]
+    elif family == "videocrafter":
+        base = PRESETS["vc2"]
     elif unet.image_gate:
         base = PRESETS["256"]
     elif scale_arr is not None and abs(float(scale_arr[-1]) - 0.3) < 1e-4:
@@ -293,10 +315,11 @@ def infer_variant(sd, unet: UNetConfig) -> Variant:
         param = "v" if float(recip.abs().max()) == 0.0 else "eps"
     zero_snr = base.zero_snr if ac is None else float(ac[-1]) == 0.0
     rescale = base.dynamic_rescale_base
-    use_scale = base.use_scale
+    use_scale, scale_b, fix_scale_bug = base.use_scale, base.scale_b, base.fix_scale_bug
     if scale_arr is not None:
         if family == "videocrafter":
-            use_scale = True
+            use_scale, scale_b = True, round(float(scale_arr[-1]), 6)
+            fix_scale_bug = scale_arr.shape[0] == 1000    # 1400 entries otherwise (the values agree)
         else:
             rescale = round(float(scale_arr[-1]), 6)
     elif ac is not None:    # schedule buffers present but no scale_arr: no x0 rescale
@@ -305,7 +328,7 @@ def infer_variant(sd, unet: UNetConfig) -> Variant:
     if unet.model_channels != 320:
         name = "custom"
     changes = dict(name=name, parameterization=param, zero_snr=zero_snr, dynamic_rescale_base=rescale,
-                   use_scale=use_scale, default_fs=base.default_fs)
+                   use_scale=use_scale, scale_b=scale_b, fix_scale_bug=fix_scale_bug, default_fs=base.default_fs)
     if family == "dynamicrafter" and not unet.image_gate and param == "eps" and not zero_snr:
         # an eps DynamiCrafter without gates (e.g. a stage-3 run of our trainer): frame-stride like 256
         changes.update(fs_meaning="frame_stride", default_fs=3, spacing="uniform", guidance_rescale=0.0)
@@ -319,7 +342,8 @@ def apply_variant_overrides(variant: Variant, overrides: Optional[Mapping]) -> V
     if "name" in overrides and overrides["name"] in PRESETS:
         preset = PRESETS[overrides["name"]]
         keep = dict(parameterization=variant.parameterization, zero_snr=variant.zero_snr,
-                    dynamic_rescale_base=variant.dynamic_rescale_base, use_scale=variant.use_scale)
+                    dynamic_rescale_base=variant.dynamic_rescale_base, use_scale=variant.use_scale,
+                    scale_b=variant.scale_b, fix_scale_bug=variant.fix_scale_bug)
         variant = replace(preset, **keep)
     unknown = set(overrides) - {f.name for f in fields(Variant)}
     if unknown:
@@ -347,6 +371,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], overrides: Optional[Mapping] = 
     resampler = infer_resampler_config(sd, dim_head=heads.get("resampler_dim_head"))
     if resampler is not None:
         variant = replace(variant, frames=resampler.video_length)
+    elif unet.relative_position:   # VideoCrafter1 samples as many frames as its position tables were trained for
+        variant = replace(variant, frames=unet.temporal_length)
     return ModelConfig(unet=unet, vae=infer_vae_config(sd), text=text, vision=vision,
                        resampler=resampler, variant=variant)
 

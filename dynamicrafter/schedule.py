@@ -23,12 +23,14 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alphas
 
 
-def scale_arr(base_scale: float, n=NUM_TIMESTEPS) -> np.ndarray:
-    """1 -> base_scale linearly over t = 0..399, then base_scale; 1400 entries like the checkpoints."""
-    return np.concatenate([np.linspace(1.0, base_scale, 400), np.full(n, base_scale)])
+def scale_arr(base_scale: float, n=NUM_TIMESTEPS, fix_scale_bug: bool = False) -> np.ndarray:
+    """1 -> base_scale linearly over t = 0..399, then base_scale: 1400 entries like the checkpoints,
+    or n (1000) with the official `fix_scale_bug` (VideoCrafter1 1024); entries 0..999 agree."""
+    return np.concatenate([np.linspace(1.0, base_scale, 400), np.full(n - 400 if fix_scale_bug else n, base_scale)])
 
 
-def schedule_buffers(zero_snr: bool, parameterization: str, rescale_base: float | None) -> dict:
+def schedule_buffers(zero_snr: bool, parameterization: str, rescale_base: float | None,
+                     fix_scale_bug: bool = False) -> dict:
     """Every schedule buffer the official checkpoints store, as float32 tensors."""
     betas = scaled_linear_betas()
     if zero_snr:
@@ -51,16 +53,17 @@ def schedule_buffers(zero_snr: bool, parameterization: str, rescale_base: float 
         buffers["sqrt_recip_alphas_cumprod"] = np.zeros_like(betas)
         buffers["sqrt_recipm1_alphas_cumprod"] = np.zeros_like(betas)
     if rescale_base is not None:
-        buffers["scale_arr"] = scale_arr(rescale_base)
+        buffers["scale_arr"] = scale_arr(rescale_base, fix_scale_bug=fix_scale_bug)
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in buffers.items()}
 
 
 def variant_schedule(variant) -> dict:
-    """The schedule buffers of a `config.Variant` (VideoCrafter's use_scale array has base 0.7)."""
+    """The schedule buffers of a `config.Variant` (VideoCrafter's use_scale array ends at scale_b)."""
     rescale = variant.dynamic_rescale_base
     if rescale is None and variant.use_scale:
-        rescale = 0.7
-    return schedule_buffers(variant.zero_snr, variant.parameterization, rescale)
+        rescale = variant.scale_b
+    return schedule_buffers(variant.zero_snr, variant.parameterization, rescale,
+                            fix_scale_bug=variant.use_scale and variant.fix_scale_bug)
 
 
 # The official 'uniform_trailing' spacing is well defined up to here (a float quirk above it).

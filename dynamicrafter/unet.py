@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import attention
+from .attention import RelativePosition, attention, relative_attention
 from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
 
 
@@ -46,7 +46,8 @@ class CrossAttention(nn.Module):
     the first 77 context tokens (text) and the rest (image) are attended with separate
     key/value weights and separate softmaxes, and the image result is added (gated in the 256 model)."""
 
-    def __init__(self, dim, context_dim=None, heads=8, dim_head=64, image_kv=False, gate=False):
+    def __init__(self, dim, context_dim=None, heads=8, dim_head=64, image_kv=False, gate=False,
+                 temporal_length: Optional[int] = None):
         super().__init__()
         inner = heads * dim_head
         context_dim = context_dim or dim
@@ -61,10 +62,17 @@ class CrossAttention(nn.Module):
             self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
             if gate:
                 self.alpha = nn.Parameter(torch.tensor(0.0))
+        if temporal_length:   # VideoCrafter1: relative frame positions (temporal self-attention)
+            self.relative_position_k = RelativePosition(dim_head, temporal_length)
+            self.relative_position_v = RelativePosition(dim_head, temporal_length)
 
     def forward(self, x, context=None):
         q = self.to_q(x)
-        if context is None:   # self-attention
+        if context is None and hasattr(self, "relative_position_k"):
+            t = x.shape[1]
+            out = relative_attention(q, self.to_k(x), self.to_v(x), self.heads,
+                                     self.relative_position_k(t), self.relative_position_v(t))
+        elif context is None:   # self-attention
             out = attention(q, self.to_k(x), self.to_v(x), self.heads)
         elif not self.image_kv:
             out = attention(q, self.to_k(context), self.to_v(context), self.heads)
@@ -100,11 +108,12 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LN: self-attention, cross-attention (or a second self-attention), GEGLU feed-forward."""
 
-    def __init__(self, dim, heads, dim_head, context_dim=None, image_kv=False, gate=False):
+    def __init__(self, dim, heads, dim_head, context_dim=None, image_kv=False, gate=False, temporal_length=None):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head)
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, temporal_length=temporal_length)
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, image_kv=image_kv, gate=gate)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, image_kv=image_kv, gate=gate,
+                                    temporal_length=temporal_length)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context=None):
@@ -155,17 +164,18 @@ class SpatialTransformer(nn.Module):
 
 
 class TemporalTransformer(nn.Module):
-    """Self-attention along time at every pixel: both attn1 and attn2 attend over the T frames.
+    """Self-attention along time at every pixel: both attn1 and attn2 attend over the T frames
+    (with relative frame positions up to +-temporal_length when given: VideoCrafter1).
     GroupNorm statistics are taken over (C/32, T, h, w) of each video."""
 
-    def __init__(self, channels, heads, dim_head, depth=1, use_linear=True):
+    def __init__(self, channels, heads, dim_head, depth=1, use_linear=True, temporal_length=None):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(inner, heads, dim_head) for _ in range(depth)])
+            [BasicTransformerBlock(inner, heads, dim_head, temporal_length=temporal_length) for _ in range(depth)])
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
 
     def forward(self, x):  # x: (b, C, T, h, w)
@@ -307,6 +317,7 @@ class UNet3D(nn.Module):
         super().__init__()
         self.cfg = cfg
         mc, emb_dim, hc = cfg.model_channels, cfg.model_channels * 4, cfg.num_head_channels
+        rel = cfg.temporal_length if cfg.relative_position else None
         self.time_embed = _mlp(mc, emb_dim)
         if cfg.fs_condition:
             self.fps_embedding = _mlp(mc, emb_dim)
@@ -318,13 +329,13 @@ class UNet3D(nn.Module):
             layers = [SpatialTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.context_dim, cfg.use_linear,
                                          image_kv=cfg.image_cross_attention, gate=cfg.image_gate)]
             if cfg.temporal_attention:
-                layers.append(TemporalTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.use_linear))
+                layers.append(TemporalTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.use_linear, rel))
             return layers
 
         self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         if cfg.addition_attention:
             self.init_attn = Block(TemporalTransformer(mc, cfg.init_attn_heads, hc, cfg.transformer_depth,
-                                                       use_linear=False))
+                                                       use_linear=False, temporal_length=rel))
         skip_channels, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):

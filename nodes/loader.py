@@ -17,7 +17,7 @@ from dynamicrafter.config import DTYPES as DTYPE_NAMES
 from .comfy_model import make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
 from .inputs import CATEGORY
 
-VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1"]
+VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1", "vc1_1024"]
 DTYPES = ["auto", *DTYPE_NAMES]
 FOLDERS = ("checkpoints", "diffusion_models")
 

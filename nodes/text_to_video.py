@@ -27,7 +27,8 @@ class DynamiCrafterTextToVideoLatent(io.ComfyNode):
                 *size_inputs(),
                 io.Int.Input("frames", default=16, min=2, max=64, tooltip="frames of the video (trained on 16)"),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="videos made at once"),
-                fs_input(28, "fps conditioning (VideoCrafter2: 28; VideoCrafter1 ignores it)"),
+                fs_input(28, "fps conditioning (VideoCrafter2, VideoCrafter1 1024: 28; VideoCrafter1 512 has no fps "
+                             "input and ignores it)"),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
                      io.Latent.Output(display_name="latent")])

@@ -199,7 +199,8 @@ def text_to_video(classes) -> dict:
     g.connect(ld, "vae", dec, "vae")
     g.connect(samp, 0, dec, "latent")
     save_video(g, dec, 1600, 0, "video/videocrafter_t2v")
-    g.note("Text-to-video with VideoCrafter2 (same loader; text only, cfg 12, fps 28, 'uniform' DDIM steps).",
+    g.note("Text-to-video with VideoCrafter2 or VideoCrafter1 (same loader; text only, cfg 12, fps 28 "
+           "(ignored by VideoCrafter1 512), 'uniform' DDIM steps; 320x512, VideoCrafter1 1024: 576x1024).",
            (0, 200), (360, 120))
     return g.to_json()
 

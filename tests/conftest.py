@@ -56,6 +56,9 @@ def comfy_base(tmp_path_factory, comfy_reference) -> Path:
     vc2 = comfy_reference / "tiny_vc2" / "model.safetensors"
     if vc2.is_file():
         models["checkpoints"]["vc2_tiny.safetensors"] = vc2
+    vc1 = comfy_reference / "tiny_vc1" / "model.safetensors"
+    if vc1.is_file():
+        models["checkpoints"]["vc1_tiny.safetensors"] = vc1
     inputs = {}
     for sub in ("single", "interp"):
         folder = comfy_reference / "tiny_v" / "inputs" / sub

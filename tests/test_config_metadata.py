@@ -95,3 +95,13 @@ def test_stored_sizes_must_match_the_shapes(tmp_path, tiny_file, change, expecte
     with pytest.raises(CheckpointError, match="dynamicrafter_config metadata") as err:
         dynamicrafter.load_model(path)
     assert expected in str(err.value)
+
+
+def test_schema_covers_every_config_field():
+    """A config field without a schema entry would make every file saved with it unloadable."""
+    from dataclasses import fields
+
+    from dynamicrafter.metadata import SCHEMA, SECTIONS
+    for section, (schema_name, cls) in SECTIONS.items():
+        missing = {f.name for f in fields(cls)} - set(SCHEMA[schema_name])
+        assert not missing, f"{section}: {sorted(missing)}"

@@ -82,7 +82,7 @@ def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = N
                         "checkpoint that has one via model.init_extra (a DynamiCrafter or stage-1 checkpoint)")
     base = infer_config(sd)
     v = base.variant
-    rescale = v.dynamic_rescale_base if v.dynamic_rescale_base is not None else (0.7 if v.use_scale else None)
+    rescale = v.dynamic_rescale_base if v.dynamic_rescale_base is not None else (v.scale_b if v.use_scale else None)
     variant = dataclasses.replace(v, family="dynamicrafter", dynamic_rescale_base=rescale, use_scale=False,
                                   **(variant or {}))
     unet = dataclasses.replace(base.unet, image_cross_attention=True)
