@@ -94,15 +94,25 @@ def describe_foreign_checkpoint(sd: Mapping) -> Optional[str]:
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.float32, variant_overrides: Optional[Mapping] = None,
-               heads: Optional[Mapping] = None):
-    """Load any supported DynamiCrafter / VideoCrafter checkpoint file."""
+               heads: Optional[Mapping] = None, weight_dtype: Optional[torch.dtype] = None, operations=None):
+    """Load any supported DynamiCrafter / VideoCrafter checkpoint file.
+
+    `dtype` is the compute dtype. `weight_dtype` (e.g. torch.float8_e4m3fn) stores the UNet's and
+    resampler's layer matrices in that dtype instead; each layer casts them to `dtype` when called.
+    `operations`: the layer namespace to build the UNet and resampler from (see `ops.py`)."""
     sd, metadata = read_state_dict(path)
-    return model_from_state_dict(sd, device, dtype, variant_overrides, heads, metadata)
+    return model_from_state_dict(sd, device, dtype, variant_overrides, heads, metadata, weight_dtype, operations)
 
 
 def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_overrides=None, heads=None,
-                          metadata: Optional[Mapping] = None):
+                          metadata: Optional[Mapping] = None, weight_dtype: Optional[torch.dtype] = None,
+                          operations=None):
+    from . import ops
     from .model import DynamiCrafter
+
+    low = weight_dtype is not None and weight_dtype != dtype
+    if low and operations is None:
+        operations = ops.cast     # stored in weight_dtype, computed in dtype
 
     sd = {("model." + k if k.startswith("diffusion_model.") else k): v for k, v in sd.items()}
     problem = describe_foreign_checkpoint(sd)
@@ -121,7 +131,7 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
     if stored and stored.vae and cfg.vae:     # what shapes cannot tell: the VAE's GroupNorm groups
         cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, norm_groups=stored.vae.norm_groups))
     with torch.device("meta"):
-        model = DynamiCrafter(cfg)
+        model = DynamiCrafter(cfg, operations)
     expected = model.state_dict()
     schedule = {k for k, _ in model.named_buffers()}
     # schedule buffers: the file's values unless the variant was overridden to a different schedule
@@ -149,6 +159,8 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
         sd.pop(k)
     for k, v in sd.items():
         target = torch.float32 if k in schedule or not v.is_floating_point() else dtype
+        if low and ops.is_stored_low(k, v):
+            target = weight_dtype
         sd[k] = v.to(device=device, dtype=target)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)

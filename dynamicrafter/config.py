@@ -17,6 +17,8 @@ import torch
 TEXT_CONTEXT_LEN = 77   # hard-coded in the official attention and UNet
 QUERIES_PER_FRAME = 16  # Resampler num_queries in every released config
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # dtype names users pick
+# ... and for stored weights only (computed in a compute dtype), fp8 too
+WEIGHT_DTYPES = {**DTYPES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # Head widths of the released models, keyed by the width they belong to.
 _RELEASED_UNET_HEAD_CHANNELS = {320: 64}      # model_channels -> num_head_channels

@@ -7,6 +7,7 @@ checkpoint layout and loads/saves with no key mapping. Pruned files leave parts 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from .clip import ImageEncoder, TextEncoder
 from .config import ModelConfig
 from .resampler import Resampler
 from .schedule import variant_schedule
+from .tiling import TILE, should_tile, tiled_decode
 from .unet import UNet3D, grow_input_channels
 from .vae import AutoencoderKL, posterior_sample
 
@@ -31,14 +33,15 @@ class MissingComponentError(RuntimeError):
 
 
 class DynamiCrafter(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, operations=None):
+        """`operations`: the layer namespace of the UNet and resampler (`ops.py`; default torch.nn)."""
         super().__init__()
         self.cfg = cfg
-        self.model = DiffusionWrapper(UNet3D(cfg.unet))
+        self.model = DiffusionWrapper(UNet3D(cfg.unet, operations))
         self.first_stage_model = AutoencoderKL(cfg.vae) if cfg.vae else None
         self.cond_stage_model = TextEncoder(cfg.text) if cfg.text else None
         self.embedder = ImageEncoder(cfg.vision) if cfg.vision else None
-        self.image_proj_model = Resampler(cfg.resampler) if cfg.resampler else None
+        self.image_proj_model = Resampler(cfg.resampler, operations) if cfg.resampler else None
         for name, value in variant_schedule(cfg.variant).items():
             self.register_buffer(name, value)
         self.scale_factor = cfg.scale_factor
@@ -56,7 +59,8 @@ class DynamiCrafter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.time_embed[0].weight.dtype
+        """The UNet's compute dtype: biases are kept in it even when the matrices are stored in fp8."""
+        return self.unet.time_embed[0].bias.dtype
 
     @property
     def device(self) -> torch.device:
@@ -104,13 +108,18 @@ class DynamiCrafter(nn.Module):
         z = posterior_sample(moments, noise, generator) if sample else moments.chunk(2, dim=1)[0]
         return self.scale_factor * z
 
-    def decode(self, latents: torch.Tensor, frames_per_batch: int = 1) -> torch.Tensor:
-        """(b, 4, T, h, w) scaled latents -> (b, 3, T, H, W), not clamped; per-frame decoding."""
+    def decode(self, latents: torch.Tensor, frames_per_batch: int = 1, tile: Optional[int] = None) -> torch.Tensor:
+        """(b, 4, T, h, w) scaled latents -> (b, 3, T, H, W), not clamped; per-frame decoding.
+        `tile`: latent tile side for spatial tiling (tiling.py); None tiles frames larger than
+        512x512 pixels, 0 never tiles."""
         vae = self._need(self.first_stage_model, "VAE")
         b, _, t = latents.shape[:3]
         z = (latents / self.scale_factor).transpose(1, 2).flatten(0, 1)
         dt = self._dtype_of(vae)
-        frames = torch.cat([vae.decode(part.to(self.device, dt)).float() for part in z.split(frames_per_batch)])
+        run = vae.decode
+        if should_tile(*z.shape[-2:], tile):
+            run = functools.partial(tiled_decode, vae.decode, tile=tile or TILE, overlap=(tile or TILE) // 4)
+        frames = torch.cat([run(part.to(self.device, dt)).float() for part in z.split(frames_per_batch)])
         return frames.unflatten(0, (b, t)).transpose(1, 2)
 
     def grow_input_channels(self, in_channels: int) -> None:

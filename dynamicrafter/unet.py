@@ -18,6 +18,8 @@ from torch import nn
 
 from .attention import RelativePosition, attention, relative_attention
 from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
+from .ops import GroupNorm32, building_with  # noqa: F401  (GroupNorm32: the default float32 norm)
+from .ops import layers as ops
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -28,15 +30,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (the official `GroupNormSpecific`)."""
-
-    def forward(self, x):
-        return F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
-
-
 def _mlp(dim_in: int, dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
+    return nn.Sequential(ops.Linear(dim_in, dim), nn.SiLU(), ops.Linear(dim, dim))
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -52,14 +47,14 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+        self.to_q = ops.Linear(dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, dim), nn.Dropout(0.0))
         self.image_kv = image_kv
         if image_kv:
-            self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
-            self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
+            self.to_k_ip = ops.Linear(context_dim, inner, bias=False)
+            self.to_v_ip = ops.Linear(context_dim, inner, bias=False)
             if gate:
                 self.alpha = nn.Parameter(torch.tensor(0.0))
         if temporal_length:   # VideoCrafter1: relative frame positions (temporal self-attention)
@@ -81,7 +76,7 @@ class CrossAttention(nn.Module):
             out = attention(q, self.to_k(text), self.to_v(text), self.heads)
             out_ip = attention(q, self.to_k_ip(image), self.to_v_ip(image), self.heads)
             if hasattr(self, "alpha"):
-                out_ip = out_ip * (torch.tanh(self.alpha) + 1)
+                out_ip = out_ip * (torch.tanh(self.alpha.to(out_ip)) + 1)
             out = out + out_ip
         return self.to_out(out)
 
@@ -89,7 +84,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = ops.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -99,7 +94,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), ops.Linear(dim * mult, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -114,7 +109,7 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, image_kv=image_kv, gate=gate,
                                     temporal_length=temporal_length)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2, self.norm3 = ops.LayerNorm(dim), ops.LayerNorm(dim), ops.LayerNorm(dim)
 
     def forward(self, x, context=None):
         x = x + self.attn1(self.norm1(x))
@@ -139,11 +134,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = ops.Linear(channels, inner) if use_linear else ops.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, context_dim, image_kv, gate) for _ in range(depth)])
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = ops.Linear(inner, channels) if use_linear else ops.Conv2d(inner, channels, 1)
 
     def forward(self, x, context):
         _, _, h, w = x.shape
@@ -172,11 +167,11 @@ class TemporalTransformer(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv1d(channels, inner, 1)
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = ops.Linear(channels, inner) if use_linear else ops.Conv1d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(inner, heads, dim_head, temporal_length=temporal_length) for _ in range(depth)])
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv1d(inner, channels, 1)
+        self.proj_out = ops.Linear(inner, channels) if use_linear else ops.Conv1d(inner, channels, 1)
 
     def forward(self, x):  # x: (b, C, T, h, w)
         b, _, t, h, w = x.shape
@@ -202,11 +197,11 @@ class TemporalConvBlock(nn.Module):
 
     def __init__(self, channels, dropout=0.0):
         super().__init__()
-        conv = lambda: nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
-        self.conv1 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), conv())
-        self.conv2 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
-        self.conv3 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
-        self.conv4 = nn.Sequential(nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
+        conv = lambda: ops.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        self.conv1 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), conv())
+        self.conv2 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv3 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv4 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
 
     def forward(self, x):  # (b, C, T, h, w)
         return x + self.conv4(self.conv3(self.conv2(self.conv1(x))))
@@ -215,13 +210,13 @@ class TemporalConvBlock(nn.Module):
 class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, temporal_conv=True, dropout=0.0):
         super().__init__()
-        self.in_layers = nn.Sequential(GroupNorm32(32, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(ops.GroupNorm32(32, channels), nn.SiLU(),
+                                       ops.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(ops.GroupNorm32(32, out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        ops.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip_connection = (nn.Identity() if out_channels == channels
-                                else nn.Conv2d(channels, out_channels, 1))
+                                else ops.Conv2d(channels, out_channels, 1))
         if temporal_conv:
             self.temopral_conv = TemporalConvBlock(out_channels, dropout=0.1)
 
@@ -238,7 +233,7 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -247,7 +242,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -313,8 +308,14 @@ class Block(nn.Sequential):
 # ------------------------------------------------------------------------------------ the UNet
 
 class UNet3D(nn.Module):
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, operations=None):
+        """`operations`: where Linear / Conv / GroupNorm / LayerNorm come from (see `ops.py`);
+        None keeps the namespace already active (torch.nn by default)."""
         super().__init__()
+        with building_with(operations):
+            self._build(cfg)
+
+    def _build(self, cfg: UNetConfig):
         self.cfg = cfg
         mc, emb_dim, hc = cfg.model_channels, cfg.model_channels * 4, cfg.num_head_channels
         rel = cfg.temporal_length if cfg.relative_position else None
@@ -332,7 +333,7 @@ class UNet3D(nn.Module):
                 layers.append(TemporalTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.use_linear, rel))
             return layers
 
-        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([Block(ops.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         if cfg.addition_attention:
             self.init_attn = Block(TemporalTransformer(mc, cfg.init_attn_heads, hc, cfg.transformer_depth,
                                                        use_linear=False, temporal_length=rel))
@@ -359,7 +360,7 @@ class UNet3D(nn.Module):
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
-        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(ops.GroupNorm32(32, ch), nn.SiLU(), ops.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def per_frame_context(self, context: torch.Tensor, frames: int) -> torch.Tensor:
         """(b, L, C) -> (b*T, L', C). With exactly 77 + 16*T tokens, frame f reads the text and
@@ -438,7 +439,7 @@ def grow_input_channels(unet: UNet3D, in_channels: int) -> None:
     conv = unet.input_blocks[0][0]
     if in_channels < conv.in_channels:
         raise ValueError(f"cannot shrink the input conv from {conv.in_channels} to {in_channels} channels")
-    new = nn.Conv2d(in_channels, conv.out_channels, 3, padding=1).to(conv.weight)
+    new = type(conv)(in_channels, conv.out_channels, 3, padding=1).to(conv.weight)
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, :conv.in_channels] = conv.weight

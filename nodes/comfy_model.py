@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -24,13 +25,14 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
 import comfy.utils
 from comfy.text_encoders import sd2_clip
 
-from dynamicrafter.config import TEXT_CONTEXT_LEN
+from dynamicrafter.config import TEXT_CONTEXT_LEN, WEIGHT_DTYPES
 
 
 
@@ -56,7 +58,8 @@ class DynamiCrafterConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
     latent_format = DynamiCrafterLatent
     memory_usage_factor = 2.0
-    supported_inference_dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    # preference order when ComfyUI picks the weight dtype ("auto"): bf16 where it is fast, else fp16
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
     def __init__(self, variant: dict, scale_factor: float = 0.18215):
         self.sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012,
@@ -69,9 +72,12 @@ class DynamiCrafterConfig(comfy.supported_models_base.BASE):
 class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
     """BaseModel with the library UNet as ``diffusion_model`` and the Resampler beside it."""
 
-    def __init__(self, dc, device=None):
+    def __init__(self, dc, device=None, manual_cast_dtype=None):
+        """`manual_cast_dtype`: the compute dtype when the UNet's weights are stored in another
+        (ComfyUI's name for it; None when they compute in their own dtype)."""
         variant = dict(dc.variant)
         config = DynamiCrafterConfig(variant, float(getattr(dc, "scale_factor", 0.18215)))
+        config.set_inference_dtype(dc.unet.time_embed[0].weight.dtype, manual_cast_dtype)
         mtype = comfy.model_base.ModelType.V_PREDICTION if variant.get("parameterization") == "v" \
             else comfy.model_base.ModelType.EPS
         super().__init__(config, model_type=mtype, device=device)
@@ -138,8 +144,8 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         return out
 
 
-def make_model_patcher(dc) -> comfy.model_patcher.ModelPatcher:
-    model = DynamiCrafterBaseModel(dc)
+def make_model_patcher(dc, manual_cast_dtype=None) -> comfy.model_patcher.ModelPatcher:
+    model = DynamiCrafterBaseModel(dc, manual_cast_dtype=manual_cast_dtype)
     load = comfy.model_management.get_torch_device()
     offload = comfy.model_management.unet_offload_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
@@ -256,3 +262,39 @@ def make_comfy_vae(vae, dtype: torch.dtype) -> comfy.sd.VAE:
                 m.num_groups = cfg.norm_groups
     return out
 
+
+def comfy_dtype(choice: str, default: torch.dtype = torch.float32) -> torch.dtype:
+    return WEIGHT_DTYPES.get(choice, default)
+
+
+# ------------------------------------------------------------------------- UNet layers
+def unet_dtypes(choice: str, parameters: int, file_dtype=None) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, manual-cast compute dtype or None) for the UNet, chosen as ComfyUI chooses
+    them for its core models: "auto" honours --fp16-unet / --bf16-unet / --fp8_e4m3fn-unet ... and
+    the device's abilities; the compute dtype is ComfyUI's manual cast for that weight dtype."""
+    load_device = comfy.model_management.get_torch_device()
+    supported = DynamiCrafterConfig.supported_inference_dtypes
+    if choice == "auto":
+        weight = comfy.model_management.unet_dtype(model_params=parameters, supported_dtypes=supported,
+                                                   weight_dtype=file_dtype)
+    else:
+        weight = comfy_dtype(choice)
+    return weight, comfy.model_management.unet_manual_cast(weight, load_device, supported)
+
+
+def comfy_operations(weight_dtype: torch.dtype, manual_cast_dtype: torch.dtype | None):
+    """The comfy.ops namespace core models get for these dtypes, plus the float32 GroupNorm of our ResBlocks."""
+    load_device = comfy.model_management.get_torch_device()
+    return _with_float32_group_norm(comfy.ops.pick_operations(weight_dtype, manual_cast_dtype, load_device=load_device))
+
+
+@functools.lru_cache(maxsize=None)
+def _with_float32_group_norm(base):
+    class GroupNorm32(base.GroupNorm):
+        """Always casts (weight and bias to the float32 input, on its device), whatever the rest does."""
+        comfy_cast_weights = True
+
+        def forward(self, x):
+            return super().forward(x.float()).to(x.dtype)
+
+    return type(f"DynamiCrafter_{base.__name__}", (base,), {"GroupNorm32": GroupNorm32})

@@ -11,14 +11,15 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 import dynamicrafter
+from dynamicrafter.checkpoint import model_from_state_dict
+from dynamicrafter.config import WEIGHT_DTYPES
 
-from dynamicrafter.config import DTYPES as DTYPE_NAMES
-
-from .comfy_model import make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
+from .comfy_model import (comfy_operations, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae,
+                          make_model_patcher, unet_dtypes)
 from .inputs import CATEGORY
 
 VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1", "vc1_1024"]
-DTYPES = ["auto", *DTYPE_NAMES]
+DTYPES = ["auto", *WEIGHT_DTYPES]
 FOLDERS = ("checkpoints", "diffusion_models")
 
 
@@ -39,15 +40,6 @@ def resolve_model_file(name: str) -> str:
     raise ValueError(f"model file '{name}' not found in models/checkpoints or models/diffusion_models")
 
 
-def pick_dtype(choice: str) -> torch.dtype:
-    if choice != "auto":
-        return DTYPE_NAMES[choice]
-    device = comfy.model_management.get_torch_device()
-    if device.type == "cpu":
-        return torch.float32   # CPUs here have no fast fp16/bf16 matmul
-    return torch.bfloat16 if comfy.model_management.should_use_bf16(device) else torch.float16
-
-
 def variant_overrides(choice: str):
     if choice == "auto":
         return None
@@ -57,18 +49,28 @@ def variant_overrides(choice: str):
     return asdict(PRESETS[choice])   # every field of the preset, eps/v and schedule included
 
 
-def load_dynamicrafter(path: str, dtype: torch.dtype, variant: str = "auto"):
-    """(MODEL, CLIP, CLIP_VISION, VAE) from a file; parts missing from the file come back None."""
+def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
+    """(MODEL, CLIP, CLIP_VISION, VAE) from a file; parts missing from the file come back None.
+    `dtype`: one of DTYPES, the UNet's weight dtype ("auto": ComfyUI's choice for the device and
+    its --*-unet flags); the compute dtype is ComfyUI's manual cast for it (fp8 weights compute
+    in fp16/bf16 on GPU, everything in fp32 on CPU)."""
+    name = os.path.basename(path)
     try:
-        dc = dynamicrafter.load_model(path, device="cpu", dtype=dtype, variant_overrides=variant_overrides(variant))
+        sd, metadata = dynamicrafter.read_state_dict(path)
+        unet = [v for k, v in sd.items() if k.startswith(("model.diffusion_model.", "diffusion_model."))]
+        file_dtype = next((v.dtype for v in unet if v.is_floating_point()), None)
+        weight_dtype, manual_cast = unet_dtypes(dtype, sum(v.numel() for v in unet), file_dtype)
+        compute = manual_cast or weight_dtype
+        dc = model_from_state_dict(sd, "cpu", compute, variant_overrides(variant), None, metadata,
+                                   weight_dtype=weight_dtype, operations=comfy_operations(weight_dtype, manual_cast))
     except (dynamicrafter.CheckpointError, ValueError) as e:
-        raise ValueError(f"{os.path.basename(path)}: {e}") from e
+        raise ValueError(f"{name}: {e}") from e
     except Exception as e:   # truncated/corrupt files surface as reader errors
-        raise ValueError(f"{os.path.basename(path)} could not be read as a DynamiCrafter checkpoint "
+        raise ValueError(f"{name} could not be read as a DynamiCrafter checkpoint "
                          f"({type(e).__name__}: {e}); is the file complete and a .ckpt/.safetensors?") from e
     dc.eval()
     # Text/vision encoders and VAE run in fp32 on CPU (no fast half precision there), else in the chosen dtype.
-    te_dtype = torch.float32 if comfy.model_management.get_torch_device().type == "cpu" else dtype
+    te_dtype = torch.float32 if comfy.model_management.get_torch_device().type == "cpu" else compute
     clip = make_comfy_clip(dc.text_encoder, te_dtype) if dc.text_encoder is not None else None
     clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype) if dc.image_encoder is not None else None
     vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
@@ -76,7 +78,7 @@ def load_dynamicrafter(path: str, dtype: torch.dtype, variant: str = "auto"):
     dc.cond_stage_model = None
     dc.embedder = None
     dc.first_stage_model = None
-    model = make_model_patcher(dc)
+    model = make_model_patcher(dc, manual_cast)
     missing = [n for n, v in (("CLIP", clip), ("CLIP_VISION", clip_vision), ("VAE", vae)) if v is None]
     if missing:
         logging.info("DynamiCrafter: %s has no %s; use ComfyUI's loaders for them", os.path.basename(path),
@@ -99,7 +101,9 @@ class DynamiCrafterLoader(io.ComfyNode):
                                        "models/checkpoints (full) or models/diffusion_models (pruned "
                                        "UNet+resampler)"),
                 io.Combo.Input("dtype", options=DTYPES, default="auto",
-                               tooltip="weight dtype; auto = fp32 on CPU, bf16/fp16 on GPU"),
+                               tooltip="UNet weight dtype; auto = ComfyUI's choice (fp32 on CPU, bf16/fp16 on "
+                                       "GPU, or the --*-unet flag); fp8 halves the UNet's memory and computes "
+                                       "in fp16/bf16"),
                 io.Combo.Input("variant", options=VARIANTS, default="auto",
                                tooltip="auto detects eps/v, zero-SNR, rescale and fs meaning from the weights; "
                                        "pick one to override"),
@@ -118,7 +122,7 @@ class DynamiCrafterLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name, dtype="auto", variant="auto") -> io.NodeOutput:
         path = resolve_model_file(ckpt_name)
-        return io.NodeOutput(*load_dynamicrafter(path, pick_dtype(dtype), variant))
+        return io.NodeOutput(*load_dynamicrafter(path, dtype, variant))
 
 
 NODES = [DynamiCrafterLoader]

@@ -29,8 +29,8 @@ def resample_context(model, clip_tokens: dict) -> dict:
                          f"{want} (DynamiCrafter uses OpenCLIP ViT-H-14, width 1280): load the matching CLIP "
                          f"vision model")
     comfy.model_management.load_models_gpu([model])
-    device = next(res.parameters()).device
-    dtype = next(res.parameters()).dtype
+    device = model.load_device        # partially loaded layers cast their weights onto it
+    dtype = inner.manual_cast_dtype or res.proj_in.bias.dtype
     out = {}
     for key in ("cond", "uncond"):
         out[key] = res(clip_tokens[key].to(device, dtype)).float().to(comfy.model_management.intermediate_device())

@@ -1,0 +1,129 @@
+"""Our MODEL under ComfyUI's own memory machinery, in the real executor (tiny checkpoint, CPU):
+layers from comfy.ops, partial loading (what --lowvram / --novram do on a small GPU), fp8
+weights computed in the compute dtype, and the memory estimate ComfyUI plans with."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import comfy_runtime
+
+REPO = comfy_runtime.REPO_ROOT
+sys.path.insert(0, str(REPO / "scripts"))
+from comfy_workflow import load_workflow  # noqa: E402
+from run_workflow import prepare_prompt  # noqa: E402
+
+W, H, T, STEPS = 64, 64, 4, 2
+# Same weights, same fp32 compute, different code paths (a cast copy vs the loaded tensor): float32
+# rounding differences of 1e-7 grow through 2 guided steps of this random model to 4.9e-5 (measured)
+# on latents of magnitude ~6. fp8 rounding itself moves these latents by 3.1 (measured), so the
+# bound tells fp8 storage apart from any real mistake by more than 4 orders of magnitude.
+LATENT_ATOL = 2e-4
+
+
+def latent_prompt(comfy, dtype: str, prefix: str, ckpt: str) -> dict:
+    """The image-to-video workflow, its sampler's LATENT also saved (SaveLatent) for comparison."""
+    wf = load_workflow(REPO / "workflows" / "dynamicrafter_image_to_video.json")
+    prompt = prepare_prompt(wf, comfy.node_classes, ckpt, ["single_image.png"], W, H, T, STEPS)
+    for node in prompt.values():
+        if node["class_type"] == "DynamiCrafterLoader":
+            node["inputs"]["dtype"] = dtype
+        if node["class_type"] == "DynamiCrafterDDIMSampler":
+            node["inputs"]["eta"] = 0.0
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterDDIMSampler")
+    prompt["9001"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": f"latents/{prefix}"}}
+    return prompt
+
+
+def run_latent(comfy, dtype: str, prefix: str, ckpt: str = "dc_tiny_v.safetensors") -> torch.Tensor:
+    comfy.executor.reset()     # no cached node outputs: every node runs again
+    comfy.run(latent_prompt(comfy, dtype, prefix, ckpt))
+    files = sorted(comfy.output_dir.glob(f"latents/{prefix}*.latent"))
+    assert files, f"SaveLatent wrote nothing for {prefix}"
+    return load_file(str(files[-1]))["latent_tensor"]
+
+
+@contextlib.contextmanager
+def partial_loading(budget_bytes: float, record: list):
+    """Load every model with `budget_bytes` of "VRAM" for its weights, as ComfyUI's load_models_gpu
+    does under --lowvram (budget = free memory) or --novram (0.1 byte). On a CPU machine ComfyUI
+    never loads partially by itself, so the budget is handed to ComfyUI's own LoadedModel.model_load."""
+    import comfy.model_management as mm
+    original = mm.LoadedModel.model_load
+
+    def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
+        out = original(self, budget_bytes, force_patch_weights=force_patch_weights)
+        inner = self.model.model
+        casting = [n for n, m in inner.named_modules() if getattr(m, "comfy_cast_weights", False)]
+        record.append((type(inner).__name__, bool(getattr(inner, "model_lowvram", False)), len(casting)))
+        return out
+
+    mm.LoadedModel.model_load = model_load
+    try:
+        mm.unload_all_models()
+        yield
+    finally:
+        mm.LoadedModel.model_load = original
+        mm.unload_all_models()
+
+
+@pytest.fixture(scope="module")
+def rounded_ckpt(comfy, comfy_base, tiny_ckpt):
+    """The tiny checkpoint with the matrices an fp8 load stores in fp8 rounded to fp8 and back:
+    fp8 weights computed in fp32 must give exactly what these fp32 weights give."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dynamicrafter.ops import is_stored_low
+    with safe_open(str(tiny_ckpt), framework="pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd = {k: v.to(torch.float8_e4m3fn).to(v.dtype) if is_stored_low(k, v) else v for k, v in sd.items()}
+    name = "dc_tiny_v_fp8_rounded.safetensors"
+    save_file(sd, str(comfy_base / "models" / "checkpoints" / name), metadata=meta)
+    return name
+
+
+def test_unet_layers_come_from_comfy_ops(comfy):
+    """Every parameter of the UNet and resampler sits in a comfy.ops layer (so ComfyUI can stream it
+    and cast it), except two that ComfyUI never moves by itself and our code casts at use: the
+    256 model's image gate `alpha` and the resampler's learned queries."""
+    from nodes_pack_access import pack
+    model = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "auto")[0]
+    inner = model.model
+    loose = []
+    for name, module in inner.named_modules():
+        own = [p for p, _ in module.named_parameters(recurse=False)]
+        if own and not hasattr(module, "comfy_cast_weights"):
+            loose += [f"{name}.{p}" for p in own]
+    assert all(n.endswith((".alpha", "image_proj_model.latents")) for n in loose), loose
+    assert "image_proj_model.latents" in loose
+
+
+def test_fp8_weights_and_partial_loading_in_the_executor(comfy, rounded_ckpt):
+    """The image-to-video workflow with fp8_e4m3fn weights (stored fp8, cast per layer to the fp32
+    compute dtype of a CPU), loaded fully and then partially (a --lowvram budget of a third of the
+    UNet: the rest is streamed and cast layer by layer), gives exactly the latents of fp32 weights
+    holding the same (fp8-rounded) values."""
+    from nodes_pack_access import pack
+    model = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp8_e4m3fn", "auto")[0]
+    unet = model.model.diffusion_model
+    assert unet.input_blocks[1][0].in_layers[2].weight.dtype == torch.float8_e4m3fn
+    assert unet.input_blocks[1][0].in_layers[2].bias.dtype == torch.float32
+    assert model.model.manual_cast_dtype == torch.float32      # CPU: computed in fp32
+    budget = model.model_size() / 3
+    del model, unet
+
+    reference = run_latent(comfy, "fp32", "mem_rounded", rounded_ckpt)
+    full = run_latent(comfy, "fp8_e4m3fn", "mem_fp8")
+    torch.testing.assert_close(full, reference, rtol=0, atol=LATENT_ATOL)
+    record = []
+    with partial_loading(budget, record):
+        partial = run_latent(comfy, "fp8_e4m3fn", "mem_fp8_lowvram")
+    ours = [r for r in record if r[0] == "DynamiCrafterBaseModel"]
+    assert ours and all(lowvram and casting > 0 for _, lowvram, casting in ours), record
+    torch.testing.assert_close(partial, reference, rtol=0, atol=LATENT_ATOL)
