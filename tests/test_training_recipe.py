@@ -280,3 +280,51 @@ def test_validation_loss_is_fixed_across_runs(clips):
     assert float(ref) == pytest.approx(a["val_loss_t"][800], rel=1e-6)
     with pytest.raises(ConfigError, match="needs data.val_csv"):
         load_config(SMOKE, [f"data.csv={clips}", "eval.val_every=5"])
+
+
+# ------------------------------------------------------------------------ latent / text cache
+
+def test_training_on_the_cache_equals_training_on_the_videos(tmp_path, clips):
+    import json as _json
+
+    from training import checkpoint as ck
+    from training.cache import Cache, CachedDataset
+    from training.data import collate, shared_records
+    from training.train import build_model, run
+
+    opts = ["run.stage=3", "run.global_batch=2", "run.micro_batch=2", "data.uncond_prob=0.3", "run.interp_prob=0.5"]
+    # the same samples give the same loss from the cache as from the videos
+    cfg = load_config(SMOKE, [f"data.csv={clips}", *opts])
+    dc = build_model(cfg)
+    records = shared_records(clips, None)
+    kw = dict(frames=4, height=32, width=32, max_stride=2, seed=0)
+    cache = Cache(str(tmp_path / "cache"), dc, 32, 32)
+    assert cache.build(dc, records) == 3 and cache.build(dc, records) == 0       # built once
+    videos, cached = make_dataset(clips, records=records, **kw), CachedDataset(records, cache, **kw)
+    st = StageSettings(stage=3, seed=0, uncond_prob=0.3, interp_prob=0.5)
+    from training.train import train_mode
+    train_mode(dc)       # dropout on: the masks must match too (they follow the tensors' memory layout)
+    with torch.no_grad():
+        for ks in ([0, 1], [2, 3], [4, 5, 6, 7]):
+            torch.manual_seed(ks[0])
+            a = stage_loss(dc, collate([videos[k] for k in ks]), st)
+            torch.manual_seed(ks[0])
+            b = stage_loss(dc, collate([cached[k] for k in ks]), st)
+            assert float(a) == pytest.approx(float(b), rel=1e-6, abs=1e-7), ks
+
+    # and a run trains the same from either (losses; Adam lifts rounding noise in the weights)
+    def train(name, *extra):
+        run(load_config(SMOKE, [f"data.csv={clips}", f"run.run_dir={tmp_path / name}", "run.max_steps=2",
+                                "run.save_every=2", "run.tensorboard=false", *opts, *extra]))
+        return [r["loss"] for r in map(_json.loads, open(tmp_path / name / "log.jsonl")) if "loss" in r]
+
+    from_videos = train("videos")
+    from_cache = train("cached", f"data.cache_dir={tmp_path / 'cache'}")
+    assert from_cache == pytest.approx(from_videos, rel=1e-5)
+    assert len(glob_cache(tmp_path / "cache")) == 3 and len(from_videos) == 2
+    assert ck.load_latest(str(tmp_path / "cached"))["step"] == 2
+
+
+def glob_cache(root):
+    import glob as g
+    return sorted(g.glob(str(root / "*" / "videos" / "*.pt")))

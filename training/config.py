@@ -46,6 +46,7 @@ class DataSection:
     num_workers: int = 2
     uncond_prob: float = 0.05           # 5% text only, 5% image only, 5% both dropped (CFG)
     val_csv: Optional[str] = None       # held-out clips for the validation loss (same layout as csv)
+    cache_dir: Optional[str] = None     # encode VAE latents, CLIP image and text embeddings once, train from them
 
 
 @dataclass
@@ -246,7 +247,7 @@ def _set(cfg: TrainConfig, section: str, key: str, value: Any) -> None:
         value = tuple(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if key in ("run_dir", "csv", "video_dir", "init", "val_csv") and isinstance(value, str):
+    if key in ("run_dir", "csv", "video_dir", "init", "val_csv", "cache_dir") and isinstance(value, str):
         value = os.path.expanduser(str(value))
     setattr(sec, key, value)
 

@@ -269,24 +269,28 @@ class VideoDataset(torch.utils.data.Dataset):
         for j in range(n):
             yield int(perm[(pos + j) % n])
 
+    def clip_indices(self, rec: VideoRecord, n_frames: int, fps: float, rng: np.random.Generator):
+        """(frame indices, stride) of a random clip inside the record's [start, end) span."""
+        lo = math.ceil(rec.start * fps - 1e-6) if rec.start is not None else 0
+        hi = min(n_frames, math.floor(rec.end * fps + 1e-6)) if rec.end is not None else n_frames
+        start, stride = choose_clip(hi - lo, self.frames, self.max_stride, rng)
+        return [lo + start + i * stride for i in range(self.frames)], stride
+
+    def fs_of(self, fps: float, stride: int) -> int:
+        if self.fs_meaning == "frame_stride":
+            return stride
+        fs = max(1, int(fps // stride))
+        return min(fs, self.fps_max) if self.fps_max is not None else fs
+
     def load_clip(self, rec: VideoRecord, rng: np.random.Generator) -> dict:
         if rec.path not in self._probe:
             self._probe[rec.path] = probe_video(rec.path)
         n_frames, fps = self._probe[rec.path]
-        lo = math.ceil(rec.start * fps - 1e-6) if rec.start is not None else 0
-        hi = min(n_frames, math.floor(rec.end * fps + 1e-6)) if rec.end is not None else n_frames
-        start, stride = choose_clip(hi - lo, self.frames, self.max_stride, rng)
-        idx = [lo + start + i * stride for i in range(self.frames)]
+        idx, stride = self.clip_indices(rec, n_frames, fps, rng)
         raw = decode_frames(rec.path, idx)
         x = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
         x = cover_crop(x, self.height, self.width) / 127.5 - 1.0
-        if self.fs_meaning == "frame_stride":
-            fs = stride
-        else:
-            fs = max(1, int(fps // stride))
-            if self.fps_max is not None:
-                fs = min(fs, self.fps_max)
-        return {"video": x.permute(1, 0, 2, 3).contiguous(), "caption": rec.caption, "fs": fs,
+        return {"video": x.permute(1, 0, 2, 3).contiguous(), "caption": rec.caption, "fs": self.fs_of(fps, stride),
                 "stride": stride, "path": rec.path}
 
     def __getitem__(self, k: int) -> dict:
@@ -336,14 +340,16 @@ class StreamSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict]) -> dict:
-    return {
-        "video": torch.stack([it["video"] for it in items]),
+    """Tensors stacked (video, or the cached moments/clip/text), the rest as lists or long tensors."""
+    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if isinstance(items[0][k], torch.Tensor)}
+    out.update({
         "caption": [it["caption"] for it in items],
         "fs": torch.tensor([it["fs"] for it in items], dtype=torch.long),
         "stride": torch.tensor([it["stride"] for it in items], dtype=torch.long),
         "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
         "path": [it["path"] for it in items],
-    }
+    })
+    return out
 
 
 def make_dataset(csv_path: str, video_dir: Optional[str] = None, records: Optional[list] = None,

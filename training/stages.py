@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dynamicrafter.config import QUERIES_PER_FRAME
 from dynamicrafter.unet import grow_input_channels, is_temporal_parameter
+from dynamicrafter.vae import posterior_sample
 
 UNET = "model.diffusion_model."
 RESAMPLER = "image_proj_model."
@@ -183,29 +184,43 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
 
     autocast = autocast or contextlib.nullcontext()
     device = dc.sqrt_alphas_cumprod.device
-    video = batch["video"].to(device)
-    b, _, frames = video.shape[:3]
+    cached = "moments" in batch          # encodings from training.cache instead of pixels
+    video = batch["moments"] if cached else batch["video"]
+    b, frames = video.shape[:2] if cached else (video.shape[0], video.shape[2])
     if st.stage == 1:
         frames = 1
-        video = video[:, :, :1]
+        video = video[:, :1] if cached else video[:, :, :1]
+    video = video.to(device)
     unet = dc.unet
     resampler_frames = dc.image_proj_model.cfg.video_length
     latent_c = unet.cfg.out_channels
-    H, W = video.shape[-2:]
-    d = draw(st.seed, batch["index"], latent_shape=(latent_c, H // 8, W // 8), frames=frames,
+    h, w = video.shape[-2:] if cached else (video.shape[-2] // 8, video.shape[-1] // 8)
+    d = draw(st.seed, batch["index"], latent_shape=(latent_c, h, w), frames=frames,
              num_timesteps=dc.alphas_cumprod.shape[0], uncond_prob=st.uncond_prob,
              cond_frame=st.cond_frame if st.stage == 3 else "first", query_groups=resampler_frames,
              interp_prob=st.interp_prob if st.stage == 3 else 0.0)
     t = d.t.to(device) if st.fixed_t is None else torch.full_like(d.t, st.fixed_t).to(device)
+    # an interpolation sample is conditioned on its first (and last) frame: CLIP sees the first
+    cond_idx = torch.where(d.interp, torch.zeros_like(d.cond_frame), d.cond_frame).to(device)
+    rows = torch.arange(b, device=device)
     with torch.no_grad(), autocast:
-        z = encode_video(dc, video, d.vae_noise.to(device)).float()
-        captions = ["" if drop else cap for cap, drop in zip(batch["caption"], d.drop_text.tolist())]
-        text = dc.encode_text(captions)
-        # an interpolation sample is conditioned on its first (and last) frame: CLIP sees the first
-        cond_idx = torch.where(d.interp, torch.zeros_like(d.cond_frame), d.cond_frame).to(device)
-        img = video[torch.arange(b, device=device), :, cond_idx]            # (b, 3, H, W)
-        img = torch.where(d.drop_image.to(device)[:, None, None, None], torch.zeros_like(img), img)
-        clip_tokens = dc.encode_clip_image(img)
+        if cached:
+            z = posterior_sample(video.flatten(0, 1), d.vae_noise.to(device).flatten(0, 1)) * dc.scale_factor
+            z = z.unflatten(0, (b, frames)).transpose(1, 2).float()
+            drop_t = d.drop_text.to(device)[:, None, None]
+            text = torch.where(drop_t, batch["text_empty"].to(device), batch["text"].to(device))
+            drop_i = d.drop_image.to(device)[:, None, None]
+            clip_tokens = torch.where(drop_i, batch["clip_zero"].to(device), batch["clip"].to(device)[rows, cond_idx])
+        else:
+            z = encode_video(dc, video, d.vae_noise.to(device)).float()
+            captions = ["" if drop else cap for cap, drop in zip(batch["caption"], d.drop_text.tolist())]
+            text = dc.encode_text(captions)
+            img = video[rows, :, cond_idx]                                       # (b, 3, H, W)
+            img = torch.where(d.drop_image.to(device)[:, None, None, None], torch.zeros_like(img), img)
+            clip_tokens = dc.encode_clip_image(img)
+    # one memory layout for both sources: dropout masks follow memory order, so the same
+    # samples must reach the UNet in the same layout to draw the same masks
+    z = z.contiguous()
     with autocast:
         img_ctx = dc.image_context(clip_tokens)                                # (b, 16*Tr, C), trainable
         if st.stage == 1:

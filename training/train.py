@@ -250,7 +250,9 @@ def check_resume(state: dict, cfg: TrainConfig, allow_config_change: bool, is_ma
         raise ck.ResumeError(f"{state['path']} was trained with run.global_batch={state['global_batch']}; "
                              f"resuming with {cfg.run.global_batch} would change the data order. "
                              "Keep run.global_batch, or use a new run.run_dir")
-    old = json.loads(state["config"])
+    old = TrainConfig().to_dict()      # keys newer than the checkpoint count as their defaults
+    for section, values in json.loads(state["config"]).items():
+        old.setdefault(section, {}).update(values)
     changes = [c for c in config_changes(old, cfg.to_dict()) if c[0] != "run.global_batch"]
     if changes and is_main:
         log.warning("resuming with config changes: %s", "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
@@ -375,9 +377,19 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
                     frames, tokens_for)
     fs_meaning = cfg.data.fs_meaning or dc.variant.get("fs_meaning", "frame_stride")
     records = shared_records(cfg.data.csv, cfg.data.video_dir, rank, broadcast_from_rank0 if world > 1 else None)
-    dataset = make_dataset(cfg.data.csv, records=records, frames=frames, height=cfg.data.height,
-                           width=cfg.data.width, max_stride=cfg.data.max_stride, fs_meaning=fs_meaning,
-                           fps_max=cfg.data.fps_max, seed=r.seed)
+    data_kw = dict(frames=frames, height=cfg.data.height, width=cfg.data.width, max_stride=cfg.data.max_stride,
+                   fs_meaning=fs_meaning, fps_max=cfg.data.fps_max, seed=r.seed)
+    dataset = videos = make_dataset(cfg.data.csv, records=records, **data_kw)
+    if cfg.data.cache_dir:
+        from training.cache import Cache, CachedDataset
+        cache = Cache(cfg.data.cache_dir, dc, cfg.data.height, cfg.data.width)
+        dc.eval()
+        built = cache.build(dc, records, rank, world)
+        if world > 1:
+            dist.barrier()
+        if is_main:
+            log.info("cache %s: %d videos encoded now, %d listed", cache.dir, built, len(records))
+        dataset = CachedDataset(records, cache, source=cfg.data.csv, **data_kw)
     val_items = []
     if cfg.eval.val_every:
         val_records = shared_records(cfg.data.val_csv, cfg.data.video_dir, rank,
@@ -455,7 +467,7 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
             # under FSDP every rank runs the sampler (the UNet's shards are gathered collectively)
             dc.eval()
             with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                paths = sample_videos(dc, cfg, dataset, step, device, write=is_main)
+                paths = sample_videos(dc, cfg, videos, step, device, write=is_main)
             train_mode(dc)
             if is_main:
                 jsonl.write({"step": step, "samples": paths})
