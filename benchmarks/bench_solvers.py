@@ -45,8 +45,8 @@ from dynamicrafter.step_cache import unet_forward  # noqa: E402
 PLANS = {
     "full": dict(
         ddim=(25, 15, 10), ours=[("dpmpp_2m", 10), ("dpmpp_2m", 15), ("unipc", 10), ("unipc", 15)],
-        core=[("euler", "simple", 10), ("dpmpp_2m", "simple", 10), ("dpmpp_2m", "simple", 15),
-              ("dpmpp_2m", "karras", 10), ("dpmpp_2m_sde", "simple", 10), ("uni_pc", "simple", 10)],
+        core=[("euler", "simple", 10), ("dpmpp_2m", "simple", 10), ("dpmpp_2m", "karras", 10),
+              ("dpmpp_2m_sde", "simple", 10), ("uni_pc", "simple", 10)],
         cache=[(15, 2, 1), (15, 3, 1), (15, 3, 0)],            # (steps, interval, depth) on dpmpp_2m
         cfg=[(15, (150, 850)), (15, (300, 700))],              # (steps, (t_lo, t_hi)) on dpmpp_2m
         dual_ddim=(15, 10), dual_ours=[("dpmpp_2m", 10), ("dpmpp_2m", 15), ("unipc", 15)]),
@@ -195,11 +195,11 @@ def bench_model(name, dc, c, x_T, demo, guidance, setting, core, plan, out=None,
     dual = "cfg_img" in guidance
     for steps in plan["dual_ddim"] if dual else plan["ddim"]:
         add("DDIM", steps, run_ours(dc, c, x_T, guidance, "ddim", steps))
+    for solver, steps in plan["dual_ours"] if dual else plan["ours"]:
+        add(f"ours {solver}", steps, run_ours(dc, c, x_T, guidance, solver, steps))
     if core is not None and not dual:
         for sampler, scheduler, steps in plan["core"]:
             add(f"ComfyUI {sampler}/{scheduler}", steps, core.run(dc, c, x_T, guidance, sampler, scheduler, steps))
-    for solver, steps in plan["dual_ours"] if dual else plan["ours"]:
-        add(f"ours {solver}", steps, run_ours(dc, c, x_T, guidance, solver, steps))
     if not dual:
         for steps, interval, depth in plan["cache"]:
             add(f"ours dpmpp_2m + cache k={interval} depth={depth}", steps,

@@ -30,13 +30,6 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def ddim50(tiny):
-    dc, x_T, cond, uncond, kw = tiny
-    with torch.no_grad():
-        return dynamicrafter.sample_ddim(dc, x_T, cond, uncond, steps=50, **kw)
-
-
-@pytest.fixture(scope="module")
 def tiny_ref(tiny_ckpt):
     """The tiny reference checkpoint (random weights, official layout) at 64x64, 8 frames, its
     reference image and prompt, dual CFG + guidance rescale, and its 50-step DDIM latent."""
@@ -103,17 +96,6 @@ def test_fast_solver_reaches_50_step_ddim_in_15_steps(tiny_ref, solver):
     assert psnr(fast, ddim50) > psnr(ddim15, ddim50) + 2      # and clearly closer than DDIM at 15
 
 
-def test_cfg_interval_skips_the_guidance_branches_outside_it(tiny, ddim50):
-    dc, x_T, cond, uncond, kw = tiny
-    lv = noise_levels(dc, 10)
-    inside = sum(200 <= t <= 800 for t in lv.t)
-    stats = {}
-    with torch.no_grad():
-        out = sample(dc, x_T, cond, uncond, solver="dpmpp_2m", steps=10, cfg_interval=(200, 800), stats=stats, **kw)
-    assert stats["evaluations"] == 3 * inside + (10 - inside)
-    assert torch.isfinite(out).all() and psnr(out, ddim50) > 10
-
-
 def test_cached_unet_forward_equals_the_unet(tiny):
     dc, x_T, cond, uncond, kw = tiny
     x = torch.cat([x_T, kw["concat"]], 1)
@@ -126,16 +108,6 @@ def test_cached_unet_forward_equals_the_unet(tiny):
             reused, _ = unet_forward(dc.unet, x, t, ctx, fs, depth=depth, deep=deep)
             assert torch.equal(full, ref)
             assert torch.equal(reused, ref)       # same step: reusing its own deep features changes nothing
-
-
-def test_step_cache_counts_reuse_and_stays_close(tiny, ddim50):
-    dc, x_T, cond, uncond, kw = tiny
-    stats = {}
-    with torch.no_grad():
-        out = sample(dc, x_T, cond, uncond, solver="dpmpp_2m", steps=15, cache_interval=3, cache_depth=1,
-                     stats=stats, **kw)
-    assert stats == {"evaluations": 45, "cached": 30}          # steps 1, 2, 4, 5, ... reuse
-    assert psnr(out, ddim50) > 20, psnr(out, ddim50)
 
 
 def test_unipc_coefficients_tend_to_adams_weights():
@@ -200,3 +172,26 @@ def test_levels_cover_eps_models_and_videocrafter_scale(comfy_reference, name):
         fast = sample(dc, x_T, cond, uncond, solver="dpmpp_2m", **kw)
     torch.testing.assert_close(levels, official, rtol=1e-4, atol=1e-4)
     assert torch.isfinite(fast).all() and psnr(fast, official) > 15
+
+
+def test_step_cache_and_cfg_interval_on_the_tiny_model(tiny_ref):
+    """The work savings of the options against their quality cost, on the tiny reference model:
+    latent PSNR to 50-step DDIM of dpmpp_2m 15 steps plain, with the step cache (k=3, depth 1:
+    deep features reused on 10 of 15 steps), with guidance only for t in [150, 850], and plain
+    dpmpp_2m at 10 steps (the same work as the cache saves, spent on fewer steps instead)."""
+    dc, x_T, cond, uncond, kw, ddim50 = tiny_ref
+    got = {}
+    with torch.no_grad():
+        for name, extra in [("plain15", dict(steps=15)), ("cache15", dict(steps=15, cache_interval=3)),
+                            ("cfg15", dict(steps=15, cfg_interval=(150, 850))), ("plain10", dict(steps=10))]:
+            stats = {}
+            out = sample(dc, x_T, cond, uncond, solver="dpmpp_2m", stats=stats, **(kw | extra))
+            got[name] = (psnr(out, ddim50), stats)
+    print({k: (round(v[0], 2), v[1]) for k, v in got.items()})
+    assert got["cache15"][1] == {"evaluations": 45, "cached": 30}
+    assert got["cfg15"][1]["evaluations"] == 45 - 2 * sum(not 150 <= t <= 850 for t in noise_levels(dc, 15).t)
+    assert all(math.isfinite(v[0]) and v[0] > 20 for v in got.values())
+    # measured: plain 15 40.4 dB, cached 15 39.2 dB (51% less UNet work: a reused step costs 23.6%
+    # of a full one), plain 10 38.8 dB; guidance in [150, 850] only: 31.7 dB for 22% less work
+    assert got["cache15"][0] >= got["plain15"][0] - 2.0
+    assert got["cache15"][0] >= got["plain10"][0] - 0.5
