@@ -6,11 +6,33 @@ import torch
 import comfy.model_management
 import comfy.utils
 
+from dynamicrafter.tiling import TILE, should_tile, tiled_decode
+
 TRIM = ["auto", "keep all frames", "drop last frame"]
+TILING = ["auto", "off", "on"]
+
+
+def tiles_needed(vae, part: torch.Tensor, tiling: str) -> bool:
+    """auto: frames over 512x512 pixels, or a batch whose decode ComfyUI estimates larger than the
+    free memory of the VAE's device."""
+    if tiling != "auto":
+        return tiling == "on" and should_tile(*part.shape[-2:], TILE // 2)
+    if should_tile(*part.shape[-2:], None):
+        return True
+    need = vae.memory_used_decode(part.shape, vae.vae_dtype)
+    return need > comfy.model_management.get_free_memory(vae.device)
+
+
+def decode_frames(vae, part: torch.Tensor, tiling: str = "auto") -> torch.Tensor:
+    """ComfyUI IMAGE frames (n, H, W, 3) of latent frames (n, 4, h, w), spatially tiled if needed."""
+    if not tiles_needed(vae, part, tiling):
+        return vae.decode(part)
+    tile = TILE if max(part.shape[-2:]) > TILE else TILE // 2
+    return tiled_decode(lambda z: vae.decode(z).movedim(-1, 1), part, tile=tile, overlap=tile // 4).movedim(1, -1)
 
 
 @torch.no_grad()
-def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto") -> torch.Tensor:
+def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto", tiling: str = "auto") -> torch.Tensor:
     if vae is None:
         raise ValueError("no VAE connected: this checkpoint has none (pruned file); load the SD KL-f8 VAE "
                          "with VAELoader")
@@ -29,7 +51,7 @@ def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto
     for start in range(0, flat.shape[0], frames_per_batch):
         comfy.model_management.throw_exception_if_processing_interrupted()
         part = flat[start:start + frames_per_batch]
-        frames.append(vae.decode(part).float().to(comfy.model_management.intermediate_device()))
+        frames.append(decode_frames(vae, part, tiling).float().to(comfy.model_management.intermediate_device()))
         pbar.update_absolute(min(start + frames_per_batch, flat.shape[0]), flat.shape[0])
     images = torch.cat(frames).reshape(b, t, *frames[0].shape[1:])     # (b, T, H, W, C)
     drop = trim == "drop last frame" or (trim == "auto" and latent.get("dc_mode") == "loop")
@@ -47,6 +69,10 @@ class DynamiCrafterVideoDecode:
             "frames_per_batch": ("INT", {"default": 4, "min": 1, "max": 64,
                                          "tooltip": "frames decoded at once; lower = less memory"}),
             "trim": (TRIM, {"default": "auto", "tooltip": "auto drops a loop video's duplicate last frame"}),
+        }, "optional": {   # optional: graphs saved before it existed still load
+            "tiling": (TILING, {"default": "auto", "tooltip": "decode each frame in overlapping tiles (less "
+                                                              "memory, near-identical frames); auto = frames "
+                                                              "over 512x512 px or when memory is short"}),
         }}
 
     RETURN_TYPES = ("IMAGE",)
@@ -55,8 +81,8 @@ class DynamiCrafterVideoDecode:
     CATEGORY = "DynamiCrafter"
     DESCRIPTION = "Decodes every frame (video after video) into an IMAGE batch for SaveWEBM / CreateVideo / VHS."
 
-    def decode(self, vae, latent, frames_per_batch, trim="auto"):
-        return (decode_video(vae, latent, frames_per_batch, trim),)
+    def decode(self, vae, latent, frames_per_batch, trim="auto", tiling="auto"):
+        return (decode_video(vae, latent, frames_per_batch, trim, tiling),)
 
 
 NODE_CLASS_MAPPINGS = {"DynamiCrafterVideoDecode": DynamiCrafterVideoDecode}
