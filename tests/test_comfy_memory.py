@@ -127,3 +127,48 @@ def test_fp8_weights_and_partial_loading_in_the_executor(comfy, rounded_ckpt):
     ours = [r for r in record if r[0] == "DynamiCrafterBaseModel"]
     assert ours and all(lowvram and casting > 0 for _, lowvram, casting in ours), record
     torch.testing.assert_close(partial, reference, rtol=0, atol=LATENT_ATOL)
+
+
+def test_decode_node_tiles_in_the_executor(comfy, tiny_ckpt):
+    """LoadImage -> ImageScale 320x320 -> VAEEncode (our loader's VAE) -> our decode node with
+    tiling off and on (40x40 latent: 32-pixel tiles), in the executor: tiling really happens
+    (the frames differ: this tiny VAE has random weights, so whole-frame and tiled decoding differ
+    by mean 0.055 on [0, 1], measured, and by up to 0.89 where its saturated output flips), and the
+    node's tiled frames equal the library's tiled decode of the same latent (ComfyUI's VAE per tile)."""
+    import numpy as np
+    from PIL import Image
+
+    import dynamicrafter
+    from dynamicrafter.tiling import tiled_decode
+    from nodes_pack_access import load_input_image, pack
+    comfy.executor.reset()
+    prompt = {
+        "1": {"class_type": "DynamiCrafterLoader", "inputs": {"ckpt_name": "dc_tiny_v.safetensors", "dtype": "fp32",
+                                                              "variant": "auto"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "single_image.png"}},
+        "3": {"class_type": "ImageScale", "inputs": {"image": ["2", 0], "upscale_method": "bilinear", "width": 320,
+                                                     "height": 320, "crop": "center"}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 3]}},
+    }
+    for i, mode in enumerate(("off", "on")):
+        prompt[f"{10 + i}"] = {"class_type": "DynamiCrafterVideoDecode",
+                               "inputs": {"vae": ["1", 3], "latent": ["4", 0], "frames_per_batch": 1,
+                                          "trim": "keep all frames", "tiling": mode}}
+        prompt[f"{20 + i}"] = {"class_type": "SaveImage", "inputs": {"images": [f"{10 + i}", 0],
+                                                                     "filename_prefix": f"tiling_{mode}"}}
+    comfy.run(prompt)
+    pngs = {m: sorted(comfy.output_dir.glob(f"tiling_{m}*.png"))[-1] for m in ("off", "on")}
+    off, on = (np.asarray(Image.open(pngs[m]), dtype=np.float32) / 255 for m in ("off", "on"))
+    assert off.shape == on.shape == (320, 320, 3)
+    assert 0.01 < np.abs(on - off).mean() < 0.08
+
+    vae = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "auto")[3]
+    image = load_input_image(comfy.input_dir / "single_image.png")
+    image = image[:, :320, :320] if image.shape[1] >= 320 and image.shape[2] >= 320 else \
+        torch.nn.functional.interpolate(image.movedim(-1, 1), size=(320, 320)).movedim(1, -1)
+    z = vae.encode(image)
+    node = pack("decode").decode_video(vae, {"samples": z}, 1, "keep all frames", "on")
+    dc = dynamicrafter.load_model(str(tiny_ckpt))
+    with torch.no_grad():   # ComfyUI's VAE clamps each tile to [0, 1] before the blend: so does this
+        lib = tiled_decode(lambda t: ((dc.vae.decode(t) + 1) / 2).clamp(0, 1), z, 32, 8).movedim(1, -1)
+    torch.testing.assert_close(node, lib, rtol=0, atol=2e-4)

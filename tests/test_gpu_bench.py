@@ -1,0 +1,26 @@
+"""The GPU benchmark's command runs end to end in its CPU dry-run mode (tiny model, 1 step)."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import comfy_runtime
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    reason = comfy_runtime.comfy_missing_reason()
+    out = tmp_path / "gpu_results.md"
+    cmd = ["bash", "benchmarks/gpu.sh", "--dry-run", "--out", str(out), "--workdir", str(tmp_path / "work")]
+    if reason:
+        cmd.append("--skip-comfy")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, cwd=comfy_runtime.REPO_ROOT, capture_output=True, text=True, timeout=1200,
+                          env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 256 |")]
+    assert len(rows) == 6, table            # fp16 / bf16 / fp8 weights x single / dual CFG
+    assert all("11.9 / 10" in r for r in rows)
+    assert {r.split("|")[2].strip() for r in rows} == {"fp16", "bf16", "fp8_e4m3fn"}
+    if not reason:
+        assert "ComfyUI executor, --lowvram" in table
