@@ -216,7 +216,8 @@ def test_other_sizes_and_head_widths_load_from_shapes(tmp_path, head_channels, t
 
 def test_text_heads_are_general(tmp_path):
     cfg = vc1_config(encoders=True)
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, text_heads=2), vae=None)   # width 64: not the tiny rule (4)
+    # text width 64 with 2 heads: not what the tiny rule (head width 16, 4 heads) would guess
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, text_heads=2), vae=None)
     model = random_model(cfg)
     path = official_file(model, tmp_path / "vc1.safetensors")
     loaded = dynamicrafter.load_model(path, heads={"text_heads": 2})
