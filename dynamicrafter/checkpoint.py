@@ -146,8 +146,12 @@ def describe_foreign_checkpoint(sd: Mapping) -> Optional[str]:
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.float32, variant_overrides: Optional[Mapping] = None,
-               heads: Optional[Mapping] = None):
-    """Load any supported DynamiCrafter / VideoCrafter checkpoint file."""
+               heads: Optional[Mapping] = None, config=None):
+    """Load any supported DynamiCrafter / VideoCrafter / ToonCrafter checkpoint file. `config`: the
+    official inference YAML of the checkpoint, for the head widths shapes cannot tell."""
+    if config is not None:
+        from .official_config import read_inference_config
+        heads = {**read_inference_config(config), **(heads or {})}
     sd, metadata = read_state_dict(path)
     return model_from_state_dict(sd, device, dtype, variant_overrides, heads, metadata)
 
