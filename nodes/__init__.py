@@ -1,9 +1,10 @@
 """The DynamiCrafter node pack: one module per feature, merged here.  Imported only relatively,
 through the repository's root ``__init__.py`` (ComfyUI's own top-level module is ``nodes``)."""
-from . import (clip_vision, conditioning, decode, defaults, loader, long_video, resampler, sampler,
+from . import (clip_vision, conditioning, decode, defaults, keyframes, loader, long_video, resampler, sampler,
                text_to_video)
 
-_MODULES = (loader, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video, text_to_video)
+_MODULES = (loader, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video, text_to_video,
+            keyframes)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

@@ -11,7 +11,10 @@ import folder_paths
 
 import dynamicrafter
 
+from dynamicrafter.tooncrafter import has_reference_decoder
+
 from .comfy_model import comfy_dtype, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae, make_model_patcher
+from .tooncrafter_vae import make_dualref_vae
 
 VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1"]
 DTYPES = ["auto", "fp32", "fp16", "bf16"]
@@ -69,7 +72,10 @@ def load_dynamicrafter(path: str, dtype: torch.dtype, variant: str = "auto"):
     clip = make_comfy_clip(dc.text_encoder, cfg.text.text_heads, te_dtype) if dc.text_encoder is not None else None
     clip_vision = (make_comfy_clip_vision(dc.image_encoder, cfg.vision.vision_heads, te_dtype)
                    if dc.image_encoder is not None else None)
-    vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
+    if dc.vae is not None and has_reference_decoder(dc):     # ToonCrafter: the dual-reference video VAE
+        vae = make_dualref_vae(dc.vae, dc.cfg.variant.frames, te_dtype)
+    else:
+        vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
     # ComfyUI now owns these parts; keep only UNet + resampler + schedule inside the MODEL.
     dc.cond_stage_model = None
     dc.embedder = None

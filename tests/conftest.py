@@ -54,7 +54,10 @@ def comfy_base(tmp_path_factory, comfy_reference) -> Path:
     vc2 = comfy_reference / "tiny_vc2" / "model.safetensors"
     if vc2.is_file():
         models["checkpoints"]["vc2_tiny.safetensors"] = vc2
-    inputs = {}
+    toon = comfy_reference / "tiny_toon"
+    if (toon / "model.safetensors").is_file():
+        models["checkpoints"]["toon_tiny.safetensors"] = toon / "model.safetensors"
+    inputs = {f"toon_{f.name}": f for f in sorted((toon / "inputs").glob("*.png"))}
     for sub in ("single", "interp"):
         folder = comfy_reference / "tiny_v" / "inputs" / sub
         if folder.is_dir():
