@@ -26,7 +26,7 @@ def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto
                          "use fp32)")
     b, _, t = samples.shape[:3]
     if is_dualref_vae(vae):     # ToonCrafter: whole clips, with the keyframes' references when the latent has them
-        images = decode_video_latent(vae, samples, latent.get(REFERENCES_KEY))
+        images = decode_video_latent(vae, samples, latent.get(REFERENCES_KEY), frames_per_batch)
     else:
         flat = samples.transpose(1, 2).flatten(0, 1)        # (b*T, 4, h, w), video-major
         pbar = comfy.utils.ProgressBar(flat.shape[0])

@@ -22,7 +22,7 @@ import comfy.model_patcher
 import comfy.sd
 
 from dynamicrafter.tooncrafter import with_middle_redecode
-from dynamicrafter.vae_dualref import NO_REFERENCES_WARNING, decode_videos
+from dynamicrafter.vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, decode_videos
 
 REFERENCES_KEY = "dc_references"
 
@@ -38,7 +38,7 @@ class DualrefModule(torch.nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.moments(x).chunk(2, dim=1)[0]
 
-    def decode(self, z: torch.Tensor, references=None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, references=None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         video = z.ndim == 5
         if not video:                      # a batch of single latents: one clip
             z = z.transpose(0, 1)[None]
@@ -47,7 +47,7 @@ class DualrefModule(torch.nn.Module):
         else:
             references = [r.to(z) for r in references]
         with torch.no_grad():
-            out = decode_videos(self.vae, z, references, self.clip_frames)
+            out = decode_videos(self.vae, z, references, self.clip_frames, chunk)
         return out if video else out[0].transpose(0, 1)
 
 
@@ -85,11 +85,13 @@ def keyframe_references(vae, start: torch.Tensor, end: torch.Tensor) -> list:
     return [r.to(comfy.model_management.intermediate_device()).float() for r in refs]
 
 
-def decode_video_latent(vae, samples: torch.Tensor, references) -> torch.Tensor:
+def decode_video_latent(vae, samples: torch.Tensor, references, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Frames (b, T, H, W, 3) in [0, 1] of a video latent (b, 4, T, h, w). With references: as the
     official ToonCrafter inference returns them (its re-decode of the two middle frames
-    included); without: the official decoder without references (and a warning)."""
+    included); without: the official decoder without references (and a warning). `chunk`:
+    frames per per-frame operation (memory only)."""
     if references is None:
-        return vae.decode(samples)
-    decode = lambda z: vae.decode(z, vae_options={"references": references}).movedim(-1, 1)  # noqa: E731
+        return vae.decode(samples, vae_options={"chunk": chunk})
+    options = {"references": references, "chunk": chunk}
+    decode = lambda z: vae.decode(z, vae_options=options).movedim(-1, 1)  # noqa: E731
     return with_middle_redecode(decode, samples).movedim(1, -1)
