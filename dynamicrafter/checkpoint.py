@@ -94,12 +94,17 @@ def describe_foreign_checkpoint(sd: Mapping) -> Optional[str]:
 
 
 def load_model(path, device="cpu", dtype: torch.dtype = torch.float32, variant_overrides: Optional[Mapping] = None,
-               heads: Optional[Mapping] = None, weight_dtype: Optional[torch.dtype] = None, operations=None):
-    """Load any supported DynamiCrafter / VideoCrafter checkpoint file.
+               heads: Optional[Mapping] = None, weight_dtype: Optional[torch.dtype] = None, operations=None,
+               config=None):
+    """Load any supported DynamiCrafter / VideoCrafter / ToonCrafter checkpoint file.
 
     `dtype` is the compute dtype. `weight_dtype` (e.g. torch.float8_e4m3fn) stores the UNet's and
     resampler's layer matrices in that dtype instead; each layer casts them to `dtype` when called.
-    `operations`: the layer namespace to build the UNet and resampler from (see `ops.py`)."""
+    `operations`: the layer namespace to build the UNet and resampler from (see `ops.py`).
+    `config`: the official inference YAML of the checkpoint, for the head widths shapes cannot tell."""
+    if config is not None:
+        from .official_config import read_inference_config
+        heads = {**read_inference_config(config), **(heads or {})}
     sd, metadata = read_state_dict(path)
     return model_from_state_dict(sd, device, dtype, variant_overrides, heads, metadata, weight_dtype, operations)
 

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("animate", help="image (+ prompt) -> video")
     a.add_argument("--ckpt", required=True, help="DynamiCrafter/VideoCrafter .ckpt or .safetensors")
     a.add_argument("--image", help="start image (omit for text-to-video checkpoints)")
-    a.add_argument("--end-image", help="end image: generative interpolation between --image and this")
+    a.add_argument("--end-image", help="end image: generative interpolation between --image and this "
+                                       "(required by ToonCrafter)")
     a.add_argument("--loop", action="store_true", help="make a looping video (last frame returns to the first)")
     a.add_argument("--prompt", default="")
     a.add_argument("--negative-prompt", default="")
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--guidance-rescale", type=float, help="default per model (0.7 for 512/1024, 0 for 256)")
     a.add_argument("--spacing", choices=["uniform", "uniform_trailing", "quad"])
     a.add_argument("--seed", type=int, default=123)
+    a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
     a.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     dc = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
-                    variant_overrides={"name": args.variant} if args.variant else None)
+                    variant_overrides={"name": args.variant} if args.variant else None, config=args.config)
     image = load_image(args.image) if args.image else None
     end = load_image(args.end_image) if args.end_image else None
     bar = tqdm(total=None, desc="sampling", unit="step")

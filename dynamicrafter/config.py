@@ -65,6 +65,11 @@ class VAEConfig:
     # (ch 32, where 32 groups would normalise each channel alone and erase its colour) keeps
     # its own count in the checkpoint's config metadata.
     norm_groups: int = 32
+    # "image": the per-frame SD decoder; "dualref": ToonCrafter's video decoder that refers to
+    # the start/end keyframes (cross-attention at ref_attn_levels, ref_attn_inner = heads x 64)
+    decoder: str = "image"
+    ref_attn_levels: tuple = ()
+    ref_attn_inner: int = 512
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,7 @@ PRESETS = {
                    dynamic_rescale_base=None, use_scale=True, default_fs=28, fs_meaning="fps",
                    spacing="uniform", guidance_rescale=0.0, cfg_text=12.0, resolution=(320, 512),
                    fs_range=(1, 60)),
+    "tooncrafter": Variant(name="tooncrafter", default_fs=10, resolution=(320, 512), fs_range=(1, 30)),
     # VideoCrafter1 512: no fps embedding (fps is ignored), plain DDIM (no scale_arr)
     "vc1": Variant(family="videocrafter", name="vc1", parameterization="eps", zero_snr=False,
                    dynamic_rescale_base=None, use_scale=False, default_fs=24, fs_meaning="fps",
@@ -244,7 +250,12 @@ def infer_vae_config(sd, prefix="first_stage_model.") -> Optional[VAEConfig]:
     keys = [k[len(p):] for k in sd if k.startswith(p)]
     n_levels = _count(keys, r"encoder\.down\.(\d+)\.")
     mult = tuple(sd[f"{p}encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels))
-    return VAEConfig(ch=ch, ch_mult=mult, num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
+    dualref = {}
+    if p + "decoder.mid.block_1.mix_factor" in sd:     # ToonCrafter's dual-reference video decoder
+        levels = tuple(i for i in range(n_levels) if f"{p}decoder.attn_refinement.{i}.to_q.weight" in sd)
+        inner = sd[f"{p}decoder.attn_refinement.{levels[0]}.to_q.weight"].shape[0] if levels else 512
+        dualref = dict(decoder="dualref", ref_attn_levels=levels, ref_attn_inner=inner)
+    return VAEConfig(**dualref, ch=ch, ch_mult=mult, num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
                      z_channels=sd[p + "decoder.conv_in.weight"].shape[1],
                      embed_dim=sd[p + "post_quant_conv.weight"].shape[1],
                      in_channels=sd[p + "encoder.conv_in.weight"].shape[1],
@@ -310,6 +321,8 @@ def infer_variant(sd, unet: UNetConfig) -> Variant:
         base = PRESETS["256"]
     elif scale_arr is not None and abs(float(scale_arr[-1]) - 0.3) < 1e-4:
         base = PRESETS["1024"]
+    elif any(k.startswith("first_stage_model.decoder.") and k.endswith(".mix_factor") for k in sd):
+        base = PRESETS["tooncrafter"]    # the 512-interp UNet with the dual-reference video decoder
     else:
         base = PRESETS["512"]
     param = base.parameterization
@@ -327,7 +340,7 @@ def infer_variant(sd, unet: UNetConfig) -> Variant:
     elif ac is not None:    # schedule buffers present but no scale_arr: no x0 rescale
         rescale, use_scale = None, False
     name = base.name
-    if unet.model_channels != 320:
+    if unet.model_channels != 320 and name != "tooncrafter":
         name = "custom"
     changes = dict(name=name, parameterization=param, zero_snr=zero_snr, dynamic_rescale_base=rescale,
                    use_scale=use_scale, scale_b=scale_b, fix_scale_bug=fix_scale_bug, default_fs=base.default_fs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -20,6 +21,7 @@ from .schedule import variant_schedule
 from .tiling import TILE, should_tile, tiled_decode
 from .unet import UNet3D, grow_input_channels
 from .vae import AutoencoderKL, posterior_sample
+from .vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, AutoencoderKLDualref, decode_videos
 
 
 class DiffusionWrapper(nn.Module):
@@ -38,7 +40,7 @@ class DynamiCrafter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = DiffusionWrapper(UNet3D(cfg.unet, operations))
-        self.first_stage_model = AutoencoderKL(cfg.vae) if cfg.vae else None
+        self.first_stage_model = make_vae(cfg.vae) if cfg.vae else None
         self.cond_stage_model = TextEncoder(cfg.text) if cfg.text else None
         self.embedder = ImageEncoder(cfg.vision) if cfg.vision else None
         self.image_proj_model = Resampler(cfg.resampler, operations) if cfg.resampler else None
@@ -108,19 +110,53 @@ class DynamiCrafter(nn.Module):
         z = posterior_sample(moments, noise, generator) if sample else moments.chunk(2, dim=1)[0]
         return self.scale_factor * z
 
-    def decode(self, latents: torch.Tensor, frames_per_batch: int = 1, tile: Optional[int] = None) -> torch.Tensor:
-        """(b, 4, T, h, w) scaled latents -> (b, 3, T, H, W), not clamped; per-frame decoding.
-        `tile`: latent tile side for spatial tiling (tiling.py); None tiles frames larger than
-        512x512 pixels, 0 never tiles."""
+    def decode(self, latents: torch.Tensor, frames_per_batch: Optional[int] = None,
+               references: Optional[list] = None, tile: Optional[int] = None) -> torch.Tensor:
+        """(b, 4, T, h, w) scaled latents -> (b, 3, T, H, W), not clamped. The SD VAE decodes
+        frame by frame (`frames_per_batch` at a time, default 1); `tile`: latent tile side for
+        spatial tiling (tiling.py), None tiles frames larger than 512x512 pixels, 0 never tiles.
+        ToonCrafter's video decoder decodes each video as clips of the model's temporal length (as
+        the official code), with `references` from `encode_references` (batch 1 or b);
+        `frames_per_batch` is then only the chunk of its per-frame operations (memory, not the result)."""
         vae = self._need(self.first_stage_model, "VAE")
         b, _, t = latents.shape[:3]
-        z = (latents / self.scale_factor).transpose(1, 2).flatten(0, 1)
         dt = self._dtype_of(vae)
+        if isinstance(vae, AutoencoderKLDualref):
+            return self._decode_dualref(vae, latents, references, frames_per_batch or DEFAULT_CHUNK)
+        if references is not None:
+            raise ValueError("references are for ToonCrafter's dual-reference decoder; this VAE decodes frames "
+                             "on their own: call decode(latents) without them")
+        z = (latents / self.scale_factor).transpose(1, 2).flatten(0, 1)
         run = vae.decode
         if should_tile(*z.shape[-2:], tile):
             run = functools.partial(tiled_decode, vae.decode, tile=tile or TILE, overlap=(tile or TILE) // 4)
-        frames = torch.cat([run(part.to(self.device, dt)).float() for part in z.split(frames_per_batch)])
+        frames = torch.cat([run(part.to(self.device, dt)).float() for part in z.split(frames_per_batch or 1)])
         return frames.unflatten(0, (b, t)).transpose(1, 2)
+
+    def _decode_dualref(self, vae, latents, references, chunk: int) -> torch.Tensor:
+        if references is None:
+            warnings.warn(NO_REFERENCES_WARNING, stacklevel=3)
+        else:
+            references = check_references(references, latents.shape[0], latents.shape[-2:], vae)
+            references = [r.to(self.device, self._dtype_of(vae)) for r in references]
+        z = (latents / self.scale_factor).to(self.device, self._dtype_of(vae))
+        with torch.no_grad():
+            return decode_videos(vae, z, references, self.cfg.variant.frames, chunk).float()
+
+    def encode_references(self, start: torch.Tensor, end: torch.Tensor) -> list:
+        """What ToonCrafter's decoder refers to, from the start and end images (b, 3, H, W) in
+        [-1, 1]: the encoder's feature maps of levels 0..L-1, then of its input conv, each
+        (b, C, 2, h, w) with [:, :, 0] the start image's and [:, :, 1] the end image's."""
+        vae = self._need(self.first_stage_model, "VAE")
+        if not isinstance(vae, AutoencoderKLDualref):
+            raise ValueError("this model's VAE has no dual-reference decoder (not ToonCrafter): "
+                             "decode without references")
+        if start.shape != end.shape:
+            raise ValueError(f"start {tuple(start.shape)} and end {tuple(end.shape)} images differ in shape")
+        check_vae_size(start.shape[-2:])
+        dt = self._dtype_of(vae)
+        with torch.no_grad():
+            return [r.float() for r in vae.references(start.to(self.device, dt), end.to(self.device, dt))]
 
     def grow_input_channels(self, in_channels: int) -> None:
         """Widen the UNet input (4 -> 8 for the image-concat stage), new weights zero."""
@@ -143,6 +179,25 @@ class DynamiCrafter(nn.Module):
         dt = self.dtype
         out = unet(x.to(dt), t, context.to(x.device, dt), fs, temporal=temporal)
         return out.to(x_t.dtype)
+
+
+def make_vae(cfg) -> AutoencoderKL:
+    return AutoencoderKLDualref(cfg) if cfg.decoder == "dualref" else AutoencoderKL(cfg)
+
+
+def check_references(references, b: int, latent_hw, vae) -> list:
+    """The reference list's length, batch and sizes against the latents it decodes."""
+    levels = len(vae.cfg.ch_mult)
+    if not isinstance(references, (list, tuple)) or len(references) != levels + 1:
+        raise ValueError(f"references must be the list encode_references() returns ({levels + 1} tensors), "
+                         f"got {type(references).__name__} of length {len(references) if hasattr(references, '__len__') else '?'}")
+    h, w = int(latent_hw[0]) * 8, int(latent_hw[1]) * 8
+    sizes = [(h >> i, w >> i) for i in range(levels)] + [(h, w)]
+    for i, (r, hw) in enumerate(zip(references, sizes)):
+        if r.ndim != 5 or r.shape[2] != 2 or tuple(r.shape[-2:]) != hw or r.shape[0] not in (1, b):
+            raise ValueError(f"reference {i} has shape {tuple(r.shape)}, expected (1 or {b}, C, 2, {hw[0]}, "
+                             f"{hw[1]}): encode the start/end images at the video's size ({w}x{h})")
+    return list(references)
 
 
 def check_vae_size(hw) -> None:

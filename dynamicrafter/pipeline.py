@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .sampling import image_only_context
 from .solvers import sample
+from .tooncrafter import decode_keyframe_clip, has_reference_decoder
 
 
 def validate_image(images: torch.Tensor, name: str = "image") -> None:
@@ -141,6 +142,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
                 raise ValueError("this is an image-to-video model: give it an image")
             image = fit_image(image.float(), height, width).to(dc.device)
             end = fit_image(end_image.float(), height, width).to(dc.device) if end_image is not None else None
+            if has_reference_decoder(dc) and end is None:
+                raise ValueError("ToonCrafter in-betweens two keyframes: give it an end image (--end-image)")
             c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
@@ -149,6 +152,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
                          guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
                          spacing=spacing or v["spacing"], generator=generator, callback=callback)
+        if image is not None and has_reference_decoder(dc):
+            return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
 
 

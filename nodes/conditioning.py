@@ -18,6 +18,7 @@ from dynamicrafter.pipeline import check_size, concat_latent
 from .images import check_finite, resize_center
 from .inputs import CATEGORY, fs_input, size_inputs
 from .resampler import ImageContext
+from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
 
 MODES = ["image-to-video", "interpolation", "loop"]
 MAX_FRAMES = 64
@@ -61,6 +62,8 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
     latent = torch.zeros([batch_size, 4, frames, height // 8, width // 8],
                          device=comfy.model_management.intermediate_device())
     out = {"samples": latent, "dc_mode": mode}
+    if end is not None and is_dualref_vae(vae):    # ToonCrafter's decoder looks back at the two keyframes
+        out[REFERENCES_KEY] = keyframe_references(vae, start, end)
     return pos, neg, img_only, out
 
 

@@ -11,6 +11,8 @@ from .inputs import CATEGORY
 
 from dynamicrafter.tiling import TILE, should_tile, tiled_decode
 
+from .tooncrafter_vae import REFERENCES_KEY, decode_video_latent, is_dualref_vae
+
 TRIM = ["auto", "keep all frames", "drop last frame"]
 TILING = ["auto", "off", "on"]
 
@@ -48,15 +50,18 @@ def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto
         raise ValueError("the latent contains NaN/inf values (sampling diverged: lower the guidance scales or "
                          "use fp32)")
     b, _, t = samples.shape[:3]
-    flat = samples.transpose(1, 2).flatten(0, 1)        # (b*T, 4, h, w), video-major
-    pbar = comfy.utils.ProgressBar(flat.shape[0])
-    frames = []
-    for start in range(0, flat.shape[0], frames_per_batch):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        part = flat[start:start + frames_per_batch]
-        frames.append(decode_frames(vae, part, tiling).float().to(comfy.model_management.intermediate_device()))
-        pbar.update_absolute(min(start + frames_per_batch, flat.shape[0]), flat.shape[0])
-    images = torch.cat(frames).reshape(b, t, *frames[0].shape[1:])     # (b, T, H, W, C)
+    if is_dualref_vae(vae):     # ToonCrafter: whole clips, with the keyframes' references when the latent has them
+        images = decode_video_latent(vae, samples, latent.get(REFERENCES_KEY), frames_per_batch)
+    else:
+        flat = samples.transpose(1, 2).flatten(0, 1)        # (b*T, 4, h, w), video-major
+        pbar = comfy.utils.ProgressBar(flat.shape[0])
+        frames = []
+        for start in range(0, flat.shape[0], frames_per_batch):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            part = flat[start:start + frames_per_batch]
+            frames.append(decode_frames(vae, part, tiling).float().to(comfy.model_management.intermediate_device()))
+            pbar.update_absolute(min(start + frames_per_batch, flat.shape[0]), flat.shape[0])
+        images = torch.cat(frames).reshape(b, t, *frames[0].shape[1:])     # (b, T, H, W, C)
     drop = trim == "drop last frame" or (trim == "auto" and latent.get("dc_mode") == "loop")
     if drop and t > 1:
         images = images[:, :-1]          # a loop's last frame repeats its first (official saving)

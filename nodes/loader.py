@@ -13,10 +13,12 @@ from comfy_api.v0_0_2 import io
 import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict
 from dynamicrafter.config import WEIGHT_DTYPES
+from dynamicrafter.tooncrafter import has_reference_decoder
 
 from .comfy_model import (comfy_operations, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae,
                           make_model_patcher, unet_dtypes)
 from .inputs import CATEGORY
+from .tooncrafter_vae import make_dualref_vae
 
 VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1", "vc1_1024"]
 DTYPES = ["auto", *WEIGHT_DTYPES]
@@ -73,7 +75,10 @@ def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
     te_dtype = torch.float32 if comfy.model_management.get_torch_device().type == "cpu" else compute
     clip = make_comfy_clip(dc.text_encoder, te_dtype) if dc.text_encoder is not None else None
     clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype) if dc.image_encoder is not None else None
-    vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
+    if dc.vae is not None and has_reference_decoder(dc):     # ToonCrafter: the dual-reference video VAE
+        vae = make_dualref_vae(dc.vae, dc.cfg.variant.frames, te_dtype)
+    else:
+        vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
     # ComfyUI now owns these parts; keep only UNet + resampler + schedule inside the MODEL.
     dc.cond_stage_model = None
     dc.embedder = None

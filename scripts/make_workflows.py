@@ -272,6 +272,78 @@ def image_to_video_ksampler(classes) -> dict:
     return g.to_json()
 
 
+TOONCRAFTER_MODEL = {"name": "tooncrafter_512_interp.ckpt", "directory": "checkpoints",
+                     "url": "https://huggingface.co/Doubiiu/ToonCrafter/resolve/main/model.ckpt"}
+INTERP_MODEL = {"name": "dynamicrafter_512_interp.ckpt", "directory": "checkpoints",
+                "url": "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp/resolve/main/model.ckpt"}
+
+
+def with_model_download(node: dict, *models: dict) -> None:
+    """ComfyUI's model download metadata on the loader node (the frontend offers missing files)."""
+    node["properties"]["models"] = [dict(m) for m in models]
+
+
+def listing_models(workflow: dict, *models: dict) -> dict:
+    """The same metadata at the workflow's top level ("models"), as the frontend's schema allows."""
+    workflow["models"] = [dict(m) for m in models]
+    return workflow
+
+
+def tooncrafter(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, TOONCRAFTER_MODEL["name"])
+    with_model_download(ld, TOONCRAFTER_MODEL)
+    a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First keyframe", size=[320, 320])
+    b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last keyframe", size=[320, 320])
+    dec = i2v_chain(g, ld, a, "an anime character turns her head toward the camera", 420, 0, mode="interpolation",
+                    end_image=b, fs=10)
+    save_video(g, dec, 1660, 0, "video/tooncrafter")
+    g.note("ToonCrafter: cartoon in-betweening of two keyframes (320x512, 16 frames, fs 10, cfg 7.5, guidance "
+           "rescale 0.7, eta 1.0: the official settings). Put the ToonCrafter model.ckpt in models/checkpoints as "
+           "tooncrafter_512_interp.ckpt (the loader's VAE is ToonCrafter's dual-reference video decoder).\n"
+           "The conditioning node (interpolation mode) keeps what the encoder saw of both keyframes in the "
+           "latent; 'DynamiCrafter Video Decode' decodes with it, exactly as the official code (including its "
+           "re-decode of the two middle frames). A core VAEDecode also works but decodes without the keyframes "
+           "(the official decoder without references: less faithful detail). cfg_img > 0 = dual CFG; core "
+           "KSampler / SamplerCustomAdvanced can replace the DDIM node.", (0, 920), (400, 300))
+    return listing_models(g.to_json(), TOONCRAFTER_MODEL)
+
+
+def keyframes(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, TOONCRAFTER_MODEL["name"])
+    with_model_download(ld, TOONCRAFTER_MODEL, INTERP_MODEL)
+    names = ["key1.png", "key2.png", "key3.png"]
+    imgs = [g.add("LoadImage", (0, 200 + 340 * i), {"image": n}, title=f"Keyframe {i + 1}", size=[320, 320])
+            for i, n in enumerate(names)]
+    batch = imgs[0]
+    for i, img in enumerate(imgs[1:]):
+        bt = g.add("ImageBatch", (360, 200 + 200 * i), title="Keyframes in order")
+        g.connect(batch, 0, bt, "image1")
+        g.connect(img, 0, bt, "image2")
+        batch = bt
+    p = g.add("CLIPTextEncode", (700, 0), {"text": "an anime girl walks across the street"}, title="Prompt",
+              size=[360, 120])
+    n = g.add("CLIPTextEncode", (700, 150), {"text": NEG}, title="Empty prompt (unconditional)", size=[360, 90])
+    g.connect(ld, "clip", p, "clip")
+    g.connect(ld, "clip", n, "clip")
+    kf = g.add("DynamiCrafterKeyframes", (1100, 0),
+               {"width": 512, "height": 320, "frames": 16, "fs": 10, "seed": 123, "steps": 50, "cfg_text": 7.5,
+                "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto",
+                "pair_prompts": "an anime girl walks across the street\nshe stops and waves"},
+               size=[380, 560])
+    for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
+                            ("positive", p, 0), ("negative", n, 0), ("keyframes", batch, 0), ("clip", ld, "clip")):
+        g.connect(src, slot, kf, name)
+    save_video(g, kf, 1520, 0, "video/keyframes")
+    g.note("Keyframes to one shot: N keyframes (an IMAGE batch, e.g. a storyboard from any image model) are "
+           "in-betweened pair by pair by an interpolation model (ToonCrafter or DynamiCrafter 512_interp: "
+           "load either, the node is the same) and joined: each keyframe appears once (the next clip's copy "
+           "of it is dropped), nothing is cross-faded. N keyframes x 16 frames give 1 + 15(N-1) frames. "
+           "pair_prompts: one line per pair (blank = the Prompt node).", (0, 1240), (420, 220))
+    return listing_models(g.to_json(), TOONCRAFTER_MODEL, INTERP_MODEL)
+
+
 WORKFLOWS = {
     "dynamicrafter_image_to_video.json": image_to_video,
     "dynamicrafter_interpolation.json": interpolation,
@@ -281,6 +353,8 @@ WORKFLOWS = {
     "videocrafter_text_to_video.json": text_to_video,
     "dynamicrafter_long_video.json": long_video,
     "dynamicrafter_image_to_video_ksampler.json": image_to_video_ksampler,
+    "tooncrafter_interpolation.json": tooncrafter,
+    "dynamicrafter_keyframes.json": keyframes,
 }
 
 

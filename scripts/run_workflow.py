@@ -26,10 +26,11 @@ sys.path.insert(0, str(HERE))
 from comfy_workflow import load_workflow, ui_to_api  # noqa: E402
 
 SIZE_NODES = ("DynamiCrafterImageConditioning", "DynamiCrafterLongVideo", "DynamiCrafterTextToVideoLatent",
-              "EmptyLatentImage")
+              "EmptyLatentImage", "DynamiCrafterKeyframes")
 FRAME_NODES = {"DynamiCrafterImageConditioning": "frames", "DynamiCrafterTextToVideoLatent": "frames",
-               "DynamiCrafterLongVideo": "segment_frames"}
-STEP_NODES = ("DynamiCrafterDDIMSampler", "DynamiCrafterLongVideo", "BasicScheduler", "KSampler")
+               "DynamiCrafterLongVideo": "segment_frames", "DynamiCrafterKeyframes": "frames"}
+STEP_NODES = ("DynamiCrafterDDIMSampler", "DynamiCrafterLongVideo", "BasicScheduler", "KSampler",
+              "DynamiCrafterKeyframes")
 
 
 def _parse_value(text: str):

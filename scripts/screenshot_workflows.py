@@ -1,10 +1,13 @@
 """Render a picture of every bundled workflow graph (docs/images/<workflow>.png) in the real web UI.
 
-    .venv/bin/python scripts/screenshot_workflows.py      (needs Debian chromium + playwright)
+    .venv/bin/python scripts/screenshot_workflows.py [NAME ...]   (needs Debian chromium + playwright)
+
+NAME: only these workflows (file stems, e.g. tooncrafter_interpolation); default all.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -17,33 +20,40 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def main() -> None:
+def main(names=()) -> None:
     import comfy_runtime
     from playwright.sync_api import sync_playwright
     out = REPO / "docs" / "images"
     out.mkdir(parents=True, exist_ok=True)
     base = comfy_runtime.make_base_dir(Path(tempfile.mkdtemp(prefix="dc_shots_")))
-    with comfy_runtime.ComfyServer(base) as srv, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1800, "height": 1000})
-        page.goto(srv.url, wait_until="domcontentloaded", timeout=120_000)
-        page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-        page.evaluate("async () => { try { await window.app.extensionManager.setting.set("
-                      "'Comfy.Minimap.Visible', false) } catch (e) {} }")
-        for wf_path in sorted((REPO / "workflows").glob("*.json")):
-            wf = json.loads(wf_path.read_text())
-            page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
-            page.wait_for_timeout(800)
-            close = page.locator("button[aria-label='Close'], .p-message-close, [class*='banner'] button").first
-            if close.count() and close.is_visible():
-                close.click()
-            page.mouse.move(5, 500)
-            page.wait_for_timeout(800)
-            target = out / (wf_path.stem + ".png")
-            page.screenshot(path=str(target))
-            print("wrote", target)
-        browser.close()
+    srv = comfy_runtime.ComfyServer(base)
+    srv.start(timeout=float(os.environ.get("DC_COMFY_START_TIMEOUT", "120")))   # a busy machine needs longer
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=FLAGS)
+            page = browser.new_page(viewport={"width": 1800, "height": 1000})
+            page.goto(srv.url, wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+            page.evaluate("async () => { try { await window.app.extensionManager.setting.set("
+                          "'Comfy.Minimap.Visible', false) } catch (e) {} }")
+            for wf_path in sorted((REPO / "workflows").glob("*.json")):
+                if names and wf_path.stem not in names:
+                    continue
+                wf = json.loads(wf_path.read_text())
+                page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+                page.wait_for_timeout(800)
+                close = page.locator("button[aria-label='Close'], .p-message-close, [class*='banner'] button").first
+                if close.count() and close.is_visible():
+                    close.click()
+                page.mouse.move(5, 500)
+                page.wait_for_timeout(800)
+                target = out / (wf_path.stem + ".png")
+                page.screenshot(path=str(target))
+                print("wrote", target)
+            browser.close()
+    finally:
+        srv.stop()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -59,7 +59,10 @@ def comfy_base(tmp_path_factory, comfy_reference) -> Path:
     vc1 = comfy_reference / "tiny_vc1" / "model.safetensors"
     if vc1.is_file():
         models["checkpoints"]["vc1_tiny.safetensors"] = vc1
-    inputs = {}
+    toon = comfy_reference / "tiny_toon"
+    if (toon / "model.safetensors").is_file():
+        models["checkpoints"]["toon_tiny.safetensors"] = toon / "model.safetensors"
+    inputs = {f"toon_{f.name}": f for f in sorted((toon / "inputs").glob("*.png"))}
     for sub in ("single", "interp"):
         folder = comfy_reference / "tiny_v" / "inputs" / sub
         if folder.is_dir():
