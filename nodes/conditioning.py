@@ -11,12 +11,14 @@ import torch
 
 import comfy.model_management
 import node_helpers
+from dynamicrafter.contract import FRAMES, check_fs, check_int
 
 from .images import check_finite, resize_center
 from .resampler import IMAGE_CONTEXT_TYPE
 
 MODES = ["image-to-video", "interpolation", "loop"]
-MAX_FRAMES = 64
+MAX_FRAMES = FRAMES[1]
+MAX_BATCH = 16
 
 
 def concat_layout(z_start: torch.Tensor, frames: int, z_end: torch.Tensor | None, mode: str) -> torch.Tensor:
@@ -29,6 +31,12 @@ def concat_layout(z_start: torch.Tensor, frames: int, z_end: torch.Tensor | None
     out[:, :, 0] = z_start
     out[:, :, -1] = z_end if mode == "interpolation" else z_start
     return out
+
+
+def check_batch_and_fs(batch_size, fs) -> None:
+    """What the widget limits keep out, for calls that bypass them (API prompts, other nodes)."""
+    check_int("batch_size", batch_size, 1, MAX_BATCH)
+    check_fs(fs)
 
 
 def check_size(width: int, height: int) -> None:
@@ -51,6 +59,7 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
     if not 2 <= frames <= MAX_FRAMES:
         raise ValueError(f"frames must be in 2..{MAX_FRAMES} for one segment (use 'DynamiCrafter Long Video' "
                          f"for longer videos); got {frames}")
+    check_batch_and_fs(batch_size, fs)
     check_size(width, height)
     check_finite(start_image, "start_image")
     start = resize_center(start_image[:1], width, height)
@@ -93,7 +102,7 @@ class DynamiCrafterImageConditioning:
             "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 64}),
             "frames": ("INT", {"default": 16, "min": 2, "max": MAX_FRAMES,
                                "tooltip": "frames of this segment; the released models are trained on 16"}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH}),
             "fs": ("INT", {"default": 24, "min": 1, "max": 60,
                            "tooltip": "frame-rate conditioning: fps for 512/1024/interp (512: 15-30, 1024: 5-15; "
                                       "smaller = more motion), frame stride for 256 (1-6; larger = more motion)"}),

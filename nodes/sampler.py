@@ -11,6 +11,7 @@ import comfy.utils
 import latent_preview
 
 import dynamicrafter
+from dynamicrafter.contract import GUIDANCE, check_number
 
 from .comfy_model import TEXT_TOKENS, require_dynamicrafter_model
 
@@ -101,6 +102,7 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
         else:
             pbar.update_absolute(i + 1, n)
 
+    check_number("cfg_img", cfg_img, *GUIDANCE)    # NaN would read as 'off' below (NaN > 0 is False)
     use_dual = cfg_img > 0
     out = dynamicrafter.sample_ddim(
         dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),

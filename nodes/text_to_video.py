@@ -6,7 +6,9 @@ import torch
 import comfy.model_management
 import node_helpers
 
-from .conditioning import check_size
+from dynamicrafter.contract import check_int
+
+from .conditioning import MAX_BATCH, MAX_FRAMES, check_batch_and_fs, check_size
 
 
 class DynamiCrafterTextToVideoLatent:
@@ -17,8 +19,8 @@ class DynamiCrafterTextToVideoLatent:
             "negative": ("CONDITIONING",),
             "width": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64}),
             "height": ("INT", {"default": 320, "min": 64, "max": 2048, "step": 64}),
-            "frames": ("INT", {"default": 16, "min": 2, "max": 64}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 16}),
+            "frames": ("INT", {"default": 16, "min": 2, "max": MAX_FRAMES}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH}),
             "fs": ("INT", {"default": 28, "min": 1, "max": 60, "tooltip": "fps conditioning (VideoCrafter2: 28)"}),
         }}
 
@@ -30,6 +32,8 @@ class DynamiCrafterTextToVideoLatent:
 
     def make(self, positive, negative, width, height, frames, batch_size, fs):
         check_size(width, height)
+        check_int("frames", frames, 2, MAX_FRAMES)
+        check_batch_and_fs(batch_size, fs)
         pos = node_helpers.conditioning_set_values(positive, {"dc_fs": int(fs)})
         neg = node_helpers.conditioning_set_values(negative, {"dc_fs": int(fs)})
         latent = torch.zeros([batch_size, 4, frames, height // 8, width // 8],
