@@ -16,6 +16,7 @@ from torch import nn
 
 from .clip import ImageEncoder, TextEncoder
 from .config import ModelConfig
+from .contract import check_image, check_prompts
 from .resampler import Resampler
 from .schedule import variant_schedule
 from .tiling import TILE, should_tile, tiled_decode
@@ -80,12 +81,13 @@ class DynamiCrafter(nn.Module):
 
     # ------------------------------------------------------------------ conditioning
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> (b, 77, C): penultimate OpenCLIP layer + ln_final, all positions."""
-        return self._need(self.cond_stage_model, "text encoder").encode(list(prompts)).float()
+        """Prompts (a str or a list of str) -> (b, 77, C): penultimate OpenCLIP layer + ln_final."""
+        return self._need(self.cond_stage_model, "text encoder").encode(check_prompts(prompts)).float()
 
     def encode_clip_image(self, images: torch.Tensor) -> torch.Tensor:
         """(b, 3, H, W) in [-1, 1] -> (b, 257, D) tokens of the last vision block."""
         enc = self._need(self.embedder, "CLIP image encoder")
+        check_image(images, "images")
         return enc(images.to(self.device, self._dtype_of(enc))).float()
 
     def image_context(self, clip_tokens: torch.Tensor) -> torch.Tensor:
@@ -97,6 +99,7 @@ class DynamiCrafter(nn.Module):
     def vae_moments(self, images: torch.Tensor, frames_per_batch: int = 1) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> (n, 8, H/8, W/8) = mean | logvar, a few images at a time."""
         vae = self._need(self.first_stage_model, "VAE")
+        check_image(images, "images")
         check_vae_size(images.shape[-2:])
         dt = self._dtype_of(vae)
         return torch.cat([vae.moments(x.to(self.device, dt)).float() for x in images.split(frames_per_batch)])

@@ -10,16 +10,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
 from .sampling import image_only_context
 from .solvers import sample
 from .tooncrafter import decode_keyframe_clip, has_reference_decoder
-
-
-def validate_image(images: torch.Tensor, name: str = "image") -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{name} must be (n, 3, H, W), got shape {tuple(images.shape)}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} contains NaN or infinite values; check the node or file that produced it")
 
 
 def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -42,7 +36,8 @@ def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A checked (n, 3, H, W) image batch in [-1, 1] covered and centre-cropped (`cover_crop`)."""
-    validate_image(images)
+    check_image(images, "images")
+    height, width = check_int("height", height, 1, SIZE[1]), check_int("width", width, 1, SIZE[1])
     return cover_crop(images, height, width)
 
 
@@ -88,17 +83,11 @@ def image_conditioning(dc, images: torch.Tensor, prompts: list[str], frames: int
     """Everything the UNet is conditioned on, from start image(s) in [-1, 1] (b, 3, H, W).
     `vae_noise` (T, 4, h, w) are the per-frame posterior draws (row 0 for the start image,
     row T-1 for the end image), as the official pipeline draws them."""
-    validate_image(images)
-    if end_images is not None:
-        validate_image(end_images, "end image")
-        if end_images.shape != images.shape:
-            raise ValueError(f"the end image is {tuple(end_images.shape[-2:])} but the start image is "
-                             f"{tuple(images.shape[-2:])}: resize both to the same width and height")
-        if loop:
-            raise ValueError("choose either an end image (interpolation) or loop, not both")
+    prompts, negative_prompts = check_image_conditioning(images, prompts, frames, end_images, loop,
+                                                         negative_prompts, vae_noise)
     b = images.shape[0]
-    text = dc.encode_text(list(prompts))
-    negative = dc.encode_text(list(negative_prompts) if negative_prompts is not None else [""] * b)
+    text = dc.encode_text(prompts)
+    negative = dc.encode_text(negative_prompts)
     ctx, zero_ctx = image_context_pair(dc, images)
     noise = (lambda i: None) if vae_noise is None else (lambda i: vae_noise[i:i + 1].expand(b, -1, -1, -1))
     z = dc.encode_first_stage(images, noise=noise(0), generator=generator)
@@ -112,8 +101,10 @@ def image_conditioning(dc, images: torch.Tensor, prompts: list[str], frames: int
 
 def text_conditioning(dc, prompts: list[str], negative_prompts: Optional[list[str]] = None) -> Conditioning:
     """For text-to-video (VideoCrafter) models: text only, no image latent."""
-    text = dc.encode_text(list(prompts))
-    negative = dc.encode_text(list(negative_prompts) if negative_prompts is not None else [""] * len(prompts))
+    prompts = check_prompts(prompts, "prompts")
+    negative = check_prompts("" if negative_prompts is None else negative_prompts, "negative_prompts", len(prompts))
+    text = dc.encode_text(prompts)
+    negative = dc.encode_text(negative)
     return Conditioning(cond=text, uncond=negative, concat=None)
 
 
@@ -126,20 +117,19 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance rescale, resolution) come from `dc.variant`. With a text-to-video
-    model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`)."""
+    model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
+    Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
+    check_animate(dc, image, prompt, end_image=end_image, loop=loop, frames=frames, height=height, width=width, fs=fs,
+                  steps=steps, cfg_text=cfg_text, cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale,
+                  spacing=spacing, seed=seed, negative_prompt=negative_prompt, callback=callback)
     v = dc.variant
-    frames = frames or v["frames"]
-    height, width = height or v["resolution"][0], width or v["resolution"][1]
-    check_size(height, width)
+    frames = v["frames"] if frames is None else frames
+    height = v["resolution"][0] if height is None else height
+    width = v["resolution"][1] if width is None else width
     fs = v["default_fs"] if fs is None else int(fs)
-    lo, hi = v["fs_range"]
-    if not 1 <= fs <= 1000:
-        raise ValueError(f"fs must be a positive frame stride/fps (this model was trained on {lo}..{hi}), got {fs}")
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         if v["image_cross_attention"]:
-            if image is None:
-                raise ValueError("this is an image-to-video model: give it an image")
             image = fit_image(image.float(), height, width).to(dc.device)
             end = fit_image(end_image.float(), height, width).to(dc.device) if end_image is not None else None
             if has_reference_decoder(dc) and end is None:
@@ -155,10 +145,3 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
-
-
-def check_size(height: int, width: int) -> None:
-    """The UNet halves the latent three times: pixel sizes must be multiples of 64."""
-    if height % 64 or width % 64 or height <= 0 or width <= 0:
-        raise ValueError(f"width and height must be positive multiples of 64 for this UNet, got {width}x{height} "
-                         f"(nearest: {max(64, round(width / 64) * 64)}x{max(64, round(height / 64) * 64)})")

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .config import TEXT_CONTEXT_LEN
+from .contract import STEPS, check_guidance, check_int, check_sample_ddim
 from .schedule import ddim_timesteps
 
 # denoise(x_t (b, ...), t (b,), contexts (k*b, L, C)) -> (k*b, ...): k guidance branches on one x_t
@@ -86,7 +87,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`).
     `callback(i, total, x, pred_x0)` runs after each step; raise from it to stop.
     """
-    validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale)
+    check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta, guidance_rescale,
+                      spacing, noise)
     variant = dc.variant
     param = variant["parameterization"]
     device = x_T.device
@@ -139,12 +141,6 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
 
 
 def validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale):
-    if not isinstance(steps, int) or not 1 <= steps <= 1000:
-        raise ValueError(f"steps must be an integer in 1..1000, got {steps!r}")
-    for name, v in (("cfg_text", cfg_text), ("cfg_img", cfg_img)):
-        if v is not None and not (0.0 <= float(v) <= 100.0):
-            raise ValueError(f"{name} must be in [0, 100], got {v}")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
-    if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale}")
+    """The scalar part of the sampling contract (dynamicrafter.contract)."""
+    check_int("steps", steps, *STEPS)
+    check_guidance(cfg_text, cfg_img, eta, guidance_rescale)

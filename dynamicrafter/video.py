@@ -20,9 +20,17 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 def load_image(path) -> torch.Tensor:
     """An image file -> (1, 3, H, W) float in [-1, 1] (RGB; alpha dropped)."""
-    from PIL import Image
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    from PIL import Image, UnidentifiedImageError
+
+    from .contract import check_load_image
+    path = check_load_image(path)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"path must be an image file Pillow can read, got {str(path)!r} ({e})") from e
+    if 0 in arr.shape:
+        raise ValueError(f"path must be an image of at least 1x1 pixels, got {str(path)!r} ({arr.shape[1]}x{arr.shape[0]})")
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0
 
 

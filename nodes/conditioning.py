@@ -13,7 +13,8 @@ import comfy.model_management
 import node_helpers
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.pipeline import check_size, concat_latent
+from dynamicrafter.contract import FRAMES, check_fs, check_int, check_size
+from dynamicrafter.pipeline import concat_latent
 
 from .images import check_finite, resize_center
 from .inputs import CATEGORY, fs_input, size_inputs
@@ -21,7 +22,14 @@ from .resampler import ImageContext
 from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
 
 MODES = ["image-to-video", "interpolation", "loop"]
-MAX_FRAMES = 64
+MAX_FRAMES = FRAMES[1]
+MAX_BATCH = 16
+
+
+def check_batch_and_fs(batch_size, fs) -> None:
+    """What the widget limits keep out, for calls that bypass them (API prompts, other nodes)."""
+    check_int("batch_size", batch_size, 1, MAX_BATCH)
+    check_fs(fs)
 
 
 @torch.no_grad()
@@ -37,6 +45,7 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
     if not 2 <= frames <= MAX_FRAMES:
         raise ValueError(f"frames must be in 2..{MAX_FRAMES} for one segment (use 'DynamiCrafter Long Video' "
                          f"for longer videos); got {frames}")
+    check_batch_and_fs(batch_size, fs)
     check_size(height, width)
     check_finite(start_image, "start_image")
     start = resize_center(start_image[:1], width, height)
@@ -88,7 +97,7 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
                 *size_inputs(),
                 io.Int.Input("frames", default=16, min=2, max=MAX_FRAMES,
                              tooltip="frames of this segment; the released models are trained on 16"),
-                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="videos made at once"),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once"),
                 fs_input(),
                 io.Combo.Input("mode", options=MODES, default="image-to-video",
                                tooltip="image-to-video: start image on every frame's concat latent; "

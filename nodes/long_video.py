@@ -11,7 +11,7 @@ import math
 import torch
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.pipeline import check_size
+from dynamicrafter.contract import check_size
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning

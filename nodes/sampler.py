@@ -14,6 +14,7 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
+from dynamicrafter.contract import GUIDANCE, check_number
 
 from .comfy_model import require_dynamicrafter_model
 from .inputs import CATEGORY, MAX_STEPS, sampler_inputs
@@ -100,6 +101,7 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
         else:
             pbar.update_absolute(i + 1, n)
 
+    check_number("cfg_img", cfg_img, *GUIDANCE)    # NaN would read as 'off' below (NaN > 0 is False)
     use_dual = cfg_img > 0
     out = dynamicrafter.sample(
         dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),

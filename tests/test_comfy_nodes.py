@@ -442,6 +442,34 @@ def test_error_nan_image(comfy, loaded):
         pack("clip_vision").encode_clip_vision(loaded[2], bad)
 
 
+def test_error_nan_cfg_img_is_refused_not_read_as_off(comfy):
+    """NaN passes ComfyUI's min/max validation (every comparison is False) and `NaN > 0` would
+    silently mean single CFG: the node refuses it with the library's check."""
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterDDIMSampler":
+            n["inputs"]["cfg_img"] = float("nan")
+    msg = _error_of(comfy, prompt)
+    assert "cfg_img must be a finite number in [0.0, 100.0], got nan" in msg, msg
+
+
+def test_error_fs_and_batch_size_outside_widget_limits(comfy, loaded, comfy_reference):
+    """Calls that bypass the widgets (other nodes, API code) get the library's range checks."""
+    from nodes_pack_access import pack
+    p, n, io, latent, tokens, ctx, image, _ = _i2v_inputs(comfy, loaded, comfy_reference)
+    build = pack("conditioning").build_conditioning
+    for batch_size, fs, needle in [(1, 0, "fs must be an integer in 1..1000, got 0"),
+                                   (1, 10 ** 6, "fs must be an integer in 1..1000, got 1000000"),
+                                   (0, 24, "batch_size must be an integer in 1..16, got 0"),
+                                   (10 ** 4, 24, "batch_size must be an integer in 1..16, got 10000")]:
+        with pytest.raises(ValueError) as err:
+            build(p, n, loaded[3], ctx, image, W, H, T, batch_size, fs, "image-to-video")
+        assert needle in str(err.value)
+        with pytest.raises(ValueError) as err:
+            pack("text_to_video").DynamiCrafterTextToVideoLatent().make(p, n, W, H, T, batch_size, fs)
+        assert needle in str(err.value)
+
+
 def test_error_wrong_family_text_encoder(comfy, loaded, comfy_reference):
     from nodes_pack_access import pack
     p, n, io, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
