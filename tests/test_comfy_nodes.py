@@ -221,8 +221,10 @@ def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypa
     DDIM; the solver input set to dpmpp_2m runs DPM-Solver++ 2M in the real executor."""
     import dynamicrafter.solvers as solvers
     wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
-    saved = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")["widgets_values"]
-    assert len(saved) == 8 and saved[-1] in ("auto", "uniform_trailing", "uniform")
+    node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
+    assert len(node["widgets_values"]) == 9 and node["widgets_values"][-1] == "ddim"   # saved with the solver
+    saved = node["widgets_values"] = node["widgets_values"][:8]     # as saved before the solver input existed
+    assert saved[-1] in ("auto", "uniform_trailing", "uniform")
     calls = []
 
     def recording(name, solver):
@@ -232,7 +234,7 @@ def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypa
         return run
     for name in ("ddim", "dpmpp_2m"):
         monkeypatch.setitem(solvers.SOLVERS, name, recording(name, solvers.SOLVERS[name]))
-    old = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    old = prepare_prompt(wf, comfy.node_classes, "dc_tiny_v.safetensors", ["single_image.png"], W, H, T, STEPS)
     sampler = next(v for v in old.values() if v["class_type"] == "DynamiCrafterDDIMSampler")
     assert "solver" not in sampler["inputs"] and sampler["inputs"]["spacing"] == saved[-1]
     run_and_get_video(comfy, old)
@@ -466,7 +468,7 @@ def test_error_fs_and_batch_size_outside_widget_limits(comfy, loaded, comfy_refe
             build(p, n, loaded[3], ctx, image, W, H, T, batch_size, fs, "image-to-video")
         assert needle in str(err.value)
         with pytest.raises(ValueError) as err:
-            pack("text_to_video").DynamiCrafterTextToVideoLatent().make(p, n, W, H, T, batch_size, fs)
+            pack("text_to_video").DynamiCrafterTextToVideoLatent.execute(p, n, W, H, T, batch_size, fs)
         assert needle in str(err.value)
 
 
