@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import _reference_file, assert_close_to_ref, load_reference
+from conftest import _reference_file, assert_close_to_ref, load_reference, unet_block_outputs
 
 import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict
@@ -193,9 +193,8 @@ def test_unet_forward(ref_toon):
     assert_close_to_ref(out, ref["unet.out"], name="unet.out")
     from dynamicrafter.unet import timestep_embedding
     assert_close_to_ref(timestep_embedding(ref["unet.t"], 32), ref["unet.t_sinusoid"])
-    debug = {}
-    dc.unet(torch.cat([ref["unet.x_t"], ref["unet.c_concat"]], 1), ref["unet.t"], ref["unet.context"],
-            ref["unet.fs"], debug=debug)
+    _, debug = unet_block_outputs(dc.unet, torch.cat([ref["unet.x_t"], ref["unet.c_concat"]], 1), ref["unet.t"],
+                                  ref["unet.context"], ref["unet.fs"])
     for name in ("time_embed", "fps_embedding"):
         assert_close_to_ref(debug[name], ref[f"unet.debug.{name}"], name=name)
 
