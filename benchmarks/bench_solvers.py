@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))   # comfy_runtime, nodes_pack_access
 
 import dynamicrafter  # noqa: E402
 from dynamicrafter.pipeline import fit_image, image_conditioning  # noqa: E402

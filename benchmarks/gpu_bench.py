@@ -21,7 +21,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "scripts"))   # comfy_runtime: the ComfyUI runtime helper
 
 from dynamicrafter import attention, ops  # noqa: E402
 from dynamicrafter.config import PRESETS, ModelConfig, ResamplerConfig, tiny_config  # noqa: E402
