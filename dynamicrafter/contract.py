@@ -193,7 +193,8 @@ def check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_
                       guidance_rescale, spacing, noise) -> None:
     if not isinstance(x_T, torch.Tensor) or x_T.ndim != 5 or x_T.shape[1] != 4 or 0 in x_T.shape:
         raise ValueError(f"x_T must be a latent (b, 4, T, h, w), got {_show(x_T)}")
-    check_int("frames (x_T.shape[2])", x_T.shape[2], *FRAMES)
+    # a single frame is a still: the trainer samples stage 1 (text-to-image, temporal layers off) so
+    check_int("frames (x_T.shape[2])", x_T.shape[2], 1, FRAMES[1])
     if not torch.isfinite(x_T).all():
         raise ValueError("x_T must be finite, got NaN/inf values")
     for name, c in (("cond", cond), ("uncond", uncond), ("uncond_img", uncond_img)):

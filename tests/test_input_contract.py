@@ -88,8 +88,8 @@ ROWS = [
     (sample(fs=0), "fs must be an integer in 1..1000"),
     (sample(fs=torch.tensor([2.5])), "fs must be integers in 1..1000, one or one per batch item"),
     (sample(x_T=torch.zeros(1, 4, 8, 8)), "x_T must be a latent (b, 4, T, h, w), got a torch.float32 tensor of shape"),
-    (sample(x_T=torch.zeros(1, 4, 1, 8, 8), concat=torch.zeros(1, 4, 1, 8, 8)), "frames (x_T.shape[2]) must be an "
-                                                                                "integer in 2..64, got 1"),
+    (sample(x_T=torch.zeros(1, 4, 65, 8, 8), concat=torch.zeros(1, 4, 65, 8, 8)), "frames (x_T.shape[2]) must be "
+                                                                                  "an integer in 1..64, got 65"),
     (sample(cond=torch.zeros(2, 109, 64)), "cond must be a context (b, L, C) with b = 1 like x_T"),
     (sample(concat=None), "concat is required: this image-to-video model needs the image latent"),
     (sample(t2v=True, concat=torch.zeros(1, 4, 2, 8, 8)), "concat must be None: this is a text-to-video model"),
