@@ -45,6 +45,19 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
     return guided
 
 
+def guidance_contexts(cond, uncond, uncond_img, cfg_text: float, cfg_img):
+    """The guidance branches to evaluate, [cond] + [uncond] + [uncond_img], and the image scale:
+    none without uncond or at cfg_text 1; dual when cfg_img or uncond_img is given (uncond_img
+    derived from cond/uncond when not passed; cfg_img defaults to cfg_text)."""
+    contexts = [cond]
+    if uncond is not None and cfg_text != 1.0:
+        contexts.append(uncond)
+        if uncond_img is not None or cfg_img is not None:
+            contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
+            cfg_img = cfg_text if cfg_img is None else cfg_img
+    return contexts, cfg_img
+
+
 def image_only_context(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
     """The dual-CFG third branch: the unconditional (empty) text with the real image tokens."""
     return torch.cat([uncond[:, :TEXT_CONTEXT_LEN], cond[:, TEXT_CONTEXT_LEN:]], dim=1)
@@ -94,12 +107,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     device = x_T.device
     fs_t = None if fs is None else torch.as_tensor(fs, device=device).reshape(-1).long().expand(x_T.shape[0])
 
-    contexts = [cond]
-    if uncond is not None and cfg_text != 1.0:
-        contexts.append(uncond)
-        if uncond_img is not None or cfg_img is not None:
-            contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
-            cfg_img = cfg_text if cfg_img is None else cfg_img
+    contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
 
     def denoise(x, t, context):
         return dc.denoise(x, t, context, concat, fs_t)

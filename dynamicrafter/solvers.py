@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .sampling import guided_output, image_only_context, sample_ddim, validate_sampling_args
+from .sampling import guidance_contexts, guided_output, sample_ddim, validate_sampling_args
 from .schedule import ddim_timesteps
 from .step_cache import DeepCache
 
@@ -264,12 +264,7 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
         lo, hi = cfg_interval
         if not 0 <= lo <= hi <= 999:
             raise ValueError(f"cfg_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 999, got {cfg_interval}")
-    contexts = [cond]
-    if uncond is not None and cfg_text != 1.0:
-        contexts.append(uncond)
-        if uncond_img is not None or cfg_img is not None:
-            contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
-            cfg_img = cfg_text if cfg_img is None else cfg_img
+    contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
     if solver == "ddim" and cfg_interval is None and cache_interval == 1:
         if stats is not None:
             stats.update(evaluations=steps * len(contexts), cached=0)
