@@ -220,23 +220,64 @@ def _sample(dc, ref, spec, k, x_T, callback=None):
         guidance_rescale=spec["guidance_rescale"], spacing=spec["timestep_spacing"], callback=callback)
 
 
-def _steps_match(dc, ref, spec, k):
-    """Each step from the official x: every branch output (1e-4) and the guided output (1e-3)."""
+NUDGE = 1e-6   # the conditioning probe of design §13: how far a 1e-6 change of x moves an output
+
+
+def _assert_matches_within_conditioning(ours, nudged, ref, rel, name):
+    """max|ours - ref| <= max(rel, 5 s) * max(1, max|ref|), s = our output's own change under a
+    1e-6 nudge of x (the final-latent rule of design §13, applied per step). Returns whether the
+    plain bound (rel) alone was exceeded."""
+    scale = max(1.0, ref.abs().max().item())
+    s = (nudged - ours).abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= max(rel, 5 * s / scale) * scale, f"{name}: off by {diff:.3e} (1e-6 nudge moves it {s:.3e})"
+    return diff > rel * scale
+
+
+def _steps_match(dc, ref, spec, k, ill_conditioned_case=False):
+    """Each step from the official x: every branch output (1e-4) and the guided output (1e-3); in
+    an ill-conditioned case widened where that step itself is (measured with a 1e-6 nudge of x).
+    Returns the (step, branch) outputs that needed the wider bound."""
     branches = ["cond", "uncond"] + (["uncond_img_nonetext"] if spec["multiple_cond_cfg"] else [])
     contexts = [ref[f"{k}{b}.c_crossattn"] for b in branches]
+    widened = []
     for i in range(spec["steps"]):
         s = f"{k}step{i:02d}."
         x, t = ref[s + "x"], ref[s + "t"]
-        outs = []
+        runs = []
+        for x_in in (x, x + NUDGE) if ill_conditioned_case else (x,):
+            outs = []
 
-        def denoise(x_, t_, context):
-            out = dc.denoise(x_, t_, context, ref[k + "cond.c_concat"], ref[k + "fs"])
-            outs.extend(out.split(x_.shape[0]))
-            return out
-        guided = guided_output(denoise, x, t, contexts, spec["cfg_scale"], spec["cfg_img"], spec["guidance_rescale"])
-        for b, out in zip(branches, outs):
-            assert_close_to_ref(out, ref[f"{s}model_out.{b}"], name=f"step {i} {b}")
-        assert_close_to_ref(guided, ref[s + "guided"], rel=1e-3, name=f"step {i} guided")
+            def denoise(x_, t_, context):
+                out = dc.denoise(x_, t_, context, ref[k + "cond.c_concat"], ref[k + "fs"])
+                outs.extend(out.split(x_.shape[0]))
+                return out
+            guided = guided_output(denoise, x_in, t, contexts, spec["cfg_scale"], spec["cfg_img"],
+                                   spec["guidance_rescale"])
+            runs.append((outs, guided))
+        if not ill_conditioned_case:
+            (outs, guided), = runs
+            for b, out in zip(branches, outs):
+                assert_close_to_ref(out, ref[f"{s}model_out.{b}"], name=f"step {i} {b}")
+            assert_close_to_ref(guided, ref[s + "guided"], rel=1e-3, name=f"step {i} guided")
+            continue
+        (outs, guided), (outs_nudged, guided_nudged) = runs
+        for b, out, nudged in zip(branches, outs, outs_nudged):
+            if _assert_matches_within_conditioning(out, nudged, ref[f"{s}model_out.{b}"], 1e-4, f"step {i} {b}"):
+                widened.append((i, b))
+        _assert_matches_within_conditioning(guided, guided_nudged, ref[s + "guided"], 1e-3, f"step {i} guided")
+    return widened
+
+
+def _branch_rounding_matches_exact_math(dc, ref, k, step, branch):
+    """At an ill-conditioned step our fp32 branch output stays within 1e-4 of the same math in
+    float64, so what the widened bound allows there is the reference's rounding, not ours."""
+    import copy
+    s = f"{k}step{step:02d}."
+    args = (ref[s + "x"], ref[s + "t"], ref[f"{k}{branch}.c_crossattn"], ref[k + "cond.c_concat"], ref[k + "fs"])
+    ours = dc.denoise(*args)
+    exact = copy.deepcopy(dc).double().denoise(*(a.double() if a.is_floating_point() else a for a in args))
+    assert_close_to_ref(ours, exact, name=f"step {step} {branch}: fp32 vs float64")
 
 
 def test_sampling_case_A_single_cfg(ref_toon):
@@ -262,16 +303,16 @@ def test_sampling_case_A_single_cfg(ref_toon):
     assert_close_to_ref(first_decode[:, :, others], ref["caseA.video"][:, :, others])
 
 
-@pytest.mark.xfail(strict=True, reason="open: step 5's uncond_img branch differs by 1.64e-4 (tolerance 1.26e-4) "
-                   "from the official output given the official x; steps 0-4 and the conditioning match. Not yet "
-                   "explained (the tolerance is NOT loosened); see the i12 report")
 def test_sampling_case_B_dual_cfg_step_by_step(ref_toon):
     """Ill-conditioned case: judged per step from the official x, and the final latent within
-    max(1e-3, 5 s), s = the final latent's own change under a 1e-6 nudge of x_T (measured here)."""
+    max(1e-3, 5 s), s = the final latent's own change under a 1e-6 nudge of x_T (measured here).
+    A step that is ill-conditioned itself (here step 5's image-only branch: a nudge of 1e-6 moves
+    it 5.6e-4) gets the same rule, and our fp32 output there must stay within 1e-4 of float64."""
     dc, ref, manifest = ref_toon
     spec = next(c for c in manifest["cases"] if c["id"] == "B")
     _conditioning_matches(dc, ref, spec, "caseB.")
-    _steps_match(dc, ref, spec, "caseB.")
+    for step, branch in _steps_match(dc, ref, spec, "caseB.", ill_conditioned_case=True):
+        _branch_rounding_matches_exact_math(dc, ref, "caseB.", step, branch)
     out = _sample(dc, ref, spec, "caseB.", ref["caseB.x_T"])
     nudged = _sample(dc, ref, spec, "caseB.", ref["caseB.x_T"] + 1e-6)
     s = (nudged - out).abs().max().item()
