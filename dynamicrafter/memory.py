@@ -1,16 +1,39 @@
 """How much memory activations take, measured on any device (CPU included).
 
 `TensorMemory` counts the bytes of every tensor created while it is active and still alive (the
-memory a caching allocator must hold at least), and keeps the peak. `benchmarks/memory_estimate.py`
-uses it on the UNet.
+memory a caching allocator must hold at least), and keeps the peak. On `meta` tensors it counts a
+forward without computing it (seconds at any size), which `fused_attention()` keeps faithful to
+CPU and GPU: `benchmarks/memory_estimate.py` uses both on the UNet, and the ComfyUI memory
+estimate comes from its figures.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """Make SDPA on meta tensors allocate what the CPU and GPU kernels allocate (the output and
+    its log-sum-exp) instead of the math fallback's whole attention matrix, which torch picks for
+    meta and no device runs. Other devices and masked calls are untouched."""
+    sdpa = F.scaled_dot_product_attention
+
+    def counted(q, k, v, attn_mask=None, *args, **kwargs):
+        if q.device.type == "meta" and attn_mask is None and not args and not kwargs:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 class TensorMemory(TorchDispatchMode):
     """with TensorMemory() as m: ...  -> m.peak, m.current: bytes of the live storages of tensors

@@ -57,7 +57,12 @@ class DynamiCrafterConfig(comfy.supported_models_base.BASE):
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     latent_format = DynamiCrafterLatent
-    memory_usage_factor = 2.0
+    # ComfyUI plans sampling with area x dtype bytes x 0.01 MiB x this factor (area = batch x frames
+    # x h x w of the latent). Counted live activations of a full-width UNet forward, 16 frames,
+    # 3 guidance branches: factor 0.382 at 256x256, 0.290 at 512x320, 0.286 at 1024x576
+    # (`benchmarks/memory_estimate.py`); the largest, plus 10 %. Small latents (<= 24x24, below the
+    # released sizes) need relatively more, up to 1.1 at 8x8, which ComfyUI's fixed reserve covers.
+    memory_usage_factor = 0.42
     # preference order when ComfyUI picks the weight dtype ("auto"): bf16 where it is fast, else fp16
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
