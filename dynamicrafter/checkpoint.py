@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import CheckpointError, ModelConfig, infer_config
+from .mapped import MappedPages
 from .metadata import KEY as CONFIG_METADATA_KEY, check_against_weights, stored_config
 from .schedule import schedule_buffers, variant_schedule
 from .torch_files import check_tensor_bytes, load_torch_file
@@ -162,11 +163,14 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
         sd.pop(k)
     for k in set(sd) - set(expected):
         sd.pop(k)
+    pages = MappedPages()    # a converted tensor's file pages go back as soon as it is converted
     for k, v in sd.items():
         target = torch.float32 if k in schedule or not v.is_floating_point() else dtype
         if low and ops.is_stored_low(k, v):
             target = weight_dtype
         sd[k] = v.to(device=device, dtype=target)
+        if sd[k].untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+            pages.release(v)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

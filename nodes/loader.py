@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import io
 import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict
 from dynamicrafter.config import WEIGHT_DTYPES
+from dynamicrafter.mapped import MappedPages
 from dynamicrafter.tooncrafter import has_reference_decoder
 
 from .comfy_model import (comfy_operations, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae,
@@ -71,17 +72,27 @@ def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
         raise ValueError(f"{name} could not be read as a DynamiCrafter checkpoint "
                          f"({type(e).__name__}: {e}); is the file complete and a .ckpt/.safetensors?") from e
     dc.eval()
+    del sd, unet
     # Text/vision encoders and VAE run in fp32 on CPU (no fast half precision there), else in the chosen dtype.
+    # ComfyUI's CLIP, CLIP vision and KL VAE copy the weights into their own models: each of ours is
+    # dropped (and its file pages given back) as soon as it is handed over, so no part exists twice
+    # for longer than its own copy takes; only UNet + resampler + schedule stay inside the MODEL.
     te_dtype = torch.float32 if comfy.model_management.get_torch_device().type == "cpu" else compute
-    clip = make_comfy_clip(dc.text_encoder, te_dtype) if dc.text_encoder is not None else None
-    clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype) if dc.image_encoder is not None else None
+    pages = MappedPages()
+    clip = clip_vision = vae = None
+    if dc.text_encoder is not None:
+        clip = make_comfy_clip(dc.text_encoder, te_dtype)
+        pages.release_module(dc.cond_stage_model)
+        dc.cond_stage_model = None
+    if dc.image_encoder is not None:
+        clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype)
+        pages.release_module(dc.embedder)
+        dc.embedder = None
     if dc.vae is not None and has_reference_decoder(dc):     # ToonCrafter: the dual-reference video VAE
-        vae = make_dualref_vae(dc.vae, dc.cfg.variant.frames, te_dtype)
-    else:
-        vae = make_comfy_vae(dc.vae, te_dtype) if dc.vae is not None else None
-    # ComfyUI now owns these parts; keep only UNet + resampler + schedule inside the MODEL.
-    dc.cond_stage_model = None
-    dc.embedder = None
+        vae = make_dualref_vae(dc.vae, dc.cfg.variant.frames, te_dtype)      # wraps ours, no copy
+    elif dc.vae is not None:
+        vae = make_comfy_vae(dc.vae, te_dtype)
+        pages.release_module(dc.first_stage_model)
     dc.first_stage_model = None
     model = make_model_patcher(dc, manual_cast)
     missing = [n for n, v in (("CLIP", clip), ("CLIP_VISION", clip_vision), ("VAE", vae)) if v is None]

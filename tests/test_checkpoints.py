@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from dynamicrafter.config import PRESETS, tiny_config
 from dynamicrafter.schedule import schedule_buffers
 
 import comfy_runtime
+from conftest import _reference_file
 
 LAYOUTS = comfy_runtime.reference_dir() / "layouts"
 EXPECTED = {  # layout -> (detected name, parameterization, zero_snr, rescale base, default fs, fs meaning)
@@ -266,3 +268,51 @@ def test_foreign_checkpoints_are_named(tmp_path):
 def test_presets_are_consistent():
     assert PRESETS["256"].fs_meaning == "frame_stride" and PRESETS["512"].fs_meaning == "fps"
     assert PRESETS["1024"].dynamic_rescale_base == 0.3 and PRESETS["512"].dynamic_rescale_base == 0.7
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux-only (a no-op elsewhere)")
+def test_converted_file_pages_are_given_back_and_the_file_still_reads(tmp_path):
+    """A converted source tensor's file pages leave this process (a 10 GB fp32 file loaded as fp16
+    otherwise stays resident until the load ends); the mapping stays valid (read again = same
+    values), and a tensor that is not a view of a file is never touched."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dynamicrafter.mapped import MappedPages
+    save_file({"w": torch.arange(16 * 2**20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))   # 64 MiB
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        source = f.get_tensor("w")
+        anonymous = torch.arange(16 * 2**20, dtype=torch.float32)
+        pages = MappedPages()
+        touched = _rss_mib()
+        half = source.half()                       # reads every page of the file
+        assert _rss_mib() - touched > 80           # 64 MiB of file pages + 32 MiB of fp16
+        before = _rss_mib()
+        pages.release(source)
+        pages.release(anonymous)
+        assert before - _rss_mib() > 56 and pages.released > 60 * 2**20
+        assert torch.equal(source, anonymous) and torch.equal(half, anonymous.half())
+
+
+def test_loading_as_fp16_releases_the_fp32_pages(tmp_path):
+    """load_model converts tensor by tensor and gives each fp32 source's pages back at once."""
+    import dynamicrafter.checkpoint as checkpoint
+    released = []
+    original = checkpoint.MappedPages
+
+    class Counting(original):
+        def release(self, t):
+            super().release(t)
+            released.append(self.released)
+    checkpoint.MappedPages = Counting
+    try:
+        dc = dynamicrafter.load_model(_reference_file("tiny_v", "model.safetensors"), dtype=torch.float16)
+    finally:
+        checkpoint.MappedPages = original
+    assert dc.unet.time_embed[0].weight.dtype == torch.float16
+    assert released and released[-1] > 0.5 * sum(p.numel() * 4 for p in dc.parameters())
