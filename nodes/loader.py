@@ -52,8 +52,18 @@ def variant_overrides(choice: str):
     return asdict(PRESETS[choice])   # every field of the preset, eps/v and schedule included
 
 
+def inference_config_beside(path: str) -> dict | None:
+    """Head widths from the checkpoint's official inference YAML saved beside it as `<name>.yaml`
+    (ComfyUI's convention for a checkpoint's config): what shapes cannot tell for custom checkpoints
+    (e.g. a text tower with other head widths); None when there is none."""
+    from dynamicrafter.official_config import read_inference_config
+    yaml_path = os.path.splitext(path)[0] + ".yaml"
+    return read_inference_config(yaml_path) if os.path.isfile(yaml_path) else None
+
+
 def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
     """(MODEL, CLIP, CLIP_VISION, VAE) from a file; parts missing from the file come back None.
+    A `<name>.yaml` beside the file (the official inference config) supplies head widths.
     `dtype`: one of DTYPES, the UNet's weight dtype ("auto": ComfyUI's choice for the device and
     its --*-unet flags); the compute dtype is ComfyUI's manual cast for it (fp8 weights compute
     in fp16/bf16 on GPU, everything in fp32 on CPU)."""
@@ -64,8 +74,9 @@ def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
         file_dtype = next((v.dtype for v in unet if v.is_floating_point()), None)
         weight_dtype, manual_cast = unet_dtypes(dtype, sum(v.numel() for v in unet), file_dtype)
         compute = manual_cast or weight_dtype
-        dc = model_from_state_dict(sd, "cpu", compute, variant_overrides(variant), None, metadata,
-                                   weight_dtype=weight_dtype, operations=comfy_operations(weight_dtype, manual_cast))
+        dc = model_from_state_dict(sd, "cpu", compute, variant_overrides(variant), inference_config_beside(path),
+                                   metadata, weight_dtype=weight_dtype,
+                                   operations=comfy_operations(weight_dtype, manual_cast))
     except (dynamicrafter.CheckpointError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from e
     except Exception as e:   # truncated/corrupt files surface as reader errors

@@ -62,6 +62,10 @@ def comfy_base(tmp_path_factory, comfy_reference) -> Path:
     toon = comfy_reference / "tiny_toon"
     if (toon / "model.safetensors").is_file():
         models["checkpoints"]["toon_tiny.safetensors"] = toon / "model.safetensors"
+        # its official inference YAML beside it (text tower head widths), with the custom OpenCLIP
+        # architecture that YAML names
+        models["checkpoints"]["toon_tiny.yaml"] = toon / "config.yaml"
+        models["checkpoints"]["toon_tiny_arch.json"] = toon / "hyperparameters.json"
     inputs = {f"toon_{f.name}": f for f in sorted((toon / "inputs").glob("*.png"))}
     for sub in ("single", "interp"):
         folder = comfy_reference / "tiny_v" / "inputs" / sub

@@ -39,7 +39,8 @@ def toon_loaded(comfy, toon_ref):
 @pytest.fixture(scope="module")
 def toon_lib(toon_ref):
     import dynamicrafter
-    return dynamicrafter.load_model(str(toon_ref / "model.safetensors"))   # as the ComfyUI loader loads it
+    # as the ComfyUI loader loads it: with the official YAML that the test base puts beside it
+    return dynamicrafter.load_model(str(toon_ref / "model.safetensors"), config=str(toon_ref / "config.yaml"))
 
 
 def _count_frames(path) -> int:
@@ -75,6 +76,21 @@ def _inputs(comfy, loaded, toon_ref, frames=T):
     p, n, io, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, first, W, H, frames, 1, 10,
                                                                "interpolation", last)
     return p, n, io, latent, first, last
+
+
+def test_loader_reads_the_inference_yaml_beside_the_checkpoint(comfy, toon_loaded, toon_ref):
+    """The tiny ToonCrafter's text tower has 2 heads of width 8, which shapes cannot tell: with its
+    official YAML beside the file (`toon_tiny.yaml`) the loader's CLIP encodes the prompt exactly as
+    the official code did; the same file without the YAML is read with the default head width."""
+    from conftest import assert_close_to_ref, load_reference
+    from nodes_pack_access import pack
+    _, ref, manifest = load_reference("tiny_toon")
+    clip = toon_loaded[1]
+    cond = comfy.nodes.CLIPTextEncode().encode(clip, manifest["prompt"])[0][0][0]
+    assert_close_to_ref(cond, ref["text.prompt_emb"], name="prompt embedding through ComfyUI's CLIP")
+    loader = pack("loader")
+    assert loader.inference_config_beside(str(comfy.base_dir / "models" / "checkpoints" / TOON))["text_heads"] == 2
+    assert loader.inference_config_beside(str(comfy.base_dir / "models" / "checkpoints" / "dc_tiny_v.safetensors")) is None
 
 
 def test_loader_vae_is_the_reference_decoder_and_conditioning_carries_references(comfy, toon_loaded, toon_ref,
