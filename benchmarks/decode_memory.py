@@ -47,13 +47,13 @@ def decode_peak(dc: DynamiCrafter, frames: int, h: int, w: int, tile) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="meta count == CPU count at 2 frames of 64x128 latents")
+    ap.add_argument("--check", action="store_true", help="meta count == CPU count at 2 frames of 24x40 latents")
     ap.add_argument("--frames", type=int, default=16)
     args = ap.parse_args()
     if args.check:
-        for tile in (0, 32):
-            meta = decode_peak(vae_only_model("meta"), 2, 64, 128, tile)
-            cpu = decode_peak(vae_only_model("cpu"), 2, 64, 128, tile)
+        for tile in (0, 16):
+            meta = decode_peak(vae_only_model("meta"), 2, 24, 40, tile)
+            cpu = decode_peak(vae_only_model("cpu"), 2, 24, 40, tile)
             print(f"check, tile {tile}: meta {meta / 2**20:.1f} MiB, CPU {cpu / 2**20:.1f} MiB")
     dc = vae_only_model("meta")
     print("| frames (decoded one at a time) | size | untiled peak GiB | tiled (auto: 64-latent tiles) peak GiB |")
