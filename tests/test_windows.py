@@ -51,7 +51,8 @@ def test_window_lists_and_ramp_values():
 def test_take_context_slices_the_image_tokens_of_the_window_frames():
     frames, c = 6, 5
     text = torch.randn(2, TEXT_CONTEXT_LEN, c)
-    image = torch.arange(frames, dtype=torch.float32).repeat_interleave(QUERIES_PER_FRAME)[None, :, None].expand(2, -1, c)
+    image = torch.arange(frames, dtype=torch.float32).repeat_interleave(QUERIES_PER_FRAME)
+    image = image[None, :, None].expand(2, -1, c)
     ctx = torch.cat([text, image], dim=1)
     out = take_context(ctx, [4, 5, 0], frames)
     assert torch.equal(out[:, :TEXT_CONTEXT_LEN], text)
