@@ -61,6 +61,9 @@ ROWS = [
     (animate(frames=0), "frames must be an integer in 2..64, got 0"),
     (animate(frames=10_000), "frames must be an integer in 2..64, got 10000"),
     (animate(frames=2.5), "frames must be an integer in 2..64, got 2.5"),
+    (animate(frames=2000, window=16), "frames must be an integer in 2..1024 with window=16, got 2000"),
+    (animate(frames=100, window=8, window_overlap=8), "window_overlap must be an integer in 0..7"),
+    (animate(frames=100, window=8, window_schedule="loop"), "window_schedule must be one of ['uniform', 'looped']"),
     (animate(steps=0), "steps must be an integer in 1..1000, got 0"),
     (animate(fs=0), "fs must be an integer in 1..1000 (this model was trained on 5..30), got 0"),
     (animate(height=100), "height must be a multiple of 64 in 64..4096 for this UNet, got 100 (nearest: 128)"),
@@ -78,7 +81,7 @@ ROWS = [
     (conditioning(images=torch.zeros(2, 3, 64, 64)), "prompts must hold one prompt per image (2), got 1"),
     (conditioning(prompts=None), "prompts must be a str or a non-empty list of str, got None"),
     (conditioning(prompts=[1]), "prompts must be a str or a non-empty list of str, got [1]"),
-    (conditioning(frames=0), "frames must be an integer in 2..64, got 0"),
+    (conditioning(frames=0), "frames must be an integer in 2..1024, got 0"),   # longer than 64: windows
     (conditioning(end_images=torch.zeros(1, 3, 64, 128)), "end_images must be the size of images"),
     (conditioning(negative_prompts=["", ""]), "negative_prompts must hold one prompt per image (1), got 2"),
     (conditioning(images=IMG + 255), "images must be in [-1, 1], got values in [255, 255]"),
@@ -95,6 +98,19 @@ ROWS = [
     (sample(t2v=True, concat=torch.zeros(1, 4, 2, 8, 8)), "concat must be None: this is a text-to-video model"),
     (sample(spacing="linear"), "spacing must be one of"),
     (sample(eta=1.0, noise=[torch.zeros(1, 4, 2, 8, 8)], steps=2), "noise must hold one tensor per step (2), got 1"),
+    # sample_ddim: context windows
+    (sample(window=1), "window must be an integer in 2..64 (frames per UNet call; None = no windows), got 1"),
+    (sample(window=True), "window must be an integer in 2..64"),
+    (sample(window=8, window_overlap=8), "window_overlap must be an integer in 0..7 (less than window=8), got 8"),
+    (sample(window=8, window_overlap=-1), "window_overlap must be an integer in 0..7"),
+    (sample(window=8, window_schedule="circular"), "window_schedule must be one of ['uniform', 'looped'], "
+                                                   "got 'circular'"),
+    (sample(x_T=torch.zeros(1, 4, 65, 8, 8), concat=torch.zeros(1, 4, 65, 8, 8)),
+     "one UNet call takes up to 64 frames; pass window=16 (context windows) to sample up to 1024"),
+    (sample(x_T=torch.zeros(1, 4, 1025, 1, 1), concat=torch.zeros(1, 4, 1025, 1, 1), window=16),
+     "frames (x_T.shape[2]) must be an integer in 1..1024 with window=16, got 1025"),
+    (lambda dc, vc: dynamicrafter.sample(dc, X_T, CTX, CTX, concat=torch.zeros(1, 4, 2, 8, 8), steps=1,
+                                         window=4, window_overlap=4), "window_overlap must be an integer in 0..3"),
     # the model's encoders
     (lambda dc, vc: dc.encode_text(None), "prompts must be a str or a non-empty list of str, got None"),
     (lambda dc, vc: dc.encode_clip_image(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)), "images must be float"),
