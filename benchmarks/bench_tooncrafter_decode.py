@@ -77,20 +77,23 @@ def official_decode(dec, z, refs):
 
 # ----------------------------------------------------------------------------- one variant
 
-def run_variant(mode: str, frames: int, out_path: str, threads: int) -> dict:
+def run_variant(mode: str, frames: int, out_path: str, threads: int, height: int = 320, width: int = 512) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     vae = AutoencoderKLDualref(FULL).eval().requires_grad_(False)
     with torch.no_grad():
-        for p in vae.parameters():          # small random weights keep activations in a sane range
-            p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
+        for p in vae.parameters():        # small random weights keep activations in a sane range
+            p.normal_(0, 0.02)
+        for m in vae.modules():              # norms scale by 1 (zero scales would zero the output)
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.fill_(1.0)
         g = torch.Generator().manual_seed(1)
-        keys = torch.rand(2, 3, 320, 512, generator=g) * 2 - 1
+        keys = torch.rand(2, 3, height, width, generator=g) * 2 - 1
         t0 = time.perf_counter()
         refs = vae.references(keys[:1], keys[1:])
         encode_s = time.perf_counter() - t0
         refs = [r[0] for r in refs]
-        z = torch.randn(frames, 4, 40, 64, generator=g)
+        z = torch.randn(frames, 4, height // 8, width // 8, generator=g)
         before = current_rss_gib()
         t0 = time.perf_counter()
         video = vae.decode(z, refs) if mode == "ours" else official_decode(vae.decoder, z, refs)
@@ -104,18 +107,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", default="320x512", help="HxW of the keyframes and frames")
     ap.add_argument("--variant", choices=["ours", "official"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.frames, args.out, args.threads)))
+        height, width = (int(v) for v in args.size.split("x"))
+        print(json.dumps(run_variant(args.variant, args.frames, args.out, args.threads, height, width)))
         return
     results, outputs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("official", "ours"):
             path = str(Path(tmp) / f"{mode}.pt")
             proc = subprocess.run([sys.executable, __file__, "--variant", mode, "--frames", str(args.frames),
-                                   "--threads", str(args.threads), "--out", path],
+                                   "--threads", str(args.threads), "--size", args.size, "--out", path],
                                   capture_output=True, text=True, check=True)
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             outputs.append(torch.load(path))
@@ -123,7 +128,7 @@ def main() -> None:
     scale = outputs[0].abs().max().item()
     off, ours = results
     print(f"ToonCrafter decoder, full size, random weights, fp32, {args.threads} threads, "
-          f"(1, 4, {args.frames}, 40, 64) -> {args.frames} frames of 320x512, with references")
+          f"{args.frames} latent frames -> {args.frames} frames of {args.size}, with references")
     print(f"{'batching':<34}{'decode s':>10}{'peak RSS GiB':>14}{'RSS before GiB':>16}")
     for r, name in ((off, "official (whole clip per layer)"), (ours, "ours (chunked, 2 clip tensors)")):
         print(f"{name:<34}{r['decode_s']:>10.1f}{r['peak_rss_gib']:>14.2f}{r['rss_before_decode_gib']:>16.2f}")
