@@ -133,24 +133,30 @@ def tiny_v_state_dict():
     return sd
 
 
-def unet_block_outputs(unet, *args, **kwargs):
-    """(output, {block name: its output}) of one UNet call, named like the reference's
-    `unet.debug.*` tensors (embeddings, every input/output block, init_attn, middle block),
-    read with forward hooks so the model itself carries no test seams."""
+def module_outputs(modules: dict, call):
+    """(call(), {name: a copy of what module `modules[name]` returned}), read with forward hooks
+    so the model itself carries no test seams (a module run twice records its last output)."""
     record, handles = {}, []
-    modules = {"time_embed": unet.time_embed, "fps_embedding": getattr(unet, "fps_embedding", None),
-               "init_attn": getattr(unet, "init_attn", None), "middle_block": unet.middle_block}
-    modules.update({f"input_blocks.{i:02d}": b for i, b in enumerate(unet.input_blocks)})
-    modules.update({f"output_blocks.{i:02d}": b for i, b in enumerate(unet.output_blocks)})
     for name, module in modules.items():
-        if module is not None:   # a block run in two parts (shared prefix) records its final output last
-            handles.append(module.register_forward_hook(lambda m, i, o, name=name: record.__setitem__(name, o)))
+        if module is not None:
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: record.__setitem__(name, o.detach().clone())))
     try:
-        out = unet(*args, **kwargs)
+        out = call()
     finally:
         for h in handles:
             h.remove()
     return out, record
+
+
+def unet_block_outputs(unet, *args, **kwargs):
+    """(output, {block name: its output}) of one UNet call, named like the reference's
+    `unet.debug.*` tensors (embeddings, every input/output block, init_attn, middle block)."""
+    modules = {"time_embed": unet.time_embed, "fps_embedding": getattr(unet, "fps_embedding", None),
+               "init_attn": getattr(unet, "init_attn", None), "middle_block": unet.middle_block}
+    modules.update({f"input_blocks.{i:02d}": b for i, b in enumerate(unet.input_blocks)})
+    modules.update({f"output_blocks.{i:02d}": b for i, b in enumerate(unet.output_blocks)})
+    return module_outputs(modules, lambda: unet(*args, **kwargs))
 
 
 def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, name: str = ""):
