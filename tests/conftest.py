@@ -126,6 +126,22 @@ def ref_v():
     return load_reference("tiny_v")
 
 
+@pytest.fixture(scope="module")
+def tiny_random():
+    """A tiny random DynamiCrafter (default config, 4 frames, weights nudged off their zero
+    inits so every branch matters) and random inputs: (dc, x_T, concat, cond, uncond)."""
+    import dynamicrafter
+    torch.manual_seed(0)
+    dc = dynamicrafter.DynamiCrafter(dynamicrafter.tiny_config(frames=4)).eval()
+    with torch.no_grad():
+        for p in dc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = [torch.randn(1, 77 + 64, 64, generator=g) for _ in range(2)]
+    concat = torch.randn(1, 4, 4, 8, 8, generator=g)
+    return dc, torch.randn(1, 4, 4, 8, 8, generator=g), concat, cond, uncond
+
+
 @pytest.fixture(scope="session")
 def tiny_v_state_dict():
     import dynamicrafter
