@@ -408,7 +408,7 @@ def test_error_size_not_multiple_of_64(comfy):
 @pytest.mark.parametrize("node,field,value,needle", [
     ("DynamiCrafterImageConditioning", "frames", 1, "frames"),
     ("DynamiCrafterImageConditioning", "fs", 0, "fs"),
-    ("DynamiCrafterDDIMSampler", "steps", 500, "steps"),
+    ("DynamiCrafterDDIMSampler", "steps", 1001, "steps"),
     ("DynamiCrafterDDIMSampler", "cfg_text", -1.0, "cfg_text"),
 ])
 def test_error_out_of_range_widgets_are_rejected_by_validation(comfy, node, field, value, needle):
@@ -418,6 +418,21 @@ def test_error_out_of_range_widgets_are_rejected_by_validation(comfy, node, fiel
             n["inputs"][field] = value
     msg = _error_of(comfy, prompt)
     assert needle in msg and ("smaller than min" in msg or "bigger than max" in msg), msg
+
+
+def test_steps_limit_is_the_library_contract_with_the_spacing_rule(comfy):
+    """The node takes the library's 1..1000 steps; a count the spacing does not define (61 with
+    uniform_trailing) is the library's error naming the counts that work."""
+    from dynamicrafter.contract import STEPS
+    from nodes_pack_access import pack
+    steps = next(i for i in pack("sampler").DynamiCrafterDDIMSampler.define_schema().inputs if i.id == "steps")
+    assert steps.max == STEPS[1]
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterDDIMSampler":
+            n["inputs"].update(steps=61, spacing="uniform_trailing")
+    msg = _error_of(comfy, prompt)
+    assert "'uniform_trailing' spacing is not defined for 61 steps" in msg and "use 60 or 62 steps" in msg, msg
 
 
 def test_error_interpolation_without_end_image(comfy):
