@@ -175,6 +175,15 @@ def unet_block_outputs(unet, *args, **kwargs):
     return module_outputs(modules, lambda: unet(*args, **kwargs))
 
 
+def assert_conditioning_is_official(c, ref, k: str, dual_cfg: bool):
+    """Our `image_conditioning` output c against a reference case's (key prefix k) conditioning."""
+    assert_close_to_ref(c.cond, ref[k + "cond.c_crossattn"], name="cond")
+    assert_close_to_ref(c.uncond, ref[k + "uncond.c_crossattn"], name="uncond")
+    assert_close_to_ref(c.concat, ref[k + "cond.c_concat"], name="concat")
+    if dual_cfg:
+        assert_close_to_ref(c.uncond_img, ref[k + "uncond_img_nonetext.c_crossattn"], name="uncond_img")
+
+
 def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, name: str = ""):
     """design §13: max|ours - ref| <= rel * max(1, max|ref|)."""
     assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"

@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import _reference_file, assert_close_to_ref, load_reference, module_outputs, unet_block_outputs
+from conftest import (_reference_file, assert_close_to_ref, assert_conditioning_is_official, load_reference,
+                      module_outputs, unet_block_outputs)
 
 import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict
@@ -203,11 +204,7 @@ def test_unet_forward(ref_toon):
 def _conditioning_matches(dc, ref, spec, k):
     c = image_conditioning(dc, ref["input.image_first"], [PROMPT], 16, ref["input.image_last"],
                            vae_noise=ref[k + "vae_posterior_noise"])
-    assert_close_to_ref(c.cond, ref[k + "cond.c_crossattn"], name="cond")
-    assert_close_to_ref(c.uncond, ref[k + "uncond.c_crossattn"], name="uncond")
-    assert_close_to_ref(c.concat, ref[k + "cond.c_concat"], name="concat")
-    if spec["multiple_cond_cfg"]:
-        assert_close_to_ref(c.uncond_img, ref[k + "uncond_img_nonetext.c_crossattn"], name="uncond_img")
+    assert_conditioning_is_official(c, ref, k, spec["multiple_cond_cfg"])
     refs = dc.encode_references(ref["input.image_first"], ref["input.image_last"])
     for i, r in enumerate(refs):
         assert_close_to_ref(r, ref[f"vae.enc.ref_context.{i}"], name=f"reference {i}")
