@@ -156,3 +156,42 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
             assert view["x"] <= o["x"] and o["x"] + o["w"] <= view["x"] + view["w"] and \
                 view["y"] <= o["y"] and o["y"] + o["h"] <= view["y"] + view["h"], \
                 f"{path.name}: output node {o['type']} is outside the opening view {view}"
+
+
+def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, comfy_server):
+    """The Templates browser (Browse Templates) lists every bundled workflow under the pack, each
+    card showing its thumbnail: workflows/<name>.jpg fetched and drawn as the card's picture."""
+    from make_thumbnails import THUMB_SIZE
+    page, logs = browser_page
+    prefix = f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/"
+    fetched = {}
+    page.on("response", lambda r: fetched.__setitem__(r.url.split(prefix)[-1], r.status) if prefix in r.url else None)
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true) }")
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates') }")
+    page.get_by_text(comfy_runtime.PACK_NAME, exact=True).first.click(timeout=30_000)   # the pack's category
+    card_picture = """(name) => {
+        const title = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 &&
+                                                                  e.textContent.trim() === name);
+        let card = title;
+        while (card && !card.querySelector('img')) card = card.parentElement;
+        const img = card && card.querySelector('img');
+        return img && img.complete ? img.naturalWidth : 0; }"""
+    try:
+        for name in sorted(p.stem for p in WORKFLOWS.glob("*.json")):   # cards load their pictures as they scroll in
+            page.get_by_text(name, exact=True).first.scroll_into_view_if_needed(timeout=20_000)
+            page.wait_for_function(f"(name) => ({card_picture})(name) === {THUMB_SIZE[0]}", arg=name, timeout=20_000)
+            for _ in range(50):          # the response event may trail the drawn picture
+                if f"{name}.jpg" in fetched:
+                    break
+                page.wait_for_timeout(200)
+            assert fetched.get(f"{name}.jpg") == 200, (name, fetched)
+    except Exception:
+        keep = comfy_runtime.REPO_ROOT / ".pytest_cache" / "browser_templates_failure.png"
+        keep.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(keep))
+        print("\n".join(logs[-40:]))
+        raise
+    finally:
+        page.keyboard.press("Escape")
