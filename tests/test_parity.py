@@ -134,7 +134,7 @@ def test_ddim_schedule_tables(ref_v):
     assert len(ddim_timesteps(30, "uniform")) == 31           # official quirk kept
     assert ddim_timesteps(3, "uniform").tolist() == [1, 334, 667]   # where the official code crashes
     assert ddim_timesteps(50, "uniform_trailing")[-1] == 999
-    with pytest.raises(ValueError, match="60 steps"):
+    with pytest.raises(ValueError, match="not defined for 61 steps .*use 60 or 62 steps"):
         ddim_timesteps(61, "uniform_trailing")
 
 
