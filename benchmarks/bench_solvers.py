@@ -38,7 +38,6 @@ sys.path.insert(0, str(REPO / "scripts"))   # comfy_runtime, nodes_pack_access
 import dynamicrafter  # noqa: E402
 from dynamicrafter.pipeline import fit_image, image_conditioning  # noqa: E402
 from dynamicrafter.solvers import sample  # noqa: E402
-from dynamicrafter.step_cache import unet_forward  # noqa: E402
 
 # what runs, per plan: the full one on the tiny model, a reduced one on the demo batch (a step costs
 # about clips x the tiny model's)
@@ -142,10 +141,10 @@ def cached_flop_share(dc, x_T, c, depth: int, branches: int) -> float:
     t, fs = torch.tensor([500]), torch.tensor([24])
     counts = []
     with torch.inference_mode():
-        _, deep = unet_forward(dc.unet, x, t, ctx, fs, depth=depth)
+        _, deep = dc.unet.forward_cut(x, t, ctx, fs, depth=depth)
         for d in (None, deep):
             with FlopCounterMode(display=False) as fc:
-                unet_forward(dc.unet, x, t, ctx, fs, depth=depth, deep=d)
+                dc.unet.forward_cut(x, t, ctx, fs, depth=depth, deep=d)
             counts.append(fc.get_total_flops())
     return counts[1] / counts[0]
 

@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .schedule import ddim_timesteps
+
 FRAMES = (2, 64)            # frames of one video (the released models are trained on 16)
 LONG_FRAMES = (2, 1024)     # frames of a video sampled in context windows (each window within FRAMES)
 WINDOW_SCHEDULES = ("uniform", "looped")
@@ -165,11 +167,9 @@ def check_animate(dc, image, prompt, *, end_image, loop, frames, height, width, 
                    width if width is not None else dc.variant["resolution"][1])
     if fs is not None:
         check_fs(fs, dc)
-    check_int("steps", steps, *STEPS)
     check_guidance(cfg_text if cfg_text is not None else dc.variant["cfg_text"], cfg_img, eta,
                    guidance_rescale if guidance_rescale is not None else 0.0)
-    if spacing is not None:
-        check_choice("spacing", spacing, SPACINGS)
+    check_steps(steps, spacing or dc.variant["spacing"])
     check_int("seed", seed, 0, 2 ** 64 - 1)
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be callable or None, got {_show(callback)}")
@@ -251,11 +251,20 @@ def check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_
                                  f"got {_show(fs)}")
         else:
             check_fs(fs, dc)
-    check_int("steps", steps, *STEPS)
     check_guidance(cfg_text, cfg_img, eta, guidance_rescale)
-    check_choice("spacing", spacing, SPACINGS)
+    check_steps(steps, spacing)
     if noise is not None and eta > 0 and len(noise) < steps:
         raise ValueError(f"noise must hold one tensor per step ({steps}), got {len(noise)}")
+
+
+def check_steps(steps: Any, spacing: Optional[str]) -> int:
+    """steps in STEPS and, given a spacing, a count that spacing defines ('uniform_trailing' has
+    gaps above schedule.MAX_TRAILING_STEPS): the one steps rule of the library and the nodes."""
+    steps = check_int("steps", steps, *STEPS)
+    if spacing is not None:
+        check_choice("spacing", spacing, SPACINGS)
+        ddim_timesteps(steps, spacing)
+    return steps
 
 
 def check_load_image(path: Any) -> Path:

@@ -16,6 +16,14 @@ from .solvers import sample
 from .tooncrafter import decode_keyframe_clip, has_reference_decoder
 
 
+LATENT_CHANNELS, LATENT_SCALE = 4, 8     # the KL-f8 VAE: 4 latent channels at 1/8 of the pixel size
+
+
+def video_latent_shape(batch: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """(b, 4, T, H/8, W/8): the latent the UNet denoises for `batch` videos of frames x height x width."""
+    return batch, LATENT_CHANNELS, frames, height // LATENT_SCALE, width // LATENT_SCALE
+
+
 def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(n, C, H, W) -> (n, C, height, width), any value range: resize (antialiased bilinear) so
     the picture covers height x width, then crop the centre with torchvision's CenterCrop rounding
@@ -141,7 +149,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
-        x_T = torch.randn((1, 4, frames, height // 8, width // 8), generator=generator).to(dc.device)
+        x_T = torch.randn(video_latent_shape(1, frames, height, width), generator=generator).to(dc.device)
         latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
                          guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,

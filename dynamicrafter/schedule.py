@@ -66,8 +66,14 @@ def variant_schedule(variant) -> dict:
                             fix_scale_bug=variant.use_scale and variant.fix_scale_bug)
 
 
-# The official 'uniform_trailing' spacing is well defined up to here (a float quirk above it).
+# The official 'uniform_trailing' spacing is defined for every step count up to here; above it a
+# float quirk of the official code leaves some counts undefined (61, 103, 121, ...).
 MAX_TRAILING_STEPS = 60
+
+
+def _trailing(steps: int, n: int) -> np.ndarray | None:
+    t = np.flip(np.round(np.arange(n, 0, -n / steps))).astype(np.int64) - 1
+    return t if len(t) == steps and t[0] >= 0 else None
 
 
 def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEPS) -> np.ndarray:
@@ -79,10 +85,14 @@ def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEP
         t = np.asarray(range(0, n, n // steps)) + 1
         return t[t < n]   # the official code indexes past the schedule here (e.g. 3 steps -> 1000)
     if spacing == "uniform_trailing":
-        t = np.flip(np.round(np.arange(n, 0, -n / steps))).astype(np.int64) - 1
-        if len(t) != steps or t[0] < 0:   # float arange quirk of the official code for some steps > 60
-            raise ValueError(f"'uniform_trailing' spacing is not defined for {steps} steps "
-                             f"(the official code yields a timestep of -1); use at most {MAX_TRAILING_STEPS} steps")
+        t = _trailing(steps, n)
+        if t is None:   # float arange quirk of the official code for some steps > MAX_TRAILING_STEPS
+            below = next(s for s in range(steps - 1, 0, -1) if _trailing(s, n) is not None)
+            above = next((s for s in range(steps + 1, n + 1) if _trailing(s, n) is not None), None)
+            nearest = f"{below}" if above is None else f"{below} or {above}"
+            raise ValueError(f"'uniform_trailing' spacing is not defined for {steps} steps (the official code "
+                             f"yields a timestep of -1): use {nearest} steps (every count up to "
+                             f"{MAX_TRAILING_STEPS} works), or spacing 'uniform'")
         return t
     if spacing == "quad":
         return ((np.linspace(0, np.sqrt(n * 0.8), steps)) ** 2).astype(int) + 1

@@ -378,6 +378,15 @@ class UNet3D(nn.Module):
 
         k > 1 evaluates k contexts (guidance branches, branch-major) on the same x, t and fs:
         the layers before the first cross-attention run once and are shared."""
+        return self.forward_cut(x, timesteps, context, fs, temporal)[0]
+
+    def forward_cut(self, x, timesteps, context, fs=None, temporal: bool = True,
+                    depth: Optional[int] = None, deep: Optional[torch.Tensor] = None):
+        """`forward` cut after input block `depth` for step caching (step_cache.DeepCache):
+        returns (output, deep features), the deep features being the input of output block
+        L-1-depth (L output blocks; depth None: no cut, the input of the output head). With
+        `deep` given, the input blocks past `depth`, the middle block and the output blocks
+        before L-1-depth are skipped and `deep` stands for their result."""
         b, _, t, _, _ = x.shape
         if context.shape[0] % b:
             raise ValueError(f"context batch {context.shape[0]} is not a multiple of the latent batch {b}")
@@ -391,10 +400,12 @@ class UNet3D(nn.Module):
         context = self.per_frame_context(context, t)
         n = context.shape[0]        # k*b*T rows once the branches part
         frames = t if temporal else None
+        first_shallow = len(self.output_blocks) if depth is None else len(self.output_blocks) - 1 - depth
+        inputs = self.input_blocks if deep is None else self.input_blocks[:depth + 1]
 
         h = rearrange(x, "b c t h w -> (b t) c h w")
         skips = []
-        for i, block in enumerate(self.input_blocks):
+        for i, block in enumerate(inputs):
             if h.shape[0] == n:
                 h = block(h, expand_batch(emb, n), context, frames)
             else:   # still shared: run up to the first cross-attention, then part the branches
@@ -406,11 +417,17 @@ class UNet3D(nn.Module):
             if i == 0 and hasattr(self, "init_attn"):
                 h = self.init_attn(h, emb, context, frames)
             skips.append(h)
-        emb, h = expand_batch(emb, n), expand_batch(h, n)
-        h = self.middle_block(h, emb, context, frames)
-        for i, block in enumerate(self.output_blocks):
+        emb = expand_batch(emb, n)
+        if deep is None:
+            h = self.middle_block(expand_batch(h, n), emb, context, frames)
+            for block in self.output_blocks[:first_shallow]:
+                h = block(h, emb, context, frames, skip=skips.pop())
+            deep = h
+        else:
+            h = deep
+        for block in self.output_blocks[first_shallow:]:
             h = block(h, emb, context, frames, skip=skips.pop())
-        return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t)
+        return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t), deep
 
 
 # ------------------------------------------------------------------------------------ training helpers

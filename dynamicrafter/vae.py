@@ -61,10 +61,20 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def mid_block(ch, groups):
-    m = nn.Module()
-    m.block_1, m.attn_1, m.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
-    return m
+class MidBlock(nn.Module):
+    """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution (`resblock`: the class of
+    the two ResnetBlocks; the video decoder passes its own)."""
+
+    def __init__(self, ch, groups, resblock=ResnetBlock):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = resblock(ch, ch, groups), AttnBlock(ch, groups), resblock(ch, ch, groups)
+
+    def forward(self, h):
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+def conv3x3(cin, cout):
+    return nn.Conv2d(cin, cout, 3, padding=1)
 
 
 class Encoder(nn.Module):
@@ -80,7 +90,7 @@ class Encoder(nn.Module):
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(chans[i + 1])
             self.down.append(level)
-        self.mid = mid_block(chans[-1], g)
+        self.mid = MidBlock(chans[-1], g)
         self.norm_out = norm(chans[-1], g)
         self.conv_out = nn.Conv2d(chans[-1], 2 * cfg.z_channels, 3, padding=1)
 
@@ -91,32 +101,37 @@ class Encoder(nn.Module):
                 h = block(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
+    """The image decoder. Its parts are class attributes so the video decoder (vae_dualref) builds
+    the same levels from its own blocks: `resblock` (cin, cout, groups), `midblock` (ch, groups,
+    resblock) and `out_conv` (cin, cout), the last conv."""
+    resblock, midblock, out_conv = ResnetBlock, MidBlock, staticmethod(conv3x3)
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         chans, g = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
-        self.mid = mid_block(chans[-1], g)
+        self.mid = self.midblock(chans[-1], g, self.resblock)
         self.up = nn.ModuleList(nn.Module() for _ in cfg.ch_mult)   # index = resolution level
         cin = chans[-1]
         for i in reversed(range(len(cfg.ch_mult))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cin, chans[i], g))
+                blocks.append(self.resblock(cin, chans[i], g))
                 cin = chans[i]
             self.up[i].block = nn.ModuleList(blocks)
             if i != 0:
                 self.up[i].upsample = Upsample(cin)
         self.norm_out = norm(cin, g)
-        self.conv_out = nn.Conv2d(cin, cfg.out_ch, 3, padding=1)
+        self.conv_out = self.out_conv(cin, cfg.out_ch)
 
     def forward(self, z):
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         for level in reversed(self.up):
             for block in level.block:
                 h = block(h)
@@ -126,11 +141,13 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
+    decoder_class = Decoder     # the dual-reference autoencoder (vae_dualref) sets its video decoder
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder = self.decoder_class(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .attention import attention
 from .config import VAEConfig
-from .vae import AttnBlock, AutoencoderKL, Encoder, ResnetBlock, Upsample, norm
+from .vae import AutoencoderKL, Decoder, MidBlock, ResnetBlock, norm
 
 REF_ATTN_DIM_HEAD = 64      # the official cross-attention to the references: heads x 64 (8 x 64 released)
 TIME_NORM_EPS = 1e-5        # the temporal branch's GroupNorms (the spatial ones use 1e-6)
@@ -181,35 +181,28 @@ class TimeMixConv(nn.Conv2d):
         return self.time_mix_conv(y.transpose(0, 1)[None])[0].transpose(0, 1)
 
 
-class VideoDecoder(nn.Module):
-    """The dual-reference video decoder. Same levels as the image decoder; `attn_refinement[i]`
-    refines level i (cross-attention at `cfg.ref_attn_levels`, else a Combiner), index
-    len(ch_mult) the output before `conv_out`."""
+class VideoMidBlock(MidBlock):
+    """The mid block over a clip (T, C, H, W): video ResnetBlocks, per-frame attention."""
+
+    def forward(self, h: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+        h = self.block_1(h, chunk)
+        h = _per_chunk(self.attn_1, h, chunk)
+        return self.block_2(h, chunk)
+
+
+class VideoDecoder(Decoder):
+    """The dual-reference video decoder: the image decoder's levels built from video blocks;
+    `attn_refinement[i]` refines level i (cross-attention at `cfg.ref_attn_levels`, else a
+    Combiner), index len(ch_mult) the output before `conv_out`."""
+    resblock, midblock, out_conv = VideoResBlock, VideoMidBlock, TimeMixConv
 
     def __init__(self, cfg: VAEConfig):
-        super().__init__()
+        super().__init__(cfg)
         chans, g = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.z_channels, chans[-1], 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = VideoResBlock(chans[-1], chans[-1], g)
-        self.mid.attn_1 = AttnBlock(chans[-1], g)
-        self.mid.block_2 = VideoResBlock(chans[-1], chans[-1], g)
-        self.up = nn.ModuleList(nn.Module() for _ in cfg.ch_mult)
-        cin = chans[-1]
-        for i in reversed(range(len(cfg.ch_mult))):
-            blocks = []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(VideoResBlock(cin, chans[i], g))
-                cin = chans[i]
-            self.up[i].block = nn.ModuleList(blocks)
-            if i != 0:
-                self.up[i].upsample = Upsample(cin)
         self.attn_refinement = nn.ModuleList(
             RefCrossAttention(chans[i], cfg.ref_attn_inner, g) if i in cfg.ref_attn_levels else Combiner(chans[i])
             for i in range(len(cfg.ch_mult)))
         self.attn_refinement.append(Combiner(chans[0]))
-        self.norm_out = norm(chans[0], g)
-        self.conv_out = TimeMixConv(chans[0], cfg.out_ch)
 
     def _refine(self, i: int, h: torch.Tensor, ref: torch.Tensor, chunk: int) -> torch.Tensor:
         module = self.attn_refinement[i]
@@ -218,18 +211,10 @@ class VideoDecoder(nn.Module):
         return module.add_to(h, ref, True, True)
 
     def forward(self, z: torch.Tensor, references: Optional[Sequence[torch.Tensor]] = None,
-                chunk: int = DEFAULT_CHUNK, debug: Optional[dict] = None) -> torch.Tensor:
+                chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         """One clip: z (T, z_channels, h, w) unscaled latents, references: per level (C, 2, h, w)
-        (first, last keyframe) or None. Returns (T, out_ch, 8h, 8w), not clamped. `debug`
-        collects the mid-block output ("mid") and each refined level ("refined.<i>")."""
-        h = _per_chunk(self.conv_in, z, chunk)
-        h = self.mid.block_1.spatial(h, chunk)
-        h = self.mid.block_1.temporal(h, chunk)
-        h = _per_chunk(self.mid.attn_1, h, chunk)
-        h = self.mid.block_2.spatial(h, chunk)
-        h = self.mid.block_2.temporal(h, chunk)
-        if debug is not None:
-            debug["mid"] = h.clone()
+        (first, last keyframe) or None. Returns (T, out_ch, 8h, 8w), not clamped."""
+        h = self.mid(_per_chunk(self.conv_in, z, chunk), chunk)
         for i in reversed(range(len(self.up))):
             level = self.up[i]
             for block in level.block:
@@ -237,8 +222,6 @@ class VideoDecoder(nn.Module):
                 h = block.temporal(h, chunk)
             if references is not None:
                 h = self._refine(i, h, references[i], chunk)
-                if debug is not None:
-                    debug[f"refined.{i}"] = h.clone()
             if hasattr(level, "upsample"):
                 h = _per_chunk(level.upsample, h, chunk)
         final = self.attn_refinement[-1]
@@ -258,15 +241,9 @@ class VideoDecoder(nn.Module):
 # ----------------------------------------------------------------------------- autoencoder
 
 class AutoencoderKLDualref(AutoencoderKL):
-    """KL-f8 encoder (+ reference features) and the dual-reference video decoder."""
-
-    def __init__(self, cfg: VAEConfig):
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = VideoDecoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)   # stored, never applied
+    """KL-f8 encoder (+ reference features) and the dual-reference video decoder;
+    `post_quant_conv` is stored (the checkpoints have it) but never applied."""
+    decoder_class = VideoDecoder
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(n, 3, H, W) -> the encoder's outputs of levels 0..L-1 (before each downsample, the
@@ -288,10 +265,10 @@ class AutoencoderKLDualref(AutoencoderKL):
         return [torch.stack([f[:b], f[b:]], dim=2) for f in self.features(torch.cat([start, end]))]
 
     def decode(self, z: torch.Tensor, references: Optional[Sequence[torch.Tensor]] = None,
-               chunk: int = DEFAULT_CHUNK, debug: Optional[dict] = None) -> torch.Tensor:
+               chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         """Unscaled latents of ONE clip (T, embed_dim, h, w) -> frames (T, 3, 8h, 8w), not
         clamped; references per level (C, 2, h, w) (one video's) or None."""
-        return self.decoder(z, references, chunk, debug)
+        return self.decoder(z, references, chunk)
 
 
 def decode_videos(vae: AutoencoderKLDualref, z: torch.Tensor, references: Optional[Sequence[torch.Tensor]],

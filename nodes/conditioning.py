@@ -13,24 +13,27 @@ import comfy.model_management
 import node_helpers
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.contract import FRAMES, LONG_FRAMES, check_fs, check_int, check_size
-from dynamicrafter.pipeline import concat_latent
+from dynamicrafter.contract import check_fs, check_int, check_size
+from dynamicrafter.pipeline import concat_latent, video_latent_shape
 
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, fs_input, size_inputs
+from .inputs import (CATEGORY, MAX_BATCH, MAX_FRAMES, MAX_VIDEO_FRAMES, fs_input, prompt_inputs, size_inputs,
+                     video_inputs)
 from .resampler import ImageContext
 from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
 
 MODES = ["image-to-video", "interpolation", "loop"]
-MAX_FRAMES = FRAMES[1]           # frames of one UNet pass
-MAX_VIDEO_FRAMES = LONG_FRAMES[1]   # frames of a video sampled in context windows
-MAX_BATCH = 16
 
 
 def check_batch_and_fs(batch_size, fs) -> None:
     """What the widget limits keep out, for calls that bypass them (API prompts, other nodes)."""
     check_int("batch_size", batch_size, 1, MAX_BATCH)
     check_fs(fs)
+
+
+def empty_video_latent(batch_size, frames, height, width) -> torch.Tensor:
+    return torch.zeros(video_latent_shape(batch_size, frames, height, width),
+                       device=comfy.model_management.intermediate_device())
 
 
 @torch.no_grad()
@@ -69,9 +72,7 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
     pos = node_helpers.conditioning_set_values(positive, {**common, "dc_image_context": image_context["cond"]})
     neg = node_helpers.conditioning_set_values(negative, {**common, "dc_image_context": image_context["uncond"]})
     img_only = node_helpers.conditioning_set_values(negative, {**common, "dc_image_context": image_context["cond"]})
-    latent = torch.zeros([batch_size, 4, frames, height // 8, width // 8],
-                         device=comfy.model_management.intermediate_device())
-    out = {"samples": latent, "dc_mode": mode}
+    out = {"samples": empty_video_latent(batch_size, frames, height, width), "dc_mode": mode}
     if end is not None and is_dualref_vae(vae):    # ToonCrafter's decoder looks back at the two keyframes
         out[REFERENCES_KEY] = keyframe_references(vae, start, end)
     return pos, neg, img_only, out
@@ -88,18 +89,15 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
                         "conditioning and makes the empty video latent, for the DDIM node or core samplers. "
                         "Interpolation mode animates from a start to an end image (512-interp model).",
             inputs=[
-                io.Conditioning.Input("positive", tooltip="prompt from CLIPTextEncode (OpenCLIP-H text encoder)"),
-                io.Conditioning.Input("negative", tooltip="CLIPTextEncode of an empty prompt (the official "
-                                                          "unconditional text)"),
+                *prompt_inputs("prompt from CLIPTextEncode (OpenCLIP-H text encoder)",
+                               "CLIPTextEncode of an empty prompt (the official unconditional text)"),
                 io.Vae.Input("vae"),
                 ImageContext.Input("image_context", tooltip="from 'DynamiCrafter Context Resampler'"),
                 io.Image.Input("start_image", tooltip="first frame; scaled to cover width x height and "
                                                       "centre-cropped"),
                 *size_inputs(),
-                io.Int.Input("frames", default=16, min=2, max=MAX_VIDEO_FRAMES,
-                             tooltip="frames of the video; the released models are trained on 16 (more: sample "
-                                     "in context windows of 16)"),
-                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once"),
+                *video_inputs("frames of the video; the released models are trained on 16 (more: sample in "
+                              "context windows of 16)"),
                 fs_input(),
                 io.Combo.Input("mode", options=MODES, default="image-to-video",
                                tooltip="image-to-video: start image on every frame's concat latent; "

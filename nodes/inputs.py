@@ -6,12 +6,28 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from dynamicrafter.contract import FRAMES, LONG_FRAMES, STEPS
 from dynamicrafter.schedule import MAX_TRAILING_STEPS
 
 CATEGORY = "DynamiCrafter"
 SPACINGS = ["auto", "uniform_trailing", "uniform"]
-MAX_STEPS = MAX_TRAILING_STEPS
+MAX_STEPS = STEPS[1]      # the library's limit; a spacing may define fewer counts (contract.check_steps)
 SIZE_STEP = 64
+MAX_FRAMES = FRAMES[1]                # frames of one UNet pass
+MAX_VIDEO_FRAMES = LONG_FRAMES[1]     # frames of a video sampled in context windows
+MAX_BATCH = 16
+
+
+def prompt_inputs(positive_tooltip: str | None = None, negative_tooltip: str | None = None) -> list:
+    """positive, negative: the prompts' CONDITIONING (CLIPTextEncode)."""
+    return [io.Conditioning.Input("positive", tooltip=positive_tooltip),
+            io.Conditioning.Input("negative", tooltip=negative_tooltip)]
+
+
+def video_inputs(frames_tooltip: str) -> list:
+    """frames, batch_size: the empty video latent's length and batch."""
+    return [io.Int.Input("frames", default=16, min=2, max=MAX_VIDEO_FRAMES, tooltip=frames_tooltip),
+            io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once")]
 
 
 def size_inputs(default_width: int = 512, default_height: int = 320) -> list:
@@ -34,7 +50,8 @@ def sampler_inputs() -> list:
     return [
         io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                      tooltip="noise seed"),
-        io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip="DDIM steps (official: 50)"),
+        io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip=f"DDIM steps (official: 50); uniform_trailing spacing: any count up to "
+                             f"{MAX_TRAILING_STEPS}, some above it are undefined"),
         io.Float.Input("cfg_text", default=7.5, min=0.0, max=30.0, step=0.1,
                        tooltip="text guidance scale (1 = no guidance)"),
         io.Float.Input("cfg_img", default=0.0, min=0.0, max=30.0, step=0.1,

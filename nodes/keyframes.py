@@ -14,10 +14,10 @@ from comfy_api.v0_0_2 import io
 from dynamicrafter.contract import check_size
 
 from .clip_vision import encode_clip_vision
-from .conditioning import MAX_FRAMES, build_conditioning
+from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, fs_input, sampler_inputs, size_inputs
+from .inputs import CATEGORY, MAX_FRAMES, fs_input, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import run_ddim
 

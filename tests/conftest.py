@@ -130,6 +130,22 @@ def ref_v():
     return load_reference("tiny_v")
 
 
+@pytest.fixture(scope="module")
+def tiny_random():
+    """A tiny random DynamiCrafter (default config, 4 frames, weights nudged off their zero
+    inits so every branch matters) and random inputs: (dc, x_T, concat, cond, uncond)."""
+    import dynamicrafter
+    torch.manual_seed(0)
+    dc = dynamicrafter.DynamiCrafter(dynamicrafter.tiny_config(frames=4)).eval()
+    with torch.no_grad():
+        for p in dc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    g = torch.Generator().manual_seed(1)
+    cond, uncond = [torch.randn(1, 77 + 64, 64, generator=g) for _ in range(2)]
+    concat = torch.randn(1, 4, 4, 8, 8, generator=g)
+    return dc, torch.randn(1, 4, 4, 8, 8, generator=g), concat, cond, uncond
+
+
 @pytest.fixture(scope="session")
 def tiny_v_state_dict():
     import dynamicrafter
@@ -137,24 +153,39 @@ def tiny_v_state_dict():
     return sd
 
 
-def unet_block_outputs(unet, *args, **kwargs):
-    """(output, {block name: its output}) of one UNet call, named like the reference's
-    `unet.debug.*` tensors (embeddings, every input/output block, init_attn, middle block),
-    read with forward hooks so the model itself carries no test seams."""
+def module_outputs(modules: dict, call):
+    """(call(), {name: a copy of what module `modules[name]` returned}), read with forward hooks
+    so the model itself carries no test seams (a module run twice records its last output)."""
     record, handles = {}, []
-    modules = {"time_embed": unet.time_embed, "fps_embedding": getattr(unet, "fps_embedding", None),
-               "init_attn": getattr(unet, "init_attn", None), "middle_block": unet.middle_block}
-    modules.update({f"input_blocks.{i:02d}": b for i, b in enumerate(unet.input_blocks)})
-    modules.update({f"output_blocks.{i:02d}": b for i, b in enumerate(unet.output_blocks)})
     for name, module in modules.items():
-        if module is not None:   # a block run in two parts (shared prefix) records its final output last
-            handles.append(module.register_forward_hook(lambda m, i, o, name=name: record.__setitem__(name, o)))
+        if module is not None:
+            handles.append(module.register_forward_hook(
+                lambda m, i, o, name=name: record.__setitem__(name, o.detach().clone())))
     try:
-        out = unet(*args, **kwargs)
+        out = call()
     finally:
         for h in handles:
             h.remove()
     return out, record
+
+
+def unet_block_outputs(unet, *args, **kwargs):
+    """(output, {block name: its output}) of one UNet call, named like the reference's
+    `unet.debug.*` tensors (embeddings, every input/output block, init_attn, middle block)."""
+    modules = {"time_embed": unet.time_embed, "fps_embedding": getattr(unet, "fps_embedding", None),
+               "init_attn": getattr(unet, "init_attn", None), "middle_block": unet.middle_block}
+    modules.update({f"input_blocks.{i:02d}": b for i, b in enumerate(unet.input_blocks)})
+    modules.update({f"output_blocks.{i:02d}": b for i, b in enumerate(unet.output_blocks)})
+    return module_outputs(modules, lambda: unet(*args, **kwargs))
+
+
+def assert_conditioning_is_official(c, ref, k: str, dual_cfg: bool):
+    """Our `image_conditioning` output c against a reference case's (key prefix k) conditioning."""
+    assert_close_to_ref(c.cond, ref[k + "cond.c_crossattn"], name="cond")
+    assert_close_to_ref(c.uncond, ref[k + "uncond.c_crossattn"], name="uncond")
+    assert_close_to_ref(c.concat, ref[k + "cond.c_concat"], name="concat")
+    if dual_cfg:
+        assert_close_to_ref(c.uncond_img, ref[k + "uncond_img_nonetext.c_crossattn"], name="uncond_img")
 
 
 def assert_close_to_ref(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, name: str = ""):

@@ -42,6 +42,23 @@ def browser_page(comfy_server, tmp_path_factory):
             browser.close()
 
 
+def _queue_and_wait(page, comfy_server, timeout: float = 300) -> list:
+    """Queue the graph open in the UI (as the Run button does); the saved files once it succeeded."""
+    before = set(comfy_server.get_json("/history"))
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1) }")
+    deadline = time.monotonic() + timeout
+    entry = None
+    while time.monotonic() < deadline and entry is None:
+        hist = comfy_server.get_json("/history")
+        new = [k for k in hist if k not in before]
+        if new and hist[new[0]].get("status", {}).get("completed") is not None:
+            entry = hist[new[0]]
+        time.sleep(0.5)
+    assert entry is not None, "the queued workflow never finished"
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return [i for o in entry["outputs"].values() for i in o.get("images", [])]
+
+
 def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server, comfy_base, tmp_path):
     page, logs = browser_page
     schema = _Schema(comfy_server.object_info())
@@ -81,19 +98,7 @@ def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server
         page.get_by_text("DynamiCrafter DDIM Sampler", exact=False).first.wait_for(state="visible", timeout=20_000)
         page.keyboard.press("Escape")
 
-        before = set(comfy_server.get_json("/history"))
-        page.evaluate("async () => { await window.app.queuePrompt(0, 1) }")
-        deadline = time.monotonic() + 300
-        entry = None
-        while time.monotonic() < deadline and entry is None:
-            hist = comfy_server.get_json("/history")
-            new = [k for k in hist if k not in before]
-            if new and hist[new[0]].get("status", {}).get("completed") is not None:
-                entry = hist[new[0]]
-            time.sleep(0.5)
-        assert entry is not None, "the queued workflow never finished"
-        assert entry["status"]["status_str"] == "success", entry["status"]
-        files = [i for o in entry["outputs"].values() for i in o.get("images", [])]
+        files = _queue_and_wait(page, comfy_server)
         assert files and files[0]["filename"].startswith("browser_test") and files[0]["filename"].endswith(".mp4")
         # The UI shows the result: the SaveVideo node gets a video preview.
         page.wait_for_selector("video", state="attached", timeout=60_000)
@@ -156,3 +161,60 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
             assert view["x"] <= o["x"] and o["x"] + o["w"] <= view["x"] + view["w"] and \
                 view["y"] <= o["y"] and o["y"] + o["h"] <= view["y"] + view["h"], \
                 f"{path.name}: output node {o['type']} is outside the opening view {view}"
+
+
+def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, comfy_server):
+    """The Templates browser (Browse Templates) lists every bundled workflow under the pack, each
+    card showing its thumbnail: workflows/<name>.jpg fetched and drawn as the card's picture."""
+    from make_thumbnails import THUMB_SIZE
+    page, logs = browser_page
+    prefix = f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/"
+    fetched = {}
+    page.on("response", lambda r: fetched.__setitem__(r.url.split(prefix)[-1], r.status) if prefix in r.url else None)
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true) }")
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates') }")
+    page.get_by_text(comfy_runtime.PACK_NAME, exact=True).first.click(timeout=30_000)   # the pack's category
+    card_picture = """(name) => {
+        const title = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 &&
+                                                                  e.textContent.trim() === name);
+        let card = title;
+        while (card && !card.querySelector('img')) card = card.parentElement;
+        const img = card && card.querySelector('img');
+        return img && img.complete ? img.naturalWidth : 0; }"""
+    try:
+        for name in sorted(p.stem for p in WORKFLOWS.glob("*.json")):   # cards load their pictures as they scroll in
+            page.get_by_text(name, exact=True).first.scroll_into_view_if_needed(timeout=20_000)
+            page.wait_for_function(f"(name) => ({card_picture})(name) === {THUMB_SIZE[0]}", arg=name, timeout=20_000)
+            for _ in range(50):          # the response event may trail the drawn picture
+                if f"{name}.jpg" in fetched:
+                    break
+                page.wait_for_timeout(200)
+            assert fetched.get(f"{name}.jpg") == 200, (name, fetched)
+    except Exception:
+        keep = comfy_runtime.REPO_ROOT / ".pytest_cache" / "browser_templates_failure.png"
+        keep.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(keep))
+        print("\n".join(logs[-40:]))
+        raise
+    finally:
+        page.keyboard.press("Escape")
+
+
+def test_demo_template_runs_as_shipped_in_the_web_ui(browser_page, comfy_server, comfy_base):
+    """Every template that fits the bundled demo model runs unchanged: the demo preset, opened in
+    the web UI with the files its note names in place, queued as is, saves its video."""
+    page, logs = browser_page
+    demo = comfy_runtime.REPO_ROOT / "assets" / "demo" / "dynamicrafter_demo.safetensors"
+    if not demo.is_file():
+        pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
+    shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
+    shutil.copyfile(comfy_runtime.REPO_ROOT / "assets" / "example.png", comfy_base / "input" / "example.png")
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true) }")
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }",
+                  load_workflow(WORKFLOWS / "dynamicrafter_demo.json"))
+    files = _queue_and_wait(page, comfy_server)
+    assert [f["filename"] for f in files if f["filename"].startswith("dynamicrafter_demo")], files

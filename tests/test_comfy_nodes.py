@@ -14,7 +14,7 @@ import comfy_runtime
 
 REPO = comfy_runtime.REPO_ROOT
 sys.path.insert(0, str(REPO / "scripts"))
-from comfy_workflow import load_workflow, widget_layout  # noqa: E402
+from comfy_workflow import load_workflow, ui_to_api, widget_layout  # noqa: E402
 from run_workflow import prepare_prompt, video_outputs  # noqa: E402
 
 W, H, T, STEPS = 128, 64, 8, 3
@@ -120,6 +120,28 @@ def test_text_to_video_checkpoint_in_the_image_graph_names_the_right_template(co
     prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="vc2_tiny.safetensors")
     with pytest.raises(comfy_runtime.PromptFailed, match="text-to-video.*videocrafter_text_to_video"):
         comfy.run(prompt)
+
+
+def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
+    """workflows/dynamicrafter_demo.json unchanged (no widget touched), with the files its note
+    names copied where it says: the bundled demo model and assets/example.png."""
+    import shutil
+
+    import av
+    demo = comfy_runtime.REPO_ROOT / "assets" / "demo" / "dynamicrafter_demo.safetensors"
+    if not demo.is_file():
+        pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
+    shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
+    shutil.copyfile(comfy_runtime.REPO_ROOT / "assets" / "example.png", comfy.input_dir / "example.png")
+    wf = load_workflow(WORKFLOWS / "dynamicrafter_demo.json")
+    import yaml
+    trained = yaml.safe_load((comfy_runtime.REPO_ROOT / "training" / "configs" / "demo_stage3.yaml").read_text())
+    video = run_and_get_video(comfy, ui_to_api(wf, comfy.node_classes))
+    with av.open(str(video)) as f:
+        stream = f.streams.video[0]
+        frames = sum(1 for _ in f.decode(stream))
+    size = (stream.height, stream.width, frames)
+    assert size == tuple(trained["data"][k] for k in ("height", "width", "frames")), size   # its training size
 
 
 def test_text_to_image_then_animation_workflow_runs(comfy, comfy_base):
@@ -410,7 +432,7 @@ def test_error_size_not_multiple_of_64(comfy):
 @pytest.mark.parametrize("node,field,value,needle", [
     ("DynamiCrafterImageConditioning", "frames", 1, "frames"),
     ("DynamiCrafterImageConditioning", "fs", 0, "fs"),
-    ("DynamiCrafterDDIMSampler", "steps", 500, "steps"),
+    ("DynamiCrafterDDIMSampler", "steps", 1001, "steps"),
     ("DynamiCrafterDDIMSampler", "cfg_text", -1.0, "cfg_text"),
 ])
 def test_error_out_of_range_widgets_are_rejected_by_validation(comfy, node, field, value, needle):
@@ -420,6 +442,21 @@ def test_error_out_of_range_widgets_are_rejected_by_validation(comfy, node, fiel
             n["inputs"][field] = value
     msg = _error_of(comfy, prompt)
     assert needle in msg and ("smaller than min" in msg or "bigger than max" in msg), msg
+
+
+def test_steps_limit_is_the_library_contract_with_the_spacing_rule(comfy):
+    """The node takes the library's 1..1000 steps; a count the spacing does not define (61 with
+    uniform_trailing) is the library's error naming the counts that work."""
+    from dynamicrafter.contract import STEPS
+    from nodes_pack_access import pack
+    steps = next(i for i in pack("sampler").DynamiCrafterDDIMSampler.define_schema().inputs if i.id == "steps")
+    assert steps.max == STEPS[1]
+    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterDDIMSampler":
+            n["inputs"].update(steps=61, spacing="uniform_trailing")
+    msg = _error_of(comfy, prompt)
+    assert "'uniform_trailing' spacing is not defined for 61 steps" in msg and "use 60 or 62 steps" in msg, msg
 
 
 def test_error_interpolation_without_end_image(comfy):

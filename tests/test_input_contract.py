@@ -65,6 +65,8 @@ ROWS = [
     (animate(frames=100, window=8, window_overlap=8), "window_overlap must be an integer in 0..7"),
     (animate(frames=100, window=8, window_schedule="loop"), "window_schedule must be one of ['uniform', 'looped']"),
     (animate(steps=0), "steps must be an integer in 1..1000, got 0"),
+    (animate(steps=61, spacing="uniform_trailing"), "'uniform_trailing' spacing is not defined for 61 steps (the "
+                                                    "official code yields a timestep of -1): use 60 or 62 steps"),
     (animate(fs=0), "fs must be an integer in 1..1000 (this model was trained on 5..30), got 0"),
     (animate(height=100), "height must be a multiple of 64 in 64..4096 for this UNet, got 100 (nearest: 128)"),
     (animate(width=0), "width must be an integer in 64..4096 and a multiple of 64, got 0"),
@@ -87,6 +89,8 @@ ROWS = [
     (conditioning(images=IMG + 255), "images must be in [-1, 1], got values in [255, 255]"),
     # sample_ddim
     (sample(steps=0), "steps must be an integer in 1..1000, got 0"),
+    (sample(steps=122), "'uniform_trailing' spacing is not defined for 122 steps (the official code yields a "
+                        "timestep of -1): use 120 or 123 steps (every count up to 60 works), or spacing 'uniform'"),
     (sample(cfg_img=float("nan")), "cfg_img must be a finite number in [0.0, 100.0] or None, got nan"),
     (sample(fs=0), "fs must be an integer in 1..1000"),
     (sample(fs=torch.tensor([2.5])), "fs must be integers in 1..1000, one or one per batch item"),

@@ -8,15 +8,9 @@ from dynamicrafter.sampling import image_only_context
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    dc = dynamicrafter.DynamiCrafter(dynamicrafter.tiny_config(frames=4)).eval()
-    with torch.no_grad():
-        for p in dc.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    g = torch.Generator().manual_seed(1)
-    ctx = [torch.randn(1, 77 + 64, 64, generator=g) for _ in range(2)]
-    return dc, torch.randn(1, 4, 4, 8, 8, generator=g), torch.randn(1, 4, 4, 8, 8, generator=g), ctx
+def tiny(tiny_random):
+    dc, x_T, concat, cond, uncond = tiny_random
+    return dc, x_T, concat, (cond, uncond)
 
 
 def test_eta_one_on_zero_snr_is_finite_and_noise_is_used(tiny):

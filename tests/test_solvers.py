@@ -9,7 +9,6 @@ import torch
 
 import dynamicrafter
 from dynamicrafter.solvers import noise_levels, sample, unipc_coefficients
-from dynamicrafter.step_cache import unet_forward
 
 # stated in the README's Speed section: latent PSNR to 50-step DDIM of DPM-Solver++ 2M / UniPC in
 # 15 steps on the tiny reference model (measured 41.5 dB; DDIM in 15 steps: 37.4 dB)
@@ -17,16 +16,9 @@ LATENT_PSNR_DB = 39.0
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    dc = dynamicrafter.DynamiCrafter(dynamicrafter.tiny_config(frames=4)).eval()
-    with torch.no_grad():
-        for p in dc.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    g = torch.Generator().manual_seed(1)
-    cond, uncond = [torch.randn(1, 77 + 64, 64, generator=g) for _ in range(2)]
-    kw = dict(concat=torch.randn(1, 4, 4, 8, 8, generator=g), fs=24, cfg_text=7.5, cfg_img=1.5, guidance_rescale=0.7)
-    return dc, torch.randn(1, 4, 4, 8, 8, generator=g), cond, uncond, kw
+def tiny(tiny_random):
+    dc, x_T, concat, cond, uncond = tiny_random
+    return dc, x_T, cond, uncond, dict(concat=concat, fs=24, cfg_text=7.5, cfg_img=1.5, guidance_rescale=0.7)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +96,8 @@ def test_cached_unet_forward_equals_the_unet(tiny):
     with torch.no_grad():
         ref = dc.unet(x, t, ctx, fs)
         for depth in (0, 1):
-            full, deep = unet_forward(dc.unet, x, t, ctx, fs, depth=depth)
-            reused, _ = unet_forward(dc.unet, x, t, ctx, fs, depth=depth, deep=deep)
+            full, deep = dc.unet.forward_cut(x, t, ctx, fs, depth=depth)
+            reused, _ = dc.unet.forward_cut(x, t, ctx, fs, depth=depth, deep=deep)
             assert torch.equal(full, ref)
             assert torch.equal(reused, ref)       # same step: reusing its own deep features changes nothing
 
