@@ -14,10 +14,10 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
-from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number
+from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 
 from .comfy_model import require_dynamicrafter_model
-from .inputs import CATEGORY, MAX_STEPS, sampler_inputs
+from .inputs import CATEGORY, sampler_inputs
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
 
@@ -79,10 +79,9 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
              context_overlap: int = 4, context_schedule: str = "uniform"):
     """context_window 0 = one UNet pass over all frames; W > 0: context windows (library `window`)."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
     if spacing == "auto":
         spacing = inner.variant.get("spacing", "uniform_trailing")
+    check_steps(steps, spacing)
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
     samples = latent["samples"]
     if x_T is None:
