@@ -32,8 +32,8 @@ DEFAULT_CHUNK = 2           # frames per per-frame operation in the memory-lean 
 NO_REFERENCES_WARNING = (
     "ToonCrafter decode without references: decoding as the official decoder does when it is given none "
     "(no look-back at the keyframes, less faithful detail). Pass the start/end images' references "
-    "(dc.encode_references(start, end); in ComfyUI the latent of 'DynamiCrafter Image Conditioning' in "
-    "interpolation mode, decoded by 'DynamiCrafter Video Decode').")
+    "(dc.encode_references(start, end); in ComfyUI the latent of the image-conditioning node, 'Animate Image "
+    "to Video / Interpolation (DynamiCrafter)', in interpolation mode, decoded by 'DynamiCrafter Video Decode').")
 
 
 # ----------------------------------------------------------------------------- clip-wide helpers

@@ -134,7 +134,7 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
             xc = torch.cat([xc, comfy.model_management.cast_to_device(c_concat, xc.device, xc.dtype)], dim=1)
         elif self.needs_concat:
             raise ValueError("This DynamiCrafter model needs the image latent: feed the sampler the positive/"
-                             "negative outputs of 'DynamiCrafter Image Conditioning'")
+                             "negative outputs of 'Animate Image to Video / Interpolation (DynamiCrafter)'")
         dtype = self.manual_cast_dtype or self.get_dtype()
         timestep = self.model_sampling.timestep(t).float()
         context = None if c_crossattn is None else comfy.model_management.cast_to_device(c_crossattn, xc.device, dtype)

@@ -40,7 +40,8 @@ def prepare_inputs(inner, positive, negative, latent):
     samples = latent["samples"]
     if samples.ndim != 5:
         raise ValueError(f"the latent must be a video latent (b, 4, T, h, w); got {tuple(samples.shape)}: use the "
-                         f"LATENT of 'DynamiCrafter Image Conditioning' or 'DynamiCrafter Empty Video Latent'")
+                         "LATENT of 'Animate Image to Video / Interpolation (DynamiCrafter)' or 'VideoCrafter Text "
+                         "to Video (DynamiCrafter)'")
     b = samples.shape[0]
     ptext, pext = _first_cond(positive, "positive")
     ntext, next_ = _first_cond(negative, "negative")
@@ -57,7 +58,7 @@ def prepare_inputs(inner, positive, negative, latent):
     if inner.needs_concat:
         if concat is None:
             raise ValueError("this image-to-video model needs the image latent: connect positive/negative from "
-                             "'DynamiCrafter Image Conditioning'")
+                             "'Animate Image to Video / Interpolation (DynamiCrafter)'")
         if tuple(concat.shape[2:]) != tuple(samples.shape[2:]):
             raise ValueError(f"image latent {tuple(concat.shape)} and latent {tuple(samples.shape)} differ in "
                              f"frames/size: use the LATENT from the same conditioning node")

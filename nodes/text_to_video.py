@@ -15,7 +15,7 @@ class DynamiCrafterTextToVideoLatent(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DynamiCrafterTextToVideoLatent",
-            display_name="DynamiCrafter Text-to-Video Latent (VideoCrafter)",
+            display_name="VideoCrafter Text to Video (DynamiCrafter)",
             category=CATEGORY,
             description="Text to video with a VideoCrafter model: adds the fps conditioning to the prompts and "
                         "makes an empty (b, 4, T, h, w) video latent.",
