@@ -291,7 +291,7 @@ def test_converted_file_pages_are_given_back_and_the_file_still_reads(tmp_path):
         pages = MappedPages()
         touched = _rss_mib()
         half = source.half()                       # reads every page of the file
-        assert _rss_mib() - touched > 80           # 64 MiB of file pages + 32 MiB of fp16
+        assert _rss_mib() - touched > 56           # the 64 MiB of file pages (the fp16 copy may reuse freed memory)
         before = _rss_mib()
         pages.release(source)
         pages.release(anonymous)
