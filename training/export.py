@@ -21,12 +21,10 @@ import torch
 from dynamicrafter.config import DTYPES
 from training import checkpoint as ck
 from training.config import TrainConfig
-from training.modeling import export_safetensors
+from training.modeling import build_model, export_safetensors
 
 
 def model_from_checkpoint(state: dict, use_ema: bool = True):
-    from training.train import build_model
-
     cfg = TrainConfig.from_dict(json.loads(state["config"]))
     dc = build_model(cfg)
     params = dict(dc.named_parameters())
