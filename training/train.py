@@ -2,7 +2,7 @@
 
 Single process, or ``torchrun --nproc_per_node=N -m training.train CONFIG`` (DDP, or FSDP
 with run.distributed=fsdp). A run directory holds everything: the resolved config,
-``log.jsonl``, TensorBoard events, ``checkpoints/step_*.pt`` (atomic, keep-last-K), sample
+``log.jsonl``, TensorBoard events, ``checkpoints/step_*/`` (sharded, atomic, keep-last-K), sample
 videos and the exported ``model.safetensors``. Starting again with the same run_dir resumes
 exactly from the newest complete checkpoint.
 """
@@ -62,7 +62,7 @@ def memory_estimate(dc, cfg: TrainConfig, world: int = 1) -> dict:
     state_bytes = 2 if cfg.optim.name == "adamw8bit" else 8
     est = {"trainable_params_M": round(train_n / 1e6, 1), "trainable_weights": train_b / shard / gb,
            "gradients": train_b / shard / gb, "optimizer_states": train_n * state_bytes / shard / gb,
-           "frozen_weights": frozen_b / gb, "ema": train_n * 4 / gb if cfg.run.ema_decay > 0 else 0.0}
+           "frozen_weights": frozen_b / gb, "ema": train_n * 4 / shard / gb if cfg.run.ema_decay > 0 else 0.0}
     est["total_static"] = sum(v for k, v in est.items() if k != "trainable_params_M")
     return {k: round(v, 3) for k, v in est.items()}
 
@@ -381,7 +381,7 @@ def resume(cfg: TrainConfig, env: Env, t: Trainee, allow_config_change: bool) ->
     if state is None:
         return 0
     check_resume(state, cfg, allow_config_change, env.is_main)
-    restore(state, t.named, t.opt, t.sched, t.ema, env.rank, env.world, cfg)
+    restore(state, cfg, env, t)
     if env.is_main:
         log.info("resumed from %s (step %d)", state["path"], state["step"])
     return state["step"]
@@ -534,7 +534,11 @@ def export(cfg: TrainConfig, env: Env, t: Trainee, step: int) -> tuple[Optional[
             if env.is_main:
                 export_lora(t.dc, path, r.lora, r.export_dtype, weights)
         elif r.distributed == "fsdp" and env.world > 1:
-            full = {k: _full(v) for k, v in t.dc.state_dict().items()}    # collective: every rank gathers
+            full = {}
+            for k, v in t.dc.state_dict().items():    # collective: every rank gathers, rank 0 keeps a CPU copy
+                v = v.full_tensor() if hasattr(v, "full_tensor") else v
+                if env.is_main:
+                    full[k] = v.detach().cpu().clone()
             if env.is_main:
                 export_safetensors(plain_copy(t.dc.cfg, full), path, r.export_dtype, weights)
         elif env.is_main:
@@ -558,7 +562,7 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
             os.kill(os.getpid(), signal.SIGKILL)
         logger.step(step, loss, t.sched.get_last_lr()[0])   # log.jsonl, TensorBoard, progress bar
         if step % r.save_every == 0 or step == r.max_steps:
-            save(cfg, t.dc, t.named, t.opt, t.sched, t.ema, step, env.rank, env.world)   # atomic checkpoint
+            save(cfg, env, t, step)                         # sharded, atomic checkpoint
         evaluate(cfg, env, t, data, step, logger)           # samples and validation loss, when due
     path, weights = export(cfg, env, t, step)               # model.safetensors / lora.safetensors
     logger.close()
@@ -566,13 +570,6 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
         dist.barrier()
     return {"step": step, "loss": loss, "export": path, "weights": weights if path else None,
             "model": t.dc, "trainable": [n for n, _ in t.named]}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor of a parameter/state, gathering FSDP shards (DTensor) first."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().cpu().clone()
 
 
 def plain_copy(model_cfg, state: dict):
@@ -584,79 +581,98 @@ def plain_copy(model_cfg, state: dict):
     return m
 
 
-def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
+# --------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_tensors(t: Trainee) -> dict:
+    """What a checkpoint shards, flat: ``trainable/<name>``, ``optim/<name>/<state key>`` (the
+    tensors of each parameter's optimizer state) and ``ema/<name>``. Under FSDP each is this
+    process's shard (a DTensor); otherwise the whole tensor, which every process holds alike."""
+    out = {f"trainable/{n}": p.detach() for n, p in t.named}
+    for n, p in t.named:
+        for k, v in t.opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"optim/{n}/{k}"] = v
+    if t.ema is not None:
+        out.update({f"ema/{n}": v for n, v in t.ema.shadow.items()})
+    return out
+
+
+def optimizer_layout(t: Trainee) -> dict:
+    """Per parameter, what its optimizer state holds, so a resume can allocate the state before
+    reading its shards: tensors by shape and dtype ("like_param": shaped, so sharded, like the
+    parameter), other values as they are."""
+    layout = {}
+    for n, p in t.named:
+        entry = {}
+        for k, v in t.opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                entry[k] = {"like_param": v.ndim > 0 and tuple(v.shape) == tuple(p.shape), "shape": list(v.shape),
+                            "dtype": str(v.dtype).removeprefix("torch."), "on_cpu": v.device.type == "cpu"}
+            else:
+                entry[k] = {"value": v}
+        layout[n] = entry
+    return layout
+
+
+def save(cfg: TrainConfig, env: Env, t: Trainee, step: int) -> None:
+    """Collective: each process writes its own shards (ck.save_sharded); rank 0 the rest."""
     r = cfg.run
-    trainable = {n: _full(p) for n, p in named}
-    opt_state = opt.state_dict()
-    opt_state["state"] = {i: {k: (_full(v) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                          for i, s in opt_state["state"].items()}
-    ema_state = None
-    if ema is not None:   # gathered on every rank (a collective under FSDP)
-        ema_state = {"decay": ema.decay, "num_updates": ema.num_updates,
-                     "shadow": {n: _full(v) for n, v in ema.shadow.items()}}
-    rngs = [None] * world
-    if world > 1:
+    rngs = [None] * env.world
+    if env.world > 1:
         dist.all_gather_object(rngs, ck.rng_state())
     else:
         rngs = [ck.rng_state()]
-    if rank == 0:
-        state = {"step": step, "samples_seen": step * r.global_batch, "global_batch": r.global_batch,
-                 "stage": r.stage, "trainable": trainable, "optimizer": opt_state, "scheduler": sched.state_dict(),
-                 "ema": ema_state, "rng": rngs,
-                 "config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dc.cfg.to_dict())}
-        ck.atomic_save(state, ck.checkpoint_path(r.run_dir, step), step=step)
+    meta = {"step": step, "samples_seen": step * r.global_batch, "global_batch": r.global_batch, "stage": r.stage,
+            "trainable": [n for n, _ in t.named], "scheduler": t.sched.state_dict(),
+            "optimizer": {"param_groups": t.opt.state_dict()["param_groups"], "layout": optimizer_layout(t)},
+            "ema": None if t.ema is None else {"decay": t.ema.decay, "num_updates": t.ema.num_updates},
+            "rng": rngs, "world_size": env.world,
+            "config": json.dumps(cfg.to_dict()), "model_config": json.dumps(t.dc.cfg.to_dict())}
+    ck.save_sharded(checkpoint_tensors(t), meta, r.run_dir, step, env.rank,
+                    barrier=dist.barrier if env.world > 1 else None)
+    if env.is_main:
         ck.prune(r.run_dir, r.keep_last)
-    if world > 1:
-        dist.barrier()
 
 
-def restore(state, named, opt, sched, ema, rank, world, cfg: TrainConfig) -> None:
-    stored = state["trainable"]
-    names = [n for n, _ in named]
-    if set(stored) != set(names):
-        raise ck.ResumeError(f"{state['path']} trained a different parameter set ({len(stored)} tensors vs {len(names)}); "
-                         "the stage or train_all setting changed. Use a new run_dir for a new stage.")
-    with torch.no_grad():
-        for n, p in named:
-            src = stored[n]
-            if hasattr(p, "full_tensor"):   # FSDP shard: take this rank's slice
-                from torch.distributed.tensor import distribute_tensor
-                src = distribute_tensor(src.to(p.dtype), p.device_mesh, p.placements)
-                p.copy_(src)
-            else:
-                p.copy_(src.to(p.device, p.dtype))
-    opt_state = state["optimizer"]
-    params = [p for _, p in named]
-    for i, s in opt_state["state"].items():
-        p = params[int(i)]
-        for k, v in list(s.items()):
-            if isinstance(v, torch.Tensor) and hasattr(p, "full_tensor") and v.shape == p.shape:
-                from torch.distributed.tensor import distribute_tensor
-                s[k] = distribute_tensor(v, p.device_mesh, p.placements)
-    opt.load_state_dict(opt_state)
-    sched.load_state_dict(state["scheduler"])
+def restore(meta: dict, cfg: TrainConfig, env: Env, t: Trainee) -> None:
+    """Collective: the checkpoint's shards into this process's parameters, optimizer and EMA
+    (allocated as this run holds them, so another world size reshards), then the rest."""
+    names = [n for n, _ in t.named]
+    if set(meta["trainable"]) != set(names):
+        raise ck.ResumeError(f"{meta['path']} trained a different parameter set ({len(meta['trainable'])} tensors vs "
+                             f"{len(names)}); the stage or train_all setting changed. Use a new run_dir for a new stage.")
+    if t.ema is not None and meta["ema"] is None:
+        raise ck.ResumeError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
+    targets = {f"trainable/{n}": p.detach() for n, p in t.named}
+    opt_state = {}
+    for i, (n, p) in enumerate(t.named):
+        state = {}
+        for k, spec in meta["optimizer"]["layout"].get(n, {}).items():
+            if "value" in spec:
+                state[k] = spec["value"]
+                continue
+            dtype = getattr(torch, spec["dtype"])
+            state[k] = targets[f"optim/{n}/{k}"] = (
+                torch.zeros_like(p.detach(), dtype=dtype) if spec["like_param"]
+                else torch.zeros(spec["shape"], dtype=dtype, device="cpu" if spec["on_cpu"] else p.device))
+        if state:
+            opt_state[i] = state
+    if t.ema is not None:
+        targets.update({f"ema/{n}": v for n, v in t.ema.shadow.items()})
+    ck.load_sharded(meta["path"], targets)
+    t.opt.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    t.sched.load_state_dict(meta["scheduler"])
     # the optimizer and scheduler states carry the old hyperparameters: the config's rule
     o = cfg.optim
-    sched.base_lrs = [o.lr] * len(opt.param_groups)
-    for g in opt.param_groups:
-        g.update(initial_lr=o.lr, lr=o.lr * lr_factor(state["step"], cfg), betas=tuple(o.betas), eps=o.eps,
+    t.sched.base_lrs = [o.lr] * len(t.opt.param_groups)
+    for g in t.opt.param_groups:
+        g.update(initial_lr=o.lr, lr=o.lr * lr_factor(meta["step"], cfg), betas=tuple(o.betas), eps=o.eps,
                  weight_decay=o.weight_decay)
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
-    if ema is not None:
-        if state["ema"] is None:
-            raise ck.ResumeError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
-        shadow = {}
-        for n, v in state["ema"]["shadow"].items():
-            target = ema.shadow[n]
-            if hasattr(target, "full_tensor"):
-                from torch.distributed.tensor import distribute_tensor
-                v = distribute_tensor(v.to(target.dtype), target.device_mesh, target.placements)
-            shadow[n] = v
-        # checkpoints from before the EMA warm-up: it had run one update per step
-        ema.load_state_dict({"decay": state["ema"]["decay"], "shadow": shadow,
-                             "num_updates": state["ema"].get("num_updates", state["step"])})
-    rngs = state["rng"]
-    ck.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    t.sched._last_lr = [g["lr"] for g in t.opt.param_groups]
+    if t.ema is not None:
+        t.ema.decay, t.ema.num_updates = meta["ema"]["decay"], int(meta["ema"]["num_updates"])
+    rngs = meta["rng"]
+    ck.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
 
 
 def main(argv=None) -> None:
