@@ -91,6 +91,10 @@ def test_two_process_torchrun_equals_single_process(tmp_path, data):
     la = [json.loads(x)["loss"] for x in open(one / "log.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(two / "log.jsonl")]
     assert la == pytest.approx(lb, rel=1e-5)
+    # DDP: the two processes hold the same tensors, and the checkpoint stores them once
+    step3 = [ck.checkpoint_path(str(d), 3) for d in (one, two)]
+    size = [sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".distcp")) for d in step3]
+    assert len([f for f in os.listdir(step3[1]) if f.endswith(".distcp")]) == 2 and size[1] < 1.2 * size[0], size
     # the two runs really trained (weights differ from the start)
     from training.modeling import build_tiny
     import yaml
