@@ -486,7 +486,8 @@ class Logger:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", clips_per_s=f"{rate:.2f}")
         if step % r.log_every == 0 or step == r.max_steps:
             now = time.time()
-            rec = {"step": step, "loss": loss, "lr": lr, "samples_per_s": self.window_samples / max(now - self.window_t, 1e-9),
+            rec = {"step": step, "loss": loss, "lr": lr,
+                   "samples_per_s": self.window_samples / max(now - self.window_t, 1e-9),
                    "samples_seen": step * r.global_batch, "time": now}
             self.write(rec, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rec["samples_per_s"]})
             self.window_t, self.window_samples = now, 0
@@ -639,8 +640,9 @@ def restore(meta: dict, cfg: TrainConfig, env: Env, t: Trainee) -> None:
     (allocated as this run holds them, so another world size reshards), then the rest."""
     names = [n for n, _ in t.named]
     if set(meta["trainable"]) != set(names):
-        raise ck.ResumeError(f"{meta['path']} trained a different parameter set ({len(meta['trainable'])} tensors vs "
-                             f"{len(names)}); the stage or train_all setting changed. Use a new run_dir for a new stage.")
+        raise ck.ResumeError(f"{meta['path']} trained a different parameter set ({len(meta['trainable'])} tensors "
+                             f"vs {len(names)}); the stage or train_all setting changed. Use a new run_dir for a new "
+                             "stage.")
     if t.ema is not None and meta["ema"] is None:
         raise ck.ResumeError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
     targets = {f"trainable/{n}": p.detach() for n, p in t.named}
