@@ -108,8 +108,8 @@ def atomic_save(obj, path: str, step: Optional[int] = None) -> None:
 def save_sharded(tensors: dict, meta: dict, run_dir: str, step: int, rank: int, barrier=None) -> str:
     """Collective: every process passes its own `tensors` (flat name -> tensor or DTensor shard)
     and they are written into the step's folder, one file per process; rank 0's `meta` goes
-    beside them and the folder is renamed into place only when complete. `barrier` (every
-    process) runs before the rename is relied on; returns the checkpoint's path."""
+    beside them and the folder is renamed into place only when complete. `barrier` (under
+    torchrun) holds every process until rank 0 has renamed it. Returns the checkpoint's path."""
     import torch.distributed.checkpoint as dcp
 
     final = checkpoint_path(run_dir, step)
