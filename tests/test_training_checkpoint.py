@@ -54,25 +54,45 @@ def test_config_needs_a_model_and_data():
         load_config(None, ["model.tiny=true"])
 
 
-def test_atomic_save_keep_last_and_latest(tmp_path):
+def _save(run, step, tensors):
+    return ck.save_sharded(tensors, {"step": step}, run, step, rank=0)
+
+
+def test_sharded_store_keep_last_and_latest(tmp_path):
     run = str(tmp_path)
     for step in (2, 4, 6, 8):
-        ck.atomic_save({"step": step, "w": torch.full((3,), float(step))}, ck.checkpoint_path(run, step))
+        _save(run, step, {"trainable/w": torch.full((3,), float(step)), "optim/w/step": torch.tensor(float(step))})
         ck.prune(run, keep_last=2)
     assert [s for s, _ in ck.list_checkpoints(run)] == [6, 8]
-    assert ck.load_latest(run)["w"].tolist() == [8.0] * 3
-    # a truncated newest file (e.g. disk full at rename time on an odd filesystem) falls back to the older one
-    with open(ck.checkpoint_path(run, 10), "wb") as fh:
+    latest = ck.load_latest(run)
+    assert latest["step"] == 8 and latest["path"] == ck.checkpoint_path(run, 8)
+    assert sorted(os.listdir(latest["path"])) == [".metadata", "__0_0.distcp", ck.META]
+    full = ck.read_all(latest["path"])
+    assert full["trainable/w"].tolist() == [8.0] * 3 and float(full["optim/w/step"]) == 8.0
+    assert ck.read_all(latest["path"], prefix="optim/").keys() == {"optim/w/step"}
+    target = {"trainable/w": torch.zeros(3)}           # load fills the caller's tensors in place
+    ck.load_sharded(latest["path"], target)
+    assert target["trainable/w"].tolist() == [8.0] * 3
+    # a newest checkpoint whose meta.pt is truncated (e.g. disk full on an odd filesystem) falls back
+    path10 = _save(run, 10, {"trainable/w": torch.ones(3)})
+    with open(os.path.join(path10, ck.META), "wb") as fh:
         fh.write(b"PK\x03\x04 truncated")
     assert ck.load_latest(run)["step"] == 8
     # temporaries are never listed and are cleaned up
-    open(ck.checkpoint_path(run, 12) + ck.TMP_MARK + "999", "wb").write(b"partial")
+    os.makedirs(ck.checkpoint_path(run, 12) + ck.TMP_MARK + "save")
     assert 12 not in [s for s, _ in ck.list_checkpoints(run)]
-    assert ck.remove_stale_temporaries(run) == ["step_00000012.pt" + ck.TMP_MARK + "999"]
+    assert ck.remove_stale_temporaries(run) == ["step_00000012" + ck.TMP_MARK + "save"]
+
+
+def test_single_file_checkpoints_of_the_old_format_are_refused_with_a_message(tmp_path):
+    os.makedirs(ck.checkpoint_dir(str(tmp_path)))
+    torch.save({"step": 2}, os.path.join(ck.checkpoint_dir(str(tmp_path)), "step_00000002.pt"))
+    with pytest.raises(ck.ResumeError, match="older version.*new run.run_dir"):
+        ck.load_latest(str(tmp_path))
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    path = ck.checkpoint_path(str(tmp_path), 3)
+    path = str(tmp_path / "meta" / ck.META)
 
     class Boom:
         def __reduce__(self):
@@ -88,8 +108,8 @@ def test_sigkill_during_save_never_leaves_a_loadable_partial(tmp_path):
     code = textwrap.dedent(f"""
         import torch
         from training import checkpoint as ck
-        ck.atomic_save({{"step": 1, "w": torch.ones(1000)}}, ck.checkpoint_path({run!r}, 1), step=1)
-        ck.atomic_save({{"step": 2, "w": torch.ones(100000) * 2}}, ck.checkpoint_path({run!r}, 2), step=2)
+        ck.save_sharded({{"trainable/w": torch.ones(1000)}}, {{"step": 1}}, {run!r}, 1, rank=0)
+        ck.save_sharded({{"trainable/w": torch.ones(100000) * 2}}, {{"step": 2}}, {run!r}, 2, rank=0)
         print("not reached")
     """)
     env = dict(os.environ, DCTRAIN_FAULT="kill_in_save:2")
@@ -97,12 +117,13 @@ def test_sigkill_during_save_never_leaves_a_loadable_partial(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert p.returncode == -9, p.stderr
     names = sorted(os.listdir(ck.checkpoint_dir(run)))
-    assert names[0] == "step_00000001.pt" and len(names) == 2 and ck.TMP_MARK in names[1]
-    assert os.path.getsize(os.path.join(ck.checkpoint_dir(run), names[1])) > 0   # the half-written file exists
+    assert names == ["step_00000001", "step_00000002" + ck.TMP_MARK + "save"]
+    partial = os.path.join(ck.checkpoint_dir(run), names[1])
+    assert os.path.getsize(os.path.join(partial, "__0_0.distcp")) > 100000   # the shard was written
     latest = ck.load_latest(run)
-    assert latest["step"] == 1
+    assert latest["step"] == 1 and ck.read_all(latest["path"])["trainable/w"].tolist() == [1.0] * 1000
     ck.remove_stale_temporaries(run)
-    assert os.listdir(ck.checkpoint_dir(run)) == ["step_00000001.pt"]
+    assert os.listdir(ck.checkpoint_dir(run)) == ["step_00000001"]
 
 
 def test_rng_state_roundtrip_through_safe_load(tmp_path):
@@ -113,7 +134,7 @@ def test_rng_state_roundtrip_through_safe_load(tmp_path):
     a = (torch.rand(3), np.random.rand(3), random.random())
     path = str(tmp_path / "r.pt")
     ck.atomic_save({"rng": state}, path)
-    ck.set_rng_state(ck.load_checkpoint(path)["rng"])
+    ck.set_rng_state(torch.load(path, weights_only=True)["rng"])
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 

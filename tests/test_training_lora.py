@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     from training import synthetic
     from training.config import load_config
     from training.modeling import export_safetensors
-    from training.train import build_model
+    from training.modeling import build_model
 
     out = tmp_path_factory.mktemp("lora")
     csv = synthetic.generate_dataset(str(out / "data"), 4, height=32, width=32, frames=8, seed=2)

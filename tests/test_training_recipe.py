@@ -84,7 +84,7 @@ def test_ema_warms_up_so_a_short_finetune_moves_it():
 
 def test_resblock_dropout_is_configurable_and_official_by_default(clips):
     from dynamicrafter.unet import ResBlock
-    from training.train import build_model
+    from training.modeling import build_model
 
     def dropouts(*overrides):
         cfg = load_config(SMOKE, [f"data.csv={clips}", *overrides])
@@ -260,7 +260,8 @@ def test_resume_lists_changes_and_needs_permission_for_lr(tmp_path, clips):
 def test_validation_loss_is_fixed_across_runs(clips):
     from training.data import collate
     from training.stages import StageSettings
-    from training.train import build_model, validation_items, validation_loss
+    from training.modeling import build_model
+    from training.train import validation_items, validation_loss
     common = [f"data.csv={clips}", f"data.val_csv={clips}", "eval.val_every=1", "eval.val_clips=2",
               "eval.val_timesteps=[200, 800]", "run.stage=2", "run.micro_batch=1", "run.global_batch=2"]
     cfg = load_config(SMOKE, common)
@@ -290,7 +291,8 @@ def test_training_on_the_cache_equals_training_on_the_videos(tmp_path, clips):
     from training import checkpoint as ck
     from training.cache import Cache, CachedDataset
     from training.data import collate, shared_records
-    from training.train import build_model, run
+    from training.modeling import build_model
+    from training.train import run
 
     opts = ["run.stage=3", "run.global_batch=2", "run.micro_batch=2", "data.uncond_prob=0.3", "run.interp_prob=0.5"]
     # the same samples give the same loss from the cache as from the videos

@@ -171,46 +171,43 @@ def decode_frames(path: str, indices: list[int], stats: Optional[dict] = None) -
     import av
 
     wanted = sorted(set(indices))
-    got: dict[int, np.ndarray] = {}
-    decoded = 0
     with av.open(path) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
         tb = stream.time_base
         t0 = stream.start_time or 0
-        seekable = wanted[0] > 0 and tb is not None
-        if seekable:
+        got, decoded = None, 0
+        if wanted[0] > 0 and tb is not None:
             container.seek(t0 + int(wanted[0] / fps / tb), stream=stream, backward=True, any_frame=False)
-        for i, frame in enumerate(container.decode(stream)):
-            decoded += 1
-            if seekable:
-                if frame.pts is None or (decoded == 1 and round((frame.pts - t0) * tb * fps) > wanted[0]):
-                    seekable = False       # no usable timestamps here: count from the start instead
-                    container.seek(t0, stream=stream, backward=True, any_frame=False)
-                    return _decode_counting(container, stream, wanted, indices, stats, decoded)
-                i = round((frame.pts - t0) * tb * fps)
-            if i in got or i < wanted[0]:
-                continue
-            if i in wanted:
-                got[i] = frame.to_ndarray(format="rgb24")
-            if i >= wanted[-1]:
-                break
+            got, decoded = _collect(container.decode(stream), wanted,
+                                    lambda i, f: None if f.pts is None else round((f.pts - t0) * tb * fps))
+        if got is None:    # no usable timestamps, or the seek landed late: decode from the start, counting
+            if decoded:
+                container.seek(t0, stream=stream, backward=True, any_frame=False)
+            got, counted = _collect(container.decode(stream), wanted, lambda i, f: i)
+            decoded += counted
     if stats is not None:
         stats["decoded"] = decoded
     return _gather(got, wanted, indices)
 
 
-def _decode_counting(container, stream, wanted, indices, stats, decoded):
-    got = {}
-    for i, frame in enumerate(container.decode(stream)):
+def _collect(frames, wanted: list[int], number) -> tuple[Optional[dict], int]:
+    """({frame number: RGB array} for the sorted `wanted` numbers, frames decoded). `number(i,
+    frame)` says which frame the i-th decoded one is; None from it, or a first frame already past
+    wanted[0], gives None instead of the dict (the caller decodes another way)."""
+    got: dict[int, np.ndarray] = {}
+    want = set(wanted)
+    decoded = 0
+    for i, frame in enumerate(frames):
         decoded += 1
-        if i in wanted:
-            got[i] = frame.to_ndarray(format="rgb24")
-        if i >= wanted[-1]:
+        n = number(i, frame)
+        if n is None or (decoded == 1 and n > wanted[0]):
+            return None, decoded
+        if n in want and n not in got:
+            got[n] = frame.to_ndarray(format="rgb24")
+        if n >= wanted[-1]:
             break
-    if stats is not None:
-        stats["decoded"] = decoded
-    return _gather(got, wanted, indices)
+    return got, decoded
 
 
 def _gather(got, wanted, indices):

@@ -1,4 +1,4 @@
-"""Convert a training checkpoint to one .safetensors in the official key layout.
+"""Consolidate a sharded training checkpoint into one .safetensors in the official key layout.
 
     python -m training.export runs/stage3 --out my_model.safetensors [--step 1200] [--dtype fp16] [--no-ema]
 
@@ -6,39 +6,35 @@
 
 The model is rebuilt the way the run built it (its stored config: init checkpoint or tiny
 seed, stage preparation), then the checkpoint's trained tensors (EMA ones by default when the
-run kept an EMA) are put in, and the whole model is written with the library's writer, so
-`dynamicrafter.load_model` and the ComfyUI loader read it like any released file.
+run kept an EMA) are read from every process's shard file straight into it, in this one
+process and whatever the number of processes that wrote them, and the whole model is written
+with the library's writer, so `dynamicrafter.load_model` and the ComfyUI loader read it like
+any released file.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-
-import torch
 
 from dynamicrafter.config import DTYPES
 from training import checkpoint as ck
 from training.config import TrainConfig
-from training.modeling import export_safetensors
+from training.modeling import build_model, export_safetensors
 
 
-def model_from_checkpoint(state: dict, use_ema: bool = True):
-    from training.train import build_model
-
-    cfg = TrainConfig.from_dict(json.loads(state["config"]))
+def model_from_checkpoint(meta: dict, use_ema: bool = True):
+    """(model, run config) with the checkpoint's weights: `meta` from ck.load_latest/read_meta."""
+    cfg = TrainConfig.from_dict(json.loads(meta["config"]))
     dc = build_model(cfg)
     params = dict(dc.named_parameters())
-    source = state["trainable"]
-    if use_ema and state.get("ema") is not None:
-        source = state["ema"]["shadow"]
-    missing = [n for n in source if n not in params]
+    missing = [n for n in meta["trainable"] if n not in params]
     if missing:
         raise ValueError(f"checkpoint tensors not in the rebuilt model: {missing[:3]}")
-    with torch.no_grad():
-        for n, v in source.items():
-            params[n].copy_(v.to(params[n].dtype))
+    source = "ema" if use_ema and meta.get("ema") is not None else "trainable"
+    ck.load_sharded(meta["path"], {f"{source}/{n}": params[n].detach() for n in meta["trainable"]})
     return dc, cfg
 
 
@@ -52,15 +48,18 @@ def main(argv=None) -> str:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if a.step is None:
-        state = ck.load_latest(a.run_dir)
-        if state is None:
+        meta = ck.load_latest(a.run_dir)
+        if meta is None:
             raise SystemExit(f"no complete checkpoint in {ck.checkpoint_dir(a.run_dir)}")
     else:
-        state = ck.load_checkpoint(ck.checkpoint_path(a.run_dir, a.step))
-    dc, cfg = model_from_checkpoint(state, use_ema=not a.no_ema)
-    ema = state.get("ema") is not None and not a.no_ema
-    weights = (f"EMA weights (decay {state['ema']['decay']}) at step {state['step']}" if ema
-               else f"raw weights after {state['step']} steps")
+        path = ck.checkpoint_path(a.run_dir, a.step)
+        if not os.path.isdir(path):
+            raise SystemExit(f"no checkpoint {path}; complete ones: {[s for s, _ in ck.list_checkpoints(a.run_dir)]}")
+        meta = ck.read_meta(path)
+    dc, cfg = model_from_checkpoint(meta, use_ema=not a.no_ema)
+    ema = meta.get("ema") is not None and not a.no_ema
+    weights = (f"EMA weights (decay {meta['ema']['decay']}) at step {meta['step']}" if ema
+               else f"raw weights after {meta['step']} steps")
     if cfg.run.lora:      # a LoRA run exports its adapters (the lora_unet_* file), not the base model
         from training.lora import export_lora
         path = export_lora(dc, a.out, cfg.run.lora, a.dtype, weights)

@@ -1,5 +1,6 @@
 """Model set-up for training: initialisation (checkpoint, checkpoint + extras, VideoCrafter
-extended with the image stream, or a random tiny model), EMA, gradient checkpointing, export.
+extended with the image stream, or a random tiny model), `build_model` (what a run trains, for
+the driver and the exporter alike), EMA, gradient checkpointing, export.
 
 Always the library's `DynamiCrafter` (one implementation of the layers for inference and
 training); nothing here re-implements a layer.
@@ -19,6 +20,8 @@ import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict, read_state_dict
 from dynamicrafter.config import DTYPES, ModelConfig, ResamplerConfig, infer_config, tiny_config
 from dynamicrafter.model import DynamiCrafter
+from training.lora import add_lora
+from training.stages import prepare_model_for_stage
 
 log = logging.getLogger("training.modeling")
 
@@ -157,10 +160,27 @@ def _check_vae_groups(path: str, dc: DynamiCrafter) -> None:
                         f"{dc.cfg.vae.norm_groups}; set model.tiny_overrides.vae.norm_groups: {groups}")
 
 
-def sync_config(dc: DynamiCrafter) -> None:
-    """Keep dc.cfg in step with the UNet after growing its input conv."""
-    if dc.cfg.unet != dc.unet.cfg:
-        dc.cfg = dataclasses.replace(dc.cfg, unet=dc.unet.cfg)
+def build_model(cfg) -> DynamiCrafter:
+    """The model a run trains, from its config (`training.config.TrainConfig`): the init
+    checkpoint or the tiny seed, prepared for the stage (input conv grown for stage 3), ResBlock
+    dropout, LoRA adapters. The driver and `training.export` both build through here."""
+    r, m = cfg.run, cfg.model
+    if m.tiny:
+        overrides = {k: dict(v) for k, v in (m.tiny_overrides or {}).items()}
+        if m.variant:
+            overrides["variant"] = {**overrides.get("variant", {}), **m.variant}
+        dc = build_tiny(cfg.data.frames, r.seed, overrides)
+        if m.init_extra:
+            overlay_extras(dc, m.init_extra, tuple(m.init_extra_prefixes))
+    else:
+        dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=cfg.data.frames,
+                       image_kv_init=m.image_kv_init, extra_prefixes=tuple(m.init_extra_prefixes))
+    prepare_model_for_stage(dc, r.stage)
+    set_resblock_dropout(dc.unet, m.dropout)
+    cfg.check_sizes(8 * 2 ** (len(dc.unet.cfg.channel_mult) - 1))   # a .ckpt init is only known now
+    if r.lora:
+        add_lora(dc, r.lora)
+    return dc
 
 
 def cast_frozen(dc: DynamiCrafter, dtype: torch.dtype) -> None:
@@ -249,13 +269,10 @@ class EMA:
 
 # --------------------------------------------------------------------------- export
 
-
-
 def export_safetensors(dc: DynamiCrafter, path: str, dtype: str = "fp16", weights: str = "") -> str:
     """One .safetensors in the official key layout (what dynamicrafter.load_model and the
     ComfyUI loader read), written atomically by the library. `weights` says which weights
     these are (raw, or EMA with its decay); it is logged and stored as metadata."""
-    sync_config(dc)
     meta = {"training_weights": weights} if weights else None
     out = str(dynamicrafter.save_checkpoint(dc, path, dtype=DTYPES[dtype], metadata=meta))
     log.info("exported %s (%s, %s)", out, weights or "model weights", dtype)

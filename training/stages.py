@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamicrafter.config import QUERIES_PER_FRAME
-from dynamicrafter.unet import grow_input_channels, is_temporal_parameter
+from dynamicrafter.unet import is_temporal_parameter
 from dynamicrafter.vae import posterior_sample
 
 UNET = "model.diffusion_model."
@@ -85,7 +85,7 @@ def prepare_model_for_stage(dc, stage: int) -> None:
                          f"channels; this one has {cin} (a stage-3/DynamiCrafter checkpoint). Fine-tune it with "
                          "run.stage=3, or start stage {stage} from a text-to-image/text-to-video checkpoint.")
     if stage == 3 and cin == latent_c:
-        grow_input_channels(unet, 2 * latent_c)
+        dc.grow_input_channels(2 * latent_c)     # zero new weights; dc.cfg follows
     elif stage == 3 and cin != 2 * latent_c:
         raise StageError(f"stage 3 needs a UNet with {latent_c} or {2 * latent_c} input channels, not {cin}")
 

@@ -2,7 +2,7 @@
 
 Single process, or ``torchrun --nproc_per_node=N -m training.train CONFIG`` (DDP, or FSDP
 with run.distributed=fsdp). A run directory holds everything: the resolved config,
-``log.jsonl``, TensorBoard events, ``checkpoints/step_*.pt`` (atomic, keep-last-K), sample
+``log.jsonl``, TensorBoard events, ``checkpoints/step_*/`` (sharded, atomic, keep-last-K), sample
 videos and the exported ``model.safetensors``. Starting again with the same run_dir resumes
 exactly from the newest complete checkpoint.
 """
@@ -17,18 +17,19 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from training import checkpoint as ck
 from training.config import ConfigError, TrainConfig, config_changes, guarded, load_config
-from training.lora import add_lora, export_lora
+from training.lora import export_lora
 from training.data import DatasetError, StreamSampler, collate, make_dataset, shared_records
-from training.modeling import (DTYPES, EMA, InitError, build_tiny, cast_frozen, enable_gradient_checkpointing,
-                               export_safetensors, load_init, overlay_extras, set_resblock_dropout, sync_config)
-from training.stages import (StageError, StageSettings, apply_trainable, prepare_model_for_stage,
-                             sample_generator, stage_loss, trainable_names)
+from training.modeling import (DTYPES, EMA, InitError, build_model, cast_frozen, enable_gradient_checkpointing,
+                               export_safetensors)
+from training.stages import StageError, StageSettings, apply_trainable, sample_generator, stage_loss, trainable_names
 
 log = logging.getLogger("training")
 
@@ -61,7 +62,7 @@ def memory_estimate(dc, cfg: TrainConfig, world: int = 1) -> dict:
     state_bytes = 2 if cfg.optim.name == "adamw8bit" else 8
     est = {"trainable_params_M": round(train_n / 1e6, 1), "trainable_weights": train_b / shard / gb,
            "gradients": train_b / shard / gb, "optimizer_states": train_n * state_bytes / shard / gb,
-           "frozen_weights": frozen_b / gb, "ema": train_n * 4 / gb if cfg.run.ema_decay > 0 else 0.0}
+           "frozen_weights": frozen_b / gb, "ema": train_n * 4 / shard / gb if cfg.run.ema_decay > 0 else 0.0}
     est["total_static"] = sum(v for k, v in est.items() if k != "trainable_params_M")
     return {k: round(v, 3) for k, v in est.items()}
 
@@ -121,28 +122,6 @@ def all_mean(x: torch.Tensor, world: int) -> float:
     return float(x)
 
 
-def build_model(cfg: TrainConfig):
-    r, m = cfg.run, cfg.model
-    frames = cfg.data.frames
-    if m.tiny:
-        overrides = {k: dict(v) for k, v in (m.tiny_overrides or {}).items()}
-        if m.variant:
-            overrides["variant"] = {**overrides.get("variant", {}), **m.variant}
-        dc = build_tiny(frames, r.seed, overrides)
-        if m.init_extra:
-            overlay_extras(dc, m.init_extra, tuple(m.init_extra_prefixes))
-    else:
-        dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=frames, image_kv_init=m.image_kv_init,
-                       extra_prefixes=tuple(m.init_extra_prefixes))
-    prepare_model_for_stage(dc, r.stage)
-    sync_config(dc)
-    set_resblock_dropout(dc.unet, m.dropout)
-    cfg.check_sizes(8 * 2 ** (len(dc.unet.cfg.channel_mult) - 1))   # a .ckpt init is only known now
-    if r.lora:
-        add_lora(dc, r.lora)
-    return dc
-
-
 def names_to_train(dc, cfg: TrainConfig) -> list[str]:
     if cfg.run.lora:       # the adapters only: UNet, Resampler and encoders frozen
         return [n for n, _ in dc.named_parameters() if ".lora_" in n]
@@ -195,7 +174,8 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
     """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
     import dynamicrafter
     from dynamicrafter.video import load_image, save_video
-    from dynamicrafter.pipeline import cover_crop
+    from dynamicrafter.config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
+    from dynamicrafter.pipeline import cover_crop, image_conditioning
 
     e = cfg.eval
     out = []
@@ -208,21 +188,17 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
         else:
             img = dataset[i]["video"][:, 0][None]
         img = img.to(device)
-        text = dc.encode_text([prompt])
-        ctx_img = dc.image_context(dc.encode_clip_image(img))
-        un_text = dc.encode_text([""])
-        un_img = dc.image_context(dc.encode_clip_image(torch.zeros_like(img)))
-        if stage == 1:
-            ctx_img, un_img = ctx_img[:, :16], un_img[:, :16]
-        cond = torch.cat([text, ctx_img], 1)
-        uncond = torch.cat([un_text, un_img], 1)
+        # zero VAE noise: the concat latent is the posterior mean, so samples do not vary with it
+        n = max(frames, 2)     # (stage 1 samples stills and drops the concat)
+        c = image_conditioning(dc, img, [prompt], n, vae_noise=torch.zeros(n, 4, H // 8, W // 8, device=device))
+        cond, uncond, concat = c.cond, c.uncond, c.concat
+        if stage == 1:      # single frames: the first frame's image tokens, no concat
+            keep = TEXT_CONTEXT_LEN + QUERIES_PER_FRAME
+            cond, uncond = cond[:, :keep], uncond[:, :keep]
+        if stage != 3:
+            concat = None
         g = torch.Generator().manual_seed(e.seed + i)
-        c = dc.unet.cfg.out_channels
-        x_T = torch.randn(1, c, frames, H // 8, W // 8, generator=g).to(device)
-        concat = None
-        if stage == 3:
-            z = dc.encode_first_stage(img, sample=False)
-            concat = z[:, :, None].expand(-1, -1, frames, -1, -1)
+        x_T = torch.randn(1, dc.unet.cfg.out_channels, frames, H // 8, W // 8, generator=g).to(device)
         v = dc.variant
         sampler_model = _ImageOnly(dc) if stage == 1 else dc
         lat = dynamicrafter.sample_ddim(sampler_model, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],
@@ -297,86 +273,139 @@ def validation_loss(dc, items: list[dict], cfg: TrainConfig, autocast=contextlib
     return {"val_loss": sum(per_t.values()) / len(per_t), "val_loss_t": per_t}
 
 
-def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
+# --------------------------------------------------------------------------------- phases
+
+@dataclass
+class Env:
+    """Where this process runs: rank, world size, device, bf16 autocast or not."""
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    accum: int                 # micro-batches per optimizer step on each process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+
+@dataclass
+class Trainee:
+    """The model as trained: `model` is what the loop calls (TrainStep, maybe DDP-wrapped), `named`
+    the trainable (name, parameter) pairs after any FSDP sharding."""
+    dc: torch.nn.Module
+    model: torch.nn.Module
+    named: list
+    manual_sync: list          # parameters whose gradients we average ourselves (FSDP cannot shard 0-dim ones)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[EMA]
+
+    @property
+    def params(self) -> list:
+        return [p for _, p in self.named]
+
+
+def setup(cfg: TrainConfig) -> Env:
+    """Processes and device; rank 0 prepares the run directory."""
     r = cfg.run
     rank, world, device = setup_distributed(r.device)
-    is_main = rank == 0
-    accum = cfg.accumulation(world)
     os.makedirs(r.run_dir, exist_ok=True)
-    if is_main:
+    if rank == 0:
         ck.remove_stale_temporaries(r.run_dir)
         with open(os.path.join(r.run_dir, "config.json"), "w") as fh:
             json.dump(cfg.to_dict(), fh, indent=2)
+    return Env(rank, world, device, r.precision == "bf16", cfg.accumulation(world))
 
+
+def build_trainee(cfg: TrainConfig, env: Env) -> Trainee:
+    """Model, trainable set, DDP or FSDP wrapping, optimizer, LR schedule and EMA."""
+    r = cfg.run
     torch.manual_seed(r.seed)
     dc = build_model(cfg)
-    names = names_to_train(dc, cfg)
-    apply_trainable(dc, names)
-    dc.to(device)
+    apply_trainable(dc, names_to_train(dc, cfg))
+    dc.to(env.device)
     if cfg.model.frozen_dtype != "fp32":
         cast_frozen(dc, DTYPES[cfg.model.frozen_dtype])
     if r.grad_checkpointing:
         enable_gradient_checkpointing(dc.unet)
-    use_bf16 = r.precision == "bf16"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-
     settings = StageSettings(stage=r.stage, seed=r.seed, uncond_prob=cfg.data.uncond_prob,
                              cond_frame=r.cond_frame, interp_prob=r.interp_prob)
-    module = TrainStep(dc, settings, autocast)
-    manual_sync = []   # parameters whose gradients we average ourselves (FSDP cannot shard 0-dim ones)
-    if world > 1 and r.distributed == "fsdp":
-        import inspect
-        from torch.distributed.fsdp import fully_shard
-        unet = dc.unet
-        scalars = {p for p in unet.parameters() if p.ndim == 0}
-        manual_sync = [p for p in scalars if p.requires_grad]
-        kw = {"ignored_params": scalars} if scalars and "ignored_params" in inspect.signature(fully_shard).parameters else {}
-        if scalars and not kw:
-            raise RuntimeError("this torch's fully_shard cannot skip the 0-dim gate parameters; use run.distributed=ddp")
-        for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
-            fully_shard(block, **kw)
-        fully_shard(unet, **kw)
-        if dc.image_proj_model is not None:
-            fully_shard(dc.image_proj_model)
-        model = module     # the encoders stay whole (frozen, no gradients to share)
-    elif world > 1:
+    module = TrainStep(dc, settings, env.autocast)
+    manual_sync = []
+    if env.world > 1 and r.distributed == "fsdp":
+        model, manual_sync = module, shard_fsdp(dc)    # the encoders stay whole (frozen, no gradients to share)
+    elif env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            module, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False)
     else:
         model = module
-
-    # after any FSDP wrapping, which swaps the parameters for sharded ones
-    named = [(n, p) for n, p in dc.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in dc.named_parameters() if p.requires_grad]   # after FSDP swapped in its shards
     opt = make_optimizer([p for _, p in named], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     ema = EMA(named, r.ema_decay) if r.ema_decay > 0 else None
+    return Trainee(dc, model, named, manual_sync, opt, sched, ema)
 
-    step = 0
+
+def shard_fsdp(dc) -> list:
+    """FSDP2 over the UNet blocks, the UNet and the Resampler. Returns the 0-dim trainable
+    parameters (the gates), which FSDP leaves whole: their gradients are averaged by hand."""
+    import inspect
+    from torch.distributed.fsdp import fully_shard
+    unet = dc.unet
+    scalars = {p for p in unet.parameters() if p.ndim == 0}
+    kw = {"ignored_params": scalars} if scalars and "ignored_params" in inspect.signature(fully_shard).parameters else {}
+    if scalars and not kw:
+        raise RuntimeError("this torch's fully_shard cannot skip the 0-dim gate parameters; use run.distributed=ddp")
+    for block in list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks):
+        fully_shard(block, **kw)
+    fully_shard(unet, **kw)
+    if dc.image_proj_model is not None:
+        fully_shard(dc.image_proj_model)
+    return [p for p in scalars if p.requires_grad]
+
+
+def resume(cfg: TrainConfig, env: Env, t: Trainee, allow_config_change: bool) -> int:
+    """Restore the newest complete checkpoint (every process the same one); the step to start from."""
+    r = cfg.run
     state = ck.load_latest(r.run_dir)
-    if world > 1:   # every process must resume from the same checkpoint
-        found = [None] * world
+    if env.world > 1:
+        found = [None] * env.world
         dist.all_gather_object(found, None if state is None else state["step"])
         if len(set(found)) != 1:
             raise ck.ResumeError(f"processes see different checkpoints in {r.run_dir} (steps {found}): run_dir "
                                  "must be on a filesystem shared by every node")
-    if state is not None:
-        check_resume(state, cfg, allow_config_change, is_main)
-        restore(state, named, opt, sched, ema, rank, world, cfg)
-        step = state["step"]
-        if is_main:
-            log.info("resumed from %s (step %d)", state["path"], step)
-        del state
+    if state is None:
+        return 0
+    check_resume(state, cfg, allow_config_change, env.is_main)
+    restore(state, cfg, env, t)
+    if env.is_main:
+        log.info("resumed from %s (step %d)", state["path"], state["step"])
+    return state["step"]
 
+
+@dataclass
+class Data:
+    videos: torch.utils.data.Dataset   # decoded clips (eval samples take their first frames)
+    batches: Iterator                  # this process's micro-batches from the resume step on
+    val_items: list                    # held-out clips for the validation loss
+
+
+def make_data(cfg: TrainConfig, env: Env, dc, step: int) -> Data:
+    """The stream of micro-batches from `step` on (videos, or the latent cache), and the held-out clips."""
+    r = cfg.run
     frames = 1 if r.stage == 1 else cfg.data.frames
     tokens_for = dc.image_proj_model.cfg.video_length
-    if r.stage != 1 and frames != tokens_for and is_main:
+    if r.stage != 1 and frames != tokens_for and env.is_main:
         log.warning("data.frames=%d but the Resampler makes image tokens for %d frames: every frame will attend "
                     "to all image tokens instead of its own 16 (as the official model does at other lengths)",
                     frames, tokens_for)
     fs_meaning = cfg.data.fs_meaning or dc.variant.get("fs_meaning", "frame_stride")
-    records = shared_records(cfg.data.csv, cfg.data.video_dir, rank, broadcast_from_rank0 if world > 1 else None)
+    share = broadcast_from_rank0 if env.world > 1 else None
+    records = shared_records(cfg.data.csv, cfg.data.video_dir, env.rank, share)
     data_kw = dict(frames=frames, height=cfg.data.height, width=cfg.data.width, max_stride=cfg.data.max_stride,
                    fs_meaning=fs_meaning, fps_max=cfg.data.fps_max, seed=r.seed)
     dataset = videos = make_dataset(cfg.data.csv, records=records, **data_kw)
@@ -384,132 +413,164 @@ def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
         from training.cache import Cache, CachedDataset
         cache = Cache(cfg.data.cache_dir, dc, cfg.data.height, cfg.data.width)
         dc.eval()
-        built = cache.build(dc, records, rank, world)
-        if world > 1:
+        built = cache.build(dc, records, env.rank, env.world)
+        if env.world > 1:
             dist.barrier()
-        if is_main:
+        if env.is_main:
             log.info("cache %s: %d videos encoded now, %d listed", cache.dir, built, len(records))
         dataset = CachedDataset(records, cache, source=cfg.data.csv, **data_kw)
     val_items = []
     if cfg.eval.val_every:
-        val_records = shared_records(cfg.data.val_csv, cfg.data.video_dir, rank,
-                                     broadcast_from_rank0 if world > 1 else None)
-        val_items = validation_items(cfg, fs_meaning, val_records)
-    sampler = StreamSampler(r.micro_batch, accum, rank, world, start_step=step)
+        val_items = validation_items(cfg, fs_meaning, shared_records(cfg.data.val_csv, cfg.data.video_dir, env.rank,
+                                                                     share))
+    sampler = StreamSampler(r.micro_batch, env.accum, env.rank, env.world, start_step=step)
     loader = torch.utils.data.DataLoader(dataset, batch_size=r.micro_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
                                          persistent_workers=cfg.data.num_workers > 0)
-    batches = iter(loader)
+    return Data(videos, iter(loader), val_items)
 
-    jsonl = JsonlLog(os.path.join(r.run_dir, "log.jsonl"), step) if is_main else None
-    tb = make_tensorboard(r.run_dir, r.tensorboard) if is_main else None
-    bar = None
-    if is_main and r.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=r.max_steps, initial=step, desc=f"stage {r.stage}", dynamic_ncols=True)
-    if is_main:
-        n_train = sum(p.numel() for _, p in named)
-        log.info("stage %d: %d trainable tensors, %.2fM parameters; world %d, micro-batch %d, accumulation %d",
-                 r.stage, len(named), n_train / 1e6, world, r.micro_batch, accum)
-        log.info("static memory estimate per process: %s", json.dumps(memory_estimate(dc, cfg, world)))
 
-    train_mode(dc)
-    last_loss = float("nan")
-    window_t, window_samples = time.time(), 0
+def train_step(cfg: TrainConfig, env: Env, t: Trainee, batches: Iterator) -> float:
+    """One optimizer step over `accumulation` micro-batches; the loss averaged over all processes."""
+    accum = env.accum
+    loss_acc = torch.zeros((), device=env.device)
+    for a in range(accum):
+        batch = next(batches)
+        sync = contextlib.nullcontext()
+        if env.world > 1 and cfg.run.distributed == "ddp" and a < accum - 1:
+            sync = t.model.no_sync()
+        with sync:
+            loss = t.model(batch)
+            (loss / accum).backward()
+        loss_acc += loss.detach() / accum
+    for p in t.manual_sync:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= env.world
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(t.params, cfg.optim.grad_clip)
+    t.opt.step()
+    t.sched.step()
+    t.opt.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        t.ema.update()
+    return all_mean(loss_acc, env.world)
+
+
+class Logger:
+    """Rank 0's log.jsonl, TensorBoard and progress bar; a no-op on the other ranks."""
+
+    def __init__(self, cfg: TrainConfig, env: Env, t: Trainee, step: int):
+        r = cfg.run
+        self.cfg, self.on = cfg, env.is_main
+        self.jsonl = JsonlLog(os.path.join(r.run_dir, "log.jsonl"), step) if self.on else None
+        self.tb = make_tensorboard(r.run_dir, r.tensorboard) if self.on else None
+        self.bar = None
+        if self.on and r.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=r.max_steps, initial=step, desc=f"stage {r.stage}", dynamic_ncols=True)
+        self.window_t, self.window_samples = time.time(), 0
+        if self.on:
+            log.info("stage %d: %d trainable tensors, %.2fM parameters; world %d, micro-batch %d, accumulation %d",
+                     r.stage, len(t.named), sum(p.numel() for p in t.params) / 1e6, env.world, r.micro_batch, env.accum)
+            log.info("static memory estimate per process: %s", json.dumps(memory_estimate(t.dc, cfg, env.world)))
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        r = self.cfg.run
+        self.window_samples += r.global_batch
+        if not self.on:
+            return
+        rate = self.window_samples / max(time.time() - self.window_t, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", clips_per_s=f"{rate:.2f}")
+        if step % r.log_every == 0 or step == r.max_steps:
+            now = time.time()
+            rec = {"step": step, "loss": loss, "lr": lr,
+                   "samples_per_s": self.window_samples / max(now - self.window_t, 1e-9),
+                   "samples_seen": step * r.global_batch, "time": now}
+            self.write(rec, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rec["samples_per_s"]})
+            self.window_t, self.window_samples = now, 0
+
+    def write(self, rec: dict, scalars: Optional[dict] = None) -> None:
+        if not self.on:
+            return
+        self.jsonl.write(rec)
+        if self.tb is not None:
+            for k, v in (scalars or {}).items():
+                self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        for h in (self.bar, self.jsonl, self.tb):
+            if h is not None:
+                h.close()
+
+
+def evaluate(cfg: TrainConfig, env: Env, t: Trainee, data: Data, step: int, logger: Logger) -> None:
+    """Samples from the fixed prompts (EMA weights when on) and the validation loss, when due."""
+    e = cfg.eval
+    sharded = env.world > 1 and cfg.run.distributed == "fsdp"
+    if e.every and e.prompts and step % e.every == 0 and (env.is_main or sharded):
+        # under FSDP every rank runs the sampler (the UNet's shards are gathered collectively)
+        t.dc.eval()
+        with (t.ema.swapped_in() if t.ema is not None else contextlib.nullcontext()):
+            paths = sample_videos(t.dc, cfg, data.videos, step, env.device, write=env.is_main)
+        train_mode(t.dc)
+        logger.write({"step": step, "samples": paths})
+    if data.val_items and step % e.val_every == 0:
+        val = validation_loss(t.dc, data.val_items, cfg, env.autocast)
+        logger.write({"step": step, **val}, {"val/loss": val["val_loss"]})
+
+
+def export(cfg: TrainConfig, env: Env, t: Trainee, step: int) -> tuple[Optional[str], str]:
+    """model.safetensors (or lora.safetensors) in the run directory: (path, which weights)."""
+    r = cfg.run
+    use_ema = t.ema is not None and r.export_ema
+    weights = t.ema.describe() if use_ema else f"raw weights after {step} steps"
+    if not r.export_at_end:
+        return None, weights
+    path = os.path.join(r.run_dir, "lora.safetensors" if r.lora else "model.safetensors")
+    with (t.ema.swapped_in() if use_ema else contextlib.nullcontext()):
+        if r.lora:
+            if env.is_main:
+                export_lora(t.dc, path, r.lora, r.export_dtype, weights)
+        elif r.distributed == "fsdp" and env.world > 1:
+            full = {}
+            for k, v in t.dc.state_dict().items():    # collective: every rank gathers, rank 0 keeps a CPU copy
+                v = v.full_tensor() if hasattr(v, "full_tensor") else v
+                if env.is_main:
+                    full[k] = v.detach().cpu().clone()
+            if env.is_main:
+                export_safetensors(plain_copy(t.dc.cfg, full), path, r.export_dtype, weights)
+        elif env.is_main:
+            export_safetensors(t.dc, path, r.export_dtype, weights)
+    return path, weights
+
+
+def run(cfg: TrainConfig, allow_config_change: bool = False) -> dict:
+    r = cfg.run
+    env = setup(cfg)                                        # processes, device, run directory
+    t = build_trainee(cfg, env)                             # model, trainable set, DDP/FSDP, optimizer, EMA
+    step = resume(cfg, env, t, allow_config_change)         # newest complete checkpoint, if any
+    data = make_data(cfg, env, t.dc, step)                  # the sample stream from that step on
+    logger = Logger(cfg, env, t, step)
+    train_mode(t.dc)
+    loss = float("nan")
     while step < r.max_steps:
-        loss_acc = torch.zeros((), device=device)
-        for a in range(accum):
-            batch = next(batches)
-            sync = contextlib.nullcontext()
-            if world > 1 and r.distributed == "ddp" and a < accum - 1:
-                sync = model.no_sync()
-            with sync:
-                loss = model(batch)
-                (loss / accum).backward()
-            loss_acc += loss.detach() / accum
-        for p in manual_sync:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
+        loss = train_step(cfg, env, t, data.batches)        # one optimizer step (accumulated micro-batches)
         step += 1
-        window_samples += r.global_batch
-        last_loss = all_mean(loss_acc, world)
-        if ck.fault("kill_after_step", step):
+        if ck.fault("kill_after_step", step):               # crash tests
             os.kill(os.getpid(), signal.SIGKILL)
-
-        if is_main:
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}",
-                                clips_per_s=f"{window_samples / max(time.time() - window_t, 1e-9):.2f}")
-            if step % r.log_every == 0 or step == r.max_steps:
-                now = time.time()
-                rec = {"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
-                       "samples_per_s": window_samples / max(now - window_t, 1e-9),
-                       "samples_seen": step * r.global_batch, "time": now}
-                jsonl.write(rec)
-                if tb is not None:
-                    tb.add_scalar("train/loss", last_loss, step)
-                    tb.add_scalar("train/lr", rec["lr"], step)
-                    tb.add_scalar("train/samples_per_s", rec["samples_per_s"], step)
-                window_t, window_samples = now, 0
+        logger.step(step, loss, t.sched.get_last_lr()[0])   # log.jsonl, TensorBoard, progress bar
         if step % r.save_every == 0 or step == r.max_steps:
-            save(cfg, dc, named, opt, sched, ema, step, rank, world)
-        sharded = world > 1 and r.distributed == "fsdp"
-        if cfg.eval.every and cfg.eval.prompts and step % cfg.eval.every == 0 and (is_main or sharded):
-            # under FSDP every rank runs the sampler (the UNet's shards are gathered collectively)
-            dc.eval()
-            with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                paths = sample_videos(dc, cfg, videos, step, device, write=is_main)
-            train_mode(dc)
-            if is_main:
-                jsonl.write({"step": step, "samples": paths})
-        if val_items and step % cfg.eval.val_every == 0:
-            val = validation_loss(dc, val_items, cfg, autocast)
-            if is_main:
-                jsonl.write({"step": step, **val})
-                if tb is not None:
-                    tb.add_scalar("val/loss", val["val_loss"], step)
-
-    export_path = None
-    use_ema = ema is not None and r.export_ema
-    weights = ema.describe() if use_ema else f"raw weights after {step} steps"
-    if r.export_at_end:
-        export_path = os.path.join(r.run_dir, "lora.safetensors" if r.lora else "model.safetensors")
-        with (ema.swapped_in() if use_ema else contextlib.nullcontext()):
-            if r.lora:
-                if is_main:
-                    export_lora(dc, export_path, r.lora, r.export_dtype, weights)
-            elif r.distributed == "fsdp" and world > 1:
-                full = {k: _full(v) for k, v in dc.state_dict().items()}    # collective: every rank gathers
-                if is_main:
-                    export_safetensors(plain_copy(dc.cfg, full), export_path, r.export_dtype, weights)
-            elif is_main:
-                export_safetensors(dc, export_path, r.export_dtype, weights)
-    if bar is not None:
-        bar.close()
-    if jsonl is not None:
-        jsonl.close()
-    if tb is not None:
-        tb.close()
-    if world > 1:
+            save(cfg, env, t, step)                         # sharded, atomic checkpoint
+        evaluate(cfg, env, t, data, step, logger)           # samples and validation loss, when due
+    path, weights = export(cfg, env, t, step)               # model.safetensors / lora.safetensors
+    logger.close()
+    if env.world > 1:
         dist.barrier()
-    return {"step": step, "loss": last_loss, "export": export_path, "weights": weights if export_path else None,
-            "model": dc, "trainable": [n for n, _ in named]}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A plain CPU tensor of a parameter/state, gathering FSDP shards (DTensor) first."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().cpu().clone()
+    return {"step": step, "loss": loss, "export": path, "weights": weights if path else None,
+            "model": t.dc, "trainable": [n for n, _ in t.named]}
 
 
 def plain_copy(model_cfg, state: dict):
@@ -521,79 +582,99 @@ def plain_copy(model_cfg, state: dict):
     return m
 
 
-def save(cfg, dc, named, opt, sched, ema, step, rank, world) -> None:
+# --------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_tensors(t: Trainee) -> dict:
+    """What a checkpoint shards, flat: ``trainable/<name>``, ``optim/<name>/<state key>`` (the
+    tensors of each parameter's optimizer state) and ``ema/<name>``. Under FSDP each is this
+    process's shard (a DTensor); otherwise the whole tensor, which every process holds alike."""
+    out = {f"trainable/{n}": p.detach() for n, p in t.named}
+    for n, p in t.named:
+        for k, v in t.opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"optim/{n}/{k}"] = v
+    if t.ema is not None:
+        out.update({f"ema/{n}": v for n, v in t.ema.shadow.items()})
+    return out
+
+
+def optimizer_layout(t: Trainee) -> dict:
+    """Per parameter, what its optimizer state holds, so a resume can allocate the state before
+    reading its shards: tensors by shape and dtype ("like_param": shaped, so sharded, like the
+    parameter), other values as they are."""
+    layout = {}
+    for n, p in t.named:
+        entry = {}
+        for k, v in t.opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor):
+                entry[k] = {"like_param": v.ndim > 0 and tuple(v.shape) == tuple(p.shape), "shape": list(v.shape),
+                            "dtype": str(v.dtype).removeprefix("torch."), "on_cpu": v.device.type == "cpu"}
+            else:
+                entry[k] = {"value": v}
+        layout[n] = entry
+    return layout
+
+
+def save(cfg: TrainConfig, env: Env, t: Trainee, step: int) -> None:
+    """Collective: each process writes its own shards (ck.save_sharded); rank 0 the rest."""
     r = cfg.run
-    trainable = {n: _full(p) for n, p in named}
-    opt_state = opt.state_dict()
-    opt_state["state"] = {i: {k: (_full(v) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                          for i, s in opt_state["state"].items()}
-    ema_state = None
-    if ema is not None:   # gathered on every rank (a collective under FSDP)
-        ema_state = {"decay": ema.decay, "num_updates": ema.num_updates,
-                     "shadow": {n: _full(v) for n, v in ema.shadow.items()}}
-    rngs = [None] * world
-    if world > 1:
+    rngs = [None] * env.world
+    if env.world > 1:
         dist.all_gather_object(rngs, ck.rng_state())
     else:
         rngs = [ck.rng_state()]
-    if rank == 0:
-        state = {"step": step, "samples_seen": step * r.global_batch, "global_batch": r.global_batch,
-                 "stage": r.stage, "trainable": trainable, "optimizer": opt_state, "scheduler": sched.state_dict(),
-                 "ema": ema_state, "rng": rngs,
-                 "config": json.dumps(cfg.to_dict()), "model_config": json.dumps(dc.cfg.to_dict())}
-        ck.atomic_save(state, ck.checkpoint_path(r.run_dir, step), step=step)
+    meta = {"step": step, "samples_seen": step * r.global_batch, "global_batch": r.global_batch, "stage": r.stage,
+            "trainable": [n for n, _ in t.named], "scheduler": t.sched.state_dict(),
+            "optimizer": {"param_groups": t.opt.state_dict()["param_groups"], "layout": optimizer_layout(t)},
+            "ema": None if t.ema is None else {"decay": t.ema.decay, "num_updates": t.ema.num_updates},
+            "rng": rngs, "world_size": env.world,
+            "config": json.dumps(cfg.to_dict()), "model_config": json.dumps(t.dc.cfg.to_dict())}
+    ck.save_sharded(checkpoint_tensors(t), meta, r.run_dir, step, env.rank,
+                    barrier=dist.barrier if env.world > 1 else None)
+    if env.is_main:
         ck.prune(r.run_dir, r.keep_last)
-    if world > 1:
-        dist.barrier()
 
 
-def restore(state, named, opt, sched, ema, rank, world, cfg: TrainConfig) -> None:
-    stored = state["trainable"]
-    names = [n for n, _ in named]
-    if set(stored) != set(names):
-        raise ck.ResumeError(f"{state['path']} trained a different parameter set ({len(stored)} tensors vs {len(names)}); "
-                         "the stage or train_all setting changed. Use a new run_dir for a new stage.")
-    with torch.no_grad():
-        for n, p in named:
-            src = stored[n]
-            if hasattr(p, "full_tensor"):   # FSDP shard: take this rank's slice
-                from torch.distributed.tensor import distribute_tensor
-                src = distribute_tensor(src.to(p.dtype), p.device_mesh, p.placements)
-                p.copy_(src)
-            else:
-                p.copy_(src.to(p.device, p.dtype))
-    opt_state = state["optimizer"]
-    params = [p for _, p in named]
-    for i, s in opt_state["state"].items():
-        p = params[int(i)]
-        for k, v in list(s.items()):
-            if isinstance(v, torch.Tensor) and hasattr(p, "full_tensor") and v.shape == p.shape:
-                from torch.distributed.tensor import distribute_tensor
-                s[k] = distribute_tensor(v, p.device_mesh, p.placements)
-    opt.load_state_dict(opt_state)
-    sched.load_state_dict(state["scheduler"])
+def restore(meta: dict, cfg: TrainConfig, env: Env, t: Trainee) -> None:
+    """Collective: the checkpoint's shards into this process's parameters, optimizer and EMA
+    (allocated as this run holds them, so another world size reshards), then the rest."""
+    names = [n for n, _ in t.named]
+    if set(meta["trainable"]) != set(names):
+        raise ck.ResumeError(f"{meta['path']} trained a different parameter set ({len(meta['trainable'])} tensors "
+                             f"vs {len(names)}); the stage or train_all setting changed. Use a new run_dir for a new "
+                             "stage.")
+    if t.ema is not None and meta["ema"] is None:
+        raise ck.ResumeError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
+    targets = {f"trainable/{n}": p.detach() for n, p in t.named}
+    opt_state = {}
+    for i, (n, p) in enumerate(t.named):
+        state = {}
+        for k, spec in meta["optimizer"]["layout"].get(n, {}).items():
+            if "value" in spec:
+                state[k] = spec["value"]
+                continue
+            dtype = getattr(torch, spec["dtype"])
+            state[k] = targets[f"optim/{n}/{k}"] = (
+                torch.zeros_like(p.detach(), dtype=dtype) if spec["like_param"]
+                else torch.zeros(spec["shape"], dtype=dtype, device="cpu" if spec["on_cpu"] else p.device))
+        if state:
+            opt_state[i] = state
+    if t.ema is not None:
+        targets.update({f"ema/{n}": v for n, v in t.ema.shadow.items()})
+    ck.load_sharded(meta["path"], targets)
+    t.opt.load_state_dict({"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]})
+    t.sched.load_state_dict(meta["scheduler"])
     # the optimizer and scheduler states carry the old hyperparameters: the config's rule
     o = cfg.optim
-    sched.base_lrs = [o.lr] * len(opt.param_groups)
-    for g in opt.param_groups:
-        g.update(initial_lr=o.lr, lr=o.lr * lr_factor(state["step"], cfg), betas=tuple(o.betas), eps=o.eps,
+    t.sched.base_lrs = [o.lr] * len(t.opt.param_groups)
+    for g in t.opt.param_groups:
+        g.update(initial_lr=o.lr, lr=o.lr * lr_factor(meta["step"], cfg), betas=tuple(o.betas), eps=o.eps,
                  weight_decay=o.weight_decay)
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
-    if ema is not None:
-        if state["ema"] is None:
-            raise ck.ResumeError("EMA is on but the checkpoint has none; it was written with run.ema_decay=0")
-        shadow = {}
-        for n, v in state["ema"]["shadow"].items():
-            target = ema.shadow[n]
-            if hasattr(target, "full_tensor"):
-                from torch.distributed.tensor import distribute_tensor
-                v = distribute_tensor(v.to(target.dtype), target.device_mesh, target.placements)
-            shadow[n] = v
-        # checkpoints from before the EMA warm-up: it had run one update per step
-        ema.load_state_dict({"decay": state["ema"]["decay"], "shadow": shadow,
-                             "num_updates": state["ema"].get("num_updates", state["step"])})
-    rngs = state["rng"]
-    ck.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    t.sched._last_lr = [g["lr"] for g in t.opt.param_groups]
+    if t.ema is not None:
+        t.ema.decay, t.ema.num_updates = meta["ema"]["decay"], int(meta["ema"]["num_updates"])
+    rngs = meta["rng"]
+    ck.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
 
 
 def main(argv=None) -> None:
