@@ -185,6 +185,7 @@ def test_stage_chain_and_export_dtype(tmp_path, data):
         assert f.get_tensor("model.diffusion_model.input_blocks.0.0.weight").shape[1] == 8
     dc = dynamicrafter.load_model(str(s3 / "model.safetensors"))
     assert dc.unet.cfg.in_channels == 8 and dc.variant["parameterization"] == "v"
+    assert tuple(dc.variant["resolution"]) == (32, 32) and dc.variant["frames"] == 4   # what it trained on
     # stage 3's grown channels started at zero and moved by training
     w = dc.unet.input_blocks[0][0].weight[:, 4:]
     assert 0 < float(w.abs().max()) < 0.1
@@ -255,3 +256,26 @@ def test_fsdp_two_process_matches_and_resumes_across_world_sizes(tmp_path, data)
     out = load_file(export_main([str(fsdp), "--out", str(tmp_path / "fsdp.safetensors"), "--dtype", "fp32"]))
     end = load_file(str(fsdp / "model.safetensors"))
     assert out.keys() == end.keys() and all(torch.equal(out[k], end[k]) for k in out)
+
+
+def test_tooncrafter_finetune_keeps_its_video_decoder(tmp_path, data):
+    """Stage 3 from a ToonCrafter checkpoint, every sample in the interpolation layout: the UNet
+    trains; the dual-reference VAE (encoder and video decoder) is frozen and exported bit for bit;
+    the export loads as ToonCrafter again."""
+    from conftest import _reference_file
+    from safetensors.torch import load_file
+
+    import dynamicrafter
+    toon = _reference_file("tiny_toon", "model.safetensors")
+    run = tmp_path / "toon"
+    train(run, data, "run.stage=3", "model.tiny=false", f"model.init={toon}", "run.interp_prob=1.0", "data.height=64",
+          "data.width=64",
+          "run.max_steps=2", "run.save_every=2", "run.export_dtype=fp32")
+    before, after = load_file(str(toon)), load_file(str(run / "model.safetensors"))
+    vae = [k for k in before if k.startswith("first_stage_model.")]
+    assert any(".decoder." in k and "attn_refinement" in k for k in vae)
+    assert all(torch.equal(before[k], after[k]) for k in vae)
+    unet = [k for k in before if k.startswith("model.diffusion_model.") and k in after]
+    assert any(not torch.equal(before[k], after[k]) for k in unet)
+    dc = dynamicrafter.load_model(str(run / "model.safetensors"))
+    assert dc.variant["name"] == "tooncrafter"

@@ -176,11 +176,21 @@ def build_model(cfg) -> DynamiCrafter:
         dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=cfg.data.frames,
                        image_kv_init=m.image_kv_init, extra_prefixes=tuple(m.init_extra_prefixes))
     prepare_model_for_stage(dc, r.stage)
+    record_training_size(dc, cfg.data.height, cfg.data.width, cfg.data.frames if r.stage >= 2 else None)
     set_resblock_dropout(dc.unet, m.dropout)
     cfg.check_sizes(8 * 2 ** (len(dc.unet.cfg.channel_mult) - 1))   # a .ckpt init is only known now
     if r.lora:
         add_lora(dc, r.lora)
     return dc
+
+
+def record_training_size(dc: DynamiCrafter, height: int, width: int, frames: Optional[int]) -> None:
+    """The size (and, for the video stages, the length) a run trains at becomes the model's default
+    (`variant.resolution`, `variant.frames`), stored in every export's metadata: the library, the
+    CLI and the nodes then default to what the checkpoint was trained on."""
+    v = dc.cfg.variant
+    v = dataclasses.replace(v, resolution=(height, width), frames=frames or v.frames)
+    dc.cfg = dataclasses.replace(dc.cfg, variant=v)
 
 
 def cast_frozen(dc: DynamiCrafter, dtype: torch.dtype) -> None:
