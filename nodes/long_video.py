@@ -2,16 +2,15 @@
 
 Segment k+1 is generated from the last decoded frame of segment k (image-to-video), so every
 segment starts exactly where the previous one ended; the repeated first frame of each later
-segment is dropped when joining.  N frames need 1 + ceil((N - T) / (T - 1)) segments of T frames.
+segment is dropped when joining (`dynamicrafter.long_shots.chain_segments`).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
+from dynamicrafter.long_shots import chain_segments
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
@@ -24,10 +23,6 @@ from .sampler import run_ddim
 MAX_TOTAL_FRAMES = 1024
 
 
-def segments_needed(total: int, seg: int) -> int:
-    return 1 if total <= seg else 1 + math.ceil((total - seg) / (seg - 1))
-
-
 def chained_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
                   segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
                   frames_per_batch=4) -> torch.Tensor:
@@ -37,20 +32,15 @@ def chained_video(model, clip_vision, vae, positive, negative, start_image, widt
         raise ValueError(f"total_frames must be in 2..{MAX_TOTAL_FRAMES}, got {total_frames}")
     check_size(height, width)
     check_finite(start_image, "start_image")
-    current = start_image[:1]
-    pieces = []
-    for k in range(segments_needed(total_frames, segment_frames)):
-        tokens = encode_clip_vision(clip_vision, current)
-        context = resample_context(model, tokens)
-        pos, neg, _, latent = build_conditioning(positive, negative, vae, context, current, width, height,
+
+    def animate_from(k, image):
+        context = resample_context(model, encode_clip_vision(clip_vision, image))
+        pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height,
                                                  segment_frames, 1, fs, "image-to-video")
         out = run_ddim(model, pos, neg, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
-        frames = decode_video(vae, out, frames_per_batch, "keep all frames")
-        if k > 0:
-            frames = frames[1:]      # re-creates the previous segment's last frame
-        pieces.append(frames)
-        current = frames[-1:]
-    return torch.cat(pieces)[:total_frames]
+        return decode_video(vae, out, frames_per_batch, "keep all frames")
+
+    return chain_segments(animate_from, start_image[:1], total_frames, segment_frames)
 
 
 class DynamiCrafterLongVideo(io.ComfyNode):
