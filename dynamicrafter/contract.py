@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 FRAMES = (2, 64)            # frames of one video (the released models are trained on 16)
+LONG_FRAMES = (2, 1024)     # frames of a video sampled in context windows (each window within FRAMES)
+WINDOW_SCHEDULES = ("uniform", "looped")
 STEPS = (1, 1000)           # DDIM steps (the DDPM schedule has 1000 timesteps)
 FS = (1, 1000)              # frame-rate conditioning: fps or frame stride, per model (dc.variant["fs_range"])
 SIZE = (64, 4096)           # pixel height / width, multiples of SIZE_STEP
@@ -189,12 +191,36 @@ def check_image_conditioning(images, prompts, frames, end_images, loop, negative
     return [prompts, negative]
 
 
+def check_windows(window, overlap, schedule) -> None:
+    """Context windows (dynamicrafter.windows): window None (off) or W frames per UNet call,
+    overlap 0..W-1 frames shared by neighbouring windows, schedule uniform | looped."""
+    if window is None:
+        return
+    check_int("window", window, 2, FRAMES[1], extra=" (frames per UNet call; None = no windows)")
+    check_int("window_overlap", overlap, 0, int(window) - 1, extra=f" (less than window={window})")
+    check_choice("window_schedule", schedule, WINDOW_SCHEDULES)
+
+
+def check_frames(frames: int, window, lo: int = 1) -> None:
+    """One UNet call takes up to FRAMES[1] frames; context windows make longer videos valid."""
+    if window is not None and window < frames:
+        check_int("frames (x_T.shape[2])", frames, lo, LONG_FRAMES[1], extra=f" with window={window}")
+    elif isinstance(frames, numbers.Integral) and frames > FRAMES[1]:
+        raise ValueError(f"frames (x_T.shape[2]) must be an integer in {lo}..{FRAMES[1]}, got {frames}: one UNet "
+                         f"call takes up to {FRAMES[1]} frames; pass window=16 (context windows) to sample up to "
+                         f"{LONG_FRAMES[1]}")
+    else:
+        check_int("frames (x_T.shape[2])", frames, lo, FRAMES[1])
+
+
 def check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta,
-                      guidance_rescale, spacing, noise) -> None:
+                      guidance_rescale, spacing, noise, window=None, window_overlap=4,
+                      window_schedule="uniform") -> None:
     if not isinstance(x_T, torch.Tensor) or x_T.ndim != 5 or x_T.shape[1] != 4 or 0 in x_T.shape:
         raise ValueError(f"x_T must be a latent (b, 4, T, h, w), got {_show(x_T)}")
+    check_windows(window, window_overlap, window_schedule)
     # a single frame is a still: the trainer samples stage 1 (text-to-image, temporal layers off) so
-    check_int("frames (x_T.shape[2])", x_T.shape[2], 1, FRAMES[1])
+    check_frames(x_T.shape[2], window)
     if not torch.isfinite(x_T).all():
         raise ValueError("x_T must be finite, got NaN/inf values")
     for name, c in (("cond", cond), ("uncond", uncond), ("uncond_img", uncond_img)):

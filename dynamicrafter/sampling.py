@@ -14,6 +14,7 @@ import torch
 from .config import TEXT_CONTEXT_LEN
 from .contract import STEPS, check_guidance, check_int, check_sample_ddim
 from .schedule import ddim_timesteps
+from .windows import WindowPlan, plan_windows, take_context, take_frames
 
 # denoise(x_t (b, ...), t (b,), contexts (k*b, L, C)) -> (k*b, ...): k guidance branches on one x_t
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,6 +44,24 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
     if guidance_rescale > 0:
         guided = rescale_guidance(guided, cond, guidance_rescale)
     return guided
+
+
+def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_img: Optional[float],
+                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None):
+    """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
+    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs."""
+    if unet is None:
+        def unet(x_, t_, context, concat_):
+            return dc.denoise(x_, t_, context, concat_, fs)
+
+    def run(x_, contexts_, concat_):
+        return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, cfg_text, cfg_img,
+                             guidance_rescale)
+
+    if plan is None:
+        return run(x, contexts, concat)
+    return plan.blend(x, lambda idx: run(take_frames(x, idx), [take_context(c, idx, plan.frames) for c in contexts],
+                                         take_frames(concat, idx)))
 
 
 def guidance_contexts(cond, uncond, uncond_img, cfg_text: float, cfg_img):
@@ -91,7 +110,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
                 steps: int = 50, cfg_text: float = 1.0, cfg_img: Optional[float] = None, eta: float = 0.0,
                 guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
                 noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
-                callback: Optional[Callable] = None) -> torch.Tensor:
+                callback: Optional[Callable] = None, window: Optional[int] = None, window_overlap: int = 4,
+                window_schedule: str = "uniform") -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
     cond/uncond/uncond_img are contexts [text | image tokens]. Guidance: none when uncond is None
@@ -99,18 +119,19 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     passed) or uncond_img is passed (cfg_img defaults to cfg_text); single otherwise.
     `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`).
     `callback(i, total, x, pred_x0)` runs after each step; raise from it to stop.
+    `window=W` < T: context windows (`dynamicrafter.windows`): each step runs the UNet on windows
+    of W frames overlapping by `window_overlap`, "uniform" or "looped" (around the end, for loop
+    videos), and blends their outputs; videos up to 1024 frames. None or W >= T: one pass, as without.
     """
     check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta, guidance_rescale,
-                      spacing, noise)
+                      spacing, noise, window, window_overlap, window_schedule)
     variant = dc.variant
     param = variant["parameterization"]
     device = x_T.device
     fs_t = None if fs is None else torch.as_tensor(fs, device=device).reshape(-1).long().expand(x_T.shape[0])
 
     contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
-
-    def denoise(x, t, context):
-        return dc.denoise(x, t, context, concat, fs_t)
+    plan = plan_windows(x_T.shape[2], window, window_overlap, window_schedule)
 
     timesteps = ddim_timesteps(steps, spacing)
     ac = dc.alphas_cumprod.float().cpu()
@@ -138,7 +159,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     total = len(table)
     for n, (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f) in enumerate(reversed(table)):
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        out = guided_output(denoise, x, t_batch, contexts, cfg_text, cfg_img, guidance_rescale)
+        out = window_guided_output(dc, x, t_batch, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, plan)
         step_noise = None
         if eta > 0:
             step_noise = (noise[n] if noise is not None else torch.randn(x.shape, generator=generator)).to(x)

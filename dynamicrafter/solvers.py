@@ -21,9 +21,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .sampling import guidance_contexts, guided_output, sample_ddim, validate_sampling_args
+from .contract import check_frames, check_windows
+from .sampling import guidance_contexts, sample_ddim, validate_sampling_args, window_guided_output
 from .schedule import ddim_timesteps
 from .step_cache import DeepCache
+from .windows import plan_windows
 
 # model(x, i) -> x0 prediction at level i
 Model = Callable[[torch.Tensor, int], torch.Tensor]
@@ -198,13 +200,14 @@ class GuidedDenoiser:
 
     cfg_interval (t_lo, t_hi): the guidance branches run only at timesteps t_lo <= t <= t_hi;
     elsewhere the conditional branch alone. cache: a `DeepCache` (deep UNet features reused).
+    plan: context windows (`dynamicrafter.windows.plan_windows`; None = one pass).
     `evaluations` counts UNet branch evaluations, `cached` those that reused deep features."""
 
     def __init__(self, dc, lv: Levels, contexts, concat, fs, cfg_text, cfg_img, guidance_rescale,
-                 cfg_interval=None, cache: Optional[DeepCache] = None):
+                 cfg_interval=None, cache: Optional[DeepCache] = None, plan=None):
         self.dc, self.lv, self.contexts, self.concat = dc, lv, list(contexts), concat
         self.fs, self.cfg_text, self.cfg_img, self.guidance_rescale = fs, cfg_text, cfg_img, guidance_rescale
-        self.cfg_interval, self.cache = cfg_interval, cache
+        self.cfg_interval, self.cache, self.plan = cfg_interval, cache, plan
         self.evaluations = self.cached = 0
 
     def branches(self, t: int) -> list:
@@ -212,12 +215,12 @@ class GuidedDenoiser:
         return self.contexts if lo <= t <= hi else self.contexts[:1]
 
     def unet(self, i: int):
-        def call(x, t, context):
+        def call(x, t, context, concat):
             k = context.shape[0] // x.shape[0]
             self.evaluations += k
             if self.cache is None:
-                return self.dc.denoise(x, t, context, self.concat, self.fs)
-            out, reused = self.cache(self.dc, i, x, t, context, self.concat, self.fs)
+                return self.dc.denoise(x, t, context, concat, self.fs)
+            out, reused = self.cache(self.dc, i, x, t, context, concat, self.fs)
             self.cached += k * reused
             return out
         return call
@@ -225,8 +228,8 @@ class GuidedDenoiser:
     def __call__(self, x, i: int):
         t = self.lv.t[i]
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = guided_output(self.unet(i), x, t_batch, self.branches(t), self.cfg_text, self.cfg_img,
-                            self.guidance_rescale)
+        out = window_guided_output(self.dc, x, t_batch, self.branches(t), self.concat, self.fs, self.cfg_text,
+                                   self.cfg_img, self.guidance_rescale, self.plan, unet=self.unet(i))
         dc = self.dc
         sqrt_ab, sqrt_1m_ab = dc.sqrt_alphas_cumprod[t].to(x), dc.sqrt_one_minus_alphas_cumprod[t].to(x)
         if dc.variant["parameterization"] == "v":
@@ -243,7 +246,8 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
            guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
            noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
            callback: Optional[Callable] = None, cfg_interval: Optional[tuple] = None,
-           cache_interval: int = 1, cache_depth: int = 1, stats: Optional[dict] = None) -> torch.Tensor:
+           cache_interval: int = 1, cache_depth: int = 1, stats: Optional[dict] = None,
+           window: Optional[int] = None, window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
     """`sample_ddim` with a choice of solver: "ddim" (exactly `sample_ddim` unless cfg_interval or
     the cache is on), "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
 
@@ -251,9 +255,11 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     conditional branch alone). cache_interval=k > 1: the deep UNet blocks (below input block
     `cache_depth`) are computed every k-th step and reused between (DeepCache). `stats`, when
     given, receives {"evaluations": UNet branch evaluations, "cached": how many of them reused the
-    deep features}. eta > 0 is DDIM's only.
+    deep features}. eta > 0 is DDIM's only. window / window_overlap / window_schedule: context
+    windows as in `sample_ddim` (every solver; not with the cache).
     """
     validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale)
+    check_windows(window, window_overlap, window_schedule)
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if eta > 0 and solver != "ddim":
@@ -264,17 +270,26 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
         lo, hi = cfg_interval
         if not 0 <= lo <= hi <= 999:
             raise ValueError(f"cfg_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 999, got {cfg_interval}")
+    video = isinstance(x_T, torch.Tensor) and x_T.ndim == 5
+    plan = plan_windows(x_T.shape[2], window, window_overlap, window_schedule) if video else None
+    if plan is not None and cache_interval > 1:
+        raise ValueError(f"cache_interval={cache_interval} keeps one UNet pass's deep features, which context "
+                         f"windows (window={window}) do not share: use cache_interval=1 with windows")
     contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
     if solver == "ddim" and cfg_interval is None and cache_interval == 1:
         if stats is not None:
-            stats.update(evaluations=steps * len(contexts), cached=0)
+            stats.update(evaluations=steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
         return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, steps=steps, cfg_text=cfg_text,
                            cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale, spacing=spacing, noise=noise,
-                           generator=generator, callback=callback)
+                           generator=generator, callback=callback, window=window, window_overlap=window_overlap,
+                           window_schedule=window_schedule)
+    if video:
+        check_frames(x_T.shape[2], window)
     lv = noise_levels(dc, steps, spacing)
     fs_t = None if fs is None else torch.as_tensor(fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
     cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
-    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, cfg_interval, cache)
+    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, cfg_interval, cache,
+                           plan)
     if solver == "ddim":
         def draw(i):
             return noise[i] if noise is not None else torch.randn(x_T.shape, generator=generator)

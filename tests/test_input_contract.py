@@ -95,6 +95,19 @@ ROWS = [
     (sample(t2v=True, concat=torch.zeros(1, 4, 2, 8, 8)), "concat must be None: this is a text-to-video model"),
     (sample(spacing="linear"), "spacing must be one of"),
     (sample(eta=1.0, noise=[torch.zeros(1, 4, 2, 8, 8)], steps=2), "noise must hold one tensor per step (2), got 1"),
+    # sample_ddim: context windows
+    (sample(window=1), "window must be an integer in 2..64 (frames per UNet call; None = no windows), got 1"),
+    (sample(window=True), "window must be an integer in 2..64"),
+    (sample(window=8, window_overlap=8), "window_overlap must be an integer in 0..7 (less than window=8), got 8"),
+    (sample(window=8, window_overlap=-1), "window_overlap must be an integer in 0..7"),
+    (sample(window=8, window_schedule="circular"), "window_schedule must be one of ['uniform', 'looped'], "
+                                                   "got 'circular'"),
+    (sample(x_T=torch.zeros(1, 4, 65, 8, 8), concat=torch.zeros(1, 4, 65, 8, 8)),
+     "one UNet call takes up to 64 frames; pass window=16 (context windows) to sample up to 1024"),
+    (sample(x_T=torch.zeros(1, 4, 1025, 1, 1), concat=torch.zeros(1, 4, 1025, 1, 1), window=16),
+     "frames (x_T.shape[2]) must be an integer in 1..1024 with window=16, got 1025"),
+    (lambda dc, vc: dynamicrafter.sample(dc, X_T, CTX, CTX, concat=torch.zeros(1, 4, 2, 8, 8), steps=1,
+                                         window=4, window_overlap=4), "window_overlap must be an integer in 0..3"),
     # the model's encoders
     (lambda dc, vc: dc.encode_text(None), "prompts must be a str or a non-empty list of str, got None"),
     (lambda dc, vc: dc.encode_clip_image(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)), "images must be float"),
