@@ -141,12 +141,12 @@ def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, uncond=No
                        generator=generator, callback=pin, **sampler)
 
 
-def continue_clip(dc, clip: torch.Tensor, prompt: str, *, frames: Optional[int] = None, overlap: int = 4,
+def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = None, overlap: int = 4,
                   condition: str = "window_start", fs: Optional[int] = None, steps: int = 50,
                   cfg_text: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
                   spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "") -> torch.Tensor:
     """Extend `clip` ((b, 3, N, H, W) in [-1, 1], at the model's size) by frames - overlap new frames
-    that carry its motion on; returns (b, 3, N + frames - overlap, H, W): the clip unchanged, then the
+    that carry its motion on (`prompt`: one text, or one per video); returns (b, 3, N + frames - overlap, H, W): the clip unchanged, then the
     new frames. `condition`: the image the window is animated from - "window_start" (the first
     pinned frame, where the model expects its image, default) or "clip_end" (the clip's last frame)."""
     from .pipeline import image_conditioning
@@ -162,7 +162,8 @@ def continue_clip(dc, clip: torch.Tensor, prompt: str, *, frames: Optional[int] 
     tail = clip[:, :, n - overlap:]
     image = tail[:, :, 0] if condition == "window_start" else tail[:, :, -1]
     with torch.inference_mode():
-        c = image_conditioning(dc, image, [prompt] * b, frames, negative_prompts=[negative_prompt] * b, generator=g)
+        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        c = image_conditioning(dc, image, prompts, frames, negative_prompts=[negative_prompt] * b, generator=g)
         known = dc.encode_first_stage(tail.transpose(1, 2).reshape(b * overlap, 3, h, w), generator=g)
         known = known.reshape(b, overlap, *known.shape[1:]).transpose(1, 2)
         x_T = torch.randn((b, 4, frames, h // 8, w // 8), generator=g)
@@ -171,5 +172,5 @@ def continue_clip(dc, clip: torch.Tensor, prompt: str, *, frames: Optional[int] 
                                spacing=spacing or v["spacing"], generator=g,
                                cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, eta=eta,
                                guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale)
-        new = dc.decode(lat[:, :, overlap:])
+        new = dc.decode(lat[:, :, overlap:]).clamp(-1, 1)      # a valid clip to continue again
     return torch.cat([clip, new.to(clip)], dim=2)

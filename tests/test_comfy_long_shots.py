@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_comfy_nodes import H, W, count_frames, run_and_get_video, tiny_prompt
+from test_comfy_nodes import H, T, W, count_frames, run_and_get_video, tiny_prompt
 
 COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30), (250, 250, 250), (150, 40, 200)]
 
@@ -115,3 +115,36 @@ def test_continue_clip_node_is_the_library_continuation(comfy):
                            guidance_rescale=0.7, generator=torch.Generator().manual_seed(6))
     new = pack("decode").decode_video(vae, {"samples": inner.process_latent_out(out[:, :, 3:])}, 4, "keep all frames")
     assert torch.allclose(frames[6:], new, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ keyframes, 512-interp style
+INTERP_KEYS = ["interp_a_first.png", "interp_b_last.png", "single_image.png"]
+
+
+def test_keyframe_workflow_with_a_512_interp_model(comfy):
+    """The keyframe workflow with a DynamiCrafter 512-interp-style model (the tiny v checkpoint
+    loaded as 512_interp): 3 keyframes of T frames per pair -> 1 + 2(T-1) frames."""
+    prompt = tiny_prompt(comfy, "dynamicrafter_keyframes.json", INTERP_KEYS,
+                         sets=["DynamiCrafterLoader.variant=512_interp", "DynamiCrafterKeyframes.pair_prompts="])
+    assert count_frames(run_and_get_video(comfy, prompt)) == 1 + 2 * (T - 1)
+
+
+def test_keyframe_node_with_a_512_interp_model_repeats_no_frame(comfy, comfy_reference):
+    from nodes_pack_access import load_input_image, pack
+    model, clip, cv, vae = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "512_interp")
+    assert pack("comfy_model").require_dynamicrafter_model(model, "test").variant["name"] == "512_interp"
+    kf = pack("keyframes")
+    pos = comfy.nodes.CLIPTextEncode().encode(clip, "a dog runs")[0]
+    neg = comfy.nodes.CLIPTextEncode().encode(clip, "")[0]
+    folder = comfy_reference / "tiny_v" / "inputs"
+    a = load_input_image(folder / "interp" / "a_first.png")
+    b = load_input_image(folder / "interp" / "b_last.png")
+    keys = kf.resize_center(torch.cat([a, b, a.flip(2)]), W, H)
+    args = (W, H, T, 10, 3, 2, 7.5, 0.0, 1.0, 0.7, "auto")
+    whole = kf.keyframe_video(model, cv, vae, pos, neg, keys, *args)
+    first = kf.keyframe_video(model, cv, vae, pos, neg, keys[:2], *args)
+    second = kf.keyframe_video(model, cv, vae, pos, neg, keys[1:], W, H, T, 10, 4, *args[5:])
+    assert whole.shape == (1 + 2 * (T - 1), H, W, 3)
+    assert torch.equal(whole[:T], first) and torch.equal(whole[T:], second[1:])    # pair 2 without keyframe 2 again
+    diffs = (whole[1:] - whole[:-1]).flatten(1).abs().amax(1)
+    assert (diffs > 0).all(), diffs                                                # no frame repeated, joins included
