@@ -9,6 +9,7 @@ import time
 import torch
 
 from .config import DTYPES
+from .contract import WINDOW_SCHEDULES
 from .solvers import SOLVERS
 
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--eta", type=float, help="DDIM noise (default 1.0 with ddim; the other solvers take 0)")
     a.add_argument("--guidance-rescale", type=float, help="default per model (0.7 for 512/1024, 0 for 256)")
     a.add_argument("--spacing", choices=["uniform", "uniform_trailing", "quad"])
+    a.add_argument("--window", type=int, help="context windows of this many frames (e.g. 16) for --frames "
+                                              "beyond the model's; default: one pass over all frames")
+    a.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
+    a.add_argument("--window-schedule", choices=list(WINDOW_SCHEDULES), default="uniform",
+                   help="looped: windows wrap from the last frame to the first (with --loop)")
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
@@ -69,7 +75,8 @@ def main(argv=None) -> int:
                     width=args.width, fs=args.fs, steps=args.steps, cfg_text=args.cfg, cfg_img=args.cfg_img,
                     eta=(1.0 if args.solver == "ddim" else 0.0) if args.eta is None else args.eta,
                     solver=args.solver, guidance_rescale=args.guidance_rescale, spacing=args.spacing, seed=args.seed,
-                    negative_prompt=args.negative_prompt, callback=progress)
+                    negative_prompt=args.negative_prompt, callback=progress, window=args.window,
+                    window_overlap=args.window_overlap, window_schedule=args.window_schedule)
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]

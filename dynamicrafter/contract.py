@@ -140,7 +140,8 @@ def check_guidance(cfg_text, cfg_img, eta, guidance_rescale) -> None:
 # ----------------------------------------------------------------------------- entry points
 
 def check_animate(dc, image, prompt, *, end_image, loop, frames, height, width, fs, steps, cfg_text, cfg_img, eta,
-                  guidance_rescale, spacing, seed, negative_prompt, callback) -> None:
+                  guidance_rescale, spacing, seed, negative_prompt, callback, window=None, window_overlap=4,
+                  window_schedule="uniform") -> None:
     check_family(dc, image)
     if image is not None:
         check_image(image, "image", batch=1)
@@ -153,8 +154,12 @@ def check_animate(dc, image, prompt, *, end_image, loop, frames, height, width, 
         raise ValueError(f"prompt must be a str, got {_show(prompt)}")
     if not isinstance(negative_prompt, str):
         raise ValueError(f"negative_prompt must be a str, got {_show(negative_prompt)}")
+    check_windows(window, window_overlap, window_schedule)
     if frames is not None:
-        check_int("frames", frames, *FRAMES)
+        if window is not None and isinstance(frames, numbers.Integral) and frames > window:
+            check_int("frames", frames, LONG_FRAMES[0], LONG_FRAMES[1], extra=f" with window={window}")
+        else:
+            check_int("frames", frames, *FRAMES)
     if height is not None or width is not None:
         check_size(height if height is not None else dc.variant["resolution"][0],
                    width if width is not None else dc.variant["resolution"][1])
@@ -174,7 +179,7 @@ def check_image_conditioning(images, prompts, frames, end_images, loop, negative
     """Returns (prompts, negative prompts) as lists matching the batch."""
     check_image(images, "images")
     b = images.shape[0]
-    check_int("frames", frames, *FRAMES)
+    check_int("frames", frames, *LONG_FRAMES)     # more than FRAMES[1]: sampled in context windows
     if end_images is not None:
         check_image(end_images, "end_images", batch=b)
         if end_images.shape != images.shape:

@@ -113,15 +113,19 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             width: Optional[int] = None, fs: Optional[int] = None, steps: int = 50, cfg_text: Optional[float] = None,
             cfg_img: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
             spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "",
-            callback: Optional[Callable] = None, solver: str = "ddim") -> torch.Tensor:
+            callback: Optional[Callable] = None, solver: str = "ddim", window: Optional[int] = None,
+            window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance rescale, resolution) come from `dc.variant`. With a text-to-video
     model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
+    `window` (e.g. 16): sample in context windows of that many frames (`dynamicrafter.windows`), for
+    videos longer than the model's frames (up to 1024); "looped" schedule for loop=True.
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
     check_animate(dc, image, prompt, end_image=end_image, loop=loop, frames=frames, height=height, width=width, fs=fs,
                   steps=steps, cfg_text=cfg_text, cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale,
-                  spacing=spacing, seed=seed, negative_prompt=negative_prompt, callback=callback)
+                  spacing=spacing, seed=seed, negative_prompt=negative_prompt, callback=callback, window=window,
+                  window_overlap=window_overlap, window_schedule=window_schedule)
     v = dc.variant
     frames = v["frames"] if frames is None else frames
     height = v["resolution"][0] if height is None else height
@@ -141,7 +145,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
         latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
                          guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
-                         spacing=spacing or v["spacing"], generator=generator, callback=callback)
+                         spacing=spacing or v["spacing"], generator=generator, callback=callback, window=window,
+                         window_overlap=window_overlap, window_schedule=window_schedule)
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)

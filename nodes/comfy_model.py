@@ -33,7 +33,10 @@ import comfy.utils
 from comfy.text_encoders import sd2_clip
 
 from dynamicrafter.config import TEXT_CONTEXT_LEN, WEIGHT_DTYPES
+from dynamicrafter.windows import take_context, take_frames
 
+# the time axis of our (b, C, T, h, w) latents: core 'Context Windows (Manual)' needs dim = 2
+TIME_DIM = 2
 
 
 class DynamiCrafterLatent(comfy.latent_formats.LatentFormat):
@@ -102,8 +105,25 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         cin = getattr(getattr(unet, "cfg", None), "in_channels", None)
         return cin is not None and cin > 4
 
+    def window_conds(self, x, c_concat, c_crossattn, transformer_options):
+        """Under core context windows (comfy.context_windows: x holds the window's frames) the
+        conds still hold the whole video's: cut the concat latent and the per-frame image tokens
+        to the window's frames (dynamicrafter.windows, as the library sampler does)."""
+        window = transformer_options.get("context_window")
+        if window is None:
+            return c_concat, c_crossattn
+        if getattr(window, "dim", TIME_DIM) != TIME_DIM:
+            raise ValueError(f"context windows along dim {window.dim}: DynamiCrafter latents are (batch, channels, "
+                             f"frames, height, width): set 'Context Windows (Manual)' dim to {TIME_DIM}")
+        if c_concat is None or c_concat.shape[TIME_DIM] == x.shape[TIME_DIM]:
+            return c_concat, c_crossattn     # text-to-video (text only), or already cut to the window
+        idx, frames = list(window.index_list), c_concat.shape[TIME_DIM]
+        context = None if c_crossattn is None else take_context(c_crossattn, idx, frames)
+        return take_frames(c_concat, idx, TIME_DIM), context
+
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = t
+        c_concat, c_crossattn = self.window_conds(x, c_concat, c_crossattn, transformer_options)
         xc = self.model_sampling.calculate_input(sigma, x)
         if c_concat is not None:
             xc = torch.cat([xc, comfy.model_management.cast_to_device(c_concat, xc.device, xc.dtype)], dim=1)

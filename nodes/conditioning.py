@@ -13,7 +13,7 @@ import comfy.model_management
 import node_helpers
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.contract import FRAMES, check_fs, check_int, check_size
+from dynamicrafter.contract import FRAMES, LONG_FRAMES, check_fs, check_int, check_size
 from dynamicrafter.pipeline import concat_latent
 
 from .images import check_finite, resize_center
@@ -22,7 +22,8 @@ from .resampler import ImageContext
 from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
 
 MODES = ["image-to-video", "interpolation", "loop"]
-MAX_FRAMES = FRAMES[1]
+MAX_FRAMES = FRAMES[1]           # frames of one UNet pass
+MAX_VIDEO_FRAMES = LONG_FRAMES[1]   # frames of a video sampled in context windows
 MAX_BATCH = 16
 
 
@@ -42,9 +43,9 @@ def build_conditioning(positive, negative, vae, image_context, start_image, widt
         raise ValueError("image_context must come from 'DynamiCrafter Context Resampler'")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 2 <= frames <= MAX_FRAMES:
-        raise ValueError(f"frames must be in 2..{MAX_FRAMES} for one segment (use 'DynamiCrafter Long Video' "
-                         f"for longer videos); got {frames}")
+    if not 2 <= frames <= MAX_VIDEO_FRAMES:
+        raise ValueError(f"frames must be in 2..{MAX_VIDEO_FRAMES} (more than {MAX_FRAMES} need context windows: "
+                         f"the DDIM sampler's context_window, or core 'Context Windows (Manual)'); got {frames}")
     check_batch_and_fs(batch_size, fs)
     check_size(height, width)
     check_finite(start_image, "start_image")
@@ -95,8 +96,9 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
                 io.Image.Input("start_image", tooltip="first frame; scaled to cover width x height and "
                                                       "centre-cropped"),
                 *size_inputs(),
-                io.Int.Input("frames", default=16, min=2, max=MAX_FRAMES,
-                             tooltip="frames of this segment; the released models are trained on 16"),
+                io.Int.Input("frames", default=16, min=2, max=MAX_VIDEO_FRAMES,
+                             tooltip="frames of the video; the released models are trained on 16 (more: sample "
+                                     "in context windows of 16)"),
                 io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once"),
                 fs_input(),
                 io.Combo.Input("mode", options=MODES, default="image-to-video",

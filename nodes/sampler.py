@@ -14,7 +14,7 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
-from dynamicrafter.contract import GUIDANCE, check_number
+from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number
 
 from .comfy_model import require_dynamicrafter_model
 from .inputs import CATEGORY, MAX_STEPS, sampler_inputs
@@ -75,7 +75,9 @@ def prepare_inputs(inner, positive, negative, latent):
 
 @torch.no_grad()
 def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
-             x_T: torch.Tensor | None = None, previews: bool = True, solver: str = "ddim"):
+             x_T: torch.Tensor | None = None, previews: bool = True, solver: str = "ddim", context_window: int = 0,
+             context_overlap: int = 4, context_schedule: str = "uniform"):
+    """context_window 0 = one UNet pass over all frames; W > 0: context windows (library `window`)."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
@@ -102,6 +104,10 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
             pbar.update_absolute(i + 1, n)
 
     check_number("cfg_img", cfg_img, *GUIDANCE)    # NaN would read as 'off' below (NaN > 0 is False)
+    if context_window:
+        check_int("context_window", context_window, 2, FRAMES[1], extra=" or 0 (off)")
+        check_int("context_overlap", context_overlap, 0, context_window - 1,
+                  extra=f" (less than context_window={context_window})")
     use_dual = cfg_img > 0
     out = dynamicrafter.sample(
         dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
@@ -109,7 +115,8 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
         concat=None if concat is None else concat.to(device, torch.float32), fs=fs, steps=int(steps),
         cfg_text=float(cfg_text), cfg_img=float(cfg_img) if use_dual else None,
         eta=float(eta) if solver == "ddim" else 0.0, solver=solver,
-        guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback)
+        guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback,
+        window=context_window or None, window_overlap=context_overlap, window_schedule=context_schedule)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
@@ -135,14 +142,26 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 io.Combo.Input("solver", options=SOLVERS, default="ddim", optional=True,
                                tooltip="ddim: the official sampler (uses eta); dpmpp_2m / unipc: deterministic "
                                        "(eta ignored), close to 50-step DDIM in 10-15 steps (README: Speed)"),
+                io.Int.Input("context_window", default=0, min=0, max=FRAMES[1], optional=True,
+                             tooltip="context windows: frames per UNet call (16 = what the models are trained "
+                                     "on); longer videos run in overlapping windows blended at every step. 0 = "
+                                     "off (one pass over all frames, as without windows)"),
+                io.Int.Input("context_overlap", default=4, min=0, max=FRAMES[1] - 1, optional=True,
+                             tooltip="frames shared by neighbouring windows, blended with a ramp (less than "
+                                     "context_window)"),
+                io.Combo.Input("context_schedule", options=list(WINDOW_SCHEDULES), default="uniform", optional=True,
+                               tooltip="uniform: windows from the first to the last frame; looped: windows also "
+                                       "wrap from the last frame to the first (loop mode)"),
             ],
             outputs=[io.Latent.Output()])
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
-                guidance_rescale, spacing, solver="ddim") -> io.NodeOutput:
+                guidance_rescale, spacing, solver="ddim", context_window=0, context_overlap=4,
+                context_schedule="uniform") -> io.NodeOutput:
         return io.NodeOutput(run_ddim(model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
-                                      guidance_rescale, spacing, solver=solver))
+                                      guidance_rescale, spacing, solver=solver, context_window=context_window,
+                                      context_overlap=context_overlap, context_schedule=context_schedule))
 
 
 NODES = [DynamiCrafterDDIMSampler]

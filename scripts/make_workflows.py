@@ -254,9 +254,9 @@ def continue_clip(classes) -> dict:
     return g.to_json()
 
 
-def image_to_video_ksampler(classes) -> dict:
-    """The same MODEL under core SamplerCustomAdvanced + DualCFGGuider (ComfyUI's samplers)."""
-    g = UIGraph(classes)
+def core_sampler_inputs(g: UIGraph, frames: int, title: str = "Image conditioning"):
+    """Loader, start image, prompts, CLIP vision, resampler and image conditioning for a core
+    sampler (the MODEL and positive / negative / image_only / latent); returns (loader, conditioning)."""
     ld = loader(g, "dynamicrafter_512.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     p = g.add("CLIPTextEncode", (400, 0), {"text": "a boat sails across a calm lake at sunset"}, size=[360, 120])
@@ -270,11 +270,18 @@ def image_to_video_ksampler(classes) -> dict:
     g.connect(ld, "model", res, "model")
     g.connect(enc, 0, res, "clip_tokens")
     cond = g.add("DynamiCrafterImageConditioning", (800, 0),
-                 {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 24, "mode": "image-to-video"},
-                 title="Image conditioning")
+                 {"width": 512, "height": 320, "frames": frames, "batch_size": 1, "fs": 24, "mode": "image-to-video"},
+                 title=title)
     for name, src, slot in (("positive", p, 0), ("negative", n, 0), ("vae", ld, "vae"), ("image_context", res, 0),
                             ("start_image", img, 0)):
         g.connect(src, slot, cond, name)
+    return ld, cond
+
+
+def image_to_video_ksampler(classes) -> dict:
+    """The same MODEL under core SamplerCustomAdvanced + DualCFGGuider (ComfyUI's samplers)."""
+    g = UIGraph(classes)
+    ld, cond = core_sampler_inputs(g, 16)
     guider = g.add("DualCFGGuider", (1200, 0), {"cfg_conds": 7.5, "cfg_cond2_negative": 1.5, "style": "regular"})
     g.connect(ld, "model", guider, "model")
     g.connect(cond, "positive", guider, "cond1")
@@ -297,6 +304,36 @@ def image_to_video_ksampler(classes) -> dict:
            "grey image; cfg_conds = text scale, cfg_cond2_negative = image scale. Differs from the exact DDIM "
            "node: continuous sigmas (the last ComfyUI alpha is 4.9e-8, not 0), no dynamic x0 rescale, "
            "ComfyUI's scheduler spacing; results are close but not identical.", (0, 600), (420, 240))
+    return g.to_json()
+
+
+def context_windows(classes) -> dict:
+    """A 64-frame video in context windows of 16 under core KSampler: core 'Context Windows
+    (Manual)' on the DynamiCrafter MODEL, windows along the latent's frame axis (dim 2)."""
+    g = UIGraph(classes)
+    ld, cond = core_sampler_inputs(g, 64, "Image conditioning (64 frames)")
+    cw = g.add("ContextWindowsManual", (800, 330),
+               {"context_length": 16, "context_overlap": 4, "context_schedule": "standard_static",
+                "context_stride": 1, "closed_loop": False, "fuse_method": "pyramid", "dim": 2},
+               title="Context windows (16 frames, dim 2)", size=[360, 260])
+    g.connect(ld, "model", cw, "model")
+    ks = g.add("KSampler", (1200, 0), {"seed": 3, "steps": 30, "cfg": 7.5, "sampler_name": "ddim",
+                                       "scheduler": "simple", "denoise": 1.0}, size=[320, 270])
+    g.connect(cw, 0, ks, "model")
+    g.connect(cond, "positive", ks, "positive")
+    g.connect(cond, "negative", ks, "negative")
+    g.connect(cond, "latent", ks, "latent_image")
+    dec = g.add("DynamiCrafterVideoDecode", (1200, 330), {"frames_per_batch": 4, "trim": "auto"})
+    g.connect(ld, "vae", dec, "vae")
+    g.connect(ks, 0, dec, "latent")
+    save_video(g, dec, 1600, 0, "video/dynamicrafter_context_windows", fps=12.0)
+    g.note("Longer than 16 frames in one shot: core 'Context Windows (Manual)' runs the UNet on windows of 16 "
+           "frames (what the models are trained on) overlapping by 4, and blends them at every step, so the "
+           "motion carries through instead of restarting per segment. dim must be 2: DynamiCrafter latents are "
+           "(batch, channels, frames, height, width); each window gets its frames' image latent and image tokens. "
+           "The exact DDIM node does the same with its context_window / context_overlap / context_schedule "
+           "inputs (looped: windows wrap round for loop mode). Windows >= frames is plain sampling.",
+           (0, 600), (420, 240))
     return g.to_json()
 
 
@@ -383,6 +420,7 @@ WORKFLOWS = {
     "dynamicrafter_image_to_video_ksampler.json": image_to_video_ksampler,
     "tooncrafter_interpolation.json": tooncrafter,
     "dynamicrafter_keyframes.json": keyframes,
+    "dynamicrafter_context_windows.json": context_windows,
     "dynamicrafter_continue_clip.json": continue_clip,
 }
 

@@ -63,7 +63,8 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterLoader"] == ["ckpt_name", "dtype", "variant"]
     assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
-                                                   "guidance_rescale", "spacing", "solver"]
+                                                   "guidance_rescale", "spacing", "solver", "context_window",
+                                                   "context_overlap", "context_schedule"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
@@ -217,12 +218,13 @@ def test_ddim_node_solver_input_equals_library_sample(comfy, loaded, comfy_refer
 
 def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypatch):
     """A workflow saved before the solver input (7 widgets + the seed's control value) still maps
-    value by value (the web UI fills widgets in order, the new last one keeps its default) and runs
-    DDIM; the solver input set to dpmpp_2m runs DPM-Solver++ 2M in the real executor."""
+    value by value (the web UI fills widgets in order, the new last ones keep their defaults) and
+    runs DDIM; the solver input set to dpmpp_2m runs DPM-Solver++ 2M in the real executor. (One
+    saved before the context-window inputs: tests/test_comfy_windows.py.)"""
     import dynamicrafter.solvers as solvers
     wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
-    assert len(node["widgets_values"]) == 9 and node["widgets_values"][-1] == "ddim"   # saved with the solver
+    assert len(node["widgets_values"]) == 12 and node["widgets_values"][8] == "ddim"   # saved with the solver
     saved = node["widgets_values"] = node["widgets_values"][:8]     # as saved before the solver input existed
     assert saved[-1] in ("auto", "uniform_trailing", "uniform")
     calls = []

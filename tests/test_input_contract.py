@@ -61,6 +61,9 @@ ROWS = [
     (animate(frames=0), "frames must be an integer in 2..64, got 0"),
     (animate(frames=10_000), "frames must be an integer in 2..64, got 10000"),
     (animate(frames=2.5), "frames must be an integer in 2..64, got 2.5"),
+    (animate(frames=2000, window=16), "frames must be an integer in 2..1024 with window=16, got 2000"),
+    (animate(frames=100, window=8, window_overlap=8), "window_overlap must be an integer in 0..7"),
+    (animate(frames=100, window=8, window_schedule="loop"), "window_schedule must be one of ['uniform', 'looped']"),
     (animate(steps=0), "steps must be an integer in 1..1000, got 0"),
     (animate(fs=0), "fs must be an integer in 1..1000 (this model was trained on 5..30), got 0"),
     (animate(height=100), "height must be a multiple of 64 in 64..4096 for this UNet, got 100 (nearest: 128)"),
@@ -78,7 +81,7 @@ ROWS = [
     (conditioning(images=torch.zeros(2, 3, 64, 64)), "prompts must hold one prompt per image (2), got 1"),
     (conditioning(prompts=None), "prompts must be a str or a non-empty list of str, got None"),
     (conditioning(prompts=[1]), "prompts must be a str or a non-empty list of str, got [1]"),
-    (conditioning(frames=0), "frames must be an integer in 2..64, got 0"),
+    (conditioning(frames=0), "frames must be an integer in 2..1024, got 0"),   # longer than 64: windows
     (conditioning(end_images=torch.zeros(1, 3, 64, 128)), "end_images must be the size of images"),
     (conditioning(negative_prompts=["", ""]), "negative_prompts must hold one prompt per image (1), got 2"),
     (conditioning(images=IMG + 255), "images must be in [-1, 1], got values in [255, 255]"),

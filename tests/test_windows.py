@@ -51,7 +51,8 @@ def test_window_lists_and_ramp_values():
 def test_take_context_slices_the_image_tokens_of_the_window_frames():
     frames, c = 6, 5
     text = torch.randn(2, TEXT_CONTEXT_LEN, c)
-    image = torch.arange(frames, dtype=torch.float32).repeat_interleave(QUERIES_PER_FRAME)[None, :, None].expand(2, -1, c)
+    image = torch.arange(frames, dtype=torch.float32).repeat_interleave(QUERIES_PER_FRAME)
+    image = image[None, :, None].expand(2, -1, c)
     ctx = torch.cat([text, image], dim=1)
     out = take_context(ctx, [4, 5, 0], frames)
     assert torch.equal(out[:, :TEXT_CONTEXT_LEN], text)
@@ -192,3 +193,27 @@ def test_windows_sample_videos_longer_than_one_unet_call(tiny):
         dynamicrafter.sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=24, steps=1)
     with pytest.raises(ValueError, match="use cache_interval=1 with windows"):
         dynamicrafter.sample(dc, x_T, cond, uncond, concat=concat, fs=24, steps=2, cache_interval=2, window=32)
+
+
+def test_animate_and_the_cli_sample_long_videos_in_windows(tmp_path, monkeypatch, tiny_ckpt):
+    """The headless entry points pass the window arguments to the sampler: 20 frames of a model
+    trained on 8, in windows of 8, from the command line."""
+    from dynamicrafter import cli, pipeline
+    seen = []
+
+    def recording_sample(*a, **kw):
+        seen.append(kw)
+        return dynamicrafter.sample(*a, **kw)
+    monkeypatch.setattr(pipeline, "sample", recording_sample)
+    image = tmp_path / "in.png"
+    image.write_bytes((tiny_ckpt.parent / "inputs" / "single" / "image.png").read_bytes())
+    out = tmp_path / "o.png"
+    assert cli.main(["animate", "--ckpt", str(tiny_ckpt), "--image", str(image), "--prompt", "x", "--out", str(out),
+                     "--steps", "2", "--frames", "20", "--width", "64", "--height", "64", "--window", "8",
+                     "--window-overlap", "2"]) == 0
+    assert out.is_file() and out.stat().st_size > 0
+    assert len(seen) == 1 and (seen[0]["window"], seen[0]["window_overlap"], seen[0]["window_schedule"]) == \
+        (8, 2, "uniform")
+    with pytest.raises(ValueError, match="frames must be an integer in 2..64, got 80"):   # one pass: up to 64
+        dynamicrafter.animate(dynamicrafter.load_model(str(tiny_ckpt)), torch.zeros(1, 3, 64, 64), "x", frames=80,
+                              height=64, width=64, steps=1)
