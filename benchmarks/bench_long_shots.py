@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dynamicrafter  # noqa: E402
-from dynamicrafter.long_shots import chain_segments, continue_clip, segment_joins  # noqa: E402
+from dynamicrafter.long_shots import chain_segments, continue_clip, segment_joins, window_overlap  # noqa: E402
 from dynamicrafter.pipeline import image_conditioning  # noqa: E402
 from dynamicrafter.windows import context_windows  # noqa: E402
 from training.demo.evaluate import object_mask, psnr, to_uint8, track  # noqa: E402
@@ -84,7 +84,7 @@ def chained(dc, first, prompts, total, seg, steps, seed):
 
 
 def windows(dc, first, prompts, total, seg, steps, seed):
-    overlap = seg // 2
+    overlap = window_overlap(seg)
     video = segment(dc, first, prompts, total, seed, steps, window=seg, overlap=overlap)
     joins = set()
     for idx in context_windows(total, seg, overlap):

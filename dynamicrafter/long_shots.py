@@ -27,6 +27,8 @@ import torch
 from .schedule import ddim_timesteps
 
 FRAME_CHOICES = ("first", "last", "index")
+LONG_VIDEO_METHODS = ("chained", "windows")
+DEFAULT_LONG_VIDEO_METHOD = "chained"    # the winner of benchmarks/bench_long_shots.py (README: Long shots)
 
 
 # ---------------------------------------------------------------------------- 1. video input
@@ -74,6 +76,11 @@ def chain_segments(animate_from: Callable[[int, torch.Tensor], torch.Tensor], st
 def segment_joins(total: int, segment: int) -> list[int]:
     """Frame steps (t -> t+1, given as t) where a chained segment starts: the first step of every later segment."""
     return [k * (segment - 1) for k in range(1, segments_needed(total, segment)) if k * (segment - 1) < total - 1]
+
+
+def window_overlap(segment: int) -> int:
+    """Frames shared by neighbouring context windows of `segment` frames for a long video: half a window."""
+    return segment // 2
 
 
 # ---------------------------------------------------------------------------- 3. continuing a clip

@@ -221,8 +221,10 @@ def long_video(classes) -> dict:
                             ("positive", p, 0), ("negative", n, 0), ("start_image", img, 0)):
         g.connect(src, slot, lv, name)
     save_video(g, lv, 1200, 0, "video/dynamicrafter_long")
-    g.note("Longer than 16 frames: segments are chained, each animated from the previous segment's last frame "
-           "(46 frames = 3 segments of 16).", (0, 600), (400, 120))
+    g.note("Longer than 16 frames. method chained: segments, each animated from the previous segment's last "
+           "frame (46 frames = 3 segments of 16); windows: the whole video in context windows of segment_frames "
+           "overlapping by half a window, blended at every step. README 'Long shots' compares them.",
+           (0, 600), (400, 140))
     return g.to_json()
 
 

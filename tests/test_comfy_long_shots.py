@@ -148,3 +148,36 @@ def test_keyframe_node_with_a_512_interp_model_repeats_no_frame(comfy, comfy_ref
     assert torch.equal(whole[:T], first) and torch.equal(whole[T:], second[1:])    # pair 2 without keyframe 2 again
     diffs = (whole[1:] - whole[:-1]).flatten(1).abs().amax(1)
     assert (diffs > 0).all(), diffs                                                # no frame repeated, joins included
+
+
+# ------------------------------------------------------------------------------ long video: method
+def test_long_video_method_old_workflow_chains_and_windows_runs(comfy, monkeypatch):
+    """A Long Video node saved before the method input still chains (its widgets map value by
+    value, method falls back to chained); method=windows samples one video in context windows."""
+    import sys
+    from pathlib import Path
+
+    from nodes_pack_access import pack
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from comfy_workflow import load_workflow
+    from run_workflow import prepare_prompt
+
+    from test_comfy_nodes import WORKFLOWS
+    lv = pack("long_video")
+    calls = []
+    for name in ("chained_video", "windowed_video"):
+        real = getattr(lv, name)
+        monkeypatch.setattr(lv, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    wf = load_workflow(WORKFLOWS / "dynamicrafter_long_video.json")
+    node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterLongVideo")
+    assert node["widgets_values"][-1] == lv.DEFAULT_LONG_VIDEO_METHOD       # saved with the method
+    node["widgets_values"] = node["widgets_values"][:-1]                    # as saved before it existed
+    old = prepare_prompt(wf, comfy.node_classes, "dc_tiny_v.safetensors", ["single_image.png"], W, H, 4, 2,
+                         ["DynamiCrafterLongVideo.total_frames=10"])
+    assert "method" not in next(v for v in old.values() if v["class_type"] == "DynamiCrafterLongVideo")["inputs"]
+    assert count_frames(run_and_get_video(comfy, old)) == 10 and calls == ["chained_video"]
+    new = tiny_prompt(comfy, "dynamicrafter_long_video.json", frames=4, steps=2,
+                      sets=["DynamiCrafterLongVideo.total_frames=10", "DynamiCrafterLongVideo.method=windows"])
+    assert count_frames(run_and_get_video(comfy, new)) == 10 and calls[-1] == "windowed_video"
+    with pytest.raises(ValueError, match="method must be one of"):
+        lv.long_video("sliding", None)
