@@ -114,6 +114,33 @@ def test_ddim_node_samples_more_frames_than_one_unet_call_in_windows(comfy, late
         comfy.run(tiny_prompt(comfy, wf, frames=frames, steps=2))
 
 
+def test_text_to_video_in_windows_with_the_ddim_node_and_core_context_windows(comfy, latents, comfy_reference):
+    """VideoCrafter (text only: nothing per frame to cut but the latent) through both window paths."""
+    if not (comfy_reference / "tiny_vc2" / "model.safetensors").is_file():
+        pytest.skip("no tiny VideoCrafter2 checkpoint in the reference folder")
+    frames = 20
+
+    def t2v(sets):
+        return prepare_prompt(load_workflow(WORKFLOWS / "videocrafter_text_to_video.json"), comfy.node_classes,
+                              "vc2_tiny.safetensors", [], W, H, frames, 2, sets)
+    ddim, n = run(comfy, latents, t2v(["DynamiCrafterDDIMSampler.context_window=8",
+                                       "DynamiCrafterDDIMSampler.context_overlap=2"]))
+    assert n == frames and ddim.shape[2] == frames and torch.isfinite(ddim).all()
+    prompt = t2v([])
+    sampler_id = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterDDIMSampler")
+    loader_id = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterLoader")
+    prompt["900"] = {"class_type": "ContextWindowsManual", "inputs": {
+        "model": [loader_id, 0], "context_length": 8, "context_overlap": 2, "context_schedule": "standard_static",
+        "context_stride": 1, "closed_loop": False, "fuse_method": "pyramid", "dim": 2}}
+    old = prompt[sampler_id]["inputs"]
+    prompt[sampler_id] = {"class_type": "KSampler", "inputs": {
+        "model": ["900", 0], "positive": old["positive"], "negative": old["negative"],
+        "latent_image": old["latent_image"], "seed": 1, "steps": 2, "cfg": 7.5, "sampler_name": "euler",
+        "scheduler": "simple", "denoise": 1.0}}
+    core, n = run(comfy, latents, prompt)
+    assert n == frames and core.shape[2] == frames and torch.isfinite(core).all()
+
+
 # ------------------------------------------------------------------------------ core Context Windows (Manual)
 def test_context_windows_workflow_is_core_context_windows_on_the_time_axis():
     wf = json.loads((WORKFLOWS / "dynamicrafter_context_windows.json").read_text())
