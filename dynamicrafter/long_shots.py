@@ -28,7 +28,7 @@ from .schedule import ddim_timesteps
 
 FRAME_CHOICES = ("first", "last", "index")
 LONG_VIDEO_METHODS = ("chained", "windows")
-DEFAULT_LONG_VIDEO_METHOD = "chained"    # the winner of benchmarks/bench_long_shots.py (README: Long shots)
+DEFAULT_LONG_VIDEO_METHOD = "windows"    # the winner of benchmarks/bench_long_shots.py (README: Long shots)
 
 
 # ---------------------------------------------------------------------------- 1. video input

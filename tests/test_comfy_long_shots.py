@@ -177,7 +177,7 @@ def test_long_video_method_old_workflow_chains_and_windows_runs(comfy, monkeypat
     assert "method" not in next(v for v in old.values() if v["class_type"] == "DynamiCrafterLongVideo")["inputs"]
     assert count_frames(run_and_get_video(comfy, old)) == 10 and calls == ["chained_video"]
     new = tiny_prompt(comfy, "dynamicrafter_long_video.json", frames=4, steps=2,
-                      sets=["DynamiCrafterLongVideo.total_frames=10", "DynamiCrafterLongVideo.method=windows"])
-    assert count_frames(run_and_get_video(comfy, new)) == 10 and calls[-1] == "windowed_video"
+                      sets=["DynamiCrafterLongVideo.total_frames=9", "DynamiCrafterLongVideo.method=windows"])
+    assert count_frames(run_and_get_video(comfy, new)) == 9 and calls[-1] == "windowed_video"
     with pytest.raises(ValueError, match="method must be one of"):
         lv.long_video("sliding", None)
