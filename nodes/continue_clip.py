@@ -22,7 +22,7 @@ from .comfy_model import require_dynamicrafter_model
 from .conditioning import MAX_FRAMES, build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, MAX_STEPS, fs_input, sampler_inputs, size_inputs
+from .inputs import CATEGORY, MAX_STEPS, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import prepare_inputs
 
@@ -95,11 +95,7 @@ class DynamiCrafterContinueClip(io.ComfyNode):
                         "instead of restarting from a still. Outputs the clip followed by frames - overlap new "
                         "frames.",
             inputs=[
-                io.Model.Input("model"),
-                io.ClipVision.Input("clip_vision"),
-                io.Vae.Input("vae"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                *pipeline_inputs(),
                 io.Image.Input("video", tooltip="the clip to continue (its frames in order); covered and "
                                                 "centre-cropped to width x height"),
                 *size_inputs(),

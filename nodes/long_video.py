@@ -19,7 +19,7 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import CATEGORY, fs_input, sampler_inputs, size_inputs
+from .inputs import CATEGORY, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -81,11 +81,7 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                         "segment's last frame (positions join, motion restarts at each join); 'windows' samples "
                         "the whole video in overlapping context windows of segment_frames, blended at every step.",
             inputs=[
-                io.Model.Input("model"),
-                io.ClipVision.Input("clip_vision"),
-                io.Vae.Input("vae"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                *pipeline_inputs(),
                 io.Image.Input("start_image", tooltip="the first frame of the whole video"),
                 *size_inputs(),
                 io.Int.Input("total_frames", default=48, min=2, max=MAX_TOTAL_FRAMES,
