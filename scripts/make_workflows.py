@@ -243,11 +243,11 @@ def continue_clip(classes) -> dict:
     cc = g.add("DynamiCrafterContinueClip", (800, 0),
                {"width": 512, "height": 320, "frames": 16, "overlap": 8, "condition": "window_start", "fs": 24,
                 "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
-                "spacing": "auto"}, size=[380, 480])
+                "spacing": "auto"}, size=[360, 480])
     for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
                             ("positive", p, 0), ("negative", n, 0), ("video", parts, "images")):
         g.connect(src, slot, cc, name)
-    save_video(g, cc, 1220, 0, "video/dynamicrafter_continued")
+    save_video(g, cc, 1200, 0, "video/dynamicrafter_continued")
     g.note("Continue a clip: the window's first `overlap` frames are the clip's last ones, kept pinned to the "
            "clip while sampling, so the motion carries on instead of restarting from a still image. Output: the "
            "clip (covered and centre-cropped to width x height) then frames - overlap new frames (16 - 8 = 8 "
