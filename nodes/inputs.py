@@ -39,6 +39,12 @@ def size_inputs(default_width: int = 512, default_height: int = 320) -> list:
                          tooltip=f"video height in pixels, {note}")]
 
 
+def pipeline_inputs() -> list:
+    """model, clip_vision, vae, positive, negative: what the all-in-one long-shot nodes run on."""
+    return [io.Model.Input("model"), io.ClipVision.Input("clip_vision"), io.Vae.Input("vae"),
+            io.Conditioning.Input("positive"), io.Conditioning.Input("negative")]
+
+
 def fs_input(default: int = 24, tooltip: str | None = None):
     return io.Int.Input("fs", default=default, min=1, max=60, tooltip=tooltip or (
         "frame-rate conditioning: fps for 512/1024/interp (512: 15-30, 1024: 5-15; smaller = more motion), "

@@ -1,56 +1,73 @@
-"""DynamiCrafter Long Video: videos longer than one segment by chaining segments.
+"""DynamiCrafter Long Video: videos longer than one segment, chained or in context windows.
 
-Segment k+1 is generated from the last decoded frame of segment k (image-to-video), so every
-segment starts exactly where the previous one ended; the repeated first frame of each later
-segment is dropped when joining.  N frames need 1 + ceil((N - T) / (T - 1)) segments of T frames.
+method "chained": segment k+1 is generated from the last decoded frame of segment k
+(image-to-video), so every segment starts exactly where the previous one ended; the repeated
+first frame of each later segment is dropped when joining (`dynamicrafter.long_shots.chain_segments`).
+method "windows": one video of total_frames sampled in context windows of segment_frames frames
+overlapping by half a window (`sample_ddim(window=...)`, blended at every step). README "Long
+shots" measures both; the default is the one that won there.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
+from dynamicrafter.long_shots import DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments, window_overlap
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import CATEGORY, fs_input, sampler_inputs, size_inputs
+from .inputs import CATEGORY, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import run_ddim
 
 MAX_TOTAL_FRAMES = 1024
-
-
-def segments_needed(total: int, seg: int) -> int:
-    return 1 if total <= seg else 1 + math.ceil((total - seg) / (seg - 1))
+METHODS = list(LONG_VIDEO_METHODS)
 
 
 def chained_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
                   segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
                   frames_per_batch=4) -> torch.Tensor:
+    check_long_video(start_image, width, height, total_frames, segment_frames)
+
+    def animate_from(k, image):
+        context = resample_context(model, encode_clip_vision(clip_vision, image))
+        pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height,
+                                                 segment_frames, 1, fs, "image-to-video")
+        out = run_ddim(model, pos, neg, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        return decode_video(vae, out, frames_per_batch, "keep all frames")
+
+    return chain_segments(animate_from, start_image[:1], total_frames, segment_frames)
+
+
+def check_long_video(start_image, width, height, total_frames, segment_frames) -> None:
     if segment_frames < 2:
         raise ValueError(f"segment_frames must be at least 2, got {segment_frames}")
     if not 2 <= total_frames <= MAX_TOTAL_FRAMES:
         raise ValueError(f"total_frames must be in 2..{MAX_TOTAL_FRAMES}, got {total_frames}")
     check_size(height, width)
     check_finite(start_image, "start_image")
-    current = start_image[:1]
-    pieces = []
-    for k in range(segments_needed(total_frames, segment_frames)):
-        tokens = encode_clip_vision(clip_vision, current)
-        context = resample_context(model, tokens)
-        pos, neg, _, latent = build_conditioning(positive, negative, vae, context, current, width, height,
-                                                 segment_frames, 1, fs, "image-to-video")
-        out = run_ddim(model, pos, neg, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
-        frames = decode_video(vae, out, frames_per_batch, "keep all frames")
-        if k > 0:
-            frames = frames[1:]      # re-creates the previous segment's last frame
-        pieces.append(frames)
-        current = frames[-1:]
-    return torch.cat(pieces)[:total_frames]
+
+
+def windowed_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
+                   segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+                   frames_per_batch=4) -> torch.Tensor:
+    check_long_video(start_image, width, height, total_frames, segment_frames)
+    image = start_image[:1]
+    context = resample_context(model, encode_clip_vision(clip_vision, image))
+    pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height, total_frames,
+                                             1, fs, "image-to-video")
+    out = run_ddim(model, pos, neg, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+                   context_window=segment_frames, context_overlap=window_overlap(segment_frames))
+    return decode_video(vae, out, frames_per_batch, "keep all frames")
+
+
+def long_video(method, *args, **kwargs) -> torch.Tensor:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return (chained_video if method == "chained" else windowed_video)(*args, **kwargs)
 
 
 class DynamiCrafterLongVideo(io.ComfyNode):
@@ -58,16 +75,13 @@ class DynamiCrafterLongVideo(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DynamiCrafterLongVideo",
-            display_name="DynamiCrafter Long Video (chained segments)",
+            display_name="DynamiCrafter Long Video (chained segments or context windows)",
             category=CATEGORY,
-            description="Videos longer than one segment: each segment is animated from the previous segment's "
-                        "last frame, so positions join without jumps (motion restarts at each join).",
+            description="Videos longer than one segment: 'chained' animates each segment from the previous "
+                        "segment's last frame (positions join, motion restarts at each join); 'windows' samples "
+                        "the whole video in overlapping context windows of segment_frames, blended at every step.",
             inputs=[
-                io.Model.Input("model"),
-                io.ClipVision.Input("clip_vision"),
-                io.Vae.Input("vae"),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                *pipeline_inputs(),
                 io.Image.Input("start_image", tooltip="the first frame of the whole video"),
                 *size_inputs(),
                 io.Int.Input("total_frames", default=48, min=2, max=MAX_TOTAL_FRAMES,
@@ -76,15 +90,20 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                              tooltip="frames per generated segment (the model's 16)"),
                 fs_input(),
                 *sampler_inputs(),
+                # after every older widget: saved workflows keep their widget order (and chain, as before)
+                io.Combo.Input("method", options=METHODS, default=DEFAULT_LONG_VIDEO_METHOD, optional=True,
+                               tooltip="chained: segments from the previous one's last frame; windows: one video in "
+                                       "context windows of segment_frames (README: Long shots says which wins when)"),
             ],
             outputs=[io.Image.Output(display_name="frames")])
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
-                segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> io.NodeOutput:
-        return io.NodeOutput(chained_video(model, clip_vision, vae, positive, negative, start_image, width, height,
-                                           total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
-                                           guidance_rescale, spacing))
+                segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+                method="chained") -> io.NodeOutput:
+        return io.NodeOutput(long_video(method, model, clip_vision, vae, positive, negative, start_image, width,
+                                        height, total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
+                                        guidance_rescale, spacing))
 
 
 NODES = [DynamiCrafterLongVideo]

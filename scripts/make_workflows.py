@@ -247,8 +247,38 @@ def long_video(classes) -> dict:
                             ("positive", p, 0), ("negative", n, 0), ("start_image", img, 0)):
         g.connect(src, slot, lv, name)
     save_video(g, lv, 1200, 0, "video/dynamicrafter_long")
-    g.note("Longer than 16 frames: segments are chained, each animated from the previous segment's last frame "
-           "(46 frames = 3 segments of 16).", (0, 600), (400, 120))
+    g.note("Longer than 16 frames. method chained: segments, each animated from the previous segment's last "
+           "frame (46 frames = 3 segments of 16); windows: the whole video in context windows of segment_frames "
+           "overlapping by half a window, blended at every step. README 'Long shots' compares them.",
+           (0, 600), (400, 140))
+    return g.to_json()
+
+
+def continue_clip(classes) -> dict:
+    """A video in, the same video continued: LoadVideo -> GetVideoComponents -> Continue Clip."""
+    g = UIGraph(classes)
+    ld = loader(g, "dynamicrafter_512.ckpt")
+    vid = g.add("LoadVideo", (0, 200), {"file": "clip.mp4"}, title="Clip to continue", size=[320, 360])
+    parts = g.add("GetVideoComponents", (0, 600))
+    g.connect(vid, 0, parts, "video")
+    p = g.add("CLIPTextEncode", (400, 0), {"text": "a train travels through snowy mountains"}, title="Prompt",
+              size=[360, 120])
+    n = g.add("CLIPTextEncode", (400, 150), {"text": NEG}, title="Empty prompt (unconditional)", size=[360, 90])
+    g.connect(ld, "clip", p, "clip")
+    g.connect(ld, "clip", n, "clip")
+    cc = g.add("DynamiCrafterContinueClip", (800, 0),
+               {"width": 512, "height": 320, "frames": 16, "overlap": 8, "condition": "window_start", "fs": 24,
+                "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
+                "spacing": "auto"}, size=[360, 480])
+    for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
+                            ("positive", p, 0), ("negative", n, 0), ("video", parts, "images")):
+        g.connect(src, slot, cc, name)
+    save_video(g, cc, 1200, 0, "video/dynamicrafter_continued")
+    g.note("Continue a clip: the window's first `overlap` frames are the clip's last ones, kept pinned to the "
+           "clip while sampling, so the motion carries on instead of restarting from a still image. Output: the "
+           "clip (covered and centre-cropped to width x height) then frames - overlap new frames (16 - 8 = 8 "
+           "here); chain the node to go on. To start a new animation from one frame of a video instead, use "
+           "'DynamiCrafter Pick Frame' (first / last / index) into the image conditioning.", (0, 800), (420, 200))
     return g.to_json()
 
 
@@ -420,6 +450,7 @@ WORKFLOWS = {
     "tooncrafter_interpolation.json": tooncrafter,
     "dynamicrafter_keyframes.json": keyframes,
     "dynamicrafter_context_windows.json": context_windows,
+    "dynamicrafter_continue_clip.json": continue_clip,
 }
 
 

@@ -26,11 +26,12 @@ sys.path.insert(0, str(HERE))
 from comfy_workflow import load_workflow, ui_to_api  # noqa: E402
 
 SIZE_NODES = ("DynamiCrafterImageConditioning", "DynamiCrafterLongVideo", "DynamiCrafterTextToVideoLatent",
-              "EmptyLatentImage", "DynamiCrafterKeyframes")
+              "EmptyLatentImage", "DynamiCrafterKeyframes", "DynamiCrafterContinueClip")
 FRAME_NODES = {"DynamiCrafterImageConditioning": "frames", "DynamiCrafterTextToVideoLatent": "frames",
-               "DynamiCrafterLongVideo": "segment_frames", "DynamiCrafterKeyframes": "frames"}
+               "DynamiCrafterLongVideo": "segment_frames", "DynamiCrafterKeyframes": "frames",
+               "DynamiCrafterContinueClip": "frames"}
 STEP_NODES = ("DynamiCrafterDDIMSampler", "DynamiCrafterLongVideo", "BasicScheduler", "KSampler",
-              "DynamiCrafterKeyframes")
+              "DynamiCrafterKeyframes", "DynamiCrafterContinueClip")
 
 
 def _parse_value(text: str):

@@ -68,7 +68,7 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
-                                                 "spacing"]
+                                                 "spacing", "method"]
     assert layouts["DynamiCrafterTextToVideoLatent"] == ["width", "height", "frames", "batch_size", "fs"]
     for n in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler", "DynamiCrafterVariantDefaults"):
         assert layouts[n] == [], n
@@ -101,7 +101,7 @@ def test_bundled_workflow_runs_end_to_end(comfy, workflow, images, frames_out):
 
 def test_long_video_workflow_chains_segments(comfy):
     prompt = tiny_prompt(comfy, "dynamicrafter_long_video.json", frames=4, steps=2,
-                         sets=["DynamiCrafterLongVideo.total_frames=10"])
+                         sets=["DynamiCrafterLongVideo.total_frames=10", "DynamiCrafterLongVideo.method=chained"])
     video = run_and_get_video(comfy, prompt)
     assert count_frames(video) == 10      # 4 + 3 + 3 frames from three chained segments
 

@@ -1,0 +1,123 @@
+"""DynamiCrafter Continue Clip: extend a video so its motion carries on.
+
+A window of `frames` frames starts with the clip's last `overlap` frames, kept pinned to the
+clip at every DDIM step (`dynamicrafter.long_shots.continue_latents`), and animates the rest
+from the first pinned frame (or the clip's last one); the output is the clip, then the
+frames - overlap new frames, nothing repeated.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+from comfy_api.v0_0_2 import io
+
+from dynamicrafter.contract import GUIDANCE, check_number, check_size
+from dynamicrafter.long_shots import check_overlap, continue_latents
+
+from .clip_vision import encode_clip_vision
+from .comfy_model import require_dynamicrafter_model
+from .conditioning import MAX_FRAMES, build_conditioning
+from .decode import decode_video
+from .images import check_finite, resize_center
+from .inputs import CATEGORY, MAX_STEPS, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .resampler import resample_context
+from .sampler import prepare_inputs
+
+CONDITIONS = ["window_start", "clip_end"]
+
+
+@torch.no_grad()
+def continued_video(model, clip_vision, vae, positive, negative, video, width, height, frames, overlap, fs, seed,
+                    steps, cfg_text, cfg_img, eta, guidance_rescale, spacing, condition="window_start",
+                    frames_per_batch=4) -> torch.Tensor:
+    # 1. checks and the clip at the video size
+    check_size(height, width)
+    check_finite(video, "video")
+    if not 2 <= frames <= MAX_FRAMES:
+        raise ValueError(f"frames must be in 2..{MAX_FRAMES}, got {frames}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+    check_overlap(overlap, frames, video.shape[0])
+    check_number("cfg_img", cfg_img, *GUIDANCE)
+    clip = resize_center(video, width, height)
+    tail = clip[clip.shape[0] - overlap:]
+    image = tail[:1] if condition == "window_start" else tail[-1:]
+
+    # 2. the window's conditioning (animated from `image`) and the clip's latents to pin
+    inner = require_dynamicrafter_model(model, "Continue Clip")
+    context = resample_context(model, encode_clip_vision(clip_vision, image))
+    pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height, frames, 1, fs,
+                                             "image-to-video")
+    cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, pos, neg, latent)
+    known = inner.process_latent_in(vae.encode(tail)).movedim(0, 1)[None]      # (1, 4, O, h, w)
+
+    # 3. sample the window with the overlap pinned
+    if spacing == "auto":
+        spacing = inner.variant.get("spacing", "uniform_trailing")
+    comfy.model_management.load_models_gpu([model])
+    device = model.load_device
+    x_T = comfy.sample.prepare_noise(latent["samples"], seed)
+    pbar = comfy.utils.ProgressBar(steps)
+
+    def progress(i, total, x, x0):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pbar.update_absolute(i + 1, total)
+
+    dual = cfg_img > 0
+    out = continue_latents(
+        inner.dc_model, known.to(device, torch.float32), x_T.to(device, torch.float32), cond.to(device),
+        uncond.to(device), uncond_img=uncond_img.to(device) if dual and uncond_img is not None else None,
+        cfg_img=float(cfg_img) if dual else None, concat=None if concat is None else concat.to(device, torch.float32),
+        fs=fs, steps=int(steps), spacing=spacing, cfg_text=float(cfg_text), eta=float(eta),
+        guidance_rescale=float(guidance_rescale), generator=torch.Generator().manual_seed(int(seed) + 1),
+        callback=progress)
+
+    # 4. decode the new frames only and put them after the clip
+    new = {"samples": inner.process_latent_out(out[:, :, overlap:].float()).to(
+        comfy.model_management.intermediate_device())}
+    return torch.cat([clip, decode_video(vae, new, frames_per_batch, "keep all frames").to(clip)])
+
+
+class DynamiCrafterContinueClip(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterContinueClip",
+            display_name="DynamiCrafter Continue Clip (extend a video)",
+            category=CATEGORY,
+            description="Extends a video (an IMAGE batch, e.g. GetVideoComponents' images): a window that overlaps "
+                        "the clip's last frames, kept pinned to them while sampling, so the motion carries on "
+                        "instead of restarting from a still. Outputs the clip followed by frames - overlap new "
+                        "frames.",
+            inputs=[
+                *pipeline_inputs(),
+                io.Image.Input("video", tooltip="the clip to continue (its frames in order); covered and "
+                                                "centre-cropped to width x height"),
+                *size_inputs(),
+                io.Int.Input("frames", default=16, min=2, max=MAX_FRAMES,
+                             tooltip="frames of the window (the model's 16); frames - overlap are new"),
+                io.Int.Input("overlap", default=8, min=1, max=MAX_FRAMES - 1,
+                             tooltip="the clip's last frames the window starts with (pinned); more = the motion "
+                                     "follows the clip more closely, fewer new frames per run"),
+                io.Combo.Input("condition", options=CONDITIONS, default="window_start",
+                               tooltip="image the window is animated from: the first pinned frame (where the "
+                                       "model expects it) or the clip's last frame"),
+                fs_input(),
+                *sampler_inputs(),
+            ],
+            outputs=[io.Image.Output(display_name="frames")])
+
+    @classmethod
+    def execute(cls, model, clip_vision, vae, positive, negative, video, width, height, frames, overlap, condition,
+                fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> io.NodeOutput:
+        return io.NodeOutput(continued_video(model, clip_vision, vae, positive, negative, video, width, height,
+                                             frames, overlap, fs, seed, steps, cfg_text, cfg_img, eta,
+                                             guidance_rescale, spacing, condition))
+
+
+NODES = [DynamiCrafterContinueClip]
