@@ -73,7 +73,7 @@ class DynamiCrafterKeyframes(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DynamiCrafterKeyframes",
-            display_name="DynamiCrafter Keyframes (in-between N images)",
+            display_name="ToonCrafter / DynamiCrafter Keyframes (in-between N images)",
             category=CATEGORY,
             description="One shot through N keyframes (a storyboard): each pair in-betweened by an interpolation "
                         "model (DynamiCrafter 512_interp or ToonCrafter), joined without repeated or cross-faded "

@@ -100,7 +100,8 @@ def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server
         # start of a name (Fuse.js, threshold 0.3 over a distance of 100 characters)
         for words, title in (("VideoCrafter", "VideoCrafter Text to Video"), ("animate", "Animate Image to Video"),
                              ("image to video", "Animate Image to Video"), ("interpolation", "Animate Image to Video"),
-                             ("DynamiCrafter Image Conditioning", "Animate Image to Video")):
+                             ("DynamiCrafter Image Conditioning", "Animate Image to Video"),
+                             ("ToonCrafter", "ToonCrafter / DynamiCrafter Keyframes")):
             search.fill(words)
             page.get_by_text(title, exact=False).first.wait_for(state="visible", timeout=20_000)
         page.keyboard.press("Escape")
