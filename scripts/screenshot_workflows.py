@@ -37,6 +37,9 @@ def main(names=()) -> None:
             page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
             page.evaluate("async () => { try { await window.app.extensionManager.setting.set("
                           "'Comfy.Minimap.Visible', false) } catch (e) {} }")
+            # text stays drawn in the pictures of large graphs (which open below 50 % zoom)
+            page.evaluate("async () => { try { await window.app.extensionManager.setting.set("
+                          "'LiteGraph.Canvas.MinFontSizeForLOD', 1) } catch (e) {} }")
             for wf_path in sorted((REPO / "workflows").glob("*.json")):
                 if names and wf_path.stem not in names:
                     continue
