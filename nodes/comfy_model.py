@@ -200,9 +200,31 @@ def _text_config(cfg, sd_open_clip: dict) -> dict:
             "torch_dtype": "float32", "vocab_size": cfg.vocab_size}
 
 
-def make_comfy_clip(text_encoder, dtype: torch.dtype) -> comfy.sd.CLIP:
+def load_in_parts(load, sd: dict, pages=None, part_bytes: int = 256 << 20) -> list:
+    """`load(part)` (a ComfyUI `load_sd`, strict=False) over parts of about `part_bytes` of `sd`,
+    each part's source pages given back (`pages`: dynamicrafter.mapped.MappedPages) as soon as it
+    is copied, so our tower and ComfyUI's copy never both exist whole. Returns the model keys that
+    no part set."""
+    parts, part, size = [], [], 0
+    for k, v in sd.items():
+        part.append(k)
+        size += v.numel() * v.element_size()
+        if size >= part_bytes:
+            parts.append(part)
+            part, size = [], 0
+    parts += [part] if part else []
+    missing = None
+    for keys in parts:
+        left = set(load({k: sd[k] for k in keys})[0])
+        missing = left if missing is None else missing & left
+        for k in keys if pages is not None else ():
+            pages.release(sd[k])
+    return sorted(missing or ())
+
+
+def make_comfy_clip(text_encoder, dtype: torch.dtype, pages=None) -> comfy.sd.CLIP:
     """ComfyUI CLIP (SD2-style OpenCLIP text model, penultimate layer + final norm) from the
-    library's open_clip text tower."""
+    library's open_clip text tower (its file pages given back part by part: `load_in_parts`)."""
     sd = {k: v.detach() for k, v in text_encoder.model.state_dict().items()}
     config = _text_config(text_encoder.cfg, sd)
 
@@ -228,7 +250,7 @@ def make_comfy_clip(text_encoder, dtype: torch.dtype) -> comfy.sd.CLIP:
     square = proj_key in csd and csd[proj_key].shape[0] == csd[proj_key].shape[1]
     if not square:   # ComfyUI's CLIP text model assumes a square projection (only the unused pooled output)
         csd.pop(proj_key, None)
-    missing, _ = clip.load_sd(csd, full_model=True)
+    missing = load_in_parts(lambda part: clip.load_sd(part, full_model=True), csd, pages)
     if not square:
         with torch.no_grad():
             clip.cond_stage_model.clip_h.transformer.text_projection.weight.zero_()
@@ -242,7 +264,7 @@ def make_comfy_clip(text_encoder, dtype: torch.dtype) -> comfy.sd.CLIP:
 _VISION_CONFIG_DIR = None
 
 
-def make_comfy_clip_vision(image_encoder, dtype: torch.dtype) -> comfy.clip_vision.ClipVisionModel:
+def make_comfy_clip_vision(image_encoder, dtype: torch.dtype, pages=None) -> comfy.clip_vision.ClipVisionModel:
     """ComfyUI ClipVisionModel from the library's open_clip vision tower (sizes from its ClipConfig)."""
     global _VISION_CONFIG_DIR
     visual = {k: v.detach() for k, v in image_encoder.model.visual.state_dict().items()}
@@ -265,7 +287,7 @@ def make_comfy_clip_vision(image_encoder, dtype: torch.dtype) -> comfy.clip_visi
     cv.model.to(dtype)   # before loading: ComfyUI builds it in its text-encoder dtype (fp16 on CPU)
     cv.dtype = dtype
     sd = comfy.clip_vision.convert_to_transformers({"visual." + k: v for k, v in visual.items()}, "visual.")
-    missing, _ = cv.load_sd(sd)
+    missing = load_in_parts(cv.load_sd, sd, pages)
     missing = [m for m in missing if "position_ids" not in m and "visual_projection" not in m]
     if missing:
         raise ValueError(f"CLIP vision conversion left {len(missing)} weights unset, e.g. {missing[:3]}")

@@ -92,11 +92,11 @@ def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
     pages = MappedPages()
     clip = clip_vision = vae = None
     if dc.text_encoder is not None:
-        clip = make_comfy_clip(dc.text_encoder, te_dtype)
+        clip = make_comfy_clip(dc.text_encoder, te_dtype, pages)
         pages.release_module(dc.cond_stage_model)
         dc.cond_stage_model = None
     if dc.image_encoder is not None:
-        clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype)
+        clip_vision = make_comfy_clip_vision(dc.image_encoder, te_dtype, pages)
         pages.release_module(dc.embedder)
         dc.embedder = None
     if dc.vae is not None and has_reference_decoder(dc):     # ToonCrafter: the dual-reference video VAE
