@@ -89,6 +89,9 @@ def test_single_file_checkpoints_of_the_old_format_are_refused_with_a_message(tm
     torch.save({"step": 2}, os.path.join(ck.checkpoint_dir(str(tmp_path)), "step_00000002.pt"))
     with pytest.raises(ck.ResumeError, match="older version.*new run.run_dir"):
         ck.load_latest(str(tmp_path))
+    from training import export      # and export says it in one line, not a traceback
+    with pytest.raises(SystemExit, match="^error: .*older version"):
+        export.main([str(tmp_path), "--out", str(tmp_path / "m.safetensors")])
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):

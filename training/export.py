@@ -48,7 +48,10 @@ def main(argv=None) -> str:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if a.step is None:
-        meta = ck.load_latest(a.run_dir)
+        try:
+            meta = ck.load_latest(a.run_dir)
+        except ck.ResumeError as e:       # e.g. a run folder of an older trainer version: one line, no traceback
+            raise SystemExit(f"error: {e}") from None
         if meta is None:
             raise SystemExit(f"no complete checkpoint in {ck.checkpoint_dir(a.run_dir)}")
     else:
