@@ -175,7 +175,7 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
     import dynamicrafter
     from dynamicrafter.video import load_image, save_video
     from dynamicrafter.config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
-    from dynamicrafter.pipeline import cover_crop, image_conditioning
+    from dynamicrafter.pipeline import cover_crop, image_conditioning, video_latent_shape
 
     e = cfg.eval
     out = []
@@ -198,7 +198,7 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
         if stage != 3:
             concat = None
         g = torch.Generator().manual_seed(e.seed + i)
-        x_T = torch.randn(1, dc.unet.cfg.out_channels, frames, H // 8, W // 8, generator=g).to(device)
+        x_T = torch.randn(video_latent_shape(1, frames, H, W), generator=g).to(device)
         v = dc.variant
         sampler_model = _ImageOnly(dc) if stage == 1 else dc
         lat = dynamicrafter.sample_ddim(sampler_model, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dynamicrafter import load_model, sample_ddim  # noqa: E402
 from dynamicrafter.config import TEXT_CONTEXT_LEN  # noqa: E402
-from dynamicrafter.pipeline import image_conditioning  # noqa: E402
+from dynamicrafter.pipeline import image_conditioning, video_latent_shape  # noqa: E402
 from training.synthetic import COLORS, DIRECTIONS  # noqa: E402
 
 MOVE_MIN_PX = 3.0
@@ -119,7 +119,7 @@ def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: 
             cond[:, TEXT_CONTEXT_LEN:] = 0
             uncond[:, TEXT_CONTEXT_LEN:] = 0
         h, w = first.shape[-2:]
-        x_T = torch.randn((first.shape[0], 4, frames, h // 8, w // 8), generator=g)
+        x_T = torch.randn(video_latent_shape(first.shape[0], frames, h, w), generator=g)
         lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=fs, steps=steps, cfg_text=v["cfg_text"],
                           eta=1.0, guidance_rescale=v["guidance_rescale"], spacing=v["spacing"], generator=g)
         return to_uint8(dc.decode(lat))
