@@ -17,7 +17,7 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, MAX_FRAMES, fs_input, sampler_inputs, size_inputs
+from .inputs import CATEGORY, MAX_FRAMES, fs_input, prompt_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -82,9 +82,8 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                 io.Model.Input("model", tooltip="an interpolation model: DynamiCrafter 512_interp or ToonCrafter"),
                 io.ClipVision.Input("clip_vision"),
                 io.Vae.Input("vae"),
-                io.Conditioning.Input("positive", tooltip="prompt of every pair without its own line in "
-                                                          "pair_prompts"),
-                io.Conditioning.Input("negative", tooltip="CLIPTextEncode of an empty prompt"),
+                *prompt_inputs("prompt of every pair without its own line in pair_prompts",
+                               "CLIPTextEncode of an empty prompt"),
                 io.Image.Input("keyframes", tooltip="N keyframes in order (an IMAGE batch); N-1 pairs are "
                                                     "in-betweened"),
                 *size_inputs(),
