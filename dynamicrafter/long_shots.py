@@ -156,7 +156,7 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
     that carry its motion on (`prompt`: one text, or one per video); returns (b, 3, N + frames - overlap, H, W): the clip unchanged, then the
     new frames. `condition`: the image the window is animated from - "window_start" (the first
     pinned frame, where the model expects its image, default) or "clip_end" (the clip's last frame)."""
-    from .pipeline import image_conditioning
+    from .pipeline import image_conditioning, video_latent_shape
     if clip.ndim != 5 or clip.shape[1] != 3:
         raise ValueError(f"clip must be a video (b, 3, N, H, W) in [-1, 1], got shape {tuple(clip.shape)}")
     if condition not in ("window_start", "clip_end"):
@@ -173,7 +173,7 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
         c = image_conditioning(dc, image, prompts, frames, negative_prompts=[negative_prompt] * b, generator=g)
         known = dc.encode_first_stage(tail.transpose(1, 2).reshape(b * overlap, 3, h, w), generator=g)
         known = known.reshape(b, overlap, *known.shape[1:]).transpose(1, 2)
-        x_T = torch.randn((b, 4, frames, h // 8, w // 8), generator=g)
+        x_T = torch.randn(video_latent_shape(b, frames, h, w), generator=g)
         lat = continue_latents(dc, known, x_T, c.cond, c.uncond, concat=c.concat,
                                fs=v["default_fs"] if fs is None else fs, steps=steps,
                                spacing=spacing or v["spacing"], generator=g,

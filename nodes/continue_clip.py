@@ -14,15 +14,15 @@ import comfy.sample
 import comfy.utils
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.contract import GUIDANCE, check_number, check_size
+from dynamicrafter.contract import GUIDANCE, check_number, check_size, check_steps
 from dynamicrafter.long_shots import check_overlap, continue_latents
 
 from .clip_vision import encode_clip_vision
 from .comfy_model import require_dynamicrafter_model
-from .conditioning import MAX_FRAMES, build_conditioning
+from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, MAX_STEPS, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .inputs import CATEGORY, MAX_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import prepare_inputs
 
@@ -38,18 +38,19 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
     check_finite(video, "video")
     if not 2 <= frames <= MAX_FRAMES:
         raise ValueError(f"frames must be in 2..{MAX_FRAMES}, got {frames}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
     if condition not in CONDITIONS:
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     check_overlap(overlap, frames, video.shape[0])
     check_number("cfg_img", cfg_img, *GUIDANCE)
+    inner = require_dynamicrafter_model(model, "Continue Clip")
+    if spacing == "auto":
+        spacing = inner.variant.get("spacing", "uniform_trailing")
+    check_steps(steps, spacing)
     clip = resize_center(video, width, height)
     tail = clip[clip.shape[0] - overlap:]
     image = tail[:1] if condition == "window_start" else tail[-1:]
 
     # 2. the window's conditioning (animated from `image`) and the clip's latents to pin
-    inner = require_dynamicrafter_model(model, "Continue Clip")
     context = resample_context(model, encode_clip_vision(clip_vision, image))
     pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height, frames, 1, fs,
                                              "image-to-video")
@@ -57,8 +58,6 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
     known = inner.process_latent_in(vae.encode(tail)).movedim(0, 1)[None]      # (1, 4, O, h, w)
 
     # 3. sample the window with the overlap pinned
-    if spacing == "auto":
-        spacing = inner.variant.get("spacing", "uniform_trailing")
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
     x_T = comfy.sample.prepare_noise(latent["samples"], seed)
