@@ -39,10 +39,11 @@ def size_inputs(default_width: int = 512, default_height: int = 320) -> list:
                          tooltip=f"video height in pixels, {note}")]
 
 
-def pipeline_inputs() -> list:
+def pipeline_inputs(model_tooltip: str | None = None, positive_tooltip: str | None = None,
+                    negative_tooltip: str | None = None) -> list:
     """model, clip_vision, vae, positive, negative: what the all-in-one long-shot nodes run on."""
-    return [io.Model.Input("model"), io.ClipVision.Input("clip_vision"), io.Vae.Input("vae"),
-            io.Conditioning.Input("positive"), io.Conditioning.Input("negative")]
+    return [io.Model.Input("model", tooltip=model_tooltip), io.ClipVision.Input("clip_vision"),
+            io.Vae.Input("vae"), *prompt_inputs(positive_tooltip, negative_tooltip)]
 
 
 def fs_input(default: int = 24, tooltip: str | None = None):

@@ -17,7 +17,7 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, MAX_FRAMES, fs_input, prompt_inputs, sampler_inputs, size_inputs
+from .inputs import CATEGORY, MAX_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -79,11 +79,9 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                         "model (DynamiCrafter 512_interp or ToonCrafter), joined without repeated or cross-faded "
                         "frames; optional prompt per pair. Pair k uses seed + k.",
             inputs=[
-                io.Model.Input("model", tooltip="an interpolation model: DynamiCrafter 512_interp or ToonCrafter"),
-                io.ClipVision.Input("clip_vision"),
-                io.Vae.Input("vae"),
-                *prompt_inputs("prompt of every pair without its own line in pair_prompts",
-                               "CLIPTextEncode of an empty prompt"),
+                *pipeline_inputs("an interpolation model: DynamiCrafter 512_interp or ToonCrafter",
+                                 "prompt of every pair without its own line in pair_prompts",
+                                 "CLIPTextEncode of an empty prompt"),
                 io.Image.Input("keyframes", tooltip="N keyframes in order (an IMAGE batch); N-1 pairs are "
                                                     "in-betweened"),
                 *size_inputs(),

@@ -19,11 +19,10 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import CATEGORY, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .inputs import CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
 from .sampler import run_ddim
 
-MAX_TOTAL_FRAMES = 1024
 METHODS = list(LONG_VIDEO_METHODS)
 
 
@@ -45,8 +44,8 @@ def chained_video(model, clip_vision, vae, positive, negative, start_image, widt
 def check_long_video(start_image, width, height, total_frames, segment_frames) -> None:
     if segment_frames < 2:
         raise ValueError(f"segment_frames must be at least 2, got {segment_frames}")
-    if not 2 <= total_frames <= MAX_TOTAL_FRAMES:
-        raise ValueError(f"total_frames must be in 2..{MAX_TOTAL_FRAMES}, got {total_frames}")
+    if not 2 <= total_frames <= MAX_VIDEO_FRAMES:
+        raise ValueError(f"total_frames must be in 2..{MAX_VIDEO_FRAMES}, got {total_frames}")
     check_size(height, width)
     check_finite(start_image, "start_image")
 
@@ -84,9 +83,9 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                 *pipeline_inputs(),
                 io.Image.Input("start_image", tooltip="the first frame of the whole video"),
                 *size_inputs(),
-                io.Int.Input("total_frames", default=48, min=2, max=MAX_TOTAL_FRAMES,
+                io.Int.Input("total_frames", default=48, min=2, max=MAX_VIDEO_FRAMES,
                              tooltip="frames of the whole video"),
-                io.Int.Input("segment_frames", default=16, min=2, max=64,
+                io.Int.Input("segment_frames", default=16, min=2, max=MAX_FRAMES,
                              tooltip="frames per generated segment (the model's 16)"),
                 fs_input(),
                 *sampler_inputs(),
