@@ -21,14 +21,32 @@ from comfy_workflow import UIGraph  # noqa: E402
 NEG = ""   # the official unconditional text is the empty prompt
 
 
+def prompt_pair(g: UIGraph, clip_src, clip_slot, text: str, x: float, y: float, *, negative: str = NEG,
+                titled: bool = True, title_suffix: str = ""):
+    """A prompt and, 150 below, the unconditional prompt (CLIPTextEncode), both fed by `clip_src`'s
+    CLIP output; returns the (positive, negative) nodes."""
+    pos = g.add("CLIPTextEncode", (x, y), {"text": text}, title=f"Prompt{title_suffix}" if titled else None,
+                size=[360, 120])
+    neg = g.add("CLIPTextEncode", (x, y + 150), {"text": negative},
+                title=f"Empty prompt (unconditional){title_suffix}" if titled else None, size=[360, 90])
+    g.connect(clip_src, clip_slot, pos, "clip")
+    g.connect(clip_src, clip_slot, neg, "clip")
+    return pos, neg
+
+
+def connect_pipeline(g: UIGraph, ld, pos, neg, node, **more) -> None:
+    """The loader's model / clip_vision / vae and the two prompts into an all-in-one node (the
+    nodes' pipeline_inputs group), then `more`: input name -> (source node, output slot)."""
+    links = {"model": (ld, "model"), "clip_vision": (ld, "clip_vision"), "vae": (ld, "vae"),
+             "positive": (pos, 0), "negative": (neg, 0), **more}
+    for name, (src, slot) in links.items():
+        g.connect(src, slot, node, name)
+
+
 def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mode="image-to-video",
               end_image=None, fs=24, frames=16, title_suffix="", seed=123, width=512, height=320, steps=50):
     """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node."""
-    pos = g.add("CLIPTextEncode", (x, y), {"text": prompt}, title="Prompt" + title_suffix, size=[360, 120])
-    neg = g.add("CLIPTextEncode", (x, y + 150), {"text": NEG}, title="Empty prompt (unconditional)" + title_suffix,
-                size=[360, 90])
-    g.connect(loader, "clip", pos, "clip")
-    g.connect(loader, "clip", neg, "clip")
+    pos, neg = prompt_pair(g, loader, "clip", prompt, x, y, title_suffix=title_suffix)
     enc = g.add("DynamiCrafterCLIPVisionEncode", (x, y + 270))
     g.connect(loader, "clip_vision", enc, "clip_vision")
     g.connect(image, 0, enc, "image")
@@ -154,11 +172,8 @@ def text_to_image_to_video(classes) -> dict:
     g = UIGraph(classes)
     sd = g.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
                title="Any text-to-image checkpoint", size=[360, 100])
-    p = g.add("CLIPTextEncode", (0, 150), {"text": "a lighthouse on a cliff, stormy sea, digital painting"},
-              size=[360, 120])
-    n = g.add("CLIPTextEncode", (0, 300), {"text": "blurry, low quality"}, size=[360, 90])
-    g.connect(sd, "CLIP", p, "clip")
-    g.connect(sd, "CLIP", n, "clip")
+    p, n = prompt_pair(g, sd, "CLIP", "a lighthouse on a cliff, stormy sea, digital painting", 0, 150,
+                       negative="blurry, low quality", titled=False)
     lat = g.add("EmptyLatentImage", (0, 420), {"width": 512, "height": 320, "batch_size": 1})
     ks = g.add("KSampler", (400, 0), {"seed": 7, "steps": 25, "cfg": 7.0, "sampler_name": "euler",
                                      "scheduler": "normal", "denoise": 1.0})
@@ -206,10 +221,7 @@ def storytelling(classes) -> dict:
 def text_to_video(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "videocrafter2_512.ckpt")
-    p = g.add("CLIPTextEncode", (400, 0), {"text": "a corgi running on the beach, slow motion"}, size=[360, 120])
-    n = g.add("CLIPTextEncode", (400, 150), {"text": ""}, size=[360, 90])
-    g.connect(ld, "clip", p, "clip")
-    g.connect(ld, "clip", n, "clip")
+    p, n = prompt_pair(g, ld, "clip", "a corgi running on the beach, slow motion", 400, 0, titled=False)
     t2v = g.add("DynamiCrafterTextToVideoLatent", (800, 0),
                 {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 28}, title="Text-to-video latent")
     g.connect(p, 0, t2v, "positive")
@@ -235,17 +247,12 @@ def long_video(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_512.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
-    p = g.add("CLIPTextEncode", (400, 0), {"text": "a train travels through snowy mountains"}, size=[360, 120])
-    n = g.add("CLIPTextEncode", (400, 150), {"text": ""}, size=[360, 90])
-    g.connect(ld, "clip", p, "clip")
-    g.connect(ld, "clip", n, "clip")
+    p, n = prompt_pair(g, ld, "clip", "a train travels through snowy mountains", 400, 0, titled=False)
     lv = g.add("DynamiCrafterLongVideo", (800, 0),
                {"width": 512, "height": 320, "total_frames": 46, "segment_frames": 16, "fs": 24, "seed": 5,
                 "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto"},
                size=[360, 420])
-    for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
-                            ("positive", p, 0), ("negative", n, 0), ("start_image", img, 0)):
-        g.connect(src, slot, lv, name)
+    connect_pipeline(g, ld, p, n, lv, start_image=(img, 0))
     save_video(g, lv, 1200, 0, "video/dynamicrafter_long")
     g.note("Longer than 16 frames. method chained: segments, each animated from the previous segment's last "
            "frame (46 frames = 3 segments of 16); windows: the whole video in context windows of segment_frames "
@@ -261,18 +268,12 @@ def continue_clip(classes) -> dict:
     vid = g.add("LoadVideo", (0, 200), {"file": "clip.mp4"}, title="Clip to continue", size=[320, 360])
     parts = g.add("GetVideoComponents", (0, 600))
     g.connect(vid, 0, parts, "video")
-    p = g.add("CLIPTextEncode", (400, 0), {"text": "a train travels through snowy mountains"}, title="Prompt",
-              size=[360, 120])
-    n = g.add("CLIPTextEncode", (400, 150), {"text": NEG}, title="Empty prompt (unconditional)", size=[360, 90])
-    g.connect(ld, "clip", p, "clip")
-    g.connect(ld, "clip", n, "clip")
+    p, n = prompt_pair(g, ld, "clip", "a train travels through snowy mountains", 400, 0)
     cc = g.add("DynamiCrafterContinueClip", (800, 0),
                {"width": 512, "height": 320, "frames": 16, "overlap": 8, "condition": "window_start", "fs": 24,
                 "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
                 "spacing": "auto"}, size=[360, 480])
-    for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
-                            ("positive", p, 0), ("negative", n, 0), ("video", parts, "images")):
-        g.connect(src, slot, cc, name)
+    connect_pipeline(g, ld, p, n, cc, video=(parts, "images"))
     save_video(g, cc, 1200, 0, "video/dynamicrafter_continued")
     g.note("Continue a clip: the window's first `overlap` frames are the clip's last ones, kept pinned to the "
            "clip while sampling, so the motion carries on instead of restarting from a still image. Output: the "
@@ -287,10 +288,7 @@ def core_sampler_inputs(g: UIGraph, frames: int, title: str = "Image conditionin
     sampler (the MODEL and positive / negative / image_only / latent); returns (loader, conditioning)."""
     ld = loader(g, "dynamicrafter_512.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
-    p = g.add("CLIPTextEncode", (400, 0), {"text": "a boat sails across a calm lake at sunset"}, size=[360, 120])
-    n = g.add("CLIPTextEncode", (400, 150), {"text": ""}, size=[360, 90])
-    g.connect(ld, "clip", p, "clip")
-    g.connect(ld, "clip", n, "clip")
+    p, n = prompt_pair(g, ld, "clip", "a boat sails across a calm lake at sunset", 400, 0, titled=False)
     enc = g.add("DynamiCrafterCLIPVisionEncode", (400, 270))
     g.connect(ld, "clip_vision", enc, "clip_vision")
     g.connect(img, 0, enc, "image")
@@ -415,19 +413,13 @@ def keyframes(classes) -> dict:
         g.connect(batch, 0, bt, "image1")
         g.connect(img, 0, bt, "image2")
         batch = bt
-    p = g.add("CLIPTextEncode", (700, 0), {"text": "an anime girl walks across the street"}, title="Prompt",
-              size=[360, 120])
-    n = g.add("CLIPTextEncode", (700, 150), {"text": NEG}, title="Empty prompt (unconditional)", size=[360, 90])
-    g.connect(ld, "clip", p, "clip")
-    g.connect(ld, "clip", n, "clip")
+    p, n = prompt_pair(g, ld, "clip", "an anime girl walks across the street", 700, 0)
     kf = g.add("DynamiCrafterKeyframes", (1100, 0),
                {"width": 512, "height": 320, "frames": 16, "fs": 10, "seed": 123, "steps": 50, "cfg_text": 7.5,
                 "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto",
                 "pair_prompts": "an anime girl walks across the street\nshe stops and waves"},
                size=[380, 560])
-    for name, src, slot in (("model", ld, "model"), ("clip_vision", ld, "clip_vision"), ("vae", ld, "vae"),
-                            ("positive", p, 0), ("negative", n, 0), ("keyframes", batch, 0), ("clip", ld, "clip")):
-        g.connect(src, slot, kf, name)
+    connect_pipeline(g, ld, p, n, kf, keyframes=(batch, 0), clip=(ld, "clip"))
     save_video(g, kf, 1520, 0, "video/keyframes")
     g.note("Keyframes to one shot: N keyframes (an IMAGE batch, e.g. a storyboard from any image model) are "
            "in-betweened pair by pair by an interpolation model (ToonCrafter or DynamiCrafter 512_interp: "
