@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))     # gpu_bench.build: the random full-size model
 
 DTYPES = {"fp32": (torch.float32, None), "fp16": (torch.float16, None), "bf16": (torch.bfloat16, None),
           "fp8_e4m3fn": (torch.float32, torch.float8_e4m3fn)}
@@ -43,18 +44,11 @@ def status(field: str) -> float:
 
 def make_checkpoint(path: Path) -> None:
     """Random full-size 512 weights (fp32), every part, as the official release's Lightning dict."""
+    from gpu_bench import build
+
     from dynamicrafter.config import PRESETS, ModelConfig
-    from dynamicrafter.model import DynamiCrafter
-    from dynamicrafter.schedule import variant_schedule
-    cfg = dataclasses.replace(ModelConfig(), variant=PRESETS["512"])
-    with torch.device("meta"):
-        model = DynamiCrafter(cfg)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-        for name, buf in model.named_buffers():
-            buf.copy_(variant_schedule(cfg.variant)[name])
+    model = build(dataclasses.replace(ModelConfig(), variant=PRESETS["512"]), torch.device("cpu"),
+                  torch.float32, torch.float32)
     tmp = path.with_suffix(".part")
     torch.save({"state_dict": model.state_dict()}, tmp)
     tmp.rename(path)
