@@ -44,7 +44,8 @@ def connect_pipeline(g: UIGraph, ld, pos, neg, node, **more) -> None:
 
 
 def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mode="image-to-video",
-              end_image=None, fs=24, frames=16, title_suffix="", seed=123, width=512, height=320, steps=50):
+              end_image=None, fs=24, frames=16, title_suffix="", seed=123, width=512, height=320, steps=50,
+              cfg_text=7.5, guidance_rescale=0.7):
     """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node."""
     pos, neg = prompt_pair(g, loader, "clip", prompt, x, y, title_suffix=title_suffix)
     enc = g.add("DynamiCrafterCLIPVisionEncode", (x, y + 270))
@@ -64,8 +65,8 @@ def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mod
     if end_image is not None:
         g.connect(end_image, 0, cond, "end_image")
     samp = g.add("DynamiCrafterDDIMSampler", (x + 800, y),
-                 {"seed": seed, "steps": steps, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
-                  "spacing": "auto"}, title="DDIM (dual CFG)" + title_suffix)
+                 {"seed": seed, "steps": steps, "cfg_text": cfg_text, "cfg_img": 0.0, "eta": 1.0,
+                  "guidance_rescale": guidance_rescale, "spacing": "auto"}, title="DDIM (dual CFG)" + title_suffix)
     g.connect(loader, "model", samp, "model")
     g.connect(cond, "positive", samp, "positive")
     g.connect(cond, "negative", samp, "negative")
@@ -119,23 +120,19 @@ def image_to_video(classes) -> dict:
 
 
 DEMO_MODEL = REPO / "assets" / "demo" / "dynamicrafter_demo.json"    # the bundled demo model's metadata
-# Its last training stage: the size it was trained at (the metadata's variant.resolution, 64x128, is
-# the tiny-config default the export left in place, not the training size).
-DEMO_TRAINING = REPO / "training" / "configs" / "demo_stage3.yaml"
 DEMO_PROMPT = "a red circle moves to the right"                     # what assets/example.png was made for
 
 
 def demo(classes) -> dict:
-    """The image-to-video graph preset for the bundled demo model: its trained size and length, 25 steps."""
-    import yaml
+    """The image-to-video graph preset for the bundled demo model: the size, length, fs and guidance
+    its metadata carries (what it was trained and evaluated at), 25 steps."""
     v = json.loads(DEMO_MODEL.read_text())["variant"]
-    data = yaml.safe_load(DEMO_TRAINING.read_text())["data"]
-    height, width, frames = data["height"], data["width"], data["frames"]
+    (height, width), frames = v["resolution"], v["frames"]
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_demo.safetensors")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, DEMO_PROMPT, 420, 0, fs=v["default_fs"], frames=frames, width=width, height=height,
-                    steps=25)
+                    steps=25, cfg_text=v["cfg_text"], guidance_rescale=v["guidance_rescale"])
     save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
     g.note(f"The bundled demo model (assets/demo/, trained by training/ on synthetic clips): {width}x{height}, "
            f"{frames} frames, 25 steps, about 40 s on a CPU.\nCopy assets/demo/dynamicrafter_demo.safetensors "
@@ -144,16 +141,21 @@ def demo(classes) -> dict:
     return g.to_json()
 
 
+# the prompt of assets/examples/first.png -> last.png and key1-3.png (scripts/make_example_image.py)
+EXAMPLE_PAIR_PROMPT = "a purple circle moves to the right"
+
+
 def interpolation(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First frame", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last frame", size=[320, 320])
-    dec = i2v_chain(g, ld, a, "a person walking across the room", 420, 0, mode="interpolation", end_image=b, fs=10)
+    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, mode="interpolation", end_image=b, fs=10)
     save_video(g, dec, 1660, 0, "video/dynamicrafter_interp")
     g.note("Frame interpolation: the 512_interp model generates the frames between the first and last image "
            "(both the same size). The CLIP image tokens come from the first image only, as in the official "
-           "code. fs = fps (10 by default; lower = more motion).", (0, 920), (400, 160))
+           "code. fs = fps (10 by default; lower = more motion). Example first.png / last.png: assets/examples/ "
+           "(copy into input/).", (0, 920), (400, 180))
     return g.to_json()
 
 
@@ -196,9 +198,9 @@ def text_to_image_to_video(classes) -> dict:
 def storytelling(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_512.ckpt")
-    scenes = [("scene1.png", "a knight rides toward a castle at dawn"),
-              ("scene2.png", "the castle gate slowly opens"),
-              ("scene3.png", "fireworks burst over the castle at night")]
+    scenes = [("scene1.png", "a red circle moves to the right"),     # assets/examples/ (make_example_image.py)
+              ("scene2.png", "a blue square moves up"),
+              ("scene3.png", "a yellow triangle moves to the left")]
     decs = []
     for i, (name, prompt) in enumerate(scenes):
         y = 260 + i * 820
@@ -214,7 +216,8 @@ def storytelling(classes) -> dict:
         joined = b
     save_video(g, joined, 1990, 0, "video/dynamicrafter_story")
     g.note("Storytelling: each scene (image + prompt) is animated separately and the clips are joined in "
-           "order into one video.", (1660, 800), (380, 120))
+           "order into one video. Example scene1-3.png: assets/examples/ (copy into input/); replace them "
+           "and the prompts with your story.", (1660, 800), (380, 140))
     return g.to_json()
 
 
@@ -268,7 +271,7 @@ def continue_clip(classes) -> dict:
     vid = g.add("LoadVideo", (0, 200), {"file": "clip.mp4"}, title="Clip to continue", size=[320, 360])
     parts = g.add("GetVideoComponents", (0, 600))
     g.connect(vid, 0, parts, "video")
-    p, n = prompt_pair(g, ld, "clip", "a train travels through snowy mountains", 400, 0)
+    p, n = prompt_pair(g, ld, "clip", "a green square moves down", 400, 0)     # assets/examples/clip.mp4
     cc = g.add("DynamiCrafterContinueClip", (800, 0),
                {"width": 512, "height": 320, "frames": 16, "overlap": 8, "condition": "window_start", "fs": 24,
                 "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
@@ -279,7 +282,8 @@ def continue_clip(classes) -> dict:
            "clip while sampling, so the motion carries on instead of restarting from a still image. Output: the "
            "clip (covered and centre-cropped to width x height) then frames - overlap new frames (16 - 8 = 8 "
            "here); chain the node to go on. To start a new animation from one frame of a video instead, use "
-           "'DynamiCrafter Pick Frame' (first / last / index) into the image conditioning.", (0, 800), (420, 200))
+           "'DynamiCrafter Pick Frame' (first / last / index) into the image conditioning. Example clip.mp4: "
+           "assets/examples/ (copy into input/).", (0, 800), (420, 220))
     return g.to_json()
 
 
@@ -386,7 +390,7 @@ def tooncrafter(classes) -> dict:
     with_model_download(ld, TOONCRAFTER_MODEL)
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First keyframe", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last keyframe", size=[320, 320])
-    dec = i2v_chain(g, ld, a, "an anime character turns her head toward the camera", 420, 0, mode="interpolation",
+    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, mode="interpolation",
                     end_image=b, fs=10)
     save_video(g, dec, 1660, 0, "video/tooncrafter")
     g.note("ToonCrafter: cartoon in-betweening of two keyframes (320x512, 16 frames, fs 10, cfg 7.5, guidance "
@@ -396,7 +400,8 @@ def tooncrafter(classes) -> dict:
            "latent; 'DynamiCrafter Video Decode' decodes with it, exactly as the official code (including its "
            "re-decode of the two middle frames). A core VAEDecode also works but decodes without the keyframes "
            "(the official decoder without references: less faithful detail). cfg_img > 0 = dual CFG; core "
-           "KSampler / SamplerCustomAdvanced can replace the DDIM node.", (0, 920), (400, 300))
+           "KSampler / SamplerCustomAdvanced can replace the DDIM node.\nExample keyframes (synthetic, to try the "
+           "graph): assets/examples/first.png, last.png (copy into input/).", (0, 920), (400, 330))
     return listing_models(g.to_json(), TOONCRAFTER_MODEL)
 
 
@@ -413,11 +418,11 @@ def keyframes(classes) -> dict:
         g.connect(batch, 0, bt, "image1")
         g.connect(img, 0, bt, "image2")
         batch = bt
-    p, n = prompt_pair(g, ld, "clip", "an anime girl walks across the street", 700, 0)
+    p, n = prompt_pair(g, ld, "clip", EXAMPLE_PAIR_PROMPT, 700, 0)
     kf = g.add("DynamiCrafterKeyframes", (1100, 0),
                {"width": 512, "height": 320, "frames": 16, "fs": 10, "seed": 123, "steps": 50, "cfg_text": 7.5,
                 "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto",
-                "pair_prompts": "an anime girl walks across the street\nshe stops and waves"},
+                "pair_prompts": EXAMPLE_PAIR_PROMPT + "\nthe purple circle keeps moving to the right"},
                size=[380, 560])
     connect_pipeline(g, ld, p, n, kf, keyframes=(batch, 0), clip=(ld, "clip"))
     save_video(g, kf, 1520, 0, "video/keyframes")
@@ -425,7 +430,8 @@ def keyframes(classes) -> dict:
            "in-betweened pair by pair by an interpolation model (ToonCrafter or DynamiCrafter 512_interp: "
            "load either, the node is the same) and joined: each keyframe appears once (the next clip's copy "
            "of it is dropped), nothing is cross-faded. N keyframes x 16 frames give 1 + 15(N-1) frames. "
-           "pair_prompts: one line per pair (blank = the Prompt node).", (0, 1240), (420, 220))
+           "pair_prompts: one line per pair (blank = the Prompt node). Example key1-3.png: assets/examples/ "
+           "(copy into input/).", (0, 1240), (420, 240))
     return listing_models(g.to_json(), TOONCRAFTER_MODEL, INTERP_MODEL)
 
 
@@ -446,15 +452,80 @@ WORKFLOWS = {
 }
 
 
+# What the Templates browser shows for each workflow: (title, description). ComfyUI's front end
+# names a custom pack's templates by file name and looks human text up in the pack's translations
+# (locales/<lang>/main.json, templateWorkflows.template.<install folder>.<file stem>), so these are
+# written there under the folders the pack is installed as: the README's clone and the registry's.
+TEMPLATES = {
+    "dynamicrafter_demo.json": (
+        "Demo: animate the example (bundled model)",
+        "Runs as shipped on a CPU in about a minute: the small demo model in assets/demo/ makes the red "
+        "circle of assets/example.png move to the right."),
+    "dynamicrafter_image_to_video.json": (
+        "Animate an image (image to video)",
+        "One still and a prompt to a 16-frame video with DynamiCrafter 512 (256 and 1024: change the size)."),
+    "dynamicrafter_image_to_video_ksampler.json": (
+        "Animate an image with ComfyUI's samplers",
+        "The image-to-video model under core SamplerCustomAdvanced: any core sampler and scheduler, dual CFG."),
+    "dynamicrafter_text_to_image_to_video.json": (
+        "Text to image, then animate",
+        "Make the still with any image checkpoint (SD 1.5 here), then animate it with DynamiCrafter."),
+    "dynamicrafter_storytelling.json": (
+        "Storytelling: three scenes in one video",
+        "Three images, each with its own prompt, animated and joined in order."),
+    "dynamicrafter_interpolation.json": (
+        "Interpolate between two images",
+        "The frames between a first and a last image, with DynamiCrafter 512_interp."),
+    "dynamicrafter_loop.json": (
+        "Seamless loop from one image",
+        "The same image first and last with 512_interp; the duplicate last frame is dropped so it loops."),
+    "tooncrafter_interpolation.json": (
+        "Cartoon in-betweening (ToonCrafter)",
+        "Two cartoon keyframes to the frames between, decoded by ToonCrafter's keyframe-aware decoder."),
+    "dynamicrafter_keyframes.json": (
+        "Keyframes to one shot (ToonCrafter / 512_interp)",
+        "A storyboard of N keyframes in-betweened pair by pair and joined into one shot."),
+    "videocrafter_text_to_video.json": (
+        "Text to video (VideoCrafter2)",
+        "A video from a prompt alone with VideoCrafter2 or VideoCrafter1."),
+    "dynamicrafter_long_video.json": (
+        "Long video (windows or chained clips)",
+        "More frames than one clip: context windows blended at every step, or clips chained end to start."),
+    "dynamicrafter_context_windows.json": (
+        "Long shot with core Context Windows",
+        "ComfyUI's Context Windows (Manual) node on a DynamiCrafter model: 16-frame windows in one shot."),
+    "dynamicrafter_continue_clip.json": (
+        "Continue a video clip",
+        "Extend an existing clip from its last frames, so the motion carries on."),
+}
+TEMPLATE_CATEGORY = "DynamiCrafter"
+INSTALL_FOLDERS = ("ComfyUI-DynamiCrafter", "comfyui-dynamicrafter")   # README clone, Comfy registry id
+
+
+def template_translations() -> dict:
+    """The templateWorkflows part of locales/en/main.json, for every install folder name."""
+    key = lambda s: s.replace(".", "_")     # the front end's normalizeI18nKey
+    stems = {Path(f).stem: text for f, text in TEMPLATES.items()}
+    return {"templateWorkflows": {
+        "category": {key(d): TEMPLATE_CATEGORY for d in INSTALL_FOLDERS},
+        "template": {key(d): {key(n): t for n, (t, _) in stems.items()} for d in INSTALL_FOLDERS},
+        "templateDescription": {key(d): {key(n): desc for n, (_, desc) in stems.items()} for d in INSTALL_FOLDERS}}}
+
+
 def main() -> None:
     import comfy_runtime
     base = comfy_runtime.make_base_dir(Path(tempfile.mkdtemp(prefix="dc_make_workflows_")))
     rt = comfy_runtime.InProcessComfy(base)
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)
+    assert set(TEMPLATES) == set(WORKFLOWS), set(TEMPLATES) ^ set(WORKFLOWS)
     for name, fn in WORKFLOWS.items():
         (out / name).write_text(json.dumps(fn(rt.node_classes), indent=1) + "\n")
         print("wrote", out / name)
+    locale = REPO / "locales" / "en" / "main.json"
+    locale.parent.mkdir(parents=True, exist_ok=True)
+    locale.write_text(json.dumps(template_translations(), indent=1) + "\n")
+    print("wrote", locale)
 
 
 if __name__ == "__main__":

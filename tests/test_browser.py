@@ -172,9 +172,11 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
 
 
 def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, comfy_server):
-    """The Templates browser (Browse Templates) lists every bundled workflow under the pack, each
-    card showing its thumbnail: workflows/<name>.jpg fetched and drawn as the card's picture."""
+    """The Templates browser (Browse Templates) lists every bundled workflow under the pack's
+    category, "DynamiCrafter", each card with its human title and description (the pack's
+    locales/en/main.json) and its thumbnail: workflows/<name>.jpg fetched and drawn as its picture."""
     from make_thumbnails import THUMB_SIZE
+    from make_workflows import TEMPLATE_CATEGORY, TEMPLATES
     page, logs = browser_page
     prefix = f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/"
     fetched = {}
@@ -183,7 +185,7 @@ def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, com
     page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
     page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true) }")
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates') }")
-    page.get_by_text(comfy_runtime.PACK_NAME, exact=True).first.click(timeout=30_000)   # the pack's category
+    page.get_by_text(TEMPLATE_CATEGORY, exact=True).first.click(timeout=30_000)   # the pack's category
     card_picture = """(name) => {
         const title = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 &&
                                                                   e.textContent.trim() === name);
@@ -192,9 +194,12 @@ def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, com
         const img = card && card.querySelector('img');
         return img && img.complete ? img.naturalWidth : 0; }"""
     try:
-        for name in sorted(p.stem for p in WORKFLOWS.glob("*.json")):   # cards load their pictures as they scroll in
-            page.get_by_text(name, exact=True).first.scroll_into_view_if_needed(timeout=20_000)
-            page.wait_for_function(f"(name) => ({card_picture})(name) === {THUMB_SIZE[0]}", arg=name, timeout=20_000)
+        assert set(TEMPLATES) == {p.name for p in WORKFLOWS.glob("*.json")}
+        for file, (title, description) in sorted(TEMPLATES.items()):   # cards load their pictures as they scroll in
+            name = file[:-len(".json")]
+            page.get_by_text(title, exact=True).first.scroll_into_view_if_needed(timeout=20_000)
+            page.get_by_text(description, exact=True).first.wait_for(state="attached", timeout=20_000)
+            page.wait_for_function(f"(name) => ({card_picture})(name) === {THUMB_SIZE[0]}", arg=title, timeout=20_000)
             for _ in range(50):          # the response event may trail the drawn picture
                 if f"{name}.jpg" in fetched:
                     break

@@ -124,24 +124,39 @@ def test_text_to_video_checkpoint_in_the_image_graph_names_the_right_template(co
 
 def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
     """workflows/dynamicrafter_demo.json unchanged (no widget touched), with the files its note
-    names copied where it says: the bundled demo model and assets/example.png."""
+    names copied where it says: the bundled demo model and assets/example.png. The clip has the
+    size and length the model was trained at (its metadata and its stage-3 config agree), and its
+    first frame is the input: the red circle stays red where it is (the old demo painted it green)."""
     import shutil
 
     import av
+    import numpy as np
+    import yaml
+    from PIL import Image
+    from safetensors import safe_open
     demo = comfy_runtime.REPO_ROOT / "assets" / "demo" / "dynamicrafter_demo.safetensors"
     if not demo.is_file():
         pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
     shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
-    shutil.copyfile(comfy_runtime.REPO_ROOT / "assets" / "example.png", comfy.input_dir / "example.png")
+    example = comfy_runtime.REPO_ROOT / "assets" / "example.png"
+    shutil.copyfile(example, comfy.input_dir / "example.png")
     wf = load_workflow(WORKFLOWS / "dynamicrafter_demo.json")
-    import yaml
     trained = yaml.safe_load((comfy_runtime.REPO_ROOT / "training" / "configs" / "demo_stage3.yaml").read_text())
+    with safe_open(str(demo), "pt") as f:
+        variant = json.loads(f.metadata()["dynamicrafter_config"])["variant"]
     video = run_and_get_video(comfy, ui_to_api(wf, comfy.node_classes))
     with av.open(str(video)) as f:
         stream = f.streams.video[0]
-        frames = sum(1 for _ in f.decode(stream))
-    size = (stream.height, stream.width, frames)
+        frames = [fr.to_ndarray(format="rgb24").astype(np.float64) for fr in f.decode(stream)]
+    size = (stream.height, stream.width, len(frames))
     assert size == tuple(trained["data"][k] for k in ("height", "width", "frames")), size   # its training size
+    assert size == (*variant["resolution"], variant["frames"]), (size, variant)              # and its defaults
+    image = np.asarray(Image.open(example).convert("RGB"), dtype=np.float64)
+    red = np.linalg.norm(image - (225, 35, 35), axis=-1) < 40            # the circle (training.synthetic's red)
+    assert red.sum() > 50
+    psnr = 10 * np.log10(255.0 ** 2 / np.mean((frames[0] - image) ** 2))
+    colour_error = np.linalg.norm(frames[0][red].mean(0) - image[red].mean(0))
+    assert psnr > 22 and colour_error < 40, (psnr, colour_error)
 
 
 def test_text_to_image_then_animation_workflow_runs(comfy, comfy_base):
@@ -163,6 +178,28 @@ def test_every_workflow_is_ui_format_with_notes():
         for link in wf["links"]:
             assert link[1] in ids and link[3] in ids, path.name
         assert all("pos" in n and "size" in n for n in wf["nodes"]), path.name
+
+
+def test_every_workflow_has_a_title_in_the_pack_translations():
+    """locales/en/main.json (what the front end titles templates with) is what make_workflows
+    writes, and names every workflow under the install folder the tests use."""
+    from make_workflows import template_translations
+    shipped = json.loads((REPO / "locales" / "en" / "main.json").read_text())
+    assert shipped == template_translations()
+    titles = shipped["templateWorkflows"]["template"][comfy_runtime.PACK_NAME]
+    described = shipped["templateWorkflows"]["templateDescription"][comfy_runtime.PACK_NAME]
+    stems = {p.stem for p in WORKFLOWS.glob("*.json")}
+    assert set(titles) == set(described) == stems
+    assert len(set(titles.values())) == len(stems) and all(t.strip() for t in titles.values())
+
+
+def test_example_inputs_named_by_the_workflows_are_shipped():
+    """Every image or video a bundled workflow loads is in assets/ or assets/examples/."""
+    shipped = {p.name for p in (REPO / "assets").glob("*.png")} | {p.name for p in (REPO / "assets" / "examples").iterdir()}
+    for path in sorted(WORKFLOWS.glob("*.json")):
+        for n in json.loads(path.read_text())["nodes"]:
+            if n["type"] in ("LoadImage", "LoadVideo"):
+                assert n["widgets_values"][0] in shipped, (path.name, n["widgets_values"])
 
 
 # ------------------------------------------------------------------------------ exactness
