@@ -148,7 +148,7 @@ def comfy_lowvram(args, device, workdir: Path) -> dict:
     sys.path.insert(0, str(REPO / "scripts"))
     from comfy_workflow import load_workflow
     from run_workflow import prepare_prompt
-    wf = load_workflow(REPO / "workflows" / "dynamicrafter_image_to_video.json")
+    wf = load_workflow(REPO / "workflows" / "DynamiCrafter image to video.json")
     ph, pw = (64, 64) if args.dry_run else PRESETS["512"].resolution
     prompt = prepare_prompt(wf, comfy.node_classes, ckpt.name, ["image.png"], pw, ph, args.frames, args.steps)
     for node in prompt.values():

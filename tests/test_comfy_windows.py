@@ -1,6 +1,6 @@
 """Context windows in the real ComfyUI 0.3.75 executor with the tiny reference checkpoint: the DDIM
 node's context_window / context_overlap / context_schedule inputs, and core 'Context Windows
-(Manual)' driving our MODEL under core KSampler (workflows/dynamicrafter_context_windows.json)."""
+(Manual)' driving our MODEL under core KSampler (workflows/Long shot - context windows.json)."""
 from __future__ import annotations
 
 import copy
@@ -64,7 +64,7 @@ def test_ddim_node_context_window_inputs_in_the_executor(comfy, latents, monkeyp
         plans.append((args, real(*args)))
         return plans[-1][1]
     monkeypatch.setattr(sampling, "plan_windows", recording)
-    wf = "dynamicrafter_image_to_video.json"
+    wf = "DynamiCrafter image to video.json"
     plain, n_plain = run(comfy, latents, tiny_prompt(comfy, wf))
     whole, _ = run(comfy, latents, tiny_prompt(comfy, wf, sets=[f"DynamiCrafterDDIMSampler.context_window={T}",
                                                               "DynamiCrafterDDIMSampler.context_overlap=2"]))
@@ -92,7 +92,7 @@ def test_ddim_node_context_window_inputs_in_the_executor(comfy, latents, monkeyp
 def test_workflow_saved_before_the_window_inputs_loads_and_samples_without_windows(comfy, latents):
     """Widgets are saved by position: a graph saved with the solver but before the window inputs
     (8 values + the seed's control value) maps value by value and samples as before (windows off)."""
-    wf = load_workflow(WORKFLOWS / "dynamicrafter_image_to_video.json")
+    wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
     assert node["widgets_values"][9:] == [0, 4, "uniform"]                 # saved now: windows off
     node["widgets_values"] = node["widgets_values"][:9]
@@ -100,13 +100,13 @@ def test_workflow_saved_before_the_window_inputs_loads_and_samples_without_windo
     sampler = next(v for v in old.values() if v["class_type"] == "DynamiCrafterDDIMSampler")
     assert "context_window" not in sampler["inputs"] and sampler["inputs"]["solver"] == "ddim"
     before, n = run(comfy, latents, old)
-    now, _ = run(comfy, latents, tiny_prompt(comfy, "dynamicrafter_image_to_video.json"))
+    now, _ = run(comfy, latents, tiny_prompt(comfy, "DynamiCrafter image to video.json"))
     assert n == T and torch.equal(before, now)
 
 
 def test_ddim_node_samples_more_frames_than_one_unet_call_in_windows(comfy, latents):
     frames = 66
-    wf = "dynamicrafter_image_to_video.json"
+    wf = "DynamiCrafter image to video.json"
     out, n = run(comfy, latents, tiny_prompt(comfy, wf, frames=frames, steps=2, sets=[
         "DynamiCrafterDDIMSampler.context_window=32", "DynamiCrafterDDIMSampler.context_overlap=8"]))
     assert out.shape[2] == frames and n == frames and torch.isfinite(out).all()
@@ -121,7 +121,7 @@ def test_text_to_video_in_windows_with_the_ddim_node_and_core_context_windows(co
     frames = 20
 
     def t2v(sets):
-        return prepare_prompt(load_workflow(WORKFLOWS / "videocrafter_text_to_video.json"), comfy.node_classes,
+        return prepare_prompt(load_workflow(WORKFLOWS / "VideoCrafter text to video.json"), comfy.node_classes,
                               "vc2_tiny.safetensors", [], W, H, frames, 2, sets)
     ddim, n = run(comfy, latents, t2v(["DynamiCrafterDDIMSampler.context_window=8",
                                        "DynamiCrafterDDIMSampler.context_overlap=2"]))
@@ -143,7 +143,7 @@ def test_text_to_video_in_windows_with_the_ddim_node_and_core_context_windows(co
 
 # ------------------------------------------------------------------------------ core Context Windows (Manual)
 def test_context_windows_workflow_is_core_context_windows_on_the_time_axis():
-    wf = json.loads((WORKFLOWS / "dynamicrafter_context_windows.json").read_text())
+    wf = json.loads((WORKFLOWS / "Long shot - context windows.json").read_text())
     cw = next(n for n in wf["nodes"] if n["type"] == "ContextWindowsManual")
     ks = next(n for n in wf["nodes"] if n["type"] == "KSampler")
     assert cw["widgets_values"][-1] == 2                               # dim: (b, c, T, h, w)
@@ -169,7 +169,7 @@ def test_core_context_windows_workflow_runs_our_model_in_the_executor(comfy, lat
         return out
     monkeypatch.setattr(model_cls, "window_conds", recording)
 
-    wf = "dynamicrafter_context_windows.json"
+    wf = "Long shot - context windows.json"
     windows_off = tiny_prompt(comfy, wf, sets=[f"ContextWindowsManual.context_length={T}"])
     plain_prompt = copy.deepcopy(windows_off)
     cw_id = next(k for k, v in plain_prompt.items() if v["class_type"] == "ContextWindowsManual")

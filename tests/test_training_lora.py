@@ -86,7 +86,7 @@ def test_library_load_lora_merges_and_strength_zero_is_the_base(trained):
 
 def _lora_prompt(comfy, ckpt, lora_name=None, strength=1.0, prefix="lora"):
     from test_comfy_nodes import tiny_prompt
-    prompt = tiny_prompt(comfy, "dynamicrafter_image_to_video_ksampler.json", ckpt=ckpt, frames=4, steps=3)
+    prompt = tiny_prompt(comfy, "DynamiCrafter with KSampler.json", ckpt=ckpt, frames=4, steps=3)
     loader = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterLoader")
     sampler = next(k for k, v in prompt.items() if v["class_type"] == "SamplerCustomAdvanced")
     if lora_name is not None:

@@ -315,7 +315,7 @@ def test_text_to_video_animate_and_cli(ref_vc1, tmp_path):
 def test_text_to_video_workflow_runs_in_the_comfy_executor(comfy, comfy_reference):
     import test_comfy_nodes as tcn
     _reference_file("tiny_vc1", "model.safetensors")
-    video = tcn.run_and_get_video(comfy, tcn.tiny_prompt(comfy, "videocrafter_text_to_video.json", [],
+    video = tcn.run_and_get_video(comfy, tcn.tiny_prompt(comfy, "VideoCrafter text to video.json", [],
                                                          ckpt="vc1_tiny.safetensors", steps=3))
     assert tcn.count_frames(video) == tcn.T
 
