@@ -47,3 +47,22 @@ def test_still_backward_and_noise_clips_do_not_count_as_motion():
                for row in rows]
     assert set(DIRECTIONS) >= {row["direction"] for row in flipped}
     assert evaluate.score(gts, gts, flipped)["direction_agreement"] == 0.0
+
+
+def test_first_frame_over_seeds_counts_colour_changes(monkeypatch):
+    """The first-frame check scores every clip x seed: perfect copies score 99 dB and no colour
+    change; a clip whose object turns green on the first frame counts as changed."""
+    gts, _, rows = _clips(6)
+    rows = [{**r, "caption": "a clip"} for r in rows]
+    imgs = np.zeros((len(rows), gts.shape[1], 3, 64, 64), dtype=np.float32)     # unused by the fake generate
+    recoloured = gts.copy()
+    mask = evaluate.object_mask(gts[0, 0], rows[0]["color"])
+    recoloured[0, 0][mask] = evaluate.COLORS["green"] if rows[0]["color"] != "green" else evaluate.COLORS["red"]
+    for videos, changed in ((gts, 0), (recoloured, 1)):
+        monkeypatch.setattr(evaluate, "generate",
+                            lambda dc, first, prompts, frames, *, mode, steps, seed, cfg_text, v=videos: v[:len(prompts)])
+        r = evaluate.first_frame_over_seeds(None, imgs, gts, rows, seeds=3, batch=8, steps=1)
+        assert r["clips"] == 6 and r["seeds"] == 3
+        assert r["colour_changed"] == 3 * changed                 # the changed clip, once per seed
+        if not changed:
+            assert r["first_frame_psnr_min"] == 99.0 and r["first_frame_colour_error_max"] < 1e-9

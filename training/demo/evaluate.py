@@ -16,6 +16,11 @@ eta 1, cfg_text 7.5, guidance rescale 0.7, fs 24). Measured per clip:
 - interpolation (start + end frame given): PSNR of the last generated frame against the end
   image, and the middle frame's tracked position against the ground truth's.
 
+First frame over seeds: the first `--seed-clips` held-out clips, each sampled with `--seeds`
+seeds; per sample the first frame's PSNR against the input image and its object colour error
+(RGB distance of the object's mean colour, at its tracked place, from the input's); a sample
+"changes the colour" when that error exceeds 40 (the object-kept tolerance).
+
 Conditions: the full model; "no concat" (the image latent replaced by zeros: only the
 context stream carries the image); "no context" (the Resampler's image tokens replaced by
 zeros: only the concat carries it). The same detector run on the ground-truth clips is
@@ -105,7 +110,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: str, end=None, steps: int = 25,
-             fs: int = 24, seed: int = 123) -> np.ndarray:
+             seed: int = 123, cfg_text: float | None = None) -> np.ndarray:
+    """The model's own defaults (variant cfg_text, guidance rescale, fs), DDIM eta 1."""
     g = torch.Generator().manual_seed(seed)
     v = dc.variant
     with torch.inference_mode():
@@ -120,7 +126,8 @@ def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: 
             uncond[:, TEXT_CONTEXT_LEN:] = 0
         h, w = first.shape[-2:]
         x_T = torch.randn(video_latent_shape(first.shape[0], frames, h, w), generator=g)
-        lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=fs, steps=steps, cfg_text=v["cfg_text"],
+        lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=v["default_fs"], steps=steps,
+                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
                           eta=1.0, guidance_rescale=v["guidance_rescale"], spacing=v["spacing"], generator=g)
         return to_uint8(dc.decode(lat))
 
@@ -162,6 +169,29 @@ def score(videos: np.ndarray, gts: np.ndarray, rows: list[dict], interp: bool = 
     return out
 
 
+def first_frame_over_seeds(dc, imgs: torch.Tensor, gts: np.ndarray, rows: list[dict], seeds: int,
+                           batch: int, steps: int, cfg_text: float | None = None) -> dict:
+    """First-frame PSNR and object colour error against the input, every clip x every seed."""
+    frames = gts.shape[1]
+    psnrs, colour_errs = [], []
+    for seed in range(seeds):
+        vids = np.concatenate([generate(dc, imgs[i:i + batch, 0], [r["caption"] for r in rows[i:i + batch]], frames,
+                                        mode="full", steps=steps, seed=seed, cfg_text=cfg_text)
+                               for i in range(0, len(rows), batch)])
+        for vid, gt, row in zip(vids, gts, rows):
+            psnrs.append(psnr(vid[0], gt[0]))
+            mask = object_mask(gt[0], row["color"])
+            dx, dy = track(vid[:1], gt[0], mask)[0][0].astype(int)
+            ys, xs = np.nonzero(mask)
+            ys, xs = (ys + dy).clip(0, gt.shape[1] - 1), (xs + dx).clip(0, gt.shape[2] - 1)
+            colour_errs.append(float(np.linalg.norm(vid[0][ys, xs].astype(np.float64).mean(0)
+                                                    - gt[0][mask].astype(np.float64).mean(0))))
+    return {"clips": len(rows), "seeds": seeds, "first_frame_psnr": float(np.mean(psnrs)),
+            "first_frame_psnr_min": float(np.min(psnrs)), "first_frame_colour_error": float(np.mean(colour_errs)),
+            "first_frame_colour_error_max": float(np.max(colour_errs)),
+            "colour_changed": int(sum(e > KEPT_TOL for e in colour_errs))}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="assets/demo/dynamicrafter_demo.safetensors")
@@ -170,10 +200,15 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=int, default=0, help="first n held-out clips (0: all)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--cfg-text", type=float, help="text guidance (default: the checkpoint's)")
+    p.add_argument("--seeds", type=int, default=16, help="seeds per clip for the first-frame check (0: skip)")
+    p.add_argument("--seed-clips", type=int, default=8, help="held-out clips in the first-frame check")
     a = p.parse_args(argv)
     t0 = time.time()
     torch.manual_seed(0)
     dc = load_model(a.ckpt).float().eval()
+    v = dc.variant
+    cfg = v["cfg_text"] if a.cfg_text is None else a.cfg_text
     with open(a.csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
     rows = rows[:a.n] if a.n else rows
@@ -197,10 +232,16 @@ def main(argv=None) -> dict:
             sl = slice(i, i + a.batch)
             end = imgs[sl, -1] if interp else None
             vids.append(generate(dc, imgs[sl, 0], [r["caption"] for r in rows[sl]], frames, mode=mode, end=end,
-                                 steps=a.steps))
+                                 steps=a.steps, cfg_text=cfg))
         results[name] = score(np.concatenate(vids), gts, rows, interp=interp)
         print(f"[eval] {name}: {time.time() - t0:.0f}s", file=sys.stderr)
 
+    if a.seeds:
+        k = min(a.seed_clips, len(rows))
+        results["first frame over seeds"] = first_frame_over_seeds(dc, imgs[:k], gts[:k], rows[:k], a.seeds, a.batch,
+                                                                   a.steps, cfg)
+        print(f"[eval] first frame over seeds: {time.time() - t0:.0f}s", file=sys.stderr)
+        results_seeds = results.pop("first frame over seeds")
     cols = ["first_frame_psnr", "frame_psnr_vs_gt", "object_kept", "direction_agreement",
             f"moved_ge_{int(MOVE_MIN_PX)}px", "mean_displacement_px"]
     print(f"{'condition':34s} " + " ".join(f"{c[:20]:>20s}" for c in cols))
@@ -209,8 +250,15 @@ def main(argv=None) -> dict:
     r = results["interpolation (start + end)"]
     print(f"interpolation: end-frame PSNR {r['end_frame_psnr']:.2f} dB, middle-frame position error "
           f"{r['mid_position_err_px']:.2f} px")
+    if a.seeds:
+        r = results_seeds
+        print(f"first frame over {r['seeds']} seeds x {r['clips']} clips: PSNR {r['first_frame_psnr']:.2f} dB "
+              f"(min {r['first_frame_psnr_min']:.2f}), object colour error {r['first_frame_colour_error']:.1f} "
+              f"(max {r['first_frame_colour_error_max']:.1f}), colour changed in {r['colour_changed']}")
+        results["first frame over seeds"] = r
     out = {"checkpoint": a.ckpt, "heldout_csv": a.csv, "clips": len(rows), "frames": frames, "steps": a.steps,
-           "sampler": "DDIM eta 1, cfg_text 7.5, guidance_rescale 0.7, fs 24", "results": results,
+           "sampler": f"DDIM eta 1, cfg_text {cfg}, guidance_rescale {v['guidance_rescale']}, fs {v['default_fs']}",
+           "results": results,
            "seconds": round(time.time() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:
