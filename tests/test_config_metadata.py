@@ -105,3 +105,25 @@ def test_schema_covers_every_config_field():
     for section, (schema_name, cls) in SECTIONS.items():
         missing = {f.name for f in fields(cls)} - set(SCHEMA[schema_name])
         assert not missing, f"{section}: {sorted(missing)}"
+
+
+def test_demo_checkpoint_defaults_to_what_it_was_trained_on(tmp_path, capsys):
+    """The bundled demo file carries its training size, length and fs, so the CLI without sizes
+    animates it at exactly what its stage-3 run trained on."""
+    from pathlib import Path
+
+    import yaml
+
+    from dynamicrafter.cli import main
+    repo = Path(__file__).resolve().parents[1]
+    demo = repo / "assets" / "demo" / "dynamicrafter_demo.safetensors"
+    if not demo.is_file():
+        pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
+    data = yaml.safe_load((repo / "training" / "configs" / "demo_stage3.yaml").read_text())["data"]
+    v = dynamicrafter.load_model(str(demo)).variant
+    assert tuple(v["resolution"]) == (data["height"], data["width"]) and v["frames"] == data["frames"], v
+    assert v["default_fs"] == 24      # the synthetic clips' fps, what the trainer conditions on
+    out = tmp_path / "strip.png"      # a .png output is the frame strip: frames side by side
+    assert main(["animate", "--ckpt", str(demo), "--image", str(repo / "assets" / "example.png"),
+                 "--prompt", "a red circle moves to the right", "--steps", "2", "--out", str(out)]) == 0
+    assert f"({data['frames']} frames, {data['width']}x{data['height']})" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Consolidate a sharded training checkpoint into one .safetensors in the official key layout.
 
     python -m training.export runs/stage3 --out my_model.safetensors [--step 1200] [--dtype fp16] [--no-ema]
+        [--defaults '{"cfg_text": 2.0}']
 
 (A run with run.lora exports its LoRA file instead.)
 
@@ -9,11 +10,14 @@ seed, stage preparation), then the checkpoint's trained tensors (EMA ones by def
 run kept an EMA) are read from every process's shard file straight into it, in this one
 process and whatever the number of processes that wrote them, and the whole model is written
 with the library's writer, so `dynamicrafter.load_model` and the ComfyUI loader read it like
-any released file.
+any released file. `--defaults` records sampling defaults the run's evaluation chose (text
+guidance, guidance rescale, fs, DDIM spacing) in the metadata, beside the training size the
+run records itself; the library, the CLI and the nodes' Variant Defaults then use them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +42,18 @@ def model_from_checkpoint(meta: dict, use_ema: bool = True):
     return dc, cfg
 
 
+SAMPLING_DEFAULTS = ("cfg_text", "guidance_rescale", "default_fs", "spacing")
+
+
+def set_sampling_defaults(dc, defaults: dict) -> None:
+    """Write sampling defaults into the model's variant (its metadata on export); only the keys of
+    SAMPLING_DEFAULTS: they change how the model is sampled by default, never what it computes."""
+    unknown = sorted(set(defaults) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise SystemExit(f"error: --defaults takes {', '.join(SAMPLING_DEFAULTS)}; not {', '.join(unknown)}")
+    dc.cfg = dataclasses.replace(dc.cfg, variant=dataclasses.replace(dc.cfg.variant, **defaults))
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
@@ -45,6 +61,8 @@ def main(argv=None) -> str:
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA")
+    p.add_argument("--defaults", type=json.loads, default={},
+                   help=f"sampling defaults for the metadata, JSON with keys among {', '.join(SAMPLING_DEFAULTS)}")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     if a.step is None:
@@ -60,6 +78,7 @@ def main(argv=None) -> str:
             raise SystemExit(f"no checkpoint {path}; complete ones: {[s for s, _ in ck.list_checkpoints(a.run_dir)]}")
         meta = ck.read_meta(path)
     dc, cfg = model_from_checkpoint(meta, use_ema=not a.no_ema)
+    set_sampling_defaults(dc, a.defaults)
     ema = meta.get("ema") is not None and not a.no_ema
     weights = (f"EMA weights (decay {meta['ema']['decay']}) at step {meta['step']}" if ema
                else f"raw weights after {meta['step']} steps")
