@@ -135,7 +135,7 @@ def demo(classes) -> dict:
                     steps=25, cfg_text=v["cfg_text"], guidance_rescale=v["guidance_rescale"])
     save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
     g.note(f"The bundled demo model (assets/demo/, trained by training/ on synthetic clips): {width}x{height}, "
-           f"{frames} frames, 25 steps, about 40 s on a CPU.\nCopy assets/demo/dynamicrafter_demo.safetensors "
+           f"{frames} frames, cfg {v['cfg_text']:g} (its own default), 25 steps, a few seconds on a CPU.\nCopy assets/demo/dynamicrafter_demo.safetensors "
            f"into models/checkpoints and assets/example.png into input/. For real videos use the image-to-video "
            f"template with a released checkpoint.", (0, 600), (400, 260))
     return g.to_json()

@@ -132,7 +132,7 @@ def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
     import av
     import numpy as np
     import yaml
-    from PIL import Image
+    from PIL import Image, ImageFilter
     from safetensors import safe_open
     demo = comfy_runtime.REPO_ROOT / "assets" / "demo" / "dynamicrafter_demo.safetensors"
     if not demo.is_file():
@@ -153,10 +153,11 @@ def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
     assert size == (*variant["resolution"], variant["frames"]), (size, variant)              # and its defaults
     image = np.asarray(Image.open(example).convert("RGB"), dtype=np.float64)
     red = np.linalg.norm(image - (225, 35, 35), axis=-1) < 40            # the circle (training.synthetic's red)
-    assert red.sum() > 50
+    inner = np.asarray(Image.fromarray(red.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(9))) > 0
+    assert inner.sum() > 50                                              # its pixels 4 px inside the outline
     psnr = 10 * np.log10(255.0 ** 2 / np.mean((frames[0] - image) ** 2))
-    colour_error = np.linalg.norm(frames[0][red].mean(0) - image[red].mean(0))
-    assert psnr > 22 and colour_error < 40, (psnr, colour_error)
+    colour_error = np.linalg.norm(frames[0][inner].mean(0) - image[inner].mean(0))
+    assert psnr > 21 and colour_error < 40, (psnr, colour_error)          # (measured: 24.1 dB, 2.3)
 
 
 def test_text_to_image_then_animation_workflow_runs(comfy, comfy_base):
