@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (assets/demo/dynamicrafter_demo.safetensors) from scratch
 # with this repository's trainer: synthetic clips -> small VAE -> small CLIP towers -> stage 1 -> 2 -> 3
-# -> fp16 export
-# -> held-out evaluation. Everything is seeded; on 2 CPU cores it takes about 90 minutes + 10 of evaluation.
+# -> 3 continued -> fp16 export -> held-out evaluation -> the README's demo command, its frame strip
+# and the bundled workflow over 16 seeds. Everything is seeded; on 2 CPU cores it took 87 minutes of
+# training + about 16 of evaluation and checks (README "Demo model").
 #
 #   bash training/demo/train_demo.sh            # whole chain, then evaluate
 #   S3_STEPS=6000 bash training/demo/train_demo.sh   # longer stage 3
