@@ -34,7 +34,6 @@ def test_towers_learn_the_captions_and_load_into_the_tiny_model(tmp_path):
     data = tmp_path / "clips"
     generate_dataset(str(data), 24, height=32, width=32, frames=4, fps=8, seed=5)
     out = tmp_path / "clip.safetensors"
-    torch.set_num_threads(1)
     r = train_clip(str(data / "captions.csv"), str(out), size=32, steps=30, batch=32, lr=2e-3, per_clip=2,
                    log_every=10)
     first, last = r["history"][0]["loss"], r["history"][-1]["loss"]
