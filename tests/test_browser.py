@@ -150,7 +150,12 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
                   " await s.set('Comfy.TutorialCompleted', true);"
                   " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
     for path in sorted(WORKFLOWS.glob("*.json")):
-        page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(path))
+        wf = load_workflow(path)
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+        stored = (wf.get("extra") or {}).get("ds")
+        if stored:   # the workflow's saved view is applied after loadGraphData returns: wait for it
+            page.wait_for_function("(s) => Math.abs(window.app.canvas.ds.scale - s) < 1e-3", arg=stored["scale"],
+                                   timeout=20_000)
         boxes = page.evaluate("""() => {
             const title = LiteGraph.NODE_TITLE_HEIGHT;
             return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, out: !!n.constructor.nodeData?.output_node,
