@@ -35,6 +35,7 @@ from dynamicrafter.clip import ImageEncoder, TextEncoder, open_clip_causal_mask
 from dynamicrafter.pipeline import cover_crop
 from training.data import decode_frames, probe_video, read_annotations
 from training.modeling import tiny_model_config
+from training.vae import to_unit
 
 
 def load_pairs(csv: str, video_dir: str | None, size: int, per_clip: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
@@ -72,10 +73,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor, l
     logits = logit_scale.exp().clamp(max=100) * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     target = same.float() / same.float().sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def to_unit(frames: torch.Tensor) -> torch.Tensor:
-    return frames.float().div(127.5).sub(1.0)
 
 
 def train_clip(csv: str, out: str, *, size: int = 64, steps: int = 800, batch: int = 128, lr: float = 1e-3,

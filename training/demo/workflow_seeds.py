@@ -46,12 +46,16 @@ def frames_as_png(prompt: dict) -> dict:
     return prompt
 
 
+def inner_mask(image: np.ndarray, colour: str = "red") -> np.ndarray:
+    """The object's pixels in `image` at least 4 px inside its outline."""
+    mask = np.linalg.norm(image - np.array(COLORS[colour], dtype=np.float64), axis=-1) < COLOUR_TOL
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(9))) > 0
+
+
 def first_frame_scores(first: np.ndarray, image: np.ndarray, colour: str = "red") -> tuple[float, float]:
     first = first.astype(np.float64)
     mse = float(np.mean((first - image) ** 2))
-    mask = np.linalg.norm(image - np.array(COLORS[colour], dtype=np.float64), axis=-1) < COLOUR_TOL
-    inner = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(9))     # 4 px erosion
-    mask = np.asarray(inner) > 0
+    mask = inner_mask(image, colour)
     colour_error = float(np.linalg.norm(first[mask].mean(0) - image[mask].mean(0)))
     return (99.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)), colour_error
 
