@@ -153,9 +153,19 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
         wf = load_workflow(path)
         page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
         stored = (wf.get("extra") or {}).get("ds")
-        if stored:   # the workflow's saved view is applied after loadGraphData returns: wait for it
-            page.wait_for_function("(s) => Math.abs(window.app.canvas.ds.scale - s) < 1e-3", arg=stored["scale"],
-                                   timeout=20_000)
+        if stored:   # the workflow's saved view is applied after loadGraphData returns: wait for it,
+            try:     # then for the view to settle (the UI may adjust the stored scale)
+                page.wait_for_function("(s) => Math.abs(window.app.canvas.ds.scale - s) < 1e-3",
+                                       arg=stored["scale"], timeout=5_000)
+            except Exception:
+                pass
+        last = None
+        for _ in range(50):
+            now = page.evaluate("() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]")
+            if now == last:
+                break
+            last = now
+            page.wait_for_timeout(200)
         boxes = page.evaluate("""() => {
             const title = LiteGraph.NODE_TITLE_HEIGHT;
             return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, out: !!n.constructor.nodeData?.output_node,
