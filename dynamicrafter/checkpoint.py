@@ -178,7 +178,7 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
 def _variant_fields(cfg: ModelConfig) -> dict:
     v = cfg.variant
     return {k: getattr(v, k) for k in ("name", "default_fs", "fs_meaning", "spacing", "guidance_rescale",
-                                       "cfg_text", "resolution", "fs_range")}
+                                       "cfg_text", "cfg_img", "resolution", "fs_range")}
 
 
 def save_checkpoint(model, path, dtype: Optional[torch.dtype] = None, parts: Optional[tuple] = None,

@@ -117,6 +117,7 @@ class Variant:
     spacing: str = "uniform_trailing"      # DDIM spacing of the official scripts
     guidance_rescale: float = 0.7
     cfg_text: float = 7.5
+    cfg_img: Optional[float] = None        # dual CFG's image scale by default; None: single CFG (official)
     resolution: tuple = (320, 512)         # (H, W) the model was trained at
     frames: int = 16
     fs_range: tuple = (1, 60)

@@ -150,8 +150,9 @@ def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, uncond=No
 
 def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = None, overlap: int = 4,
                   condition: str = "window_start", fs: Optional[int] = None, steps: int = 50,
-                  cfg_text: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
-                  spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "") -> torch.Tensor:
+                  cfg_text: Optional[float] = None, cfg_img: Optional[float] = None, eta: float = 1.0,
+                  guidance_rescale: Optional[float] = None, spacing: Optional[str] = None, seed: int = 123,
+                  negative_prompt: str = "") -> torch.Tensor:
     """Extend `clip` ((b, 3, N, H, W) in [-1, 1], at the model's size) by frames - overlap new frames
     that carry its motion on (`prompt`: one text, or one per video); returns (b, 3, N + frames - overlap, H, W): the clip unchanged, then the
     new frames. `condition`: the image the window is animated from - "window_start" (the first
@@ -177,7 +178,8 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
         lat = continue_latents(dc, known, x_T, c.cond, c.uncond, concat=c.concat,
                                fs=v["default_fs"] if fs is None else fs, steps=steps,
                                spacing=spacing or v["spacing"], generator=g,
-                               cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, eta=eta,
+                               cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
+                               cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
                                guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale)
         new = dc.decode(lat[:, :, overlap:]).clamp(-1, 1)      # a valid clip to continue again
     return torch.cat([clip, new.to(clip)], dim=2)

@@ -51,7 +51,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "scale_b": (_FLOAT, (0.0, 1.0)), "fix_scale_bug": (_BOOL,),
                 "default_fs": (_INT, (1, 1000)), "fs_meaning": (_STR, ("fps", "frame_stride")),
                 "spacing": (_STR, ("uniform", "uniform_trailing", "quad")), "guidance_rescale": (_FLOAT, (0.0, 1.0)),
-                "cfg_text": (_FLOAT, (0.0, 100.0)), "resolution": (_INTS, (8, 8192), (2, 2)),
+                "cfg_text": (_FLOAT, (0.0, 100.0)),
+                "cfg_img": (_FLOAT, (0.0, 100.0), "nullable"), "resolution": (_INTS, (8, 8192), (2, 2)),
                 "frames": (_INT, (1, 1024)), "fs_range": (_INTS, (1, 1000), (2, 2))},
 }
 SECTIONS = {"unet": ("unet", UNetConfig), "vae": ("vae", VAEConfig), "text": ("clip", ClipConfig),

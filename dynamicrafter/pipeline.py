@@ -125,7 +125,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
-    (fs, spacing, guidance rescale, resolution) come from `dc.variant`. With a text-to-video
+    (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`. With a text-to-video
     model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
     `window` (e.g. 16): sample in context windows of that many frames (`dynamicrafter.windows`), for
     videos longer than the model's frames (up to 1024); "looped" schedule for loop=True.
@@ -151,7 +151,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             c = text_conditioning(dc, [prompt], [negative_prompt])
         x_T = torch.randn(video_latent_shape(1, frames, height, width), generator=generator).to(dc.device)
         latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
-                         cfg_text=v["cfg_text"] if cfg_text is None else cfg_text, cfg_img=cfg_img, eta=eta,
+                         cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
+                         cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
                          guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
                          spacing=spacing or v["spacing"], generator=generator, callback=callback, window=window,
                          window_overlap=window_overlap, window_schedule=window_schedule)

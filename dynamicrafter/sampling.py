@@ -67,13 +67,17 @@ def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_im
 def guidance_contexts(cond, uncond, uncond_img, cfg_text: float, cfg_img):
     """The guidance branches to evaluate, [cond] + [uncond] + [uncond_img], and the image scale:
     none without uncond or at cfg_text 1; dual when cfg_img or uncond_img is given (uncond_img
-    derived from cond/uncond when not passed; cfg_img defaults to cfg_text)."""
+    derived from cond/uncond when not passed; cfg_img defaults to cfg_text). Dual at cfg_img 1 is
+    text-only guidance, uncond_img + cfg_text (cond - uncond_img): two branches, the same sum."""
     contexts = [cond]
     if uncond is not None and cfg_text != 1.0:
         contexts.append(uncond)
         if uncond_img is not None or cfg_img is not None:
-            contexts.append(uncond_img if uncond_img is not None else image_only_context(cond, uncond))
+            img_only = uncond_img if uncond_img is not None else image_only_context(cond, uncond)
             cfg_img = cfg_text if cfg_img is None else cfg_img
+            if cfg_img == 1.0:
+                return [cond, img_only], None
+            contexts.append(img_only)
     return contexts, cfg_img
 
 

@@ -275,7 +275,7 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     if plan is not None and cache_interval > 1:
         raise ValueError(f"cache_interval={cache_interval} keeps one UNet pass's deep features, which context "
                          f"windows (window={window}) do not share: use cache_interval=1 with windows")
-    contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
+    contexts, branch_cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
     if solver == "ddim" and cfg_interval is None and cache_interval == 1:
         if stats is not None:
             stats.update(evaluations=steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
@@ -288,7 +288,7 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     lv = noise_levels(dc, steps, spacing)
     fs_t = None if fs is None else torch.as_tensor(fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
     cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
-    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, cfg_interval, cache,
+    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, branch_cfg_img, guidance_rescale, cfg_interval, cache,
                            plan)
     if solver == "ddim":
         def draw(i):

@@ -14,7 +14,8 @@ def variant_defaults(model) -> dict:
     v = inner.variant
     h, w = v.get("resolution", (320, 512))
     return {"width": int(w), "height": int(h), "frames": int(v.get("frames", 16)), "fs": int(v.get("default_fs", 24)),
-            "cfg_text": float(v.get("cfg_text", 7.5)), "guidance_rescale": float(v.get("guidance_rescale", 0.0)),
+            "cfg_text": float(v.get("cfg_text", 7.5)), "cfg_img": float(v.get("cfg_img") or 0.0),
+            "guidance_rescale": float(v.get("guidance_rescale", 0.0)),
             "spacing": v.get("spacing", "uniform_trailing"), "variant": v}
 
 
@@ -36,6 +37,8 @@ class DynamiCrafterVariantDefaults(io.ComfyNode):
                 io.Float.Output(display_name="cfg_text", tooltip="official text guidance"),
                 io.Float.Output(display_name="guidance_rescale", tooltip="official guidance rescale"),
                 io.String.Output(display_name="info", tooltip="the detected variant as JSON"),
+                io.Float.Output(display_name="cfg_img", tooltip="its image guidance for dual CFG (0: single CFG, "
+                                                                "the official default; 1: text-only guidance)"),
             ])
 
     @classmethod
@@ -43,7 +46,7 @@ class DynamiCrafterVariantDefaults(io.ComfyNode):
         d = variant_defaults(model)
         info = json.dumps({k: (list(x) if isinstance(x, tuple) else x) for k, x in d["variant"].items()})
         return io.NodeOutput(d["width"], d["height"], d["frames"], d["fs"], d["cfg_text"], d["guidance_rescale"],
-                             info)
+                             info, d["cfg_img"])      # cfg_img last: saved graphs keep their links
 
 
 NODES = [DynamiCrafterVariantDefaults]

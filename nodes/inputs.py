@@ -63,7 +63,7 @@ def sampler_inputs() -> list:
                        tooltip="text guidance scale (1 = no guidance)"),
         io.Float.Input("cfg_img", default=0.0, min=0.0, max=30.0, step=0.1,
                        tooltip="image guidance scale of dual (multi-condition) CFG; 0 = off, i.e. single CFG "
-                               "as the official default"),
+                               "as the official default; 1 = text-only guidance (the image in both branches)"),
         io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.05,
                        tooltip="DDIM eta (official scripts: 1.0; 0 = deterministic)"),
         io.Float.Input("guidance_rescale", default=0.7, min=0.0, max=1.0, step=0.05,

@@ -45,7 +45,7 @@ def connect_pipeline(g: UIGraph, ld, pos, neg, node, **more) -> None:
 
 def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mode="image-to-video",
               end_image=None, fs=24, frames=16, title_suffix="", seed=123, width=512, height=320, steps=50,
-              cfg_text=7.5, guidance_rescale=0.7):
+              cfg_text=7.5, cfg_img=0.0, guidance_rescale=0.7):
     """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node."""
     pos, neg = prompt_pair(g, loader, "clip", prompt, x, y, title_suffix=title_suffix)
     enc = g.add("DynamiCrafterCLIPVisionEncode", (x, y + 270))
@@ -65,7 +65,7 @@ def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mod
     if end_image is not None:
         g.connect(end_image, 0, cond, "end_image")
     samp = g.add("DynamiCrafterDDIMSampler", (x + 800, y),
-                 {"seed": seed, "steps": steps, "cfg_text": cfg_text, "cfg_img": 0.0, "eta": 1.0,
+                 {"seed": seed, "steps": steps, "cfg_text": cfg_text, "cfg_img": cfg_img, "eta": 1.0,
                   "guidance_rescale": guidance_rescale, "spacing": "auto"}, title="DDIM (dual CFG)" + title_suffix)
     g.connect(loader, "model", samp, "model")
     g.connect(cond, "positive", samp, "positive")
@@ -132,7 +132,8 @@ def demo(classes) -> dict:
     ld = loader(g, "dynamicrafter_demo.safetensors")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, DEMO_PROMPT, 420, 0, fs=v["default_fs"], frames=frames, width=width, height=height,
-                    steps=25, cfg_text=v["cfg_text"], guidance_rescale=v["guidance_rescale"])
+                    steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
+                    guidance_rescale=v["guidance_rescale"])
     save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
     g.note(f"The bundled demo model (assets/demo/, trained by training/ on synthetic clips): {width}x{height}, "
            f"{frames} frames, cfg {v['cfg_text']:g} (its own default), 25 steps, a few seconds on a CPU.\nCopy assets/demo/dynamicrafter_demo.safetensors "

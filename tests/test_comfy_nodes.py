@@ -144,7 +144,10 @@ def test_demo_template_runs_as_shipped_on_the_demo_model(comfy, comfy_base):
     trained = yaml.safe_load((comfy_runtime.REPO_ROOT / "training" / "configs" / "demo_stage3.yaml").read_text())
     with safe_open(str(demo), "pt") as f:
         variant = json.loads(f.metadata()["dynamicrafter_config"])["variant"]
-    video = run_and_get_video(comfy, ui_to_api(wf, comfy.node_classes))
+    api = ui_to_api(wf, comfy.node_classes)
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "DynamiCrafterDDIMSampler")
+    assert (sampler["cfg_text"], sampler["cfg_img"]) == (variant["cfg_text"], variant.get("cfg_img") or 0.0)
+    video = run_and_get_video(comfy, api)
     with av.open(str(video)) as f:
         stream = f.streams.video[0]
         frames = [fr.to_ndarray(format="rgb24").astype(np.float64) for fr in f.decode(stream)]
@@ -373,9 +376,10 @@ def test_official_layouts_in_conditioning(comfy, loaded, comfy_reference):
 def test_variant_defaults_node(comfy, loaded):
     from nodes_pack_access import pack
     out = pack("defaults").DynamiCrafterVariantDefaults.execute(loaded[0])
-    info = json.loads(out[-1])
+    info = json.loads(out[6])
     assert info["parameterization"] == "v" and info["zero_snr"] is True
     assert out[3] == 24      # fs of a 512-style (fps) model
+    assert out[7] == 0.0     # cfg_img: single CFG, as the released models (0 = off in the sampler nodes)
 
 
 def test_model_is_a_comfy_model_patcher_with_vpred_zero_snr(loaded):

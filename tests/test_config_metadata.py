@@ -127,3 +127,21 @@ def test_demo_checkpoint_defaults_to_what_it_was_trained_on(tmp_path, capsys):
     assert main(["animate", "--ckpt", str(demo), "--image", str(repo / "assets" / "example.png"),
                  "--prompt", "a red circle moves to the right", "--steps", "2", "--out", str(out)]) == 0
     assert f"({data['frames']} frames, {data['width']}x{data['height']})" in capsys.readouterr().out
+
+
+def test_demo_checkpoint_guidance_defaults_are_what_animate_uses():
+    """The guidance the demo file's metadata names (cfg_text, and cfg_img for dual CFG) is what
+    `animate` samples with when the caller gives none."""
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    demo = repo / "assets" / "demo" / "dynamicrafter_demo.safetensors"
+    if not demo.is_file():
+        pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
+    dc = dynamicrafter.load_model(str(demo)).float()
+    v = dc.variant
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    kw = dict(prompt="a red circle moves to the right", steps=2, seed=3)
+    default = dynamicrafter.animate(dc, image, **kw)
+    assert torch.equal(default, dynamicrafter.animate(dc, image, cfg_text=v["cfg_text"], cfg_img=v["cfg_img"], **kw))
+    other = dynamicrafter.animate(dc, image, cfg_text=v["cfg_text"], cfg_img=(v["cfg_img"] or 1.0) + 1.0, **kw)
+    assert not torch.allclose(default, other)

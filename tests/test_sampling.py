@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dynamicrafter
-from dynamicrafter.sampling import image_only_context
+from dynamicrafter.sampling import guidance_contexts, guided_output, image_only_context
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,30 @@ def test_dual_cfg_derives_the_image_only_branch(tiny):
         single = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=24, steps=3, cfg_text=5.0)
     assert torch.equal(derived, explicit)
     torch.testing.assert_close(dual_eq, single, rtol=1e-4, atol=1e-4)
+
+
+def test_text_only_guidance_runs_two_branches_with_the_dual_sum(tiny):
+    """Dual CFG at cfg_img 1 is uncond_img + cfg_text (cond - uncond_img): the unconditional branch
+    cancels, so it is evaluated as single CFG against the image-only branch."""
+    dc, x_T, concat, (cond, uncond) = tiny
+    img_only = image_only_context(cond, uncond)
+    contexts, cfg_img = guidance_contexts(cond, uncond, None, 3.0, 1.0)
+    assert cfg_img is None and len(contexts) == 2
+    assert torch.equal(contexts[0], cond) and torch.equal(contexts[1], img_only)
+    branches = [cond, uncond, img_only]
+    outs = [torch.randn_like(x_T) for _ in branches]      # a different model output per branch
+
+    def denoise(x, t, ctx):
+        return torch.cat([outs[next(i for i, b in enumerate(branches) if torch.equal(b, c))]
+                          for c in ctx.split(cond.shape[0])])
+    for rescale in (0.0, 0.7):
+        three = guided_output(denoise, x_T, None, branches, 3.0, 1.0, rescale)
+        two = guided_output(denoise, x_T, None, contexts, 3.0, cfg_img, rescale)
+        torch.testing.assert_close(two, three, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():     # the sampler takes it: single CFG against the image-only branch
+        a = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=24, steps=3, cfg_text=3.0, cfg_img=1.0)
+        b = dynamicrafter.sample_ddim(dc, x_T, cond, img_only, concat=concat, fs=24, steps=3, cfg_text=3.0)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(steps=0), "steps"), (dict(eta=1.5), "eta"),

@@ -157,11 +157,12 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, data):
     assert raw[k].dtype == torch.float16 and torch.allclose(raw[k].float(), r["trainable"][k], atol=1e-3)
     # sampling defaults chosen after training go into the metadata, nothing else changes
     tuned = export_main([str(ref), "--out", str(tmp_path / "tuned.safetensors"), "--dtype", "fp32",
-                         "--defaults", '{"cfg_text": 2.5, "default_fs": 12}'])
+                         "--defaults", '{"cfg_text": 2.5, "cfg_img": 1.0, "default_fs": 12}'])
     c = load_file(tuned)
     assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     v = dynamicrafter.load_model(tuned).variant
-    assert (v["cfg_text"], v["default_fs"]) == (2.5, 12) and v["resolution"] == dc.variant["resolution"]
+    assert (v["cfg_text"], v["cfg_img"], v["default_fs"]) == (2.5, 1.0, 12)
+    assert v["resolution"] == dc.variant["resolution"] and dc.variant["cfg_img"] is None
     with pytest.raises(SystemExit, match="--defaults takes"):
         export_main([str(ref), "--out", str(tmp_path / "bad.safetensors"), "--defaults", '{"frames": 4}'])
 

@@ -42,7 +42,7 @@ def model_from_checkpoint(meta: dict, use_ema: bool = True):
     return dc, cfg
 
 
-SAMPLING_DEFAULTS = ("cfg_text", "guidance_rescale", "default_fs", "spacing")
+SAMPLING_DEFAULTS = ("cfg_text", "cfg_img", "guidance_rescale", "default_fs", "spacing")
 
 
 def set_sampling_defaults(dc, defaults: dict) -> None:

@@ -1,8 +1,9 @@
 """Held-out evaluation of the demo model (issue 5), and the paper's ablation in miniature.
 
 For every held-out synthetic clip (seeds the model never saw) the model gets the clip's first
-frame and caption and generates a clip with the settings of the README's demo (DDIM 25 steps,
-eta 1, cfg_text 7.5, guidance rescale 0.7, fs 24). Measured per clip:
+frame and caption and generates a clip with the settings of the README's demo: DDIM 25 steps,
+eta 1, and the guidance, rescale and fs the checkpoint's metadata gives (`--cfg-text`/`--cfg-img`
+override them). Measured per clip:
 
 - conformity to the input image: PSNR of the generated first frame against the input, the
   mean PSNR of every generated frame against the ground-truth clip, and whether the object is
@@ -110,8 +111,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: str, end=None, steps: int = 25,
-             seed: int = 123, cfg_text: float | None = None) -> np.ndarray:
-    """The model's own defaults (variant cfg_text, guidance rescale, fs), DDIM eta 1."""
+             seed: int = 123, cfg_text: float | None = None, cfg_img: float | None = None) -> np.ndarray:
+    """The model's own defaults (variant cfg_text, cfg_img, guidance rescale, fs), DDIM eta 1."""
     g = torch.Generator().manual_seed(seed)
     v = dc.variant
     with torch.inference_mode():
@@ -128,6 +129,7 @@ def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: 
         x_T = torch.randn(video_latent_shape(first.shape[0], frames, h, w), generator=g)
         lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=v["default_fs"], steps=steps,
                           cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
+                          cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img,
                           eta=1.0, guidance_rescale=v["guidance_rescale"], spacing=v["spacing"], generator=g)
         return to_uint8(dc.decode(lat))
 
@@ -170,13 +172,14 @@ def score(videos: np.ndarray, gts: np.ndarray, rows: list[dict], interp: bool = 
 
 
 def first_frame_over_seeds(dc, imgs: torch.Tensor, gts: np.ndarray, rows: list[dict], seeds: int,
-                           batch: int, steps: int, cfg_text: float | None = None) -> dict:
+                           batch: int, steps: int, cfg_text: float | None = None,
+                           cfg_img: float | None = None) -> dict:
     """First-frame PSNR and object colour error against the input, every clip x every seed."""
     frames = gts.shape[1]
     psnrs, colour_errs = [], []
     for seed in range(seeds):
         vids = np.concatenate([generate(dc, imgs[i:i + batch, 0], [r["caption"] for r in rows[i:i + batch]], frames,
-                                        mode="full", steps=steps, seed=seed, cfg_text=cfg_text)
+                                        mode="full", steps=steps, seed=seed, cfg_text=cfg_text, cfg_img=cfg_img)
                                for i in range(0, len(rows), batch)])
         for vid, gt, row in zip(vids, gts, rows):
             psnrs.append(psnr(vid[0], gt[0]))
@@ -201,6 +204,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--cfg-text", type=float, help="text guidance (default: the checkpoint's)")
+    p.add_argument("--cfg-img", type=float, help="dual CFG's image guidance (default: the checkpoint's)")
     p.add_argument("--seeds", type=int, default=16, help="seeds per clip for the first-frame check (0: skip)")
     p.add_argument("--seed-clips", type=int, default=8, help="held-out clips in the first-frame check")
     a = p.parse_args(argv)
@@ -209,6 +213,7 @@ def main(argv=None) -> dict:
     dc = load_model(a.ckpt).float().eval()
     v = dc.variant
     cfg = v["cfg_text"] if a.cfg_text is None else a.cfg_text
+    cfg_img = v.get("cfg_img") if a.cfg_img is None else a.cfg_img
     with open(a.csv, newline="") as fh:
         rows = list(csv.DictReader(fh))
     rows = rows[:a.n] if a.n else rows
@@ -232,14 +237,14 @@ def main(argv=None) -> dict:
             sl = slice(i, i + a.batch)
             end = imgs[sl, -1] if interp else None
             vids.append(generate(dc, imgs[sl, 0], [r["caption"] for r in rows[sl]], frames, mode=mode, end=end,
-                                 steps=a.steps, cfg_text=cfg))
+                                 steps=a.steps, cfg_text=cfg, cfg_img=cfg_img))
         results[name] = score(np.concatenate(vids), gts, rows, interp=interp)
         print(f"[eval] {name}: {time.time() - t0:.0f}s", file=sys.stderr)
 
     if a.seeds:
         k = min(a.seed_clips, len(rows))
         results["first frame over seeds"] = first_frame_over_seeds(dc, imgs[:k], gts[:k], rows[:k], a.seeds, a.batch,
-                                                                   a.steps, cfg)
+                                                                   a.steps, cfg, cfg_img)
         print(f"[eval] first frame over seeds: {time.time() - t0:.0f}s", file=sys.stderr)
         results_seeds = results.pop("first frame over seeds")
     cols = ["first_frame_psnr", "frame_psnr_vs_gt", "object_kept", "direction_agreement",
@@ -257,7 +262,8 @@ def main(argv=None) -> dict:
               f"(max {r['first_frame_colour_error_max']:.1f}), colour changed in {r['colour_changed']}")
         results["first frame over seeds"] = r
     out = {"checkpoint": a.ckpt, "heldout_csv": a.csv, "clips": len(rows), "frames": frames, "steps": a.steps,
-           "sampler": f"DDIM eta 1, cfg_text {cfg}, guidance_rescale {v['guidance_rescale']}, fs {v['default_fs']}",
+           "sampler": f"DDIM eta 1, cfg_text {cfg}, cfg_img {cfg_img}, guidance_rescale {v['guidance_rescale']}, "
+                      f"fs {v['default_fs']}",
            "results": results,
            "seconds": round(time.time() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
