@@ -123,6 +123,15 @@ DEMO_MODEL = REPO / "assets" / "demo" / "dynamicrafter_demo.json"    # the bundl
 DEMO_PROMPT = "a red circle moves to the right"                     # what assets/example.png was made for
 
 
+def guidance_words(v: dict) -> str:
+    """The variant's default guidance in words, e.g. 'cfg 7.5' or 'text-only guidance cfg 2 (cfg_img 1)'."""
+    if v.get("cfg_img") is None:
+        return f"cfg {v['cfg_text']:g}"
+    if v["cfg_img"] == 1.0:
+        return f"text-only guidance cfg {v['cfg_text']:g} (cfg_img 1: the image in both branches)"
+    return f"dual CFG: cfg_text {v['cfg_text']:g}, cfg_img {v['cfg_img']:g}"
+
+
 def demo(classes) -> dict:
     """The image-to-video graph preset for the bundled demo model: the size, length, fs and guidance
     its metadata carries (what it was trained and evaluated at), 25 steps."""
@@ -136,7 +145,8 @@ def demo(classes) -> dict:
                     guidance_rescale=v["guidance_rescale"])
     save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
     g.note(f"The bundled demo model (assets/demo/, trained by training/ on synthetic clips): {width}x{height}, "
-           f"{frames} frames, cfg {v['cfg_text']:g} (its own default), 25 steps, a few seconds on a CPU.\nCopy assets/demo/dynamicrafter_demo.safetensors "
+           f"{frames} frames, {guidance_words(v)} (its own default), 25 steps, a few seconds on a CPU.\nCopy "
+           f"assets/demo/dynamicrafter_demo.safetensors "
            f"into models/checkpoints and assets/example.png into input/. For real videos use the image-to-video "
            f"template with a released checkpoint.", (0, 600), (400, 260))
     return g.to_json()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the bundled demo model (assets/demo/dynamicrafter_demo.safetensors) from scratch
 # with this repository's trainer: synthetic clips -> small VAE -> small CLIP towers -> stage 1 -> 2 -> 3
-# -> 3 continued -> fp16 export -> held-out evaluation -> the README's demo command, its frame strip
-# and the bundled workflow over 16 seeds. Everything is seeded; on 2 CPU cores it took 87 minutes of
-# training + about 16 of evaluation and checks (README "Demo model").
+# -> 3 continued twice (3b, 3c) -> fp16 export -> held-out evaluation -> the README's demo command, its
+# frame strip and the bundled workflow over 16 seeds. Everything is seeded; on 2 CPU cores it took 129
+# minutes of training + about 16 of evaluation and checks (README "Demo model").
 #
 #   bash training/demo/train_demo.sh            # whole chain, then evaluate
 #   S3_STEPS=6000 bash training/demo/train_demo.sh   # longer stage 3
@@ -15,10 +15,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 PY="${PY:-.venv/bin/python}"
 S1_STEPS="${S1_STEPS:-150}" S2_STEPS="${S2_STEPS:-100}" S3_STEPS="${S3_STEPS:-3000}" S3b_STEPS="${S3b_STEPS:-2000}"
+S3c_STEPS="${S3c_STEPS:-2500}"
 VAE_STEPS="${VAE_STEPS:-1500}" CLIP_STEPS="${CLIP_STEPS:-600}"
-# the demo's default text guidance, chosen by the held-out evaluation (README "Demo model"): this
-# small model's first frame and motion are best at low guidance, and it says so in its metadata
-DEMO_CFG="${DEMO_CFG:-1.5}"
+# the demo's default guidance, chosen by the held-out evaluation (README "Demo model"): text-only
+# guidance (dual CFG at image scale 1: the image tokens in both branches) at a low scale keeps this
+# small model's first frame and object; it says so in its metadata
+DEMO_CFG="${DEMO_CFG:-2.0}" DEMO_CFG_IMG="${DEMO_CFG_IMG:-1.0}"
 OUT="assets/demo/dynamicrafter_demo.safetensors"
 log() { echo "[train_demo $(date +%H:%M:%S)] $*"; }
 
@@ -48,8 +50,8 @@ if [[ ! -f runs/demo/clip.safetensors ]]; then
 fi
 
 # 4. the three stages (stage 1 builds the tiny model around the VAE and CLIP towers, which stay
-#    frozen), stage 3 continued at a lower learning rate (3b)
-for s in 1 2 3 3b; do
+#    frozen), stage 3 continued twice at a lower learning rate (3b, 3c)
+for s in 1 2 3 3b 3c; do
     steps_var="S${s}_STEPS"
     if [[ ! -f "runs/demo/stage$s/model.safetensors" ]]; then
         log "stage $s (${!steps_var} steps)"
@@ -59,11 +61,13 @@ done
 
 # 5. fp16 export (EMA weights) for the node pack, its config in the file's metadata
 mkdir -p assets/demo
-"$PY" -m training.export runs/demo/stage3b --out "$OUT" --dtype fp16 --defaults "{\"cfg_text\": $DEMO_CFG}"
+"$PY" -m training.export runs/demo/stage3c --out "$OUT" --dtype fp16 \
+    --defaults "{\"cfg_text\": $DEMO_CFG, \"cfg_img\": $DEMO_CFG_IMG}"
 "$PY" -c "import json, sys; from safetensors import safe_open
 m = json.loads(safe_open(sys.argv[1], 'pt').metadata()['dynamicrafter_config'])
 json.dump(m, open(sys.argv[2], 'w'), indent=1)" "$OUT" "${OUT%.safetensors}.json"
 log "exported $OUT ($(du -h "$OUT" | cut -f1)) and its config ${OUT%.safetensors}.json"
+"$PY" scripts/make_workflows.py      # the demo template takes its size, length, fs and guidance from that config
 
 # 6. held-out evaluation (all 96 held-out clips, 16 seeds on the first 8) -> assets/demo/eval.json
 "$PY" training/demo/evaluate.py --ckpt "$OUT" --csv data/demo/heldout/captions.csv --out assets/demo/eval.json
