@@ -288,8 +288,8 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     lv = noise_levels(dc, steps, spacing)
     fs_t = None if fs is None else torch.as_tensor(fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
     cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
-    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, branch_cfg_img, guidance_rescale, cfg_interval, cache,
-                           plan)
+    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, branch_cfg_img, guidance_rescale, cfg_interval,
+                           cache, plan)
     if solver == "ddim":
         def draw(i):
             return noise[i] if noise is not None else torch.randn(x_T.shape, generator=generator)
