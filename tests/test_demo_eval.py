@@ -59,8 +59,8 @@ def test_first_frame_over_seeds_counts_colour_changes(monkeypatch):
     mask = evaluate.object_mask(gts[0, 0], rows[0]["color"])
     recoloured[0, 0][mask] = evaluate.COLORS["green"] if rows[0]["color"] != "green" else evaluate.COLORS["red"]
     for videos, changed in ((gts, 0), (recoloured, 1)):
-        monkeypatch.setattr(evaluate, "generate",
-                            lambda dc, first, prompts, frames, *, mode, steps, seed, cfg_text, cfg_img, v=videos: v[:len(prompts)])
+        monkeypatch.setattr(evaluate, "generate", lambda dc, first, prompts, frames, *, mode, steps, seed, cfg_text,
+                            cfg_img, v=videos: v[:len(prompts)])
         r = evaluate.first_frame_over_seeds(None, imgs, gts, rows, seeds=3, batch=8, steps=1)
         assert r["clips"] == 6 and r["seeds"] == 3
         assert r["colour_changed"] == 3 * changed                 # the changed clip, once per seed

@@ -10,8 +10,8 @@ seed, stage preparation), then the checkpoint's trained tensors (EMA ones by def
 run kept an EMA) are read from every process's shard file straight into it, in this one
 process and whatever the number of processes that wrote them, and the whole model is written
 with the library's writer, so `dynamicrafter.load_model` and the ComfyUI loader read it like
-any released file. `--defaults` records sampling defaults the run's evaluation chose (text
-guidance, guidance rescale, fs, DDIM spacing) in the metadata, beside the training size the
+any released file. `--defaults` records sampling defaults the run's evaluation chose (text and
+image guidance, guidance rescale, fs, DDIM spacing) in the metadata, beside the training size the
 run records itself; the library, the CLI and the nodes' Variant Defaults then use them.
 """
 from __future__ import annotations
