@@ -1,5 +1,6 @@
 """Training data: synthetic clips, CSV layouts, stream sampling, bad input."""
 import csv
+import dataclasses
 import logging
 import os
 
@@ -44,6 +45,35 @@ def test_synthetic_specs_balanced():
     counts = {d: sum(s.direction == d for s in specs) for d in synthetic.DIRECTIONS}
     assert max(counts.values()) - min(counts.values()) <= 10
     assert len({(s.shape, s.color, s.direction) for s in specs}) == 40
+
+
+def test_corner_origin_hides_the_axis_and_leaves_the_side_clips_as_they_were():
+    # a corner start is near an end across the motion too: inside the band where a clip along
+    # the other axis starts, so the first frame alone cannot tell the axis
+    starts = {}
+    for origin in ("side", "corner"):
+        for seed in range(40):
+            for direction in ("right", "down"):
+                _, track = synthetic.render_clip(synthetic.ClipSpec("circle", "red", direction, "noise", seed, origin),
+                                                 64, 64, 2)
+                starts.setdefault((origin, direction), []).append(track[0])
+    band = 64 - (0.14 * 64 + 1) - 0.4 * 64     # farthest from its edge a clip along y starts (smallest r, travel)
+    down_y = np.array(starts[("side", "down")])[:, 1]
+    assert down_y.max() <= band and down_y.min() >= 0.14 * 64
+    for origin in ("side", "corner"):
+        across = np.array(starts[(origin, "right")])[:, 1]         # y of clips that move along x
+        near_end = np.minimum(across, 64 - across) <= band
+        if origin == "corner":
+            assert near_end.all() and (across < 32).any() and (across > 32).any()
+        else:
+            assert not near_end.all()
+    with pytest.raises(ValueError, match="origin"):
+        synthetic.render_clip(synthetic.ClipSpec("circle", "red", "up", "noise", 0, "centre"), 32, 32, 2)
+    # corners come from their own stream: the other clips of a set are the ones it had without
+    plain_specs, mixed = synthetic.make_specs(60, seed=7), synthetic.make_specs(60, seed=7, corner_share=0.5)
+    assert 15 < sum(s.origin == "corner" for s in mixed) < 45
+    assert [dataclasses.replace(s, origin="side") for s in mixed] == plain_specs
+    assert {s.origin for s in plain_specs} == {"side"}
 
 
 def test_plain_csv_roundtrip(plain):

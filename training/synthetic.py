@@ -3,11 +3,14 @@
 Every clip shows one shape (circle, square or triangle) of one colour travelling in a
 straight line (left, right, up or down) over a static textured background (stripes,
 checkerboard, smooth noise or a gradient). The caption names the motion, e.g.
-"a red circle moves to the left". Clips are written as H.264 mp4 files with PyAV, plus a
-CSV (``video,caption`` or the WebVid layout ``videoid,name,page_dir``) that
-``training.data.VideoDataset`` reads directly. Extra CSV columns record the ground truth
-(shape, colour, direction, centroid at the first and last frame) so that evaluations can
-check the motion of generated clips.
+"a red circle moves to the left". The shape starts on the side it moves away from, anywhere
+across the motion ("side" origin), so a first frame mostly gives its motion away. A "corner"
+origin also puts it near an end across the motion, where a clip along the other axis could
+start too, so that only the caption tells the axis (``--corner-share``). Clips are written as
+H.264 mp4 files with PyAV, plus a CSV (``video,caption`` or the WebVid layout
+``videoid,name,page_dir``) that ``training.data.VideoDataset`` reads directly. Extra CSV columns
+record the ground truth (shape, colour, direction, origin, centroid at the first and last frame)
+so that evaluations can check the motion of generated clips.
 
     python -m training.synthetic --out data/shapes --n 200 --size 64 --frames 16
 """
@@ -40,6 +43,7 @@ class ClipSpec:
     direction: str
     background: str
     seed: int
+    origin: str = "side"    # where it starts: "side" or "corner" (see the module docstring)
 
     @property
     def caption(self) -> str:
@@ -141,6 +145,15 @@ def render_clip(spec: ClipSpec, height: int, width: int, frames: int):
         slack = max(hi_y - lo_y - travel, 0.0)
         start_y = lo_y + rng.uniform(0, slack) if dy > 0 else hi_y - rng.uniform(0, slack)
         start_x = rng.uniform(lo_x, hi_x)
+    if spec.origin == "corner":      # across the motion, start where a clip along that axis would
+        across_lo, across_hi, across_extent = (lo_y, hi_y, height) if dx != 0 else (lo_x, hi_x, width)
+        span = across_hi - across_lo
+        across_slack = max(span - min(rng.uniform(0.4, 0.6) * across_extent, span), 0.0)
+        offset = rng.uniform(0, across_slack)
+        across = across_lo + offset if rng.random() < 0.5 else across_hi - offset
+        start_x, start_y = (start_x, across) if dx != 0 else (across, start_y)
+    elif spec.origin != "side":
+        raise ValueError(f"unknown origin {spec.origin!r}; choose 'side' or 'corner'")
     colour = np.array(COLORS[spec.color], dtype=np.float64)
     out = np.empty((frames, height, width, 3), dtype=np.uint8)
     track = np.empty((frames, 2))
@@ -179,10 +192,15 @@ def write_video(frames: np.ndarray, path: str, fps: int = 8, crf: int = 12, keyf
     os.replace(tmp, path)
 
 
-def make_specs(n: int, seed: int = 0) -> list[ClipSpec]:
+def make_specs(n: int, seed: int = 0, corner_share: float = 0.0) -> list[ClipSpec]:
     """n clip specifications cycling through every (shape, colour, direction) combination
-    in a seeded random order, so small sets are still balanced across directions."""
+    in a seeded random order, so small sets are still balanced across directions; a
+    `corner_share` of them start in a corner (drawn from their own stream: the rest of the
+    set is the same as with no corners)."""
+    if not 0.0 <= corner_share <= 1.0:
+        raise ValueError(f"corner_share must be in [0, 1], got {corner_share}")
     rng = np.random.default_rng(seed)
+    corner = np.random.default_rng([seed, 1]).random(n) < corner_share
     combos = [(s, c, d) for d in DIRECTIONS for s in SHAPES for c in COLORS]
     specs = []
     order: list[int] = []
@@ -191,12 +209,13 @@ def make_specs(n: int, seed: int = 0) -> list[ClipSpec]:
             order = list(rng.permutation(len(combos)))
         s, c, d = combos[order.pop()]
         bg = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-        specs.append(ClipSpec(s, c, d, bg, int(rng.integers(2**31 - 1))))
+        origin = "corner" if corner[len(specs)] else "side"
+        specs.append(ClipSpec(s, c, d, bg, int(rng.integers(2**31 - 1)), origin))
     return specs
 
 
 def generate_dataset(out_dir: str, n: int, *, height: int = 64, width: int = 64, frames: int = 16,
-                     fps: int = 8, seed: int = 0, layout: str = "plain") -> str:
+                     fps: int = 8, seed: int = 0, layout: str = "plain", corner_share: float = 0.0) -> str:
     """Write n clips under out_dir and a CSV describing them; returns the CSV path.
 
     layout "plain": ``out_dir/videos/clip_00000.mp4`` and ``out_dir/captions.csv`` with
@@ -208,7 +227,7 @@ def generate_dataset(out_dir: str, n: int, *, height: int = 64, width: int = 64,
         raise ValueError(f"layout must be 'plain' or 'webvid', got {layout!r}")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    for i, spec in enumerate(make_specs(n, seed)):
+    for i, spec in enumerate(make_specs(n, seed, corner_share)):
         clip, track = render_clip(spec, height, width, frames)
         if layout == "plain":
             rel = f"videos/clip_{i:05d}.mp4"
@@ -223,7 +242,8 @@ def generate_dataset(out_dir: str, n: int, *, height: int = 64, width: int = 64,
             row = {"videoid": videoid, "name": spec.caption, "page_dir": page_dir}
         write_video(clip, path, fps=fps)
         row.update(shape=spec.shape, color=spec.color, direction=spec.direction,
-                   background=spec.background, x_first=f"{track[0, 0]:.2f}", y_first=f"{track[0, 1]:.2f}",
+                   background=spec.background, origin=spec.origin,
+                   x_first=f"{track[0, 0]:.2f}", y_first=f"{track[0, 1]:.2f}",
                    x_last=f"{track[-1, 0]:.2f}", y_last=f"{track[-1, 1]:.2f}")
         rows.append(row)
     csv_path = os.path.join(out_dir, "captions.csv" if layout == "plain" else "results.csv")
@@ -243,10 +263,12 @@ def main(argv=None) -> None:
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=["plain", "webvid"], default="plain")
+    p.add_argument("--corner-share", type=float, default=0.0,
+                   help="fraction of clips that start in a corner, where only the caption tells the axis")
     a = p.parse_args(argv)
     h, w = (a.size[0], a.size[-1])
     path = generate_dataset(a.out, a.n, height=h, width=w, frames=a.frames, fps=a.fps, seed=a.seed,
-                            layout=a.layout)
+                            layout=a.layout, corner_share=a.corner_share)
     print(path)
 
 
