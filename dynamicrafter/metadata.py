@@ -122,6 +122,9 @@ def parse_config_metadata(text: Any) -> ModelConfig:
     variant = built["variant"]
     if variant.fs_range[0] > variant.fs_range[1]:
         _fail("variant.fs_range", f"must be [low, high] with low <= high, got {list(variant.fs_range)}")
+    if variant.cfg_img == 0.0:      # one meaning only: the nodes' cfg_img widget reads 0 as single CFG
+        _fail("variant.cfg_img", "is 0; write null for single CFG (an image scale of 0 is not a default "
+                                 "the nodes could show)")
     return ModelConfig(scale_factor=float(scale), **built)
 
 

@@ -57,6 +57,7 @@ SCHEMA_ROWS = [   # (edit of the stored config or raw text, expected error text)
     (("variant.name", "../../etc"), "variant.name must be one of names like"),
     (("variant.resolution", [320]), "variant.resolution must be a list of 2..2 integers"),
     (("variant.fs_range", [30, 5]), "variant.fs_range must be [low, high]"),
+    (("variant.cfg_img", 0.0), "variant.cfg_img is 0; write null for single CFG"),
     (("scale_factor", float("inf")), "scale_factor must be a finite number"),
     (("vision", 3), "vision must be an object or null"),
 ]

@@ -165,6 +165,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, data):
     assert v["resolution"] == dc.variant["resolution"] and dc.variant["cfg_img"] is None
     with pytest.raises(SystemExit, match="--defaults takes"):
         export_main([str(ref), "--out", str(tmp_path / "bad.safetensors"), "--defaults", '{"frames": 4}'])
+    for bad, why in (('{"cfg_img": 0}', "cfg_img is 0; write null"), ('{"cfg_text": -1}', "cfg_text must be")):
+        with pytest.raises(SystemExit, match=f"--defaults: .*{why}"):
+            export_main([str(ref), "--out", str(tmp_path / "bad.safetensors"), "--defaults", bad])
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_stage_chain_and_export_dtype(tmp_path, data):

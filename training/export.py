@@ -23,7 +23,8 @@ import logging
 import os
 import sys
 
-from dynamicrafter.config import DTYPES
+from dynamicrafter.config import DTYPES, CheckpointError
+from dynamicrafter.metadata import parse_config_metadata
 from training import checkpoint as ck
 from training.config import TrainConfig
 from training.modeling import build_model, export_safetensors
@@ -51,7 +52,12 @@ def set_sampling_defaults(dc, defaults: dict) -> None:
     unknown = sorted(set(defaults) - set(SAMPLING_DEFAULTS))
     if unknown:
         raise SystemExit(f"error: --defaults takes {', '.join(SAMPLING_DEFAULTS)}; not {', '.join(unknown)}")
-    dc.cfg = dataclasses.replace(dc.cfg, variant=dataclasses.replace(dc.cfg.variant, **defaults))
+    cfg = dataclasses.replace(dc.cfg, variant=dataclasses.replace(dc.cfg.variant, **defaults))
+    try:        # the checks a loader makes on the metadata, before anything is written
+        parse_config_metadata(json.dumps(cfg.to_dict()))
+    except CheckpointError as e:
+        raise SystemExit(f"error: --defaults: {str(e).split('; the file')[0]}") from None
+    dc.cfg = cfg
 
 
 def main(argv=None) -> str:
