@@ -74,9 +74,18 @@ SHAPE_FIELDS = {
 }
 
 
+class MetadataError(CheckpointError):
+    """A stored config that fails the schema; `key` and `why` say where and how, for callers that
+    check a config before writing it (the message itself speaks of a file that was read)."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"{KEY} metadata: {key} {why}; the file's metadata is corrupt or crafted "
+                         f"(re-save the model with dynamicrafter.save_checkpoint)")
+        self.key, self.why = key, why
+
+
 def _fail(key: str, why: str):
-    raise CheckpointError(f"{KEY} metadata: {key} {why}; the file's metadata is corrupt or crafted "
-                          f"(re-save the model with dynamicrafter.save_checkpoint)")
+    raise MetadataError(key, why)
 
 
 def parse_config_metadata(text: Any) -> ModelConfig:

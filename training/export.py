@@ -23,8 +23,8 @@ import logging
 import os
 import sys
 
-from dynamicrafter.config import DTYPES, CheckpointError
-from dynamicrafter.metadata import parse_config_metadata
+from dynamicrafter.config import DTYPES
+from dynamicrafter.metadata import MetadataError, parse_config_metadata
 from training import checkpoint as ck
 from training.config import TrainConfig
 from training.modeling import build_model, export_safetensors
@@ -55,8 +55,8 @@ def set_sampling_defaults(dc, defaults: dict) -> None:
     cfg = dataclasses.replace(dc.cfg, variant=dataclasses.replace(dc.cfg.variant, **defaults))
     try:        # the checks a loader makes on the metadata, before anything is written
         parse_config_metadata(json.dumps(cfg.to_dict()))
-    except CheckpointError as e:
-        raise SystemExit(f"error: --defaults: {str(e).split('; the file')[0]}") from None
+    except MetadataError as e:
+        raise SystemExit(f"error: --defaults: {e.key} {e.why}") from None
     dc.cfg = cfg
 
 
