@@ -316,7 +316,7 @@ def test_training_on_the_cache_equals_training_on_the_videos(tmp_path, clips):
 
     # and a run trains the same from either. Adam's first step is lr * g / (|g| + eps): with the
     # default eps, a gradient element that is rounding noise (the encoders see other batch
-    # shapes in the cache, so gradients differ in the 6th digit) becomes a full +-lr step of
+    # shapes in the cache, so gradients differ by ~1e-5 relative) becomes a full +-lr step of
     # random sign, and the step-2 loss moved 8e-5 between runs of the suite. eps = 1 makes the
     # step lr * g, smooth in g, so the losses of steps 2 and 3 compare the gradients themselves.
     def train(name, *extra):
