@@ -12,15 +12,17 @@ from torch.utils._pytree import tree_flatten
 import dynamicrafter
 from dynamicrafter.long_shots import continue_latents, pinned_levels
 from dynamicrafter.sampling import guidance_contexts, guided_output, step_noises
-from dynamicrafter.schedule import NoiseSchedule, randn
+from dynamicrafter.schedule import NoiseSchedule
+from dynamicrafter.settings import Guidance, Schedule, Windows
+from dynamicrafter.schedule import randn as dc_randn
 
 
 class Watch(TorchFunctionMode):
     """Records every torch.randn call (generator, device, dtype) and every op touching float64."""
 
-    def __init__(self, fake=None):
+    def __init__(self):
         super().__init__()
-        self.draws, self.float64, self.fake = [], [], fake
+        self.draws, self.float64 = [], []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -28,8 +30,6 @@ class Watch(TorchFunctionMode):
             gen = kwargs.get("generator")
             self.draws.append((None if gen is None else gen.device, torch.device(kwargs.get("device") or "cpu"),
                                kwargs.get("dtype")))
-            if self.fake is not None and gen is self.fake:      # a generator on a device this machine lacks
-                return torch.zeros(args[0] if len(args) == 1 else args, dtype=kwargs.get("dtype"))
         out = func(*args, **kwargs)
         leaves = tree_flatten((args, kwargs, out))[0]
         if any(isinstance(v, torch.Tensor) and v.dtype == torch.float64 or v is torch.float64 for v in leaves):
@@ -42,18 +42,21 @@ def tiny(tiny_random):
     return tiny_random
 
 
-def run_every_sampler(dc, x_T, concat, cond, uncond, seed=5):
-    """Every sampling entry point the library has, at eta 1 where it takes noise: outputs in order."""
-    g = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
-    kw = dict(concat=concat, fs=24, steps=4, cfg_text=7.5, guidance_rescale=0.7)
+def run_every_sampler(dc, x_T, concat, cond, uncond):
+    """Every sampling entry point the library has (2 steps each, eta 1 where it takes noise)."""
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    kw = dict(concat=concat, fs=24, guidance=Guidance(7.5, 1.5, 0.7))
+    ddim, two = Schedule(2, eta=1.0), Schedule(2)
     with torch.no_grad():
-        return [dynamicrafter.sample_ddim(dc, x_T, cond, uncond, eta=1.0, cfg_img=1.5, generator=g(), **kw),
-                dynamicrafter.sample(dc, x_T, cond, uncond, eta=1.0, cfg_interval=(0, 500), generator=g(), **kw),
-                dynamicrafter.sample(dc, x_T, cond, uncond, solver="dpmpp_2m", **kw),
-                dynamicrafter.sample(dc, x_T, cond, uncond, solver="unipc", window=2, window_overlap=1, **kw),
-                dynamicrafter.sample_ddim(dc, x_T, cond, uncond, eta=1.0, window=3, window_overlap=1,
-                                          window_schedule="looped", generator=g(), **kw),
-                continue_latents(dc, x_T[:, :, :1] * 0.5, x_T, cond, uncond, eta=1.0, generator=g(), **kw)]
+        return [dynamicrafter.sample_ddim(dc, x_T, cond, uncond, schedule=ddim, generator=g(), **kw),
+                dynamicrafter.sample(dc, x_T, cond, uncond, concat=concat, fs=24,
+                                     guidance=Guidance(7.5, interval=(0, 500)), schedule=ddim, generator=g()),
+                dynamicrafter.sample(dc, x_T, cond, uncond, schedule=Schedule(2, solver="dpmpp_2m"), **kw),
+                dynamicrafter.sample(dc, x_T, cond, uncond, schedule=Schedule(2, solver="unipc"),
+                                     windows=Windows(2, 1), **kw),
+                dynamicrafter.sample_ddim(dc, x_T, cond, uncond, schedule=ddim, windows=Windows(3, 1, "looped"),
+                                          generator=g(), **kw),
+                continue_latents(dc, x_T[:, :, :1] * 0.5, x_T, cond, uncond, schedule=two, generator=g(), **kw)]
 
 
 def test_sampling_runs_no_float64_op_and_draws_from_the_cpu_generator(tiny):
@@ -63,22 +66,25 @@ def test_sampling_runs_no_float64_op_and_draws_from_the_cpu_generator(tiny):
     assert watch.float64 == [], f"float64 torch ops while sampling: {sorted(set(watch.float64))}"
     assert watch.draws, "eta 1 must draw noise"
     assert {d for d in watch.draws} == {(torch.device("cpu"), torch.device("cpu"), torch.float32)}
-    again = run_every_sampler(dc, x_T, concat, cond, uncond)
-    assert all(torch.equal(a, b) for a, b in zip(outs, again))            # seeded
-    other = run_every_sampler(dc, x_T, concat, cond, uncond, seed=6)
-    assert not torch.equal(outs[0], other[0]) and not torch.equal(outs[-1], other[-1])
+    kw = dict(concat=concat, fs=24, guidance=Guidance(7.5, 1.5, 0.7), schedule=Schedule(2, eta=1.0))
+    with torch.no_grad():
+        again, other = (dynamicrafter.sample_ddim(dc, x_T, cond, uncond, generator=torch.Generator().manual_seed(s),
+                                                  **kw) for s in (5, 6))
+    assert torch.equal(outs[0], again) and not torch.equal(again, other)            # seeded
 
 
-def test_a_generator_on_another_device_draws_there_and_the_noise_moves():
+def test_a_generator_on_another_device_draws_there_and_the_noise_moves(monkeypatch):
     class FakeCuda:
         device = torch.device("meta")      # stands in for a CUDA / MPS generator on this CPU machine
-    fake = FakeCuda()
-    with Watch(fake) as watch:
-        noise = randn((2, 3), fake, torch.device("cpu"), torch.bfloat16)
-        steps = step_noises((2, 3), 4, fake, torch.device("cpu"), torch.float16)
-    assert watch.draws[0] == (torch.device("meta"), torch.device("meta"), torch.float32)
-    assert len(watch.draws) == 5 and noise.dtype == torch.bfloat16 and noise.device.type == "cpu"
-    assert steps.shape == (4, 2, 3) and steps.dtype == torch.float16
+    fake, draws, real = FakeCuda(), [], torch.randn
+
+    def randn(shape, generator=None, device=None, dtype=None):
+        draws.append((generator, torch.device(device), dtype))
+        return real(shape, dtype=dtype) if generator is not fake else torch.zeros(shape, dtype=dtype)
+    monkeypatch.setattr(torch, "randn", randn)
+    noise = dc_randn((2, 3), fake, torch.device("cpu"), torch.bfloat16)
+    assert draws == [(fake, torch.device("meta"), torch.float32)]
+    assert noise.dtype == torch.bfloat16 and noise.device.type == "cpu"
 
 
 def test_same_seed_same_noise_whatever_the_sampling_dtype():
@@ -95,7 +101,7 @@ def test_same_seed_same_noise_whatever_the_sampling_dtype():
 def test_same_seed_same_latent_with_a_bf16_model(tiny):
     """The model's dtype changes the UNet's rounding, never the noise: the draws are identical."""
     dc, x_T, concat, cond, uncond = tiny
-    kw = dict(concat=concat, fs=24, steps=3, cfg_text=7.5, eta=1.0)
+    kw = dict(concat=concat, fs=24, guidance=Guidance(7.5), schedule=Schedule(2, eta=1.0))
     draws = {}
     for dtype in (torch.float32, torch.bfloat16):
         dc.to(dtype)
@@ -112,14 +118,14 @@ def test_same_seed_same_latent_with_a_bf16_model(tiny):
 
 def test_start_at_step_k_continues_the_run_bit_for_bit(tiny):
     dc, x_T, concat, cond, uncond = tiny
-    kw = dict(concat=concat, fs=24, steps=5, cfg_text=7.5)
+    kw = dict(concat=concat, fs=24, guidance=Guidance(7.5), schedule=Schedule(4))
     seen = {}
     with torch.no_grad():
         full = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, **kw,
                                          callback=lambda i, n, x, x0: seen.update({i: x.clone()}))
         rest = dynamicrafter.sample_ddim(dc, seen[1], cond, uncond, start=2, **kw)
         with pytest.raises(ValueError, match="start"):
-            dynamicrafter.sample_ddim(dc, x_T, cond, uncond, start=5, **kw)
+            dynamicrafter.sample_ddim(dc, x_T, cond, uncond, start=4, **kw)
     assert torch.equal(full, rest)
 
 
@@ -146,10 +152,10 @@ def test_one_guided_step_is_one_graph_without_recompiles(tiny):
     checks the capture (what fullgraph / recompiles are about) without a C++ build on the CPU."""
     import torch._dynamo
     dc, x_T, concat, cond, uncond = tiny
-    table = NoiseSchedule.of(dc).ddim_table(4, "uniform_trailing", 1.0)
+    table = NoiseSchedule.of(dc).ddim_table(3, "uniform_trailing", 1.0)
     contexts, cfg_img = guidance_contexts(cond, uncond, None, 7.5, 1.5)
     fs = torch.tensor([24])
-    noises = step_noises(x_T.shape, 4, torch.Generator().manual_seed(0), "cpu", torch.float32)
+    noises = step_noises(x_T.shape, 3, torch.Generator().manual_seed(0), "cpu", torch.float32)
 
     def step(x, t, row, noise):
         out = guided_output(lambda a, b, c: dc.denoise(a, b, c, concat, fs), x, t, contexts, 7.5, cfg_img, 0.7)
