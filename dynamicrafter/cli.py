@@ -10,6 +10,7 @@ import torch
 
 from .config import DTYPES
 from .contract import WINDOW_SCHEDULES
+from .settings import Guidance, Schedule, Windows
 from .solvers import SOLVERS
 
 
@@ -52,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cli_settings(args, variant) -> dict:
+    """guidance / schedule / windows from the command line (unset options: the variant's defaults)."""
+    guidance = Guidance(variant["cfg_text"] if args.cfg is None else args.cfg,
+                        variant.get("cfg_img") if args.cfg_img is None else args.cfg_img,
+                        variant["guidance_rescale"] if args.guidance_rescale is None else args.guidance_rescale)
+    eta = (1.0 if args.solver == "ddim" else 0.0) if args.eta is None else args.eta
+    return dict(guidance=guidance, schedule=Schedule(args.steps, args.spacing or variant["spacing"], eta, args.solver),
+                windows=Windows(args.window, args.window_overlap, args.window_schedule))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm
@@ -71,12 +82,9 @@ def main(argv=None) -> int:
         bar.total = total
         bar.update(1)
 
-    video = animate(dc, image, args.prompt, end_image=end, loop=args.loop, frames=args.frames, height=args.height,
-                    width=args.width, fs=args.fs, steps=args.steps, cfg_text=args.cfg, cfg_img=args.cfg_img,
-                    eta=(1.0 if args.solver == "ddim" else 0.0) if args.eta is None else args.eta,
-                    solver=args.solver, guidance_rescale=args.guidance_rescale, spacing=args.spacing, seed=args.seed,
-                    negative_prompt=args.negative_prompt, callback=progress, window=args.window,
-                    window_overlap=args.window_overlap, window_schedule=args.window_schedule)
+    video = animate(dc, image, args.prompt, end_image=end, loop=args.loop, frames=args.frames,
+                    size=(args.height, args.width), fs=args.fs, seed=args.seed, negative_prompt=args.negative_prompt,
+                    callback=progress, **cli_settings(args, dc.variant))
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]

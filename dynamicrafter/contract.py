@@ -141,9 +141,15 @@ def check_guidance(cfg_text, cfg_img, eta, guidance_rescale) -> None:
 
 # ----------------------------------------------------------------------------- entry points
 
-def check_animate(dc, image, prompt, *, end_image, loop, frames, height, width, fs, steps, cfg_text, cfg_img, eta,
-                  guidance_rescale, spacing, seed, negative_prompt, callback, window=None, window_overlap=4,
-                  window_schedule="uniform") -> None:
+def check_animate(dc, image, prompt, end_image, loop, frames, size, fs, seed, negative_prompt, callback,
+                  settings) -> None:
+    """animate's inputs: the images and prompts, the video's frames / size (height, width: None =
+    the variant's) / fs / seed, and its (Guidance, Schedule, Windows)."""
+    guidance, schedule, win = settings
+    height, width = size
+    window, window_overlap, window_schedule = win.size, win.overlap, win.schedule
+    cfg_text, cfg_img, eta, guidance_rescale = guidance.cfg_text, guidance.cfg_img, schedule.eta, guidance.rescale
+    steps, spacing = schedule.steps, schedule.spacing
     check_family(dc, image)
     if image is not None:
         check_image(image, "image", batch=1)

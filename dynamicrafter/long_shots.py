@@ -24,7 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .schedule import ddim_timesteps
+from .schedule import NoiseSchedule, randn
+from .settings import Guidance, Schedule, Windows, resolve, variant_settings
 
 FRAME_CHOICES = ("first", "last", "index")
 LONG_VIDEO_METHODS = ("chained", "windows")
@@ -86,35 +87,25 @@ def window_overlap(segment: int) -> int:
 # ---------------------------------------------------------------------------- 3. continuing a clip
 def pinned_levels(dc, steps: int, spacing: str) -> list[tuple[float, float]]:
     """(signal, noise) coefficients of x after each DDIM step of `sample_ddim`, in callback order:
-    a clean latent z sits in x as signal * z + noise * N(0, I) once that step is done."""
-    ts = ddim_timesteps(steps, spacing)
-    ac = dc.alphas_cumprod.double().cpu()
-    a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
-    scale = torch.ones(len(ts), dtype=torch.float64)
-    variant = dc.variant
-    arr = getattr(dc, "scale_arr", None)
-    if arr is not None and variant.get("dynamic_rescale_base") is not None:
-        s = arr.double().cpu()[ts]
-        scale = torch.cat([s[:1], s[:-1]])             # x0 at t_prev carries scale_arr[t_prev] (design §8)
-    elif arr is not None and variant.get("use_scale"):
-        s = arr.double().cpu()
-        scale = torch.cat([s[:1], s[ts[:-1]]])
-    levels = [(float(a.sqrt() * f), float((1 - a).clamp(min=0).sqrt())) for a, f in zip(a_prev, scale)]
-    return levels[::-1]                                 # sample_ddim walks the table from the noisiest step
+    a clean latent z sits in x as signal * z + noise * N(0, I) once that step is done (step i ends
+    at level i + 1 of `NoiseSchedule.levels`)."""
+    lv = NoiseSchedule.of(dc).levels(steps, spacing)
+    return list(zip(lv.alpha[1:], lv.sigma[1:]))
 
 
 def pin_frames(dc, known: torch.Tensor, steps: int, spacing: str, generator: Optional[torch.Generator] = None,
                callback: Optional[Callable] = None) -> Callable:
     """A `sample_ddim` callback that keeps the first O frames of x on `known` ((b, 4, O, h, w)
     clean latents): after each step it writes them in, noised to that step's level with fresh
-    noise from `generator`, then calls `callback` (if any) with the pinned x."""
+    noise (drawn for all steps at once from `generator`, `schedule.randn`), then calls `callback`
+    (if any) with the pinned x."""
     levels = pinned_levels(dc, steps, spacing)
+    draws = torch.stack([randn(known.shape, generator) for _ in levels]).to(known)
     o = known.shape[2]
 
     def pin(i, total, x, x0):
         signal, noise = levels[i]
-        eps = torch.randn(known.shape, generator=generator).to(known)
-        x[:, :, :o] = signal * known + noise * eps
+        x[:, :, :o] = signal * known + noise * draws[i]
         if callback is not None:
             callback(i, total, x, x0)
 
@@ -130,39 +121,43 @@ def check_overlap(overlap: int, frames: int, clip_frames: int) -> None:
                          f"a longer clip")
 
 
-def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, uncond=None, *, concat, fs=None,
-                     steps: int = 50, spacing: str = "uniform_trailing", generator=None, callback=None,
-                     **sampler) -> torch.Tensor:
+def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, uncond=None, uncond_img=None, *, concat,
+                     fs=None, guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None, generator=None,
+                     callback=None, **legacy) -> torch.Tensor:
     """Sample a window x_T (b, 4, T, h, w) whose first O frames stay pinned to `known` (b, 4, O, h, w),
     the clip's last O latents; returns the window's latents (its first O frames are the clip's,
-    re-noised and denoised: use the clip's own frames there). `sampler`: the rest of
-    `sample_ddim`'s arguments (cfg_text, eta, guidance_rescale, ...)."""
+    re-noised and denoised: use the clip's own frames there). uncond_img, guidance, schedule: as `sample_ddim`'s
+    (loose keywords of earlier releases still work, with a DeprecationWarning)."""
     from .sampling import sample_ddim
+    guidance, schedule, _ = resolve("continue_latents", guidance or Guidance(), schedule or Schedule(), Windows(),
+                                    legacy)
     if known.ndim != 5 or known.shape[:2] != x_T.shape[:2] or known.shape[3:] != x_T.shape[3:]:
         raise ValueError(f"the clip's latents {tuple(known.shape)} do not fit the window {tuple(x_T.shape)}: "
                          f"same batch, channels and size needed")
     check_overlap(known.shape[2], x_T.shape[2], known.shape[2])
     x_T = x_T.clone()
-    pin = pin_frames(dc, known, steps, spacing, generator, callback)
-    return sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=fs, steps=steps, spacing=spacing,
-                       generator=generator, callback=pin, **sampler)
+    pin = pin_frames(dc, known, schedule.steps, schedule.spacing, generator, callback)
+    return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, guidance=guidance,
+                       schedule=schedule, generator=generator, callback=pin)
 
 
 def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = None, overlap: int = 4,
-                  condition: str = "window_start", fs: Optional[int] = None, steps: int = 50,
-                  cfg_text: Optional[float] = None, cfg_img: Optional[float] = None, eta: float = 1.0,
-                  guidance_rescale: Optional[float] = None, spacing: Optional[str] = None, seed: int = 123,
-                  negative_prompt: str = "") -> torch.Tensor:
+                  condition: str = "window_start", fs: Optional[int] = None, guidance: Optional[Guidance] = None,
+                  schedule: Optional[Schedule] = None, seed: int = 123, negative_prompt: str = "",
+                  **legacy) -> torch.Tensor:
     """Extend `clip` ((b, 3, N, H, W) in [-1, 1], at the model's size) by frames - overlap new frames
     that carry its motion on (`prompt`: one text, or one per video); returns (b, 3, N + frames - overlap, H, W): the clip unchanged, then the
     new frames. `condition`: the image the window is animated from - "window_start" (the first
-    pinned frame, where the model expects its image, default) or "clip_end" (the clip's last frame)."""
+    pinned frame, where the model expects its image, default) or "clip_end" (the clip's last frame).
+    guidance defaults to the variant's, schedule to 50 steps of its spacing at eta 1 (loose keywords
+    of earlier releases still work, with a DeprecationWarning)."""
     from .pipeline import image_conditioning, video_latent_shape
     if clip.ndim != 5 or clip.shape[1] != 3:
         raise ValueError(f"clip must be a video (b, 3, N, H, W) in [-1, 1], got shape {tuple(clip.shape)}")
     if condition not in ("window_start", "clip_end"):
         raise ValueError(f"condition must be 'window_start' or 'clip_end', got {condition!r}")
     v = dc.variant
+    guidance, schedule, _ = variant_settings("continue_clip", v, guidance, schedule, None, legacy)
     frames = v["frames"] if frames is None else frames
     check_overlap(overlap, frames, clip.shape[2])
     b, _, n, h, w = clip.shape
@@ -174,12 +169,9 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
         c = image_conditioning(dc, image, prompts, frames, negative_prompts=[negative_prompt] * b, generator=g)
         known = dc.encode_first_stage(tail.transpose(1, 2).reshape(b * overlap, 3, h, w), generator=g)
         known = known.reshape(b, overlap, *known.shape[1:]).transpose(1, 2)
-        x_T = torch.randn(video_latent_shape(b, frames, h, w), generator=g)
+        x_T = randn(video_latent_shape(b, frames, h, w), g, dc.device)
         lat = continue_latents(dc, known, x_T, c.cond, c.uncond, concat=c.concat,
-                               fs=v["default_fs"] if fs is None else fs, steps=steps,
-                               spacing=spacing or v["spacing"], generator=g,
-                               cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
-                               cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
-                               guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale)
+                               fs=v["default_fs"] if fs is None else fs, guidance=guidance, schedule=schedule,
+                               generator=g)
         new = dc.decode(lat[:, :, overlap:]).clamp(-1, 1)      # a valid clip to continue again
     return torch.cat([clip, new.to(clip)], dim=2)

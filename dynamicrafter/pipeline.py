@@ -4,6 +4,7 @@ same pieces (`image_conditioning`, `concat_latent`, `sample_ddim`)."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
 from .sampling import image_only_context
+from .schedule import randn
+from .settings import Guidance, Schedule, Windows, variant_settings
 from .solvers import sample
 from .tooncrafter import decode_keyframe_clip, has_reference_decoder
 
@@ -117,24 +120,28 @@ def text_conditioning(dc, prompts: list[str], negative_prompts: Optional[list[st
 
 
 def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Optional[torch.Tensor] = None,
-            loop: bool = False, frames: Optional[int] = None, height: Optional[int] = None,
-            width: Optional[int] = None, fs: Optional[int] = None, steps: int = 50, cfg_text: Optional[float] = None,
-            cfg_img: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
-            spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "",
-            callback: Optional[Callable] = None, solver: str = "ddim", window: Optional[int] = None,
-            window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
+            loop: bool = False, frames: Optional[int] = None, size: Optional[tuple] = None, fs: Optional[int] = None,
+            guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
+            windows: Optional[Windows] = None, seed: int = 123, negative_prompt: str = "",
+            callback: Optional[Callable] = None, **legacy) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
-    (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`. With a text-to-video
-    model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
-    `window` (e.g. 16): sample in context windows of that many frames (`dynamicrafter.windows`), for
-    videos longer than the model's frames (up to 1024); "looped" schedule for loop=True.
-    Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
-    check_animate(dc, image, prompt, end_image=end_image, loop=loop, frames=frames, height=height, width=width, fs=fs,
-                  steps=steps, cfg_text=cfg_text, cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale,
-                  spacing=spacing, seed=seed, negative_prompt=negative_prompt, callback=callback, window=window,
-                  window_overlap=window_overlap, window_schedule=window_schedule)
+    (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
+    defaults to the variant's, `schedule` to 50 steps of its spacing at eta 1 with DDIM (or a faster
+    solver, `dynamicrafter.solvers`). `size` = (height, width). With a text-to-video model, pass
+    image=None. `windows` (e.g. Windows(16)): sample in context windows of that many frames
+    (`dynamicrafter.windows`), for videos longer than the model's frames (up to 1024); "looped"
+    schedule for loop=True. Loose keywords of earlier releases (height=, width=, steps=, cfg_text=,
+    window=, ...) still work with a DeprecationWarning. Arguments outside the contract
+    (dynamicrafter.contract) raise ValueError."""
     v = dc.variant
+    height, width = size if size is not None else (legacy.pop("height", None), legacy.pop("width", None))
+    if height is not None and size is None or width is not None and size is None:
+        warnings.warn("animate(): height= and width= are deprecated and go in the next release: pass "
+                      "size=(height, width)", DeprecationWarning, stacklevel=2)
+    guidance, schedule, windows = variant_settings("animate", v, guidance, schedule, windows, legacy)
+    check_animate(dc, image, prompt, end_image, loop, frames, (height, width), fs, seed, negative_prompt, callback,
+                  (guidance, schedule, windows))
     frames = v["frames"] if frames is None else frames
     height = v["resolution"][0] if height is None else height
     width = v["resolution"][1] if width is None else width
@@ -149,13 +156,9 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
-        x_T = torch.randn(video_latent_shape(1, frames, height, width), generator=generator).to(dc.device)
-        latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
-                         cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
-                         cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
-                         guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
-                         spacing=spacing or v["spacing"], generator=generator, callback=callback, window=window,
-                         window_overlap=window_overlap, window_schedule=window_schedule)
+        x_T = randn(video_latent_shape(1, frames, height, width), generator, dc.device)
+        latents = sample(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance, schedule=schedule,
+                         windows=windows, generator=generator, callback=callback)
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)

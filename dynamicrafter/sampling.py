@@ -13,7 +13,8 @@ import torch
 
 from .config import TEXT_CONTEXT_LEN
 from .contract import STEPS, check_guidance, check_int, check_sample_ddim
-from .schedule import ddim_timesteps
+from .schedule import DDIMTable, NoiseSchedule, randn
+from .settings import Guidance, Schedule, Windows, resolve
 from .windows import WindowPlan, plan_windows, take_context, take_frames
 
 # denoise(x_t (b, ...), t (b,), contexts (k*b, L, C)) -> (k*b, ...): k guidance branches on one x_t
@@ -86,91 +87,87 @@ def image_only_context(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor
     return torch.cat([uncond[:, :TEXT_CONTEXT_LEN], cond[:, TEXT_CONTEXT_LEN:]], dim=1)
 
 
-def ddim_step(x, out, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, parameterization, x0_factor, prev_factor, noise):
-    """One DDIM update from the (guided) model output; returns (x_prev, pred_x0).
+# the sampler keeps every step's eta noise on the sampling device up to this size (else it moves per step)
+NOISE_ON_DEVICE_BYTES = 1 << 30
 
-    eps: x0 = (x - sqrt(1-a_t) eps) / sqrt(a_t). v: eps and x0 from the stored sqrt buffers.
-    x0_factor rescales pred_x0 (DynamiCrafter: scale_arr[t_prev]/scale_arr[t]; VideoCrafter:
-    1/scale_arr[t]); prev_factor multiplies it again in the update (VideoCrafter: scale_arr[t_prev])."""
-    if parameterization == "v":
-        eps = sqrt_ab * out + sqrt_1m_ab * x
-        x0 = sqrt_ab * x - sqrt_1m_ab * out
-    else:
-        eps = out
-        x0 = (x - torch.sqrt(1.0 - a_t) * eps) / a_t.sqrt()
-    if x0_factor is not None:
-        x0 = x0 * x0_factor
-    # clamp: with zero-SNR and eta=1 the first step's 1 - a_prev - sigma^2 is 0 exactly and can
-    # round to -1 ulp in float32 (the official code then yields NaN); elsewhere this is a no-op
-    direction = (1.0 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-    x_prev = a_prev.sqrt() * (x0 if prev_factor is None else prev_factor * x0) + direction
-    if noise is not None:
-        x_prev = x_prev + sigma * noise
-    return x_prev, x0
+
+def step_noises(shape, count: int, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+    """(count, *shape) N(0, I) for `count` steps, drawn step by step from `generator` as the loop
+    used to (same stream), in float32 on the generator's device; moved to `device` once when small."""
+    draws = torch.stack([randn(shape, generator) for _ in range(count)])
+    if draws.numel() * draws.element_size() <= NOISE_ON_DEVICE_BYTES:
+        draws = draws.to(device=device, dtype=dtype)
+    return draws
+
+
+def ddim_loop(output: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, table: DDIMTable, *,
+              eta: float = 0.0, noise: Optional[Sequence[torch.Tensor]] = None,
+              generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None,
+              start: int = 0) -> torch.Tensor:
+    """The DDIM walk (the library's only one): for n = start .. len(table) - 1, out = output(x, n)
+    (the guided model output at step n), x = the DDIM update, then `callback(n, total, x, pred_x0)`
+    (it may write into x in place: `long_shots.pin_frames` pins frames this way; raise to stop).
+    `start` = k begins at step k from x = x_k (`NoiseSchedule.noise_to_step`). eta > 0 adds
+    `noise[n]`, or noise drawn once for all steps from `generator` (a CPU one by convention)."""
+    total = len(table)
+    if not 0 <= start < total:
+        raise ValueError(f"start must be a step of the run, 0..{total - 1}, got {start}")
+    draws = None
+    if eta > 0 and noise is None:
+        draws = step_noises(x.shape, total - start, generator, x.device, x.dtype)
+    for n in range(start, total):
+        out = output(x, n)
+        step_noise = None
+        if eta > 0:
+            step_noise = (noise[n] if noise is not None else draws[n - start]).to(x)
+        x, x0 = table.step(x, out, table.coef[n], step_noise)
+        if callback is not None:
+            callback(n, total, x, x0)
+    return x
+
+
+def timestep_batch(table: DDIMTable, n: int, batch: int) -> torch.Tensor:
+    """Step n's DDPM timestep for a batch, from the table's device copy (no host transfer)."""
+    return table.timesteps[n].expand(batch).contiguous()
 
 
 def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None,
                 uncond_img: Optional[torch.Tensor] = None, *, concat: Optional[torch.Tensor], fs=None,
-                steps: int = 50, cfg_text: float = 1.0, cfg_img: Optional[float] = None, eta: float = 0.0,
-                guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
-                noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
-                callback: Optional[Callable] = None, window: Optional[int] = None, window_overlap: int = 4,
-                window_schedule: str = "uniform") -> torch.Tensor:
+                guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
+                windows: Optional[Windows] = None, noise: Optional[Sequence[torch.Tensor]] = None,
+                generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None, start: int = 0,
+                **legacy) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
-    cond/uncond/uncond_img are contexts [text | image tokens]. Guidance: none when uncond is None
-    or cfg_text == 1; dual when cfg_img is given (uncond_img is derived from cond/uncond when not
-    passed) or uncond_img is passed (cfg_img defaults to cfg_text); single otherwise.
-    `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`).
+    cond/uncond/uncond_img are contexts [text | image tokens]. `guidance` (`settings.Guidance`):
+    none when uncond is None or cfg_text == 1; dual when cfg_img is given (uncond_img is derived
+    from cond/uncond when not passed) or uncond_img is passed (cfg_img defaults to cfg_text);
+    single otherwise. `schedule` (`settings.Schedule`): steps, spacing, eta (its solver is DDIM).
+    `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`: a CPU generator
+    seeded by the user, as core ComfyUI; one on another device draws there).
     `callback(i, total, x, pred_x0)` runs after each step; raise from it to stop.
-    `window=W` < T: context windows (`dynamicrafter.windows`): each step runs the UNet on windows
-    of W frames overlapping by `window_overlap`, "uniform" or "looped" (around the end, for loop
-    videos), and blends their outputs; videos up to 1024 frames. None or W >= T: one pass, as without.
+    `windows` (`settings.Windows`, size W < T): context windows (`dynamicrafter.windows`): each
+    step runs the UNet on windows of W frames overlapping by `overlap`, "uniform" or "looped"
+    (around the end, for loop videos), and blends their outputs; videos up to 1024 frames.
+    `start=k`: x_T is the latent at step k's level (`NoiseSchedule.noise_to_step`), the run skips
+    steps 0..k-1 (video-to-video, denoise strength). The loose keywords of earlier releases
+    (steps=, cfg_text=, window=, ...) still work, with a DeprecationWarning (`settings.LEGACY`).
     """
-    check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta, guidance_rescale,
-                      spacing, noise, window, window_overlap, window_schedule)
-    variant = dc.variant
-    param = variant["parameterization"]
+    g, sch, win = resolve("sample_ddim", guidance or Guidance(), schedule or Schedule(), windows or Windows(), legacy)
+    check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, sch.steps, g.cfg_text, g.cfg_img, sch.eta,
+                      g.rescale, sch.spacing, noise, win.size, win.overlap, win.schedule)
     device = x_T.device
     fs_t = None if fs is None else torch.as_tensor(fs, device=device).reshape(-1).long().expand(x_T.shape[0])
+    contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, g.cfg_text, g.cfg_img)
+    plan = plan_windows(x_T.shape[2], win.size, win.overlap, win.schedule)
+    table = NoiseSchedule.of(dc).ddim_table(sch.steps, sch.spacing, sch.eta, device, x_T.dtype)
 
-    contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
-    plan = plan_windows(x_T.shape[2], window, window_overlap, window_schedule)
+    def output(x, n):
+        t = timestep_batch(table, n, x.shape[0])
+        return window_guided_output(dc, x, t, contexts, concat, fs_t, g.cfg_text, cfg_img, g.rescale, plan)
 
-    timesteps = ddim_timesteps(steps, spacing)
-    ac = dc.alphas_cumprod.float().cpu()
-    alphas = ac[timesteps]
-    alphas_prev = torch.cat([ac[:1], ac[timesteps[:-1]]])
-    sigmas = (eta * torch.sqrt((1 - alphas_prev.double()) / (1 - alphas.double())
-                               * (1 - alphas.double() / alphas_prev.double()))).float()
-    x0_factor = prev_factor = [None] * len(timesteps)
-    scale = getattr(dc, "scale_arr", None)
-    if scale is not None and (variant.get("dynamic_rescale_base") is not None or variant.get("use_scale")):
-        scale = scale.float().cpu()
-        step_scale = scale[timesteps]
-        if variant.get("use_scale"):    # VideoCrafter: x0 / scale_t, then * scale_prev in the update
-            prev_scale = torch.cat([scale[:1], step_scale[:-1]])
-            x0_factor, prev_factor = 1.0 / step_scale, prev_scale
-        else:                           # DynamiCrafter: x0 * scale_prev / scale_t
-            x0_factor = torch.cat([step_scale[:1], step_scale[:-1]]) / step_scale
-    # per-step coefficients, on the sampling device: (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f)
-    on = lambda v: None if v is None else v.to(device=device, dtype=x_T.dtype)  # noqa: E731
-    table = [(int(timesteps[i]), on(alphas[i]), on(alphas_prev[i]), on(sigmas[i]),
-              on(dc.sqrt_alphas_cumprod[int(timesteps[i])]), on(dc.sqrt_one_minus_alphas_cumprod[int(timesteps[i])]),
-              on(x0_factor[i]), on(prev_factor[i])) for i in range(len(timesteps))]
-
-    x = x_T
-    total = len(table)
-    for n, (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f) in enumerate(reversed(table)):
-        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        out = window_guided_output(dc, x, t_batch, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, plan)
-        step_noise = None
-        if eta > 0:
-            step_noise = (noise[n] if noise is not None else torch.randn(x.shape, generator=generator)).to(x)
-        x, x0 = ddim_step(x, out, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, param, x0_f, prev_f, step_noise)
-        if callback is not None:
-            callback(n, total, x, x0)
-    return x
+    return ddim_loop(output, x_T, table, eta=sch.eta, noise=noise, generator=generator, callback=callback,
+                     start=start)
 
 
 def validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale):

@@ -3,6 +3,9 @@ x0 rescale array, the DDIM timestep spacings. Computed in float64 like the offic
 then stored as float32 buffers (the checkpoints carry the same values)."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -97,3 +100,159 @@ def ddim_timesteps(steps: int, spacing: str = "uniform_trailing", n=NUM_TIMESTEP
     if spacing == "quad":
         return ((np.linspace(0, np.sqrt(n * 0.8), steps)) ** 2).astype(int) + 1
     raise ValueError(f"unknown timestep spacing {spacing!r} (uniform, uniform_trailing, quad)")
+
+
+# ------------------------------------------------------------------------------------ random draws
+def randn(shape, generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) drawn like core ComfyUI: in float32 on the generator's own device (a CPU generator
+    seeded by the user is the convention: the same seed gives the same noise on cpu, cuda or mps),
+    then moved to `device` and cast to `dtype`. Every random draw of the sampler goes through here."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
+    return noise.to(device=device if device is not None else gen_device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ the noise process
+@dataclass(frozen=True)
+class Levels:
+    """The n visited DDPM timesteps (descending) as n + 1 levels x_i = alpha_i z + sigma_i eps
+    (Python floats): level i is what step i reads, level n where the last step ends. alpha carries
+    the data scale of the x0 rescale; abar is the plain alpha_bar (DDIM's eta noise is defined on it)."""
+    t: list          # n DDPM timesteps, descending
+    alpha: list      # n + 1 signal scales (data scale included)
+    sigma: list      # n + 1 noise scales
+    scale: list      # n data scales of the visited timesteps (1 without the x0 rescale)
+    abar: list       # n + 1 alpha_bar
+
+    def __len__(self):
+        return len(self.t)
+
+
+class DDIMTable:
+    """Per-step DDIM coefficients of one run, stacked (n, 9) on the sampling device and dtype, in
+    the order the sampler walks them (noisiest first); `step` is the update, tensors only (no host
+    sync, no branching on values: one compiled graph serves every step)."""
+    COLUMNS = ("sqrt_ab", "sqrt_1m_ab", "sqrt_1m_a", "sqrt_a", "x0_f", "prev_f", "sqrt_a_prev", "direction", "sigma")
+
+    def __init__(self, t: list, coef: torch.Tensor, parameterization: str, x0_rescale: bool, prev_rescale: bool):
+        self.t, self.coef, self.parameterization = t, coef, parameterization
+        self.x0_rescale, self.prev_rescale = x0_rescale, prev_rescale
+        self.timesteps = torch.tensor(t, dtype=torch.long).to(coef.device)
+
+    def __len__(self):
+        return len(self.t)
+
+    def eps_x0(self, x: torch.Tensor, out: torch.Tensor, row: torch.Tensor):
+        """(eps, x0) from the model output at the row's timestep: eps: x0 = (x - sqrt(1-a) eps) / sqrt(a);
+        v: eps = sqrt(ab) v + sqrt(1-ab) x, x0 = sqrt(ab) x - sqrt(1-ab) v (the stored sqrt buffers)."""
+        sqrt_ab, sqrt_1m_ab, sqrt_1m_a, sqrt_a = row[:4].unbind()
+        if self.parameterization == "v":
+            return sqrt_ab * out + sqrt_1m_ab * x, sqrt_ab * x - sqrt_1m_ab * out
+        return out, (x - sqrt_1m_a * out) / sqrt_a
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, row: torch.Tensor, noise: torch.Tensor | None = None):
+        """One DDIM update from the guided model output, `row` = coef[n]; returns (x_prev, pred_x0)."""
+        _, _, _, _, x0_f, prev_f, sqrt_a_prev, direction, sigma = row.unbind()
+        eps, x0 = self.eps_x0(x, out, row)
+        if self.x0_rescale:
+            x0 = x0 * x0_f
+        x_prev = sqrt_a_prev * (prev_f * x0 if self.prev_rescale else x0) + direction * eps
+        if noise is not None:
+            x_prev = x_prev + sigma * noise
+        return x_prev, x0
+
+
+class NoiseSchedule:
+    """The model's noise process, the one place its math lives (design §6, §8): alpha_bar (with
+    zero terminal SNR when the variant has it), the x0 rescale (`scale_arr`: DynamiCrafter's
+    dynamic rescale, x0 * scale[t_prev] / scale[t]; VideoCrafter's use_scale, x0 / scale[t] then
+    * scale[t_prev]), eps/v <-> x0, q_sample, the DDIM table and the levels every sampler walks.
+
+    Built from a model's float32 buffers (`of(dc)`); schedule math in NumPy float64 / Python
+    floats, never float64 torch ops."""
+
+    def __init__(self, alphas_cumprod, sqrt_ab, sqrt_1m_ab, parameterization: str, scale_arr=None,
+                 scale_mode: str | None = None):
+        self.ac = torch.as_tensor(alphas_cumprod, dtype=torch.float32).cpu()
+        self.sqrt_ab = torch.as_tensor(sqrt_ab, dtype=torch.float32).cpu()
+        self.sqrt_1m_ab = torch.as_tensor(sqrt_1m_ab, dtype=torch.float32).cpu()
+        self.parameterization = parameterization
+        self.scale_mode = scale_mode if scale_arr is not None else None     # None, "dynamic", "use_scale"
+        self.scale_arr = None if self.scale_mode is None else torch.as_tensor(scale_arr, dtype=torch.float32).cpu()
+
+    @classmethod
+    def of(cls, dc) -> "NoiseSchedule":
+        """The schedule of a loaded model (its buffers and `variant`)."""
+        v = dc.variant
+        mode = "use_scale" if v.get("use_scale") else "dynamic" if v.get("dynamic_rescale_base") is not None else None
+        return cls(dc.alphas_cumprod.detach(), dc.sqrt_alphas_cumprod.detach(),
+                   dc.sqrt_one_minus_alphas_cumprod.detach(), v["parameterization"],
+                   getattr(dc, "scale_arr", None) if mode else None, mode)
+
+    # ---- the forward process and the model's output
+    def _at(self, buf: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return buf.to(t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t at DDPM timesteps t (b,): sqrt(ab) * scale[t] * x0 + sqrt(1 - ab) * noise."""
+        return self._at(self.sqrt_ab, t, x0.ndim) * self.scaled(x0, t) + self._at(self.sqrt_1m_ab, t, x0.ndim) * noise
+
+    def scaled(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean latent as the model sees it at timestep t: x0 * scale_arr[t] (x0 without a rescale)."""
+        return x0 if self.scale_mode is None else x0 * self._at(self.scale_arr, t, x0.ndim)
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the model learns to output at t: eps, or v = sqrt(ab) eps - sqrt(1-ab) scale[t] x0."""
+        if self.parameterization == "eps":
+            return noise
+        return self._at(self.sqrt_ab, t, x0.ndim) * noise - self._at(self.sqrt_1m_ab, t, x0.ndim) * self.scaled(x0, t)
+
+    # ---- the sampler's walk
+    def levels(self, steps: int, spacing: str = "uniform_trailing") -> Levels:
+        """The DDIM timesteps of `steps` and `spacing` as levels. The official DDIM ends at alpha_bar[0]
+        with the data scale of its smallest timestep (DynamiCrafter; it moves with the step count:
+        50 trailing steps scale_arr[19] = 0.986, 15 steps scale_arr[66] = 0.950) or scale_arr[0]
+        (VideoCrafter); every solver ends there too."""
+        ts = [int(t) for t in reversed(ddim_timesteps(steps, spacing))]
+        scale = [float(self.scale_arr[t]) if self.scale_mode else 1.0 for t in ts]
+        end_scale = 1.0 if not self.scale_mode else float(self.scale_arr[0]) if self.scale_mode == "use_scale" \
+            else scale[-1]
+        abar = [float(self.ac[t]) for t in ts] + [float(self.ac[0])]
+        alpha = [math.sqrt(a) * s for a, s in zip(abar, scale + [end_scale])]
+        sigma = [math.sqrt(1.0 - a) for a in abar]
+        return Levels(ts, alpha, sigma, scale, abar)
+
+    def noise_to_step(self, z: torch.Tensor, noise: torch.Tensor, steps: int, spacing: str, k: int) -> torch.Tensor:
+        """A clean latent z noised to the level step k of the run reads (k = 0: pure noise on zero-SNR
+        models; k = steps: where the run ends): alpha_k z + sigma_k noise. With `sample_ddim(start=k)`
+        this is video-to-video / denoise strength; after step k-1, `pinned_levels` give the same level."""
+        lv = self.levels(steps, spacing)
+        if not 0 <= k <= len(lv):
+            raise ValueError(f"step {k} is outside the run's {len(lv)} steps (0..{len(lv)})")
+        return lv.alpha[k] * z + lv.sigma[k] * noise
+
+    def ddim_table(self, steps: int, spacing: str, eta: float, device=None, dtype=torch.float32) -> DDIMTable:
+        """The official DDIM's per-step coefficients (`DDIMSampler.make_schedule`): alpha_bar of the
+        visited and previous timesteps from the float32 buffer, sigma = eta * sqrt((1 - a_prev) / (1 - a)
+        * (1 - a / a_prev)) in float64, the x0 rescale factors; computed on the CPU, moved once."""
+        timesteps = ddim_timesteps(steps, spacing)
+        ac = self.ac
+        alphas = ac[timesteps]
+        alphas_prev = torch.cat([ac[:1], ac[timesteps[:-1]]])
+        a64, p64 = alphas.numpy().astype(np.float64), alphas_prev.numpy().astype(np.float64)
+        sigmas = torch.from_numpy((eta * np.sqrt((1 - p64) / (1 - a64) * (1 - a64 / p64))).astype(np.float32))
+        ones = torch.ones(len(timesteps))
+        x0_f, prev_f = ones, ones
+        if self.scale_mode is not None:
+            step_scale = self.scale_arr[timesteps]
+            if self.scale_mode == "use_scale":     # VideoCrafter: x0 / scale_t, then * scale_prev in the update
+                x0_f, prev_f = 1.0 / step_scale, torch.cat([self.scale_arr[:1], step_scale[:-1]])
+            else:                                  # DynamiCrafter: x0 * scale_prev / scale_t
+                x0_f = torch.cat([step_scale[:1], step_scale[:-1]]) / step_scale
+        # clamp: with zero-SNR and eta=1 the first step's 1 - a_prev - sigma^2 is 0 exactly and can
+        # round to -1 ulp in float32 (the official code then yields NaN); elsewhere this is a no-op
+        direction = (1.0 - alphas_prev - sigmas ** 2).clamp(min=0).sqrt()
+        coef = torch.stack([self.sqrt_ab[timesteps], self.sqrt_1m_ab[timesteps], torch.sqrt(1.0 - alphas),
+                            alphas.sqrt(), x0_f, prev_f, alphas_prev.sqrt(), direction, sigmas], dim=1)
+        return DDIMTable([int(t) for t in timesteps[::-1]], coef.flip(0).to(device=device, dtype=dtype),
+                         self.parameterization, self.scale_mode is not None, self.scale_mode == "use_scale")

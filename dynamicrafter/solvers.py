@@ -1,7 +1,8 @@
 """Few-step solvers (k-diffusion style): DPM-Solver++ 2M, UniPC, and DDIM in the same terms.
 
-Noise levels. A solver walks levels i = 0..n with x_i = alpha_i * x0 + sigma_i * eps: the n
-visited DDPM timesteps (descending), then the level where the official DDIM ends (alpha_bar[0]).
+Noise levels (`schedule.NoiseSchedule.levels`). A solver walks levels i = 0..n with
+x_i = alpha_i * x0 + sigma_i * eps: the n visited DDPM timesteps (descending), then the level where
+the official DDIM ends (alpha_bar[0]).
 The model is seen through a denoiser `model(x, i) -> x0` at level i. DynamiCrafter's dynamic x0
 rescale fits in these terms: the model was trained on data scaled by scale_arr[t] at timestep t,
 so level t has alpha = sqrt(alpha_bar[t]) * scale_arr[t] and the denoiser divides the model's x0
@@ -16,14 +17,17 @@ below as the step length h -> inf; multistep history from that level is never us
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .contract import check_frames, check_windows
-from .sampling import guidance_contexts, sample_ddim, validate_sampling_args, window_guided_output
-from .schedule import ddim_timesteps
+from .sampling import (ddim_loop, guidance_contexts, sample_ddim, timestep_batch, validate_sampling_args,
+                       window_guided_output)
+from .schedule import Levels, NoiseSchedule
+from .settings import Guidance, Schedule, Windows, resolve
 from .step_cache import DeepCache
 from .windows import plan_windows
 
@@ -32,38 +36,9 @@ Model = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------ levels
-@dataclass
-class Levels:
-    t: list          # n DDPM timesteps, descending
-    alpha: list      # n + 1 signal scales (data scale included)
-    sigma: list      # n + 1 noise scales
-    scale: list      # n data scales of the visited timesteps (1 without dynamic rescale)
-    abar: list       # n + 1 alpha_bar (unscaled; DDIM's eta noise is defined on them)
-
-    def __len__(self):
-        return len(self.t)
-
-
 def noise_levels(dc, steps: int, spacing: str = "uniform_trailing") -> Levels:
-    """The DDIM timesteps of `steps` and `spacing` as levels (float64 Python numbers).
-
-    The official DynamiCrafter DDIM ends at the data scale of its smallest timestep, which moves
-    with the step count (50 trailing steps: scale_arr[19] = 0.986; 15: scale_arr[66] = 0.950);
-    every solver here ends there too. (Ending few-step solvers at the 50-step level instead was
-    measured to move them away from 50-step DDIM: their x0 is already larger than DDIM's.)"""
-    ts = [int(t) for t in reversed(ddim_timesteps(steps, spacing))]
-    ac = dc.alphas_cumprod.double().cpu()
-    v = dc.variant
-    scale_arr = getattr(dc, "scale_arr", None)
-    rescale = scale_arr is not None and (v.get("dynamic_rescale_base") is not None or v.get("use_scale"))
-    scale = [float(scale_arr[t]) if rescale else 1.0 for t in ts]
-    end_scale = 1.0
-    if rescale:
-        end_scale = float(scale_arr[0]) if v.get("use_scale") else scale[-1]
-    abar = [float(ac[t]) for t in ts] + [float(ac[0])]
-    alpha = [math.sqrt(a) * s for a, s in zip(abar, scale + [end_scale])]
-    sigma = [math.sqrt(1.0 - a) for a in abar]
-    return Levels(ts, alpha, sigma, scale, abar)
+    """The DDIM timesteps of `steps` and `spacing` as levels (`NoiseSchedule.levels`)."""
+    return NoiseSchedule.of(dc).levels(steps, spacing)
 
 
 def log_snr(alpha: float, sigma: float) -> float:
@@ -77,30 +52,7 @@ def first_order_step(x, x0, a, s, a_next, s_next):
     return a_next * x0 + (s_next / s) * (x - a * x0)
 
 
-def ddim_noise_std(abar: float, abar_next: float, eta: float) -> float:
-    """The official DDIM's sigma_t (eta > 0 adds this much fresh noise)."""
-    return eta * math.sqrt((1.0 - abar_next) / (1.0 - abar) * (1.0 - abar / abar_next))
-
-
 # ------------------------------------------------------------------------------------ solvers
-@torch.no_grad()
-def sample_ddim_x0(model: Model, x, lv: Levels, eta: float = 0.0, noise: Optional[Callable] = None,
-                   callback: Optional[Callable] = None):
-    """DDIM on the levels (official update; eta > 0 draws `noise(i)` each step)."""
-    for i in range(len(lv)):
-        x0 = model(x, i)
-        a, s, a_n, s_n = lv.alpha[i], lv.sigma[i], lv.alpha[i + 1], lv.sigma[i + 1]
-        if eta > 0:
-            c = ddim_noise_std(lv.abar[i], lv.abar[i + 1], eta)
-            eps = (x - a * x0) / s
-            x = a_n * x0 + math.sqrt(max(s_n ** 2 - c ** 2, 0.0)) * eps + c * noise(i).to(x)
-        else:
-            x = first_order_step(x, x0, a, s, a_n, s_n)
-        if callback is not None:
-            callback(i, len(lv), x, x0)
-    return x
-
-
 def dpmpp_2m_x0(x0, x0_prev, h, h_prev):
     """DPM-Solver++(2M)'s corrected x0: linear extrapolation in log-SNR over the last two outputs
     (r = h_prev / h); first order when there is no usable previous output."""
@@ -144,8 +96,8 @@ def unipc_coefficients(rks: Sequence[float], h: float, corrector: bool) -> list:
         rhs.append(phi * fact / b_h)
         fact *= j + 1
         phi = phi / hh - 1.0 / fact
-    R, b = torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)
-    return (torch.linalg.solve(R, b) if corrector else torch.linalg.solve(R[:-1, :-1], b[:-1])).tolist()
+    R, b = np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)     # NumPy: no float64 torch op
+    return (np.linalg.solve(R, b) if corrector else np.linalg.solve(R[:-1, :-1], b[:-1])).tolist()
 
 
 def unipc_update(x, x0s, lams, a, s, a_n, s_n, lam_n, x0_new=None):
@@ -190,22 +142,23 @@ def sample_unipc(model: Model, x, lv: Levels, order: int = 2, callback: Optional
     return x
 
 
-SOLVERS = {"ddim": sample_ddim_x0, "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc}
+SOLVERS = {"ddim": ddim_loop, "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc}   # ddim: the one DDIM loop
 
 
 # ------------------------------------------------------------------------------------ the denoiser
 class GuidedDenoiser:
     """model(x, i) -> x0 for `Levels`: the UNet with single/dual CFG and guidance rescale (as
-    `sample_ddim`), its v/eps output turned into x0 and divided by the level's data scale.
+    `sample_ddim`), its v/eps output turned into x0 (`DDIMTable.eps_x0`) and divided by the level's
+    data scale; `output(x, i)` is the guided output itself (what the DDIM loop reads).
 
     cfg_interval (t_lo, t_hi): the guidance branches run only at timesteps t_lo <= t <= t_hi;
     elsewhere the conditional branch alone. cache: a `DeepCache` (deep UNet features reused).
     plan: context windows (`dynamicrafter.windows.plan_windows`; None = one pass).
     `evaluations` counts UNet branch evaluations, `cached` those that reused deep features."""
 
-    def __init__(self, dc, lv: Levels, contexts, concat, fs, cfg_text, cfg_img, guidance_rescale,
+    def __init__(self, dc, lv: Levels, table, contexts, concat, fs, cfg_text, cfg_img, guidance_rescale,
                  cfg_interval=None, cache: Optional[DeepCache] = None, plan=None):
-        self.dc, self.lv, self.contexts, self.concat = dc, lv, list(contexts), concat
+        self.dc, self.lv, self.table, self.contexts, self.concat = dc, lv, table, list(contexts), concat
         self.fs, self.cfg_text, self.cfg_img, self.guidance_rescale = fs, cfg_text, cfg_img, guidance_rescale
         self.cfg_interval, self.cache, self.plan = cfg_interval, cache, plan
         self.evaluations = self.cached = 0
@@ -225,41 +178,42 @@ class GuidedDenoiser:
             return out
         return call
 
+    def output(self, x, i: int):
+        t_batch = timestep_batch(self.table, i, x.shape[0])
+        return window_guided_output(self.dc, x, t_batch, self.branches(self.lv.t[i]), self.concat, self.fs,
+                                    self.cfg_text, self.cfg_img, self.guidance_rescale, self.plan, unet=self.unet(i))
+
     def __call__(self, x, i: int):
-        t = self.lv.t[i]
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = window_guided_output(self.dc, x, t_batch, self.branches(t), self.concat, self.fs, self.cfg_text,
-                                   self.cfg_img, self.guidance_rescale, self.plan, unet=self.unet(i))
-        dc = self.dc
-        sqrt_ab, sqrt_1m_ab = dc.sqrt_alphas_cumprod[t].to(x), dc.sqrt_one_minus_alphas_cumprod[t].to(x)
-        if dc.variant["parameterization"] == "v":
-            x0 = sqrt_ab * x - sqrt_1m_ab * out
-        else:
-            x0 = (x - sqrt_1m_ab * out) / sqrt_ab
+        _, x0 = self.table.eps_x0(x, self.output(x, i), self.table.coef[i])
         return x0 / self.lv.scale[i]
 
 
 # ------------------------------------------------------------------------------------ entry point
 def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None,
-           uncond_img: Optional[torch.Tensor] = None, *, solver: str = "ddim", concat: Optional[torch.Tensor],
-           fs=None, steps: int = 50, cfg_text: float = 1.0, cfg_img: Optional[float] = None, eta: float = 0.0,
-           guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
+           uncond_img: Optional[torch.Tensor] = None, *, concat: Optional[torch.Tensor], fs=None,
+           guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None, windows: Optional[Windows] = None,
            noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
-           callback: Optional[Callable] = None, cfg_interval: Optional[tuple] = None,
-           cache_interval: int = 1, cache_depth: int = 1, stats: Optional[dict] = None,
-           window: Optional[int] = None, window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
-    """`sample_ddim` with a choice of solver: "ddim" (exactly `sample_ddim` unless cfg_interval or
-    the cache is on), "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
+           callback: Optional[Callable] = None, cache: tuple = (1, 1), stats: Optional[dict] = None,
+           **legacy) -> torch.Tensor:
+    """`sample_ddim` with a choice of solver (`schedule.solver`): "ddim" (exactly `sample_ddim`),
+    "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
 
-    cfg_interval=(t_lo, t_hi): guidance only at DDPM timesteps in [t_lo, t_hi] (the rest run the
-    conditional branch alone). cache_interval=k > 1: the deep UNet blocks (below input block
-    `cache_depth`) are computed every k-th step and reused between (DeepCache). `stats`, when
+    guidance.interval=(t_lo, t_hi): guidance only at DDPM timesteps in [t_lo, t_hi] (the rest run
+    the conditional branch alone). cache=(k, depth), k > 1: the deep UNet blocks (below input
+    block `depth`) are computed every k-th step and reused between (DeepCache). `stats`, when
     given, receives {"evaluations": UNet branch evaluations, "cached": how many of them reused the
-    deep features}. eta > 0 is DDIM's only. window / window_overlap / window_schedule: context
-    windows as in `sample_ddim` (every solver; not with the cache).
+    deep features}. eta > 0 is DDIM's only. windows: context windows as in `sample_ddim` (every
+    solver; not with the cache). Loose keywords of earlier releases (solver=, steps=, cfg_interval=,
+    cache_interval=, cache_depth=, ...) still work with a DeprecationWarning.
     """
-    validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale)
-    check_windows(window, window_overlap, window_schedule)
+    if "cache_interval" in legacy or "cache_depth" in legacy:
+        warnings.warn("sample(): cache_interval= and cache_depth= are deprecated and go in the next release: pass "
+                      "cache=(interval, depth)", DeprecationWarning, stacklevel=2)
+    cache_interval, cache_depth = legacy.pop("cache_interval", cache[0]), legacy.pop("cache_depth", cache[1])
+    g, sch, win = resolve("sample", guidance or Guidance(), schedule or Schedule(), windows or Windows(), legacy)
+    validate_sampling_args(sch.steps, g.cfg_text, g.cfg_img, sch.eta, g.rescale)
+    check_windows(win.size, win.overlap, win.schedule)
+    solver, cfg_interval, eta = sch.solver, g.interval, sch.eta
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if eta > 0 and solver != "ddim":
@@ -271,29 +225,27 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
         if not 0 <= lo <= hi <= 999:
             raise ValueError(f"cfg_interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 999, got {cfg_interval}")
     video = isinstance(x_T, torch.Tensor) and x_T.ndim == 5
-    plan = plan_windows(x_T.shape[2], window, window_overlap, window_schedule) if video else None
+    plan = plan_windows(x_T.shape[2], win.size, win.overlap, win.schedule) if video else None
     if plan is not None and cache_interval > 1:
         raise ValueError(f"cache_interval={cache_interval} keeps one UNet pass's deep features, which context "
-                         f"windows (window={window}) do not share: use cache_interval=1 with windows")
-    contexts, branch_cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
+                         f"windows (window={win.size}) do not share: use cache_interval=1 with windows")
+    contexts, branch_cfg_img = guidance_contexts(cond, uncond, uncond_img, g.cfg_text, g.cfg_img)
     if solver == "ddim" and cfg_interval is None and cache_interval == 1:
         if stats is not None:
-            stats.update(evaluations=steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
-        return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, steps=steps, cfg_text=cfg_text,
-                           cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale, spacing=spacing, noise=noise,
-                           generator=generator, callback=callback, window=window, window_overlap=window_overlap,
-                           window_schedule=window_schedule)
+            stats.update(evaluations=sch.steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
+        return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, guidance=g, schedule=sch,
+                           windows=win, noise=noise, generator=generator, callback=callback)
     if video:
-        check_frames(x_T.shape[2], window)
-    lv = noise_levels(dc, steps, spacing)
+        check_frames(x_T.shape[2], win.size)
+    noise_schedule = NoiseSchedule.of(dc)
+    lv = noise_schedule.levels(sch.steps, sch.spacing)
+    table = noise_schedule.ddim_table(sch.steps, sch.spacing, eta, x_T.device, x_T.dtype)
     fs_t = None if fs is None else torch.as_tensor(fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
-    cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
-    model = GuidedDenoiser(dc, lv, contexts, concat, fs_t, cfg_text, branch_cfg_img, guidance_rescale, cfg_interval,
-                           cache, plan)
+    deep_cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
+    model = GuidedDenoiser(dc, lv, table, contexts, concat, fs_t, g.cfg_text, branch_cfg_img, g.rescale,
+                           cfg_interval, deep_cache, plan)
     if solver == "ddim":
-        def draw(i):
-            return noise[i] if noise is not None else torch.randn(x_T.shape, generator=generator)
-        x = sample_ddim_x0(model, x_T, lv, eta=eta, noise=draw, callback=callback)
+        x = ddim_loop(model.output, x_T, table, eta=eta, noise=noise, generator=generator, callback=callback)
     else:
         x = SOLVERS[solver](model, x_T, lv, callback=callback)
     if stats is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
@@ -45,25 +46,29 @@ def context_windows(frames: int, window: int, overlap: int, schedule: str = "uni
     return [list(range(s, s + window)) for s in starts]
 
 
-def edge_ramp(window: int, overlap: int) -> torch.Tensor:
+def edge_ramp(window: int, overlap: int) -> np.ndarray:
     """(W,) float64: min(1, (k+1)/(O+1), (W-k)/(O+1)), so two windows overlapping by O sum to 1."""
-    k = torch.arange(window, dtype=torch.float64)
-    return torch.minimum(torch.ones(window, dtype=torch.float64),
-                         torch.minimum(k + 1, window - k) / (overlap + 1))
+    k = np.arange(window, dtype=np.float64)
+    return np.minimum(1.0, np.minimum(k + 1, window - k) / (overlap + 1))
 
 
-def blend_weights(windows: Sequence[Sequence[int]], frames: int, overlap: int) -> list[torch.Tensor]:
-    """Per window, (W,) float64 weights of its frames; for every frame the weights sum to 1."""
-    total = torch.zeros(frames, dtype=torch.float64)
+def _blend_weights(windows: Sequence[Sequence[int]], frames: int, overlap: int) -> list[np.ndarray]:
+    total = np.zeros(frames, dtype=np.float64)
     ramps = []
     for idx in windows:
         ramp = edge_ramp(len(idx), overlap)
-        total.index_add_(0, torch.as_tensor(idx), ramp)
+        np.add.at(total, np.asarray(idx), ramp)
         ramps.append(ramp)
     if (total == 0).any():
-        missing = (total == 0).nonzero().flatten().tolist()
+        missing = np.flatnonzero(total == 0).tolist()
         raise ValueError(f"context windows leave frames {missing[:8]} uncovered")
-    return [ramp / total[torch.as_tensor(idx)] for ramp, idx in zip(ramps, windows)]
+    return [ramp / total[np.asarray(idx)] for ramp, idx in zip(ramps, windows)]
+
+
+def blend_weights(windows: Sequence[Sequence[int]], frames: int, overlap: int) -> list[torch.Tensor]:
+    """Per window, (W,) float64 weights of its frames; for every frame the weights sum to 1
+    (computed in NumPy: no float64 torch op; the sampler holds them as float32, `plan_windows`)."""
+    return [torch.from_numpy(w) for w in _blend_weights(windows, frames, overlap)]
 
 
 def take_frames(x: Optional[torch.Tensor], idx: Sequence[int], dim: int = 2) -> Optional[torch.Tensor]:
@@ -96,17 +101,27 @@ class WindowPlan:
     windows: list
     weights: list
 
+    def on(self, device, dtype) -> list:
+        """(frame indices, weights) per window as tensors on `device`, made once per device and dtype."""
+        key = (torch.device(device), dtype)
+        cache = self.__dict__.setdefault("_on", {})
+        if key not in cache:
+            cache[key] = [(torch.as_tensor(idx, device=device), w.to(device=device, dtype=dtype))
+                          for idx, w in zip(self.windows, self.weights)]
+        return cache[key]
+
     def blend(self, x: torch.Tensor, run: Callable[[list], torch.Tensor], dim: int = 2) -> torch.Tensor:
         """sum over windows of weight * run(window's frame indices), put back on its frames."""
         out = None
-        for idx, w in zip(self.windows, self.weights):
+        for k, idx in enumerate(self.windows):
             part = run(idx)
             if out is None:
                 out = torch.zeros(*part.shape[:dim], self.frames, *part.shape[dim + 1:],
                                   dtype=part.dtype, device=part.device)
+            index, w = self.on(part.device, part.dtype)[k]
             shape = [1] * part.ndim
             shape[dim] = len(idx)
-            out.index_add_(dim, torch.as_tensor(idx, device=part.device), part * w.to(part).reshape(shape))
+            out.index_add_(dim, index, part * w.reshape(shape))
         return out
 
 
@@ -116,4 +131,5 @@ def plan_windows(frames: int, window: Optional[int], overlap: int = 4, schedule:
     if window is None or window >= frames:
         return None
     windows = context_windows(frames, window, overlap, schedule)
-    return WindowPlan(frames, windows, blend_weights(windows, frames, overlap))
+    weights = [torch.from_numpy(w.astype(np.float32)) for w in _blend_weights(windows, frames, overlap)]
+    return WindowPlan(frames, windows, weights)

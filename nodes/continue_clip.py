@@ -22,7 +22,8 @@ from .comfy_model import require_dynamicrafter_model
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, MAX_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
+                     size_inputs)
 from .resampler import resample_context
 from .sampler import prepare_inputs
 
@@ -43,9 +44,9 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
     check_overlap(overlap, frames, video.shape[0])
     check_number("cfg_img", cfg_img, *GUIDANCE)
     inner = require_dynamicrafter_model(model, "Continue Clip")
-    if spacing == "auto":
-        spacing = inner.variant.get("spacing", "uniform_trailing")
-    check_steps(steps, spacing)
+    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+    schedule, guidance = settings.schedule(inner.variant), settings.guidance()
+    check_steps(schedule.steps, schedule.spacing)
     clip = resize_center(video, width, height)
     tail = clip[clip.shape[0] - overlap:]
     image = tail[:1] if condition == "window_start" else tail[-1:]
@@ -67,14 +68,11 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
         comfy.model_management.throw_exception_if_processing_interrupted()
         pbar.update_absolute(i + 1, total)
 
-    dual = cfg_img > 0
     out = continue_latents(
         inner.dc_model, known.to(device, torch.float32), x_T.to(device, torch.float32), cond.to(device),
-        uncond.to(device), uncond_img=uncond_img.to(device) if dual and uncond_img is not None else None,
-        cfg_img=float(cfg_img) if dual else None, concat=None if concat is None else concat.to(device, torch.float32),
-        fs=fs, steps=int(steps), spacing=spacing, cfg_text=float(cfg_text), eta=float(eta),
-        guidance_rescale=float(guidance_rescale), generator=torch.Generator().manual_seed(int(seed) + 1),
-        callback=progress)
+        uncond.to(device), uncond_img.to(device) if guidance.cfg_img is not None and uncond_img is not None else None,
+        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
+        schedule=schedule, generator=torch.Generator().manual_seed(settings.seed + 1), callback=progress)
 
     # 4. decode the new frames only and put them after the clip
     new = {"samples": inner.process_latent_out(out[:, :, overlap:].float()).to(

@@ -4,10 +4,14 @@ Widget order is part of every saved workflow: a group's inputs keep their order,
 the group where their old widgets were."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import FRAMES, LONG_FRAMES, STEPS
 from dynamicrafter.schedule import MAX_TRAILING_STEPS
+from dynamicrafter.settings import Guidance, Schedule
 
 CATEGORY = "DynamiCrafter"
 SPACINGS = ["auto", "uniform_trailing", "uniform"]
@@ -72,3 +76,32 @@ def sampler_inputs() -> list:
                        tooltip="DDIM timesteps; auto = the variant's (uniform_trailing for v models, uniform "
                                "for 256)"),
     ]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The `sampler_inputs` widgets of a node, read once: seed, steps, cfg_text, cfg_img (0 = single
+    CFG), eta, guidance_rescale, spacing ("auto" = the variant's). The library's settings come from
+    `guidance()` and `schedule(variant)`."""
+    seed: int
+    steps: int
+    cfg_text: float
+    cfg_img: float
+    eta: float
+    guidance_rescale: float
+    spacing: str
+
+    @classmethod
+    def of(cls, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> "SamplerSettings":
+        return cls(int(seed), int(steps), float(cfg_text), float(cfg_img), float(eta), float(guidance_rescale), spacing)
+
+    def shifted(self, k: int) -> "SamplerSettings":
+        """The same settings with seed + k (segment / pair k of a long shot)."""
+        return dataclasses.replace(self, seed=self.seed + k)
+
+    def guidance(self) -> Guidance:
+        return Guidance(self.cfg_text, self.cfg_img if self.cfg_img > 0 else None, self.guidance_rescale)
+
+    def schedule(self, variant, solver: str = "ddim") -> Schedule:
+        spacing = variant.get("spacing", "uniform_trailing") if self.spacing == "auto" else self.spacing
+        return Schedule(self.steps, spacing, self.eta if solver == "ddim" else 0.0, solver)

@@ -17,7 +17,8 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import CATEGORY, MAX_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
+                     size_inputs)
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -55,6 +56,7 @@ def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width
     if any(texts) and clip is None:
         raise ValueError("pair_prompts needs the clip input (the text encoder) to encode them")
     keys = resize_center(keyframes, width, height)     # every pair sees the same pixels of a shared keyframe
+    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
     pieces = []
     for k in range(pairs):
         start, end = keys[k:k + 1], keys[k + 1:k + 2]
@@ -62,7 +64,7 @@ def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width
         context = resample_context(model, encode_clip_vision(clip_vision, start))
         p, n, _, latent = build_conditioning(pos, negative, vae, context, start, width, height, frames, 1, fs,
                                              "interpolation", end)
-        out = run_ddim(model, p, n, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        out = run_ddim(model, p, n, latent, settings.shifted(k))
         clip_frames = decode_video(vae, out, frames_per_batch, "keep all frames")
         pieces.append(clip_frames if k == 0 else clip_frames[1:])   # keyframe k ended the previous clip
     return torch.cat(pieces)

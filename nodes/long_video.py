@@ -14,12 +14,14 @@ from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
 from dynamicrafter.long_shots import DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments, window_overlap
+from dynamicrafter.settings import Windows
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
+                     size_inputs)
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -30,12 +32,13 @@ def chained_video(model, clip_vision, vae, positive, negative, start_image, widt
                   segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
                   frames_per_batch=4) -> torch.Tensor:
     check_long_video(start_image, width, height, total_frames, segment_frames)
+    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
 
     def animate_from(k, image):
         context = resample_context(model, encode_clip_vision(clip_vision, image))
         pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height,
                                                  segment_frames, 1, fs, "image-to-video")
-        out = run_ddim(model, pos, neg, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        out = run_ddim(model, pos, neg, latent, settings.shifted(k))
         return decode_video(vae, out, frames_per_batch, "keep all frames")
 
     return chain_segments(animate_from, start_image[:1], total_frames, segment_frames)
@@ -58,8 +61,9 @@ def windowed_video(model, clip_vision, vae, positive, negative, start_image, wid
     context = resample_context(model, encode_clip_vision(clip_vision, image))
     pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height, total_frames,
                                              1, fs, "image-to-video")
-    out = run_ddim(model, pos, neg, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
-                   context_window=segment_frames, context_overlap=window_overlap(segment_frames))
+    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+    out = run_ddim(model, pos, neg, latent, settings,
+                   windows=Windows(segment_frames, window_overlap(segment_frames)))
     return decode_video(vae, out, frames_per_batch, "keep all frames")
 
 

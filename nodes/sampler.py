@@ -15,9 +15,10 @@ from comfy_api.v0_0_2 import io
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
+from dynamicrafter.settings import Windows
 
 from .comfy_model import require_dynamicrafter_model
-from .inputs import CATEGORY, sampler_inputs
+from .inputs import CATEGORY, SamplerSettings, sampler_inputs
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
 
@@ -75,24 +76,23 @@ def prepare_inputs(inner, positive, negative, latent):
 
 
 @torch.no_grad()
-def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
-             x_T: torch.Tensor | None = None, previews: bool = True, solver: str = "ddim", context_window: int = 0,
-             context_overlap: int = 4, context_schedule: str = "uniform"):
-    """context_window 0 = one UNet pass over all frames; W > 0: context windows (library `window`)."""
+def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: torch.Tensor | None = None,
+             previews: bool = True, solver: str = "ddim", windows: Windows = Windows()):
+    """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets;
+    windows.size None = one UNet pass over all frames, W: context windows (library `windows`)."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
-    if spacing == "auto":
-        spacing = inner.variant.get("spacing", "uniform_trailing")
-    check_steps(steps, spacing)
+    schedule = settings.schedule(inner.variant, solver)
+    check_steps(schedule.steps, schedule.spacing)
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
     samples = latent["samples"]
     if x_T is None:
-        x_T = comfy.sample.prepare_noise(samples, seed)    # N(0, I) from the seed, like KSampler
+        x_T = comfy.sample.prepare_noise(samples, settings.seed)    # N(0, I) from the seed, like KSampler
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
     dc = inner.dc_model
-    gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    gen = torch.Generator().manual_seed(settings.seed + 1)    # a CPU generator, moved to the device (core's way)
     from dynamicrafter.schedule import ddim_timesteps
-    total = len(ddim_timesteps(steps, spacing))   # 'uniform' can make more steps than asked (official quirk)
+    total = len(ddim_timesteps(schedule.steps, schedule.spacing))   # 'uniform' can make more steps than asked
     preview = latent_preview.prepare_callback(model, total) if previews else None
     pbar = None if previews else comfy.utils.ProgressBar(total)
 
@@ -103,20 +103,17 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
         else:
             pbar.update_absolute(i + 1, n)
 
-    check_number("cfg_img", cfg_img, *GUIDANCE)    # NaN would read as 'off' below (NaN > 0 is False)
-    if context_window:
-        check_int("context_window", context_window, 2, FRAMES[1], extra=" or 0 (off)")
-        check_int("context_overlap", context_overlap, 0, context_window - 1,
-                  extra=f" (less than context_window={context_window})")
-    use_dual = cfg_img > 0
+    check_number("cfg_img", settings.cfg_img, *GUIDANCE)    # NaN would read as 'off' (NaN > 0 is False)
+    if windows.size:
+        check_int("context_window", windows.size, 2, FRAMES[1], extra=" or 0 (off)")
+        check_int("context_overlap", windows.overlap, 0, windows.size - 1,
+                  extra=f" (less than context_window={windows.size})")
+    guidance = settings.guidance()
     out = dynamicrafter.sample(
         dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
-        uncond_img.to(device) if (use_dual and uncond_img is not None) else None,
-        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, steps=int(steps),
-        cfg_text=float(cfg_text), cfg_img=float(cfg_img) if use_dual else None,
-        eta=float(eta) if solver == "ddim" else 0.0, solver=solver,
-        guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback,
-        window=context_window or None, window_overlap=context_overlap, window_schedule=context_schedule)
+        uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None,
+        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
+        schedule=schedule, windows=windows, generator=gen, callback=callback)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
@@ -159,9 +156,9 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
                 guidance_rescale, spacing, solver="ddim", context_window=0, context_overlap=4,
                 context_schedule="uniform") -> io.NodeOutput:
-        return io.NodeOutput(run_ddim(model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
-                                      guidance_rescale, spacing, solver=solver, context_window=context_window,
-                                      context_overlap=context_overlap, context_schedule=context_schedule))
+        settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        return io.NodeOutput(run_ddim(model, positive, negative, latent_image, settings, solver=solver,
+                                      windows=Windows(context_window or None, context_overlap, context_schedule)))
 
 
 NODES = [DynamiCrafterDDIMSampler]

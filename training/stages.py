@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamicrafter.config import QUERIES_PER_FRAME
+from dynamicrafter.schedule import NoiseSchedule
 from dynamicrafter.unet import is_temporal_parameter
 from dynamicrafter.vae import posterior_sample
 
@@ -135,29 +136,17 @@ def draw(seed: int, indices, *, latent_shape, frames: int, num_timesteps: int, u
 
 # ------------------------------------------------------------------------------ objective
 
-def _at(buf: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return buf.to(t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
-
-
 def noisy_and_target(dc, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
-    """(x_t, target) per design §6: with dynamic rescale the clean latent is first
-    multiplied by scale_arr[t]; target is eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
+    """(x_t, target) per design §6 (`NoiseSchedule.q_sample` / `target`): with the x0 rescale the
+    clean latent is first multiplied by scale_arr[t]; target is eps, or v = sqrt(ab) eps - sqrt(1-ab) x0."""
     variant = dc.variant
-    if variant.get("dynamic_rescale_base") is not None or variant.get("use_scale"):
-        scale = getattr(dc, "scale_arr", None)
-        if scale is None:
-            raise StageError("the variant asks for the x0 rescale but the model has no scale_arr buffer")
-        x0 = x0 * _at(scale, t, x0.ndim)
-    a = _at(dc.sqrt_alphas_cumprod, t, x0.ndim)
-    s = _at(dc.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
-    x_t = a * x0 + s * noise
-    if variant["parameterization"] == "eps":
-        target = noise
-    elif variant["parameterization"] == "v":
-        target = a * noise - s * x0
-    else:
+    if (variant.get("dynamic_rescale_base") is not None or variant.get("use_scale")) \
+            and getattr(dc, "scale_arr", None) is None:
+        raise StageError("the variant asks for the x0 rescale but the model has no scale_arr buffer")
+    if variant["parameterization"] not in ("eps", "v"):
         raise StageError(f"unsupported parameterization {variant['parameterization']!r}")
-    return x_t, target
+    schedule = NoiseSchedule.of(dc)
+    return schedule.q_sample(x0, t, noise), schedule.target(x0, t, noise)
 
 
 @dataclass

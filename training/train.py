@@ -173,6 +173,8 @@ class _ImageOnly:
 def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool = True) -> list[str]:
     """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
     import dynamicrafter
+    from dynamicrafter.schedule import randn
+    from dynamicrafter.settings import Guidance, Schedule
     from dynamicrafter.video import load_image, save_video
     from dynamicrafter.config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
     from dynamicrafter.pipeline import cover_crop, image_conditioning, video_latent_shape
@@ -198,13 +200,12 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
         if stage != 3:
             concat = None
         g = torch.Generator().manual_seed(e.seed + i)
-        x_T = torch.randn(video_latent_shape(1, frames, H, W), generator=g).to(device)
+        x_T = randn(video_latent_shape(1, frames, H, W), g, device)
         v = dc.variant
         sampler_model = _ImageOnly(dc) if stage == 1 else dc
         lat = dynamicrafter.sample_ddim(sampler_model, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],
-                                        steps=e.steps, cfg_text=e.cfg_text, cfg_img=e.cfg_img,
-                                        guidance_rescale=v.get("guidance_rescale", 0.0), spacing=v["spacing"],
-                                        generator=g)
+                                        guidance=Guidance(e.cfg_text, e.cfg_img, v.get("guidance_rescale", 0.0)),
+                                        schedule=Schedule(e.steps, v["spacing"]), generator=g)
         video = dc.decode(lat)[0]
         path = os.path.join(cfg.run.run_dir, "samples", f"step_{step:08d}_{i}.mp4")
         if write:

@@ -47,6 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from dynamicrafter import load_model, sample_ddim  # noqa: E402
 from dynamicrafter.config import TEXT_CONTEXT_LEN  # noqa: E402
 from dynamicrafter.pipeline import image_conditioning, video_latent_shape  # noqa: E402
+from dynamicrafter.schedule import randn  # noqa: E402
+from dynamicrafter.settings import Guidance, Schedule  # noqa: E402
 from training.synthetic import COLORS, DIRECTIONS  # noqa: E402
 
 MOVE_MIN_PX = 3.0
@@ -126,11 +128,11 @@ def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: 
             cond[:, TEXT_CONTEXT_LEN:] = 0
             uncond[:, TEXT_CONTEXT_LEN:] = 0
         h, w = first.shape[-2:]
-        x_T = torch.randn(video_latent_shape(first.shape[0], frames, h, w), generator=g)
-        lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=v["default_fs"], steps=steps,
-                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
-                          cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img,
-                          eta=1.0, guidance_rescale=v["guidance_rescale"], spacing=v["spacing"], generator=g)
+        x_T = randn(video_latent_shape(first.shape[0], frames, h, w), g, dc.device)
+        guidance = Guidance(v["cfg_text"] if cfg_text is None else cfg_text,
+                            v.get("cfg_img") if cfg_img is None else cfg_img, v["guidance_rescale"])
+        lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=v["default_fs"], guidance=guidance,
+                          schedule=Schedule(steps, v["spacing"], 1.0), generator=g)
         return to_uint8(dc.decode(lat))
 
 
