@@ -74,7 +74,8 @@ def test_the_mode_fails_on_float64_inputs_outputs_and_requests():
 
 def test_models_hold_no_float64_tensors(tiny_v, tiny_toon):
     for dc in (tiny_v, tiny_toon[0]):
-        f64 = [k for k, v in dc.state_dict().items() if v.dtype == torch.float64]
+        tensors = [*dc.named_parameters(), *dc.named_buffers(), *dc.state_dict().items()]   # non-persistent too
+        f64 = [k for k, v in tensors if v.dtype == torch.float64]
         assert not f64, f64
 
 
