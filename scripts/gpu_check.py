@@ -85,7 +85,12 @@ def check_packages(comfy_tree: Path, assume_missing: set[str]) -> list[str]:
     """Prints one line per needed package; returns the missing required ones."""
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
     download = f"pip download --only-binary=:all: --python-version {pyver} --platform {pip_platform()} -d wheels"
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print(f"python {sys.version.split()[0]} ({sys.executable}): torch MISSING, use a Python with the machine's "
+              f"CUDA torch (PYTHON=/path/to/python bash scripts/gpu_check.sh)")
+        return ["torch"]
     print(f"python {sys.version.split()[0]} ({sys.executable}); torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
     missing = []
