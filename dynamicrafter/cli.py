@@ -6,10 +6,9 @@ import argparse
 import sys
 import time
 
-import torch
-
 from .config import DTYPES
 from .contract import WINDOW_SCHEDULES
+from .devices import compute_dtype, default_device
 from .settings import Guidance, Schedule, Windows
 from .solvers import SOLVERS
 
@@ -46,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
-    a.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a.add_argument("--dtype", choices=["auto", *DTYPES], default="fp32",
+                   help="auto: bf16 where the device supports it, else fp16; fp32 on the CPU")
+    a.add_argument("--device", default=str(default_device()), help="default: cuda, xpu or mps when present, else cpu")
     a.add_argument("--save-fps", type=float, default=8)
     a.add_argument("--out", required=True, help="output .mp4, .webp, .gif or .png (frame strip)")
     return p
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     from .video import load_image, save_video
 
     t0 = time.time()
-    dc = load_model(args.ckpt, device=args.device, dtype=DTYPES[args.dtype],
+    dtype = compute_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
+    dc = load_model(args.ckpt, device=args.device, dtype=dtype,
                     variant_overrides={"name": args.variant} if args.variant else None, config=args.config)
     image = load_image(args.image) if args.image else None
     end = load_image(args.end_image) if args.end_image else None

@@ -33,13 +33,13 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts + [size - tile]
 
 
-def _ramp(length: int, rise: int, fall: int) -> torch.Tensor:
+def _ramp(length: int, rise: int, fall: int, device=None) -> torch.Tensor:
     """1 inside, linear ramps (never 0) over the first `rise` and last `fall` samples."""
-    w = torch.ones(length)
+    w = torch.ones(length, device=device)
     if rise:
-        w[:rise] = (torch.arange(rise) + 0.5) / rise
+        w[:rise] = (torch.arange(rise, device=device) + 0.5) / rise
     if fall:
-        w[length - fall:] = torch.minimum(w[length - fall:], (torch.arange(fall, 0, -1) - 0.5) / fall)
+        w[length - fall:] = torch.minimum(w[length - fall:], (torch.arange(fall, 0, -1, device=device) - 0.5) / fall)
     return w
 
 
@@ -66,7 +66,8 @@ def tiled_decode(decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor
             down = (y + th - ys[i + 1]) * s if i + 1 < len(ys) else 0
             left = (xs[j - 1] + tw - x) * s if j else 0
             right = (x + tw - xs[j + 1]) * s if j + 1 < len(xs) else 0
-            mask = (_ramp(th * s, up, down)[:, None] * _ramp(tw * s, left, right)[None]).to(piece.device)
+            dev = piece.device
+            mask = _ramp(th * s, up, down, dev)[:, None] * _ramp(tw * s, left, right, dev)[None]
             out[:, :, y * s:(y + th) * s, x * s:(x + tw) * s] += piece * mask
             weight[y * s:(y + th) * s, x * s:(x + tw) * s] += mask
             del piece

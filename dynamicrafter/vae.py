@@ -162,9 +162,12 @@ class AutoencoderKL(nn.Module):
 
 def posterior_sample(moments: torch.Tensor, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """mean + std * noise with logvar clamped to [-30, 20], the official posterior `sample()`."""
+    """mean + std * noise with logvar clamped to [-30, 20], the official posterior `sample()`.
+    The noise is drawn on the generator's device (a CPU generator, as core ComfyUI seeds, gives the
+    same draw for a model on any device) and moved to the moments' device."""
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=generator.device if generator is not None else mean.device)
     return mean + std * noise.to(mean)

@@ -51,24 +51,26 @@ def _per_chunk(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
 
 def _clip_group_norm_affine(x: torch.Tensor, gn: nn.GroupNorm, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of GroupNorm over a whole clip x (T, C, H, W): statistics over
-    the group's channels x T x H x W, accumulated in float64 chunk by chunk (Chan's formula)."""
+    the group's channels x T x H x W, two exact float32 passes chunk by chunk (no float64: MPS has
+    none): the mean from per-chunk sums, then the variance from sums of squares about that mean."""
     t, c = x.shape[:2]
     g = gn.num_groups
-    n, mean, m2 = 0, torch.zeros(g, dtype=torch.float64, device=x.device), torch.zeros(g, dtype=torch.float64,
-                                                                                         device=x.device)
+
+    def groups(i: int) -> torch.Tensor:        # chunk i as (g, elements of the group), float32
+        return x[i:i + chunk].float().reshape(-1, g, c // g, x[0, 0].numel()).transpose(0, 1).reshape(g, -1)
+
+    n = t * (c // g) * x[0, 0].numel()
+    total = x.new_zeros(g, dtype=torch.float32)
     for i in range(0, t, chunk):
-        xc = x[i:i + chunk].float().reshape(-1, g, c // g, x[0, 0].numel()).transpose(0, 1).reshape(g, -1)
-        var_c, mean_c = torch.var_mean(xc, dim=1, correction=0)
-        n_c = xc.shape[1]
-        delta = mean_c.double() - mean
-        total = n + n_c
-        mean = mean + delta * (n_c / total)
-        m2 = m2 + var_c.double() * n_c + delta ** 2 * (n * n_c / total)
-        n = total
+        total += groups(i).sum(dim=1)
+    mean = total / n
+    m2 = torch.zeros_like(mean)
+    for i in range(0, t, chunk):
+        m2 += (groups(i) - mean[:, None]).square().sum(dim=1)
     rstd = torch.rsqrt(m2 / n + gn.eps)
-    scale = (rstd.repeat_interleave(c // g) * gn.weight.double())
-    shift = gn.bias.double() - mean.repeat_interleave(c // g) * scale
-    return scale.float(), shift.float()
+    scale = rstd.repeat_interleave(c // g) * gn.weight.float()
+    shift = gn.bias.float() - mean.repeat_interleave(c // g) * scale
+    return scale, shift
 
 
 def _clip_norm_silu_conv_time(x: torch.Tensor, gn: nn.GroupNorm, conv: nn.Conv3d, chunk: int) -> torch.Tensor:
