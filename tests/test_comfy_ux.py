@@ -1,0 +1,69 @@
+"""A new user's first hour (issue #32): one image-to-video node with the model's own defaults,
+queue-time validation, template order and notes, search words in the display names."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import comfy_runtime
+
+REPO = comfy_runtime.REPO_ROOT
+sys.path.insert(0, str(REPO / "scripts"))
+
+from test_comfy_nodes import _error_of, run_and_get_video, tiny_prompt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, tiny_ckpt):
+    from nodes_pack_access import pack
+    return pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "auto")
+
+
+def _one_node_prompt(comfy, **widgets) -> dict:
+    """The image-to-video template with its CLIP vision + resampler + conditioning replaced by the
+    one Image to Video node (widgets: its width/height/frames/fs)."""
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+    ids = {n["class_type"]: k for k, n in prompt.items()}
+    enc, res, cond = (ids[c] for c in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler",
+                                       "DynamiCrafterImageConditioning"))
+    old = prompt[cond]["inputs"]
+    prompt[cond] = {"class_type": "DynamiCrafterImageToVideo", "inputs": {
+        "model": prompt[res]["inputs"]["model"], "clip_vision": prompt[enc]["inputs"]["clip_vision"],
+        "vae": old["vae"], "positive": old["positive"], "negative": old["negative"],
+        "start_image": old["start_image"], "batch_size": 1, "mode": "image-to-video",
+        "width": 0, "height": 0, "frames": 0, "fs": 0, **widgets}}
+    del prompt[enc], prompt[res]
+    return prompt
+
+
+def test_image_to_video_node_takes_size_frames_fs_from_the_model(comfy, loaded):
+    """0 = the model's trained size/frames/fs; the result is the three-node chain's at those values."""
+    from nodes_pack_access import load_input_image, pack
+    model, clip, cv, vae = loaded
+    v = model.model.variant
+    (h, w), frames, fs = v["resolution"], v["frames"], v["default_fs"]
+    pos = comfy.nodes.CLIPTextEncode().encode(clip, "a red circle")[0]
+    neg = comfy.nodes.CLIPTextEncode().encode(clip, "")[0]
+    image = load_input_image(comfy_runtime.REPO_ROOT / "assets" / "example.png")
+    one = pack("image_to_video").image_to_video(model, cv, vae, pos, neg, image, 0, 0, 0, 1, 0, "image-to-video")
+    ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
+    three = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, w, h, frames, 1, fs,
+                                                    "image-to-video")
+    assert tuple(one[3]["samples"].shape) == (1, 4, frames, h // 8, w // 8)
+    for a, b in zip(one[:3], three[:3]):
+        assert a[0][1]["dc_fs"] == fs
+        assert torch.equal(a[0][1]["concat_latent_image"], b[0][1]["concat_latent_image"])
+        assert torch.equal(a[0][1]["dc_image_context"], b[0][1]["dc_image_context"])
+
+
+def test_image_to_video_node_runs_in_the_executor_and_warns_off_size(comfy, loaded):
+    model = loaded[0]
+    h, w = model.model.variant["resolution"]
+    video = run_and_get_video(comfy, _one_node_prompt(comfy))
+    assert video.stat().st_size > 0
+    from nodes_pack_access import pack
+    assert pack("image_to_video").size_warning(model.model.variant, w, h) is None
+    msg = pack("image_to_video").size_warning(model.model.variant, w + 64, h)
+    assert f"trained at {w}x{h}" in msg and f"{w + 64}x{h}" in msg and "0" in msg
