@@ -18,6 +18,7 @@ from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
 from .inputs import CATEGORY, MAX_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
+from .validation import validate_steps
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -95,6 +96,10 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                                         "positive input"),
             ],
             outputs=[io.Image.Output(display_name="frames")])
+
+    @classmethod
+    def validate_inputs(cls, steps, spacing):    # at queue time: steps the spacing cannot make
+        return validate_steps(cls, steps, spacing)
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,

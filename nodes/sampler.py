@@ -18,6 +18,7 @@ from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int
 
 from .comfy_model import require_dynamicrafter_model
 from .inputs import CATEGORY, sampler_inputs
+from .validation import validate_steps
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
 
@@ -154,6 +155,10 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                                        "wrap from the last frame to the first (loop mode)"),
             ],
             outputs=[io.Latent.Output()])
+
+    @classmethod
+    def validate_inputs(cls, steps, spacing):    # at queue time: steps the spacing cannot make
+        return validate_steps(cls, steps, spacing)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,

@@ -67,3 +67,38 @@ def test_image_to_video_node_runs_in_the_executor_and_warns_off_size(comfy, load
     assert pack("image_to_video").size_warning(model.model.variant, w, h) is None
     msg = pack("image_to_video").size_warning(model.model.variant, w + 64, h)
     assert f"trained at {w}x{h}" in msg and f"{w + 64}x{h}" in msg and "0" in msg
+
+
+def _validation_error(comfy, prompt) -> str:
+    """The queue-time (validation) error of a prompt: it must fail before any node runs."""
+    result = comfy.run(prompt, check=False)
+    assert not result["success"] and "validation" in result, "expected a queue-time validation error"
+    return _error_of(comfy, prompt)
+
+
+@pytest.mark.parametrize("steps,spacing,needle", [
+    (61, "auto", "'uniform_trailing' spacing is not defined for 61 steps"),
+    (122, "uniform_trailing", "'uniform_trailing' spacing is not defined for 122 steps"),
+    (1001, "uniform", "bigger than max of 1000"),
+    (50, "trailing", "Value not in list"),
+])
+def test_steps_the_spacing_cannot_make_are_refused_at_queue_time(comfy, steps, spacing, needle):
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterDDIMSampler":
+            n["inputs"].update(steps=steps, spacing=spacing)
+    msg = _validation_error(comfy, prompt)
+    assert needle in msg and "DynamiCrafter DDIM Sampler (dual CFG)" in msg, msg
+
+
+def test_uniform_spacing_keeps_steps_that_trailing_cannot_make(comfy):
+    from nodes_pack_access import pack
+    assert pack("validation").steps_problem("x", 61, "uniform") is None
+    assert pack("validation").steps_problem("x", 60, "auto") is None
+    assert pack("validation").steps_problem("x", None, "auto") is None      # linked: checked at run time
+
+
+def test_missing_checkpoint_is_refused_at_queue_time_by_display_name(comfy):
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="dynamicrafter_512.ckpt")
+    msg = _validation_error(comfy, prompt)
+    assert "DynamiCrafter Checkpoint Loader" in msg and "'dynamicrafter_512.ckpt' not found" in msg, msg
