@@ -56,7 +56,7 @@ class DynamiCrafterImageToVideo(io.ComfyNode):
     def define_schema(cls):
         auto = "0 = the loaded model's own (its metadata: what it was trained at)"
         return io.Schema(
-            node_id="DynamiCrafterImageToVideo",
+            node_id="DynamiCrafterI2V",
             display_name=DISPLAY_NAME,
             category=CATEGORY,
             description="Animate an image in one node (like core SVD / Wan image to video): the model's CLIP "

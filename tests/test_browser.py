@@ -59,9 +59,34 @@ def _queue_and_wait(page, comfy_server, timeout: float = 300) -> list:
     return [i for o in entry["outputs"].values() for i in o.get("images", [])]
 
 
-def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server, comfy_base, tmp_path):
+def _open_node_search(page):
+    """The node search box, opened as a user does: a double-click on empty canvas."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError   # present: browser_page did not skip
+    box = page.evaluate("""() => {
+        const cs = [...document.querySelectorAll('canvas')];
+        const c = cs.find(e => e.id === 'graph-canvas') ||
+                  cs.sort((a, b) => b.width * b.height - a.width * a.height)[0];
+        const r = c.getBoundingClientRect();
+        return {x: r.x, y: r.y, width: r.width, height: r.height};
+    }""")
+    search = page.locator("input[placeholder*='earch'], .comfy-vue-node-search-container input, "
+                          ".litesearchbox input").first
+    for attempt in range(3):
+        # an empty spot: below the graph, away from the minimap (bottom right) and the side bar.
+        # A canvas still busy with the just-loaded graph can take the double-click as two
+        # clicks (seen once in CI on a loaded machine): a user would double-click again.
+        page.keyboard.press("Escape")
+        page.mouse.dblclick(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.65)
+        try:
+            search.wait_for(state="visible", timeout=10_000)
+            break
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
+    return search
 
+
+def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server, comfy_base, tmp_path):
     page, logs = browser_page
     schema = _Schema(comfy_server.object_info())
     wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
@@ -83,27 +108,7 @@ def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server
         assert "DynamiCrafterDDIMSampler" in types and "DynamiCrafterLoader" in types, types
 
         # The node search box: double-click on empty canvas, type, see our node offered.
-        box = page.evaluate("""() => {
-            const cs = [...document.querySelectorAll('canvas')];
-            const c = cs.find(e => e.id === 'graph-canvas') ||
-                      cs.sort((a, b) => b.width * b.height - a.width * a.height)[0];
-            const r = c.getBoundingClientRect();
-            return {x: r.x, y: r.y, width: r.width, height: r.height};
-        }""")
-        search = page.locator("input[placeholder*='earch'], .comfy-vue-node-search-container input, "
-                              ".litesearchbox input").first
-        for attempt in range(3):
-            # an empty spot: below the graph, away from the minimap (bottom right) and the side bar.
-            # A canvas still busy with the just-loaded graph can take the double-click as two
-            # clicks (seen once in CI on a loaded machine): a user would double-click again.
-            page.keyboard.press("Escape")
-            page.mouse.dblclick(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.65)
-            try:
-                search.wait_for(state="visible", timeout=10_000)
-                break
-            except PlaywrightTimeoutError:
-                if attempt == 2:
-                    raise
+        search = _open_node_search(page)
         search.fill("DynamiCrafter DDIM")
         page.get_by_text("DynamiCrafter DDIM Sampler", exact=False).first.wait_for(state="visible", timeout=20_000)
         # what users type: the frontend fuzzy-searches node ids and display names, and only near the
@@ -130,6 +135,34 @@ def test_web_ui_loads_workflow_finds_node_and_runs_it(browser_page, comfy_server
             pass
         print("\n".join(logs[-40:]))
         raise
+
+
+# What artists type (issue #32), and the node that must be among the first results: the frontend
+# ranks names that start with the words, then whole words, then substrings (shorter names first).
+SEARCH_WORDS = {"image to video": "Image to Video (DynamiCrafter", "loop": "loop, ToonCrafter",
+                "dynamicrafter": "Image to Video (DynamiCrafter", "tooncrafter": "ToonCrafter",
+                "interpolation": "Interpolation (DynamiCrafter)"}
+
+
+def test_node_search_ranks_our_nodes_for_artist_words(browser_page, comfy_server):
+    page, logs = browser_page
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }",
+                  load_workflow(WORKFLOWS / "DynamiCrafter demo.json"))
+    search = _open_node_search(page)
+    ranks = {}
+    for words, title in SEARCH_WORDS.items():
+        search.fill(words)
+        page.get_by_text(title, exact=False).first.wait_for(state="visible", timeout=20_000)
+        names = page.evaluate("() => [...document.querySelectorAll('.option-display-name')].map(e => e.innerText)")
+        ranks[words] = next((i + 1 for i, n in enumerate(names) if title in n), None)
+        assert ranks[words] is not None and ranks[words] <= 3, (words, names[:8])
+    page.keyboard.press("Escape")
+    print("search ranks:", ranks)
 
 
 def test_missing_model_brings_up_the_download_dialog(browser_page, comfy_server):

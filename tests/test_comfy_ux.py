@@ -29,7 +29,7 @@ def _one_node_prompt(comfy, **widgets) -> dict:
     enc, res, cond = (ids[c] for c in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler",
                                        "DynamiCrafterImageConditioning"))
     old = prompt[cond]["inputs"]
-    prompt[cond] = {"class_type": "DynamiCrafterImageToVideo", "inputs": {
+    prompt[cond] = {"class_type": "DynamiCrafterI2V", "inputs": {
         "model": prompt[res]["inputs"]["model"], "clip_vision": prompt[enc]["inputs"]["clip_vision"],
         "vae": old["vae"], "positive": old["positive"], "negative": old["negative"],
         "start_image": old["start_image"], "batch_size": 1, "mode": "image-to-video",
