@@ -446,9 +446,11 @@ def keyframes(classes) -> dict:
     return listing_models(g.to_json(), TOONCRAFTER_MODEL, INTERP_MODEL)
 
 
+# Key order is the Templates browser's card order (web/js/templates.js applies it: the server lists
+# files in directory order): the demo, which runs out of the box, first.
 WORKFLOWS = {
-    "DynamiCrafter image to video.json": image_to_video,
     "DynamiCrafter demo.json": demo,
+    "DynamiCrafter image to video.json": image_to_video,
     "DynamiCrafter interpolation.json": interpolation,
     "DynamiCrafter seamless loop.json": loop,
     "Animate a generated image.json": text_to_image_to_video,
@@ -473,8 +475,16 @@ INSTALL_FOLDERS = ("ComfyUI-DynamiCrafter", "comfyui-dynamicrafter")
 
 def template_translations() -> dict:
     """locales/en/main.json: the category heading for every install folder name (the front end's
-    normalizeI18nKey turns dots into underscores)."""
+    normalizeI18nKey turns dots into underscores).  Card subtitles cannot be set: frontend 1.32.9
+    gives a custom pack's card its file name as description and reads no translation for it."""
     return {"templateWorkflows": {"category": {d.replace(".", "_"): TEMPLATE_CATEGORY for d in INSTALL_FOLDERS}}}
+
+
+def template_order_js() -> str:
+    """web/js/template_order.js: the card order, read by web/js/templates.js."""
+    names = [Path(n).stem for n in WORKFLOWS]
+    return ("// Written by scripts/make_workflows.py (its WORKFLOWS order): the Templates browser's card order.\n"
+            f"export const TEMPLATE_ORDER = {json.dumps(names, indent=1)};\n")
 
 
 def main() -> None:
@@ -490,6 +500,9 @@ def main() -> None:
     locale.parent.mkdir(parents=True, exist_ok=True)
     locale.write_text(json.dumps(template_translations(), indent=1) + "\n")
     print("wrote", locale)
+    order = REPO / "web" / "js" / "template_order.js"
+    order.write_text(template_order_js())
+    print("wrote", order)
 
 
 if __name__ == "__main__":

@@ -252,8 +252,16 @@ def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, com
         while (card && !card.querySelector('img')) card = card.parentElement;
         const img = card && card.querySelector('img');
         return img && img.complete ? img.naturalWidth : 0; }"""
+    from make_workflows import WORKFLOWS as ORDER
     try:
-        for name in sorted(p.stem for p in WORKFLOWS.glob("*.json")):   # cards load their pictures as they scroll in
+        names = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+        page.get_by_text(names[0], exact=True).first.wait_for(state="attached", timeout=30_000)
+        shown = page.evaluate("""(names) => [...document.querySelectorAll('*')].filter(e => e.childElementCount === 0
+            && names.includes(e.textContent.trim())).map(e => e.textContent.trim())""", names)
+        shown = list(dict.fromkeys(shown))     # a card may repeat its title (e.g. as the picture's label)
+        assert shown[0] == "DynamiCrafter demo", shown        # the one that runs out of the box leads
+        assert shown == [n[:-5] for n in ORDER if n[:-5] in names], shown
+        for name in names:   # cards load their pictures as they scroll in
             page.get_by_text(name, exact=True).first.scroll_into_view_if_needed(timeout=20_000)
             page.wait_for_function(f"(name) => ({card_picture})(name) === {THUMB_SIZE[0]}", arg=name, timeout=20_000)
             for _ in range(50):          # the response event may trail the drawn picture

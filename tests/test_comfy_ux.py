@@ -102,3 +102,12 @@ def test_missing_checkpoint_is_refused_at_queue_time_by_display_name(comfy):
     prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="dynamicrafter_512.ckpt")
     msg = _validation_error(comfy, prompt)
     assert "DynamiCrafter Checkpoint Loader" in msg and "'dynamicrafter_512.ckpt' not found" in msg, msg
+
+
+def test_template_order_file_is_generated_from_make_workflows_with_the_demo_first():
+    """web/js/templates.js orders the Templates browser's cards by web/js/template_order.js, which
+    scripts/make_workflows.py writes from its WORKFLOWS table (browser test: the demo card first)."""
+    import make_workflows
+    assert (REPO / "web" / "js" / "template_order.js").read_text() == make_workflows.template_order_js()
+    assert next(iter(make_workflows.WORKFLOWS)) == "DynamiCrafter demo.json"
+    assert {n for n in make_workflows.WORKFLOWS} == {p.name for p in (REPO / "workflows").glob("*.json")}
