@@ -181,6 +181,12 @@ def test_missing_model_brings_up_the_download_dialog(browser_page, comfy_server)
     page.get_by_text("Missing Models", exact=False).first.wait_for(state="visible", timeout=30_000)
     page.get_by_text(f"checkpoints / {entry['name']}", exact=False).first.wait_for(state="visible", timeout=10_000)
     page.keyboard.press("Escape")
+    # The dialog refuses .ckpt downloads (no Download, no Copy URL): the template's Note, as the UI
+    # shows it, carries the link and the folder to save the file in.
+    notes = page.evaluate("() => window.app.graph._nodes.filter(n => n.type === 'Note').map(n => n.widgets[0].value)")
+    assert any(entry["url"] in t and f"models/checkpoints/{entry['name']}" in t for t in notes), notes
+    page.wait_for_function("(url) => [...document.querySelectorAll('textarea')].some(t => t.value.includes(url) "
+                           "&& t.getBoundingClientRect().width > 0)", arg=entry["url"], timeout=10_000)
 
 
 def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_server):
