@@ -4,6 +4,8 @@ run by ``dynamicrafter.sample_ddim`` on the MODEL's UNet (or, with ``solver``, a
 previews and interrupt."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_management
@@ -17,6 +19,7 @@ from dynamicrafter.config import TEXT_CONTEXT_LEN
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 
 from .comfy_model import require_dynamicrafter_model
+from .image_to_video import size_warning
 from .inputs import CATEGORY, sampler_inputs
 from .validation import validate_steps
 
@@ -86,6 +89,9 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
     check_steps(steps, spacing)
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
     samples = latent["samples"]
+    warning = size_warning(inner.variant, samples.shape[-1] * 8, samples.shape[-2] * 8)
+    if warning:                    # any graph, the three-node chain included: a size the model was not trained at
+        logging.warning(warning)
     if x_T is None:
         x_T = comfy.sample.prepare_noise(samples, seed)    # N(0, I) from the seed, like KSampler
     comfy.model_management.load_models_gpu([model])

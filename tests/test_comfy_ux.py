@@ -111,3 +111,15 @@ def test_template_order_file_is_generated_from_make_workflows_with_the_demo_firs
     assert (REPO / "web" / "js" / "template_order.js").read_text() == make_workflows.template_order_js()
     assert next(iter(make_workflows.WORKFLOWS)) == "DynamiCrafter demo.json"
     assert {n for n in make_workflows.WORKFLOWS} == {p.name for p in (REPO / "workflows").glob("*.json")}
+
+
+def test_sampler_warns_when_the_graph_asks_a_size_the_model_was_not_trained_at(comfy, loaded, caplog):
+    """The three-node template at another size than the model's: the DDIM node logs the warning."""
+    h, w = loaded[0].model.variant["resolution"]
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterImageConditioning":
+            n["inputs"].update(width=w + 64, height=h)
+    with caplog.at_level("WARNING"):
+        run_and_get_video(comfy, prompt)
+    assert any(f"trained at {w}x{h} but the graph asks for {w + 64}x{h}" in r.getMessage() for r in caplog.records)
