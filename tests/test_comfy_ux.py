@@ -123,3 +123,33 @@ def test_sampler_warns_when_the_graph_asks_a_size_the_model_was_not_trained_at(c
     with caplog.at_level("WARNING"):
         run_and_get_video(comfy, prompt)
     assert any(f"trained at {w}x{h} but the graph asks for {w + 64}x{h}" in r.getMessage() for r in caplog.records)
+
+
+def test_image_to_video_node_widgets_are_locked(comfy):
+    """Saved workflows depend on widget order: new widgets go at the end, never between."""
+    from comfy_workflow import widget_layout
+    layout = [w for w, _ in widget_layout(comfy.node_classes["DynamiCrafterI2V"])]
+    assert layout == ["width", "height", "frames", "batch_size", "fs", "mode"]
+    import nodes as comfy_nodes   # ComfyUI's module
+    assert comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS["DynamiCrafterI2V"].startswith("Image to Video (DynamiCrafter")
+
+
+def test_thumbnails_show_the_example_inputs_not_the_graph():
+    """Each card's picture (workflows/<name>.jpg) is what scripts/make_thumbnails.py makes from the
+    template's example inputs, so the cards differ at a glance; the graph only without an input."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import make_thumbnails
+    with_inputs = 0
+    for wf in sorted((REPO / "workflows").glob("*.json")):
+        pictures = make_thumbnails.example_inputs(json.loads(wf.read_text()))[:3]
+        if not pictures:
+            continue
+        with_inputs += 1
+        want = np.asarray(make_thumbnails.input_thumbnail(pictures), dtype=np.float32)
+        shipped = np.asarray(Image.open(wf.with_suffix(".jpg")).convert("RGB"), dtype=np.float32)
+        assert shipped.shape == want.shape and np.abs(shipped - want).mean() < 3.0, wf.name   # JPEG noise only
+    assert with_inputs >= 9
