@@ -35,4 +35,4 @@ _ensure_library()
 if "comfy" in sys.modules:   # loaded by ComfyUI (pytest also imports this file, as a package, without it)
     from .nodes import comfy_entrypoint  # noqa: E402,F401  (ComfyUI's V3 entry point)
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"    # web/js: the Templates browser lists our templates in order, the demo first

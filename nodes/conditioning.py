@@ -83,7 +83,7 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DynamiCrafterImageConditioning",
-            display_name="Animate Image to Video / Interpolation (DynamiCrafter)",
+            display_name="Animate Image to Video / Interpolation (DynamiCrafter): loop, ToonCrafter keyframes",
             category=CATEGORY,
             description="Animate an image: puts the image latent and the image context into the prompt's "
                         "conditioning and makes the empty video latent, for the DDIM node or core samplers. "

@@ -24,6 +24,7 @@ from .decode import decode_video
 from .images import check_finite, resize_center
 from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
                      size_inputs)
+from .validation import validate_steps
 from .resampler import resample_context
 from .sampler import prepare_inputs
 
@@ -108,6 +109,10 @@ class DynamiCrafterContinueClip(io.ComfyNode):
                 *sampler_inputs(),
             ],
             outputs=[io.Image.Output(display_name="frames")])
+
+    @classmethod
+    def validate_inputs(cls, steps, spacing):    # at queue time: steps the spacing cannot make
+        return validate_steps(cls, steps, spacing)
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, video, width, height, frames, overlap, condition,

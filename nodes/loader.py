@@ -147,6 +147,14 @@ class DynamiCrafterLoader(io.ComfyNode):
             ])
 
     @classmethod
+    def validate_inputs(cls, ckpt_name):    # at queue time: V3 combos get no 'value not in list' check
+        if ckpt_name is None or ckpt_name in list_model_files():
+            return True
+        return (f"DynamiCrafter Checkpoint Loader: model file '{ckpt_name}' not found in models/checkpoints or "
+                f"models/diffusion_models: download it (the template's Note has the link), put it there and press "
+                f"R to refresh the list")
+
+    @classmethod
     def execute(cls, ckpt_name, dtype="auto", variant="auto") -> io.NodeOutput:
         path = resolve_model_file(ckpt_name)
         return io.NodeOutput(*load_dynamicrafter(path, dtype, variant))

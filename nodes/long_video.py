@@ -22,6 +22,7 @@ from .decode import decode_video
 from .images import check_finite
 from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
                      size_inputs)
+from .validation import validate_steps
 from .resampler import resample_context
 from .sampler import run_ddim
 
@@ -99,6 +100,10 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                                        "context windows of segment_frames (README: Long shots says which wins when)"),
             ],
             outputs=[io.Image.Output(display_name="frames")])
+
+    @classmethod
+    def validate_inputs(cls, steps, spacing):    # at queue time: steps the spacing cannot make
+        return validate_steps(cls, steps, spacing)
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,

@@ -4,6 +4,8 @@ run by ``dynamicrafter.sample_ddim`` on the MODEL's UNet (or, with ``solver``, a
 previews and interrupt."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 import comfy.model_management
@@ -18,7 +20,9 @@ from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int
 from dynamicrafter.settings import Windows
 
 from .comfy_model import require_dynamicrafter_model
+from .image_to_video import size_warning
 from .inputs import CATEGORY, SamplerSettings, sampler_inputs
+from .validation import validate_steps
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
 
@@ -85,6 +89,9 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
     check_steps(schedule.steps, schedule.spacing)
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
     samples = latent["samples"]
+    warning = size_warning(inner.variant, samples.shape[-1] * 8, samples.shape[-2] * 8)
+    if warning:                    # any graph, the three-node chain included: a size the model was not trained at
+        logging.warning(warning)
     if x_T is None:
         x_T = comfy.sample.prepare_noise(samples, settings.seed)    # N(0, I) from the seed, like KSampler
     comfy.model_management.load_models_gpu([model])
@@ -151,6 +158,10 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                                        "wrap from the last frame to the first (loop mode)"),
             ],
             outputs=[io.Latent.Output()])
+
+    @classmethod
+    def validate_inputs(cls, steps, spacing):    # at queue time: steps the spacing cannot make
+        return validate_steps(cls, steps, spacing)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,

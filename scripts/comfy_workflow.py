@@ -235,9 +235,10 @@ class UIGraph:
                 "links": copy.deepcopy(self.links), "groups": groups, "config": {},
                 "extra": {"ds": self._fit_view(groups)}, "version": 0.4}
 
-    def _fit_view(self, groups: list, width=1400, height=780, left=80, top=130) -> dict:
-        """Canvas scale/offset that shows the whole graph in a width x height area of the screen
-        (a laptop-sized window, below ComfyUI's top bar and right of its side bar)."""
+    def _fit_view(self, groups: list, width=1290, height=680, left=80, top=130) -> dict:
+        """Canvas scale/offset that shows the whole graph in a width x height area of the screen:
+        a 1440x900 laptop window below ComfyUI's top bar, right of its side bar, with a margin
+        (tests/test_browser.py opens every template at 1440x900 and finds every node in view)."""
         boxes = [self._box(n) for n in self.nodes] + [tuple(g["bounding"]) for g in groups]
         x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         xs, ys = [b[0] + b[2] for b in boxes], [b[1] + b[3] for b in boxes]

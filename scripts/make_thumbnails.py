@@ -1,5 +1,7 @@
-"""Write the Templates-browser thumbnail of every bundled workflow, workflows/<name>.jpg, from its
-graph picture docs/images/<name>.png (scripts/screenshot_workflows.py).
+"""Write the Templates-browser thumbnail of every bundled workflow, workflows/<name>.jpg: the
+example inputs it animates (its LoadImage pictures, or the first frame of its LoadVideo clip) side
+by side, so the cards differ at a glance; a template without an input picture (text to video)
+shows its graph picture docs/images/<name>.png (scripts/screenshot_workflows.py).
 
     .venv/bin/python scripts/make_thumbnails.py
 
@@ -40,13 +42,49 @@ def thumbnail(picture: Image.Image) -> Image.Image:
     return out.resize(THUMB_SIZE, Image.LANCZOS)
 
 
+def example_inputs(workflow: dict) -> list[Image.Image]:
+    """The pictures a workflow loads, in graph order (shipped in assets/ or assets/examples/)."""
+    pictures = []
+    for node in workflow["nodes"]:
+        if node["type"] not in ("LoadImage", "LoadVideo"):
+            continue
+        name = node["widgets_values"][0]
+        path = next((p for p in (REPO / "assets" / name, REPO / "assets" / "examples" / name) if p.is_file()), None)
+        if path is None:
+            continue
+        if node["type"] == "LoadImage":
+            pictures.append(Image.open(path).convert("RGB"))
+        else:
+            import av
+            with av.open(str(path)) as c:
+                pictures.append(next(c.decode(video=0)).to_image().convert("RGB"))
+    return pictures
+
+
+def input_thumbnail(pictures: list[Image.Image], background=(24, 24, 24)) -> Image.Image:
+    """The pictures side by side, each scaled to fit its share of a THUMB_SIZE card."""
+    tw, th = THUMB_SIZE
+    out = Image.new("RGB", THUMB_SIZE, background)
+    cell = tw // len(pictures)
+    for i, p in enumerate(pictures):
+        scale = min((cell - 8) / p.width, (th - 8) / p.height)
+        q = p.resize((max(1, round(p.width * scale)), max(1, round(p.height * scale))), Image.LANCZOS)
+        out.paste(q, (i * cell + (cell - q.width) // 2, (th - q.height) // 2))
+    return out
+
+
 def main() -> None:
+    import json
     for wf in sorted((REPO / "workflows").glob("*.json")):
-        picture = REPO / "docs" / "images" / f"{wf.stem}.png"
-        if not picture.is_file():
-            sys.exit(f"{picture} is missing: run scripts/screenshot_workflows.py {wf.stem} first")
         target = wf.with_suffix(".jpg")
-        thumbnail(Image.open(picture)).save(target, quality=85, optimize=True)
+        pictures = example_inputs(json.loads(wf.read_text()))[:3]
+        if pictures:
+            input_thumbnail(pictures).save(target, quality=85, optimize=True)
+        else:
+            picture = REPO / "docs" / "images" / f"{wf.stem}.png"
+            if not picture.is_file():
+                sys.exit(f"{picture} is missing: run scripts/screenshot_workflows.py {wf.stem} first")
+            thumbnail(Image.open(picture)).save(target, quality=85, optimize=True)
         print("wrote", target)
 
 

@@ -380,8 +380,6 @@ def context_windows(classes) -> dict:
 
 TOONCRAFTER_MODEL = {"name": "tooncrafter_512_interp.ckpt", "directory": "checkpoints",
                      "url": "https://huggingface.co/Doubiiu/ToonCrafter/resolve/main/model.ckpt"}
-INTERP_MODEL = {"name": "dynamicrafter_512_interp.ckpt", "directory": "checkpoints",
-                "url": "https://huggingface.co/Doubiiu/DynamiCrafter_512_Interp/resolve/main/model.ckpt"}
 
 
 def with_model_download(node: dict, *models: dict) -> None:
@@ -392,6 +390,28 @@ def with_model_download(node: dict, *models: dict) -> None:
 def listing_models(workflow: dict, *models: dict) -> dict:
     """The same metadata at the workflow's top level ("models"), as the frontend's schema allows."""
     workflow["models"] = [dict(m) for m in models]
+    return workflow
+
+
+def models_of(workflow: dict) -> list[dict]:
+    """The model files a workflow's loaders ask for (their properties.models), each once."""
+    seen = {}
+    for node in workflow["nodes"]:
+        for m in node.get("properties", {}).get("models", []):
+            seen.setdefault(m["name"], m)
+    return list(seen.values())
+
+
+def with_download_notes(workflow: dict) -> dict:
+    """The first Note ends with each model's link and folder: ComfyUI's Missing Models dialog
+    (frontend 1.32) offers neither Download nor Copy URL for a file that is not .safetensors."""
+    models = models_of(workflow)
+    note = next((n for n in workflow["nodes"] if n["type"] == "Note"), None)
+    if not models or note is None:
+        return workflow
+    lines = [f"{m['name']} -> ComfyUI/models/{m['directory']}/{m['name']}\n{m['url']}" for m in models]
+    note["widgets_values"][0] += ("\n\nDownload (the Missing Models dialog cannot download .ckpt files: open the "
+                                  "link, save the file in the folder under that name, press R):\n" + "\n".join(lines))
     return workflow
 
 
@@ -419,7 +439,7 @@ def tooncrafter(classes) -> dict:
 def keyframes(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, TOONCRAFTER_MODEL["name"])
-    with_model_download(ld, TOONCRAFTER_MODEL, INTERP_MODEL)
+    with_model_download(ld, TOONCRAFTER_MODEL)     # its one loader needs one model (512_interp also works)
     names = ["key1.png", "key2.png", "key3.png"]
     imgs = [g.add("LoadImage", (0, 200 + 340 * i), {"image": n}, title=f"Keyframe {i + 1}", size=[320, 320])
             for i, n in enumerate(names)]
@@ -443,12 +463,14 @@ def keyframes(classes) -> dict:
            "of it is dropped), nothing is cross-faded. N keyframes x 16 frames give 1 + 15(N-1) frames. "
            "pair_prompts: one line per pair (blank = the Prompt node). Example key1-3.png: assets/examples/ "
            "(copy into input/).", (0, 1240), (420, 240))
-    return listing_models(g.to_json(), TOONCRAFTER_MODEL, INTERP_MODEL)
+    return listing_models(g.to_json(), TOONCRAFTER_MODEL)
 
 
+# Key order is the Templates browser's card order (web/js/templates.js applies it: the server lists
+# files in directory order): the demo, which runs out of the box, first.
 WORKFLOWS = {
-    "DynamiCrafter image to video.json": image_to_video,
     "DynamiCrafter demo.json": demo,
+    "DynamiCrafter image to video.json": image_to_video,
     "DynamiCrafter interpolation.json": interpolation,
     "DynamiCrafter seamless loop.json": loop,
     "Animate a generated image.json": text_to_image_to_video,
@@ -473,8 +495,16 @@ INSTALL_FOLDERS = ("ComfyUI-DynamiCrafter", "comfyui-dynamicrafter")
 
 def template_translations() -> dict:
     """locales/en/main.json: the category heading for every install folder name (the front end's
-    normalizeI18nKey turns dots into underscores)."""
+    normalizeI18nKey turns dots into underscores).  Card subtitles cannot be set: frontend 1.32.9
+    gives a custom pack's card its file name as description and reads no translation for it."""
     return {"templateWorkflows": {"category": {d.replace(".", "_"): TEMPLATE_CATEGORY for d in INSTALL_FOLDERS}}}
+
+
+def template_order_js() -> str:
+    """web/js/template_order.js: the card order, read by web/js/templates.js."""
+    names = [Path(n).stem for n in WORKFLOWS]
+    return ("// Written by scripts/make_workflows.py (its WORKFLOWS order): the Templates browser's card order.\n"
+            f"export const TEMPLATE_ORDER = {json.dumps(names, indent=1)};\n")
 
 
 def main() -> None:
@@ -484,12 +514,15 @@ def main() -> None:
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)
     for name, fn in WORKFLOWS.items():
-        (out / name).write_text(json.dumps(fn(rt.node_classes), indent=1) + "\n")
+        (out / name).write_text(json.dumps(with_download_notes(fn(rt.node_classes)), indent=1) + "\n")
         print("wrote", out / name)
     locale = REPO / "locales" / "en" / "main.json"
     locale.parent.mkdir(parents=True, exist_ok=True)
     locale.write_text(json.dumps(template_translations(), indent=1) + "\n")
     print("wrote", locale)
+    order = REPO / "web" / "js" / "template_order.js"
+    order.write_text(template_order_js())
+    print("wrote", order)
 
 
 if __name__ == "__main__":

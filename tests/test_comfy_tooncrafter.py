@@ -234,8 +234,7 @@ def test_keyframe_node_is_the_pairs_joined(comfy, toon_loaded, toon_ref):
 def test_new_workflows_carry_model_download_metadata():
     import json
     for name, files in (("ToonCrafter in-betweening.json", {"tooncrafter_512_interp.ckpt"}),
-                        ("Keyframes to one shot.json", {"tooncrafter_512_interp.ckpt",
-                                                          "dynamicrafter_512_interp.ckpt"})):
+                        ("Keyframes to one shot.json", {"tooncrafter_512_interp.ckpt"})):   # one loader, one file
         wf = json.loads((REPO / "workflows" / name).read_text())
         assert {m["name"] for m in wf["models"]} == files
         assert all(m["url"].startswith("https://huggingface.co/") and m["directory"] == "checkpoints"

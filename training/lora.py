@@ -99,4 +99,5 @@ def export_lora(dc, path: str, spec: dict, dtype: str = "fp32", weights: str = "
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)
+    os.chmod(path, 0o644)     # readable by a ComfyUI running as another user, whatever the umask
     return path

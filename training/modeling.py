@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from contextlib import contextmanager
 from typing import Iterable, Optional
 
@@ -285,6 +286,7 @@ def export_safetensors(dc: DynamiCrafter, path: str, dtype: str = "fp16", weight
     these are (raw, or EMA with its decay); it is logged and stored as metadata."""
     meta = {"training_weights": weights} if weights else None
     out = str(dynamicrafter.save_checkpoint(dc, path, dtype=DTYPES[dtype], metadata=meta))
+    os.chmod(out, 0o644)      # readable by a ComfyUI running as another user, whatever the umask
     log.info("exported %s (%s, %s)", out, weights or "model weights", dtype)
     return out
 

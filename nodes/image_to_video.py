@@ -1,0 +1,104 @@
+"""Image to Video (DynamiCrafter): CLIP vision + context resampler + image conditioning in one node,
+with size, frames and fs taken from the loaded model's metadata unless set.
+
+The three parts stay available as nodes of their own for experts; this one is what a new user
+(and core SVD's users) expect: one image in, conditioning and an empty video latent out.  0 in
+width / height / frames / fs means "what the model was trained at" (its variant metadata), so a
+graph built at node defaults fits whichever model is loaded, the 64x64 demo model included."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.v0_0_2 import io
+
+from .clip_vision import encode_clip_vision
+from .comfy_model import require_dynamicrafter_model
+from .conditioning import MODES, build_conditioning
+from .inputs import CATEGORY, MAX_BATCH, MAX_VIDEO_FRAMES, SIZE_STEP, prompt_inputs
+from .resampler import resample_context
+
+DISPLAY_NAME = "Image to Video (DynamiCrafter, ToonCrafter): animate, interpolate, loop"
+AUTO = 0     # the widget value meaning "from the model's metadata"
+
+
+def model_settings(variant: dict, width: int, height: int, frames: int, fs: int) -> dict:
+    """width/height/frames/fs with AUTO replaced by the variant's trained values."""
+    h, w = variant.get("resolution", (320, 512))
+    return {"width": int(width) or int(w), "height": int(height) or int(h),
+            "frames": int(frames) or int(variant.get("frames", 16)),
+            "fs": int(fs) or int(variant.get("default_fs", 24))}
+
+
+def size_warning(variant: dict, width: int, height: int) -> str | None:
+    """A one-line warning when a size differs from the one the model was trained at, else None."""
+    res = variant.get("resolution")
+    if not res or (int(height), int(width)) == (int(res[0]), int(res[1])):
+        return None
+    return (f"DynamiCrafter: this model was trained at {res[1]}x{res[0]} but the graph asks for {width}x{height}; "
+            f"other sizes usually give distorted motion (set width/height to 0 to use the model's size)")
+
+
+def image_to_video(model, clip_vision, vae, positive, negative, start_image, width, height, frames, batch_size,
+                   fs, mode, end_image=None):
+    inner = require_dynamicrafter_model(model, DISPLAY_NAME)
+    s = model_settings(inner.variant, width, height, frames, fs)
+    warning = size_warning(inner.variant, s["width"], s["height"])
+    if warning:
+        logging.warning(warning)
+    tokens = encode_clip_vision(clip_vision, start_image[:1])
+    context = resample_context(model, tokens)
+    return build_conditioning(positive, negative, vae, context, start_image, s["width"], s["height"], s["frames"],
+                              batch_size, s["fs"], mode, end_image)
+
+
+class DynamiCrafterImageToVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        auto = "0 = the loaded model's own (its metadata: what it was trained at)"
+        return io.Schema(
+            node_id="DynamiCrafterI2V",
+            display_name=DISPLAY_NAME,
+            category=CATEGORY,
+            description="Animate an image in one node (like core SVD / Wan image to video): the model's CLIP "
+                        "vision encode, context resampler and image conditioning together. Size, frames and fs "
+                        "default to the loaded model's; interpolation (two keyframes: ToonCrafter, 512_interp) "
+                        "and seamless loop are modes. Feeds the DDIM node or core samplers.",
+            inputs=[
+                io.Model.Input("model", tooltip="from 'DynamiCrafter Checkpoint Loader'"),
+                io.ClipVision.Input("clip_vision", tooltip="the loader's clip_vision (OpenCLIP ViT-H-14)"),
+                io.Vae.Input("vae"),
+                *prompt_inputs("prompt from CLIPTextEncode (OpenCLIP-H text encoder)",
+                               "CLIPTextEncode of an empty prompt (the official unconditional text)"),
+                io.Image.Input("start_image", tooltip="first frame; scaled to cover width x height and "
+                                                      "centre-cropped"),
+                io.Int.Input("width", default=AUTO, min=0, max=2048, step=SIZE_STEP,
+                             tooltip=f"video width in pixels, a multiple of 64; {auto}"),
+                io.Int.Input("height", default=AUTO, min=0, max=2048, step=SIZE_STEP,
+                             tooltip=f"video height in pixels, a multiple of 64; {auto}"),
+                io.Int.Input("frames", default=AUTO, min=0, max=MAX_VIDEO_FRAMES,
+                             tooltip=f"frames of the video; {auto} (16 for the released models)"),
+                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once"),
+                io.Int.Input("fs", default=AUTO, min=0, max=60,
+                             tooltip=f"frame-rate conditioning (fps, or frame stride for 256); {auto}"),
+                io.Combo.Input("mode", options=MODES, default="image-to-video",
+                               tooltip="image-to-video; interpolation: start..end image (ToonCrafter / 512_interp "
+                                       "model); loop: start image at both ends"),
+                io.Image.Input("end_image", optional=True, tooltip="last frame, interpolation mode only"),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="positive", tooltip="text + image tokens + image latent"),
+                io.Conditioning.Output(display_name="negative",
+                                       tooltip="empty text + grey-image tokens + image latent"),
+                io.Conditioning.Output(display_name="image_only", tooltip="empty text + real image tokens: the "
+                                                                          "middle conditioning for DualCFGGuider"),
+                io.Latent.Output(display_name="latent", tooltip="empty (b, 4, T, h, w) video latent to sample"),
+            ])
+
+    @classmethod
+    def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, frames, batch_size,
+                fs, mode, end_image=None) -> io.NodeOutput:
+        return io.NodeOutput(*image_to_video(model, clip_vision, vae, positive, negative, start_image, width,
+                                             height, frames, batch_size, fs, mode, end_image))
+
+
+NODES = [DynamiCrafterImageToVideo]

@@ -1,0 +1,155 @@
+"""A new user's first hour (issue #32): one image-to-video node with the model's own defaults,
+queue-time validation, template order and notes, search words in the display names."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import comfy_runtime
+
+REPO = comfy_runtime.REPO_ROOT
+sys.path.insert(0, str(REPO / "scripts"))
+
+from test_comfy_nodes import _error_of, run_and_get_video, tiny_prompt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, tiny_ckpt):
+    from nodes_pack_access import pack
+    return pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "auto")
+
+
+def _one_node_prompt(comfy, **widgets) -> dict:
+    """The image-to-video template with its CLIP vision + resampler + conditioning replaced by the
+    one Image to Video node (widgets: its width/height/frames/fs)."""
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+    ids = {n["class_type"]: k for k, n in prompt.items()}
+    enc, res, cond = (ids[c] for c in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler",
+                                       "DynamiCrafterImageConditioning"))
+    old = prompt[cond]["inputs"]
+    prompt[cond] = {"class_type": "DynamiCrafterI2V", "inputs": {
+        "model": prompt[res]["inputs"]["model"], "clip_vision": prompt[enc]["inputs"]["clip_vision"],
+        "vae": old["vae"], "positive": old["positive"], "negative": old["negative"],
+        "start_image": old["start_image"], "batch_size": 1, "mode": "image-to-video",
+        "width": 0, "height": 0, "frames": 0, "fs": 0, **widgets}}
+    del prompt[enc], prompt[res]
+    return prompt
+
+
+def test_image_to_video_node_takes_size_frames_fs_from_the_model(comfy, loaded):
+    """0 = the model's trained size/frames/fs; the result is the three-node chain's at those values."""
+    from nodes_pack_access import load_input_image, pack
+    model, clip, cv, vae = loaded
+    v = model.model.variant
+    (h, w), frames, fs = v["resolution"], v["frames"], v["default_fs"]
+    pos = comfy.nodes.CLIPTextEncode().encode(clip, "a red circle")[0]
+    neg = comfy.nodes.CLIPTextEncode().encode(clip, "")[0]
+    image = load_input_image(comfy_runtime.REPO_ROOT / "assets" / "example.png")
+    one = pack("image_to_video").image_to_video(model, cv, vae, pos, neg, image, 0, 0, 0, 1, 0, "image-to-video")
+    ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
+    three = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, w, h, frames, 1, fs,
+                                                    "image-to-video")
+    assert tuple(one[3]["samples"].shape) == (1, 4, frames, h // 8, w // 8)
+    for a, b in zip(one[:3], three[:3]):
+        assert a[0][1]["dc_fs"] == fs
+        assert torch.equal(a[0][1]["concat_latent_image"], b[0][1]["concat_latent_image"])
+        assert torch.equal(a[0][1]["dc_image_context"], b[0][1]["dc_image_context"])
+
+
+def test_image_to_video_node_runs_in_the_executor_and_warns_off_size(comfy, loaded):
+    model = loaded[0]
+    h, w = model.model.variant["resolution"]
+    video = run_and_get_video(comfy, _one_node_prompt(comfy))
+    assert video.stat().st_size > 0
+    from nodes_pack_access import pack
+    assert pack("image_to_video").size_warning(model.model.variant, w, h) is None
+    msg = pack("image_to_video").size_warning(model.model.variant, w + 64, h)
+    assert f"trained at {w}x{h}" in msg and f"{w + 64}x{h}" in msg and "0" in msg
+
+
+def _validation_error(comfy, prompt) -> str:
+    """The queue-time (validation) error of a prompt: it must fail before any node runs."""
+    result = comfy.run(prompt, check=False)
+    assert not result["success"] and "validation" in result, "expected a queue-time validation error"
+    return _error_of(comfy, prompt)
+
+
+@pytest.mark.parametrize("steps,spacing,needle", [
+    (61, "auto", "'uniform_trailing' spacing is not defined for 61 steps"),
+    (122, "uniform_trailing", "'uniform_trailing' spacing is not defined for 122 steps"),
+    (1001, "uniform", "bigger than max of 1000"),
+    (50, "trailing", "Value not in list"),
+])
+def test_steps_the_spacing_cannot_make_are_refused_at_queue_time(comfy, steps, spacing, needle):
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterDDIMSampler":
+            n["inputs"].update(steps=steps, spacing=spacing)
+    msg = _validation_error(comfy, prompt)
+    assert needle in msg and "DynamiCrafter DDIM Sampler (dual CFG)" in msg, msg
+
+
+def test_uniform_spacing_keeps_steps_that_trailing_cannot_make(comfy):
+    from nodes_pack_access import pack
+    assert pack("validation").steps_problem("x", 61, "uniform") is None
+    assert pack("validation").steps_problem("x", 60, "auto") is None
+    assert pack("validation").steps_problem("x", None, "auto") is None      # linked: checked at run time
+
+
+def test_missing_checkpoint_is_refused_at_queue_time_by_display_name(comfy):
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="dynamicrafter_512.ckpt")
+    msg = _validation_error(comfy, prompt)
+    assert "DynamiCrafter Checkpoint Loader" in msg and "'dynamicrafter_512.ckpt' not found" in msg, msg
+
+
+def test_template_order_file_is_generated_from_make_workflows_with_the_demo_first():
+    """web/js/templates.js orders the Templates browser's cards by web/js/template_order.js, which
+    scripts/make_workflows.py writes from its WORKFLOWS table (browser test: the demo card first)."""
+    import make_workflows
+    assert (REPO / "web" / "js" / "template_order.js").read_text() == make_workflows.template_order_js()
+    assert next(iter(make_workflows.WORKFLOWS)) == "DynamiCrafter demo.json"
+    assert {n for n in make_workflows.WORKFLOWS} == {p.name for p in (REPO / "workflows").glob("*.json")}
+
+
+def test_sampler_warns_when_the_graph_asks_a_size_the_model_was_not_trained_at(comfy, loaded, caplog):
+    """The three-node template at another size than the model's: the DDIM node logs the warning."""
+    h, w = loaded[0].model.variant["resolution"]
+    prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+    for n in prompt.values():
+        if n["class_type"] == "DynamiCrafterImageConditioning":
+            n["inputs"].update(width=w + 64, height=h)
+    with caplog.at_level("WARNING"):
+        run_and_get_video(comfy, prompt)
+    assert any(f"trained at {w}x{h} but the graph asks for {w + 64}x{h}" in r.getMessage() for r in caplog.records)
+
+
+def test_image_to_video_node_widgets_are_locked(comfy):
+    """Saved workflows depend on widget order: new widgets go at the end, never between."""
+    from comfy_workflow import widget_layout
+    layout = [w for w, _ in widget_layout(comfy.node_classes["DynamiCrafterI2V"])]
+    assert layout == ["width", "height", "frames", "batch_size", "fs", "mode"]
+    import nodes as comfy_nodes   # ComfyUI's module
+    assert comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS["DynamiCrafterI2V"].startswith("Image to Video (DynamiCrafter")
+
+
+def test_thumbnails_show_the_example_inputs_not_the_graph():
+    """Each card's picture (workflows/<name>.jpg) is what scripts/make_thumbnails.py makes from the
+    template's example inputs, so the cards differ at a glance; the graph only without an input."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import make_thumbnails
+    with_inputs = 0
+    for wf in sorted((REPO / "workflows").glob("*.json")):
+        pictures = make_thumbnails.example_inputs(json.loads(wf.read_text()))[:3]
+        if not pictures:
+            continue
+        with_inputs += 1
+        want = np.asarray(make_thumbnails.input_thumbnail(pictures), dtype=np.float32)
+        shipped = np.asarray(Image.open(wf.with_suffix(".jpg")).convert("RGB"), dtype=np.float32)
+        assert shipped.shape == want.shape and np.abs(shipped - want).mean() < 3.0, wf.name   # JPEG noise only
+    assert with_inputs >= 9
