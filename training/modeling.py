@@ -124,7 +124,7 @@ def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = N
 
 def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = EXTRA_PREFIXES) -> int:
     """Replace parts of a (tiny, random) model with tensors from other files, e.g. a VAE trained
-    by training.vae (prefix first_stage_model.). Shapes must match the model's."""
+    by training.pretrain_vae (prefix first_stage_model.). Shapes must match the model's."""
     own = dc.state_dict()
     loaded = {}
     for path in extras:
@@ -147,7 +147,7 @@ def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = E
 
 
 def _check_vae_groups(path: str, dc: DynamiCrafter) -> None:
-    """A VAE file from training.vae records its GroupNorm group count, which its weights cannot
+    """A VAE file from training.pretrain_vae records its GroupNorm group count, which its weights cannot
     show; using it with another count would silently change every reconstruction."""
     if not path.endswith(".safetensors") or dc.cfg.vae is None:
         return
