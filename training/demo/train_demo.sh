@@ -67,7 +67,7 @@ done
 
 # 5. fp16 export (EMA weights) for the node pack, its config in the file's metadata
 mkdir -p assets/demo
-"$PY" -m training.export runs/demo/stage3d --out "$OUT" --dtype fp16 \
+"$PY" -m training.export runs/demo/stage3d --out "$OUT" --dtype fp16 --init runs/demo/stage3c/model.safetensors \
     --defaults "{\"cfg_text\": $DEMO_CFG, \"cfg_img\": $DEMO_CFG_IMG}"
 "$PY" -c "import json, sys; from safetensors import safe_open
 m = json.loads(safe_open(sys.argv[1], 'pt').metadata()['dynamicrafter_config'])
