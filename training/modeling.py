@@ -20,6 +20,7 @@ import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict, read_state_dict
 from dynamicrafter.config import DTYPES, ModelConfig, ResamplerConfig, infer_config, tiny_config
 from dynamicrafter.model import DynamiCrafter
+from dynamicrafter.unused_keys import refuse_unknown
 from training.lora import add_lora
 from training.stages import prepare_model_for_stage
 
@@ -102,6 +103,7 @@ def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = N
     model = DynamiCrafter(cfg)
     expected = model.state_dict()
     buffers = {k for k, _ in model.named_buffers()}
+    refuse_unknown(k for k in sd if k not in expected)   # known-unused keys (EMA copies...) drop; others refuse
     sd = {k: v for k, v in sd.items() if k in expected and k not in buffers}
     mismatched = [k for k in sd if sd[k].shape != expected[k].shape]
     if mismatched:
