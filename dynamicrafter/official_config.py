@@ -74,7 +74,7 @@ def _clip_heads(arch, folder: Path, source: str) -> dict:
     out = {}
     if isinstance(text, Mapping) and text.get("heads") is not None:
         out["text_heads"] = _int(text["heads"], f"{arch} text_cfg.heads", source, 1, 256)
-    if isinstance(vision, Mapping) and vision.get("width") and vision.get("head_width"):
+    if isinstance(vision, Mapping) and vision.get("width") is not None and vision.get("head_width") is not None:
         width = _int(vision["width"], f"{arch} vision_cfg.width", source, 1, 16384)
         head = _int(vision["head_width"], f"{arch} vision_cfg.head_width", source, 1, 4096)
         if width % head:

@@ -4,9 +4,13 @@ returning tensors.
 Only torch's zip format (what `torch.save` writes since torch 1.6) is read, and only by torch's
 own weights-only unpickler (`torch.load(weights_only=True)`). Before torch sees the file:
 
-1. the zip directory is checked: every record stored uncompressed and lying inside the file;
+1. the zip directory is checked: every record stored uncompressed, lying inside the file and
+   named once (no duplicate or case-variant names, which torch's zip reader and Python's could
+   resolve to different records);
 2. the pickle (`data.pkl`) is scanned without running it (`pickletools` only parses): every
-   storage it declares must have a `data/<key>` record of exactly the declared byte size, the
+   storage it declares must have a `data/<key>` record of exactly the declared byte size, every
+   call's arguments must be a literal tuple (never `f(*list)` or a computed argument tuple, and
+   no constructor gets a shape built by `torch.Size`), the
    constructors torch would let it call (`bytearray`, `torch.Tensor`, storages, codecs, ...)
    may not ask for more memory than a small budget proportional to the pickle's size, and it
    may not name a module torch never lets a checkpoint name (`os`, `sys`, `posix`, `nt`).
