@@ -140,3 +140,121 @@ def test_real_videos_still_read(tmp_path):
         path = save_video(frames, tmp_path / f"ok{suffix}")
         assert read_video(path).shape == (5, 32, 48, 3)
         assert probe_video(str(path))[0] == 5 and decode_frames(str(path), [4, 0]).shape == (2, 32, 48, 3)
+
+
+# ----------------------------------------------------------------------------- configs and metadata
+
+YAML = """model:
+  params:
+    unet_config:
+      params: {model_channels: 64, %s}
+    img_cond_stage_config:
+      params: {arch: %s}
+"""
+
+
+@pytest.mark.parametrize("unet,arch,why", [
+    ("num_heads: 0", "ViT-H-14", "unet num_heads is 0; it must be a whole number from 1 to 1024"),
+    ("num_head_channels: -8", "ViT-H-14", "num_head_channels is -8"),
+    ("num_head_channels: text", "ViT-H-14", "num_head_channels is 'text'"),
+    ("num_heads: 3", "ViT-H-14", "model_channels 64 is not a multiple of num_heads 3"),
+    ("num_head_channels: 32", "../../../../etc/passwd", "is not an OpenCLIP architecture name"),
+    ("num_head_channels: 32", "/tmp/secret", "is not an OpenCLIP architecture name"),
+])
+def test_yaml_values_are_range_checked_and_arch_is_a_name(tmp_path, unet, arch, why):
+    from dynamicrafter import CheckpointError
+    from dynamicrafter.official_config import read_inference_config
+    path = tmp_path / "inference.yaml"
+    path.write_text(YAML % (unet, arch))
+    with pytest.raises(CheckpointError, match=why) as err:
+        read_inference_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_arch_json_beside_the_yaml_is_range_checked(tmp_path):
+    import json
+
+    from dynamicrafter import CheckpointError
+    from dynamicrafter.official_config import read_inference_config
+    (tmp_path / "MyArch.json").write_text(json.dumps({"vision_cfg": {"width": 64, "head_width": 0},
+                                                      "text_cfg": {"heads": 4}}))
+    path = tmp_path / "inference.yaml"
+    path.write_text(YAML % ("num_head_channels: 32", "MyArch"))
+    with pytest.raises(CheckpointError, match="MyArch vision_cfg.head_width is 0"):
+        read_inference_config(path)
+    (tmp_path / "MyArch.json").write_text(json.dumps({"vision_cfg": {"width": 64, "head_width": 16}}))
+    assert read_inference_config(path) == {"unet_head_channels": 32, "vision_heads": 4}
+
+
+def test_big_yaml_is_refused_before_parsing(tmp_path):
+    import time
+
+    from dynamicrafter import CheckpointError
+    from dynamicrafter.official_config import read_inference_config
+    path = tmp_path / "inference.yaml"
+    path.write_text("model:\n  params:\n    junk: [" + "1, " * 7_000_000 + "1]\n")    # 21 MB
+    hwm, t0 = hwm_kb(), time.monotonic()
+    with pytest.raises(CheckpointError, match="more than a model config holds"):
+        read_inference_config(path)
+    assert time.monotonic() - t0 < 2 and hwm_kb() - hwm < MAX_PEAK_GROWTH_KB
+
+
+@pytest.mark.parametrize("field,value", [("resolution", [4096, 4096]), ("frames", 1000)])
+def test_metadata_defaults_are_bounded_like_user_input(field, value):
+    import dataclasses
+    import json
+
+    from dynamicrafter.metadata import MetadataError, parse_config_metadata
+    d = tiny_config().to_dict()
+    d["variant"][field] = value
+    with pytest.raises(MetadataError, match=f"variant.{field}"):
+        parse_config_metadata(json.dumps(d))
+    assert dataclasses.is_dataclass(parse_config_metadata(json.dumps(tiny_config().to_dict())))
+
+
+def test_videocrafter_init_refuses_unknown_tensors(tmp_path):
+    from dynamicrafter import CheckpointError
+    from training.modeling import load_init
+    torch.manual_seed(0)
+    vc = dynamicrafter.DynamiCrafter(tiny_config(family="videocrafter", frames=4))
+    donor = dynamicrafter.save_checkpoint(dynamicrafter.DynamiCrafter(tiny_config(frames=4)), tmp_path / "dc.safetensors")
+    sd = {k: v.contiguous() for k, v in vc.state_dict().items()}
+    sd["model.diffusion_model.motion_adapter.0.weight"] = torch.zeros(4, 4)
+    save_file(sd, str(tmp_path / "vc.safetensors"))
+    with pytest.raises(CheckpointError, match="motion_adapter"):
+        load_init(str(tmp_path / "vc.safetensors"), [str(donor)], frames=4)
+
+
+# ----------------------------------------------------------------------------- one message everywhere
+
+def test_node_library_and_trainer_refuse_a_crafted_checkpoint_with_the_same_line(comfy, comfy_base, capsys):
+    """A .ckpt with a second data.pkl: the loader node (real ComfyUI executor), the library and the
+    trainer's model.init all refuse it with the same one line."""
+    import io
+    import warnings
+    import zipfile
+
+    from test_comfy_nodes import _error_of, tiny_prompt
+
+    from dynamicrafter import CheckpointError
+    from training.config import load_config
+    from training.modeling import build_model
+    from training.train import user_errors
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, buf)
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "a") as z:
+        warnings.simplefilter("ignore")
+        prefix = z.namelist()[0].split("/")[0]
+        z.writestr(f"{prefix}/data.pkl", b"\x80\x02cbuiltins\nbytearray\n(J\xff\xff\xff\x7ftR.")
+    path = comfy_base / "models" / "checkpoints" / "twice.ckpt"
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError) as lib:
+        dynamicrafter.load_model(path)
+    line = str(lib.value)
+    assert "appears twice" in line and "\n" not in line
+    node = _error_of(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json", ckpt="twice.ckpt"))
+    assert line in node, node
+    cfg = load_config(None, ["data.csv=x.csv", f"model.init={path}"])
+    with pytest.raises(SystemExit), user_errors():
+        build_model(cfg)
+    assert capsys.readouterr().err.strip() == f"error: {line}"
