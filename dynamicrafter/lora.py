@@ -13,6 +13,8 @@ write. The layer's weight becomes ``W + strength * alpha / rank * up @ down``.
 """
 from __future__ import annotations
 
+import math
+from math import prod
 from pathlib import Path
 
 import torch
@@ -34,9 +36,27 @@ def _targets(unet) -> dict[str, str]:
     return {lora_key(n[: -len(".weight")]): n for n, _ in unet.named_parameters() if n.endswith(".weight")}
 
 
-def lora_deltas(unet, lora: dict) -> dict[str, torch.Tensor]:
-    """UNet weight name -> float32 ``alpha / rank * up @ down`` (strength 1) for a LoRA state dict."""
-    stems = sorted({k.rsplit(".lora_down.weight", 1)[0] for k in lora if k.endswith(".lora_down.weight")})
+# adapter kinds other trainers write that this merge does not implement: refused by name, never dropped
+UNSUPPORTED = {".dora_scale": "DoRA (its magnitude vector dora_scale)", ".hada_": "LoHa (hada_* tensors)",
+               ".lokr_": "LoKr (lokr_* tensors)", ".lora_mid.": "LoCon with a mid tensor (lora_mid)",
+               ".diff": "a full weight difference (diff)", ".lora_down.bias": "LoRA biases",
+               ".lora_up.bias": "LoRA biases"}
+PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def check_lora(unet, shapes: dict) -> list[str]:
+    """The adapted layers' key stems, after checking a LoRA's tensor shapes ({key: shape}, read
+    from the file's header before any tensor) against `unet`: every lora_unet_* key a LoRA part
+    this merge implements, down (rank, in) and up (out, rank) of the layer's size."""
+    for k in shapes:
+        for mark, kind in UNSUPPORTED.items():
+            if k.startswith(PREFIX) and mark in k:
+                raise LoraError(f"{k}: {kind} is not supported; only plain LoRA (lora_down, lora_up, alpha) merges")
+    odd = [k for k in shapes if k.startswith(PREFIX) and not k.endswith(PARTS)]
+    if odd:
+        raise LoraError(f"{len(odd)} tensors of unknown kind, e.g. {odd[:3]}: only plain LoRA (lora_down, lora_up, "
+                        "alpha) merges")
+    stems = sorted({k.rsplit(".lora_down.weight", 1)[0] for k in shapes if k.endswith(".lora_down.weight")})
     if not stems:
         raise LoraError("no '<layer>.lora_down.weight' tensors: not a LoRA file in the lora_unet_* layout")
     targets = _targets(unet)
@@ -45,32 +65,67 @@ def lora_deltas(unet, lora: dict) -> dict[str, torch.Tensor]:
         raise LoraError(f"{len(unknown)} LoRA layers are not in this model's UNet, e.g. {unknown[:3]}: the LoRA "
                         "was trained for another architecture")
     weights = dict(unet.named_parameters())
+    for stem in stems:
+        down, up = tuple(shapes[f"{stem}.lora_down.weight"]), shapes.get(f"{stem}.lora_up.weight")
+        if up is None:
+            raise LoraError(f"{stem}: lora_down without lora_up")
+        up, w = tuple(up), tuple(weights[targets[stem]].shape)
+        fan_in = prod(w[1:])
+        if (len(down) < 2 or len(up) < 2 or up[0] != w[0] or prod(down[1:]) != fan_in or prod(up[1:]) != down[0]
+                or down[0] <= 0):
+            raise LoraError(f"{stem}: lora_down {down} and lora_up {up} do not fit the layer's weight {w}")
+        alpha = shapes.get(f"{stem}.alpha")
+        if alpha is not None and prod(alpha) != 1:
+            raise LoraError(f"{stem}.alpha has shape {tuple(alpha)}, not a single number")
+    orphans = [k for k in shapes if k.startswith(PREFIX) and k.rsplit(".", 2)[0] not in stems
+               and k.rsplit(".", 1)[0] not in stems]
+    if orphans:
+        raise LoraError(f"{orphans[0]}: no lora_down.weight for this layer")
+    return stems
+
+
+def lora_deltas(unet, lora: dict) -> dict[str, torch.Tensor]:
+    """UNet weight name -> float32 ``alpha / rank * up @ down`` (strength 1) for a LoRA state dict."""
+    stems = check_lora(unet, {k: tuple(v.shape) for k, v in lora.items()})
+    targets = _targets(unet)
+    weights = dict(unet.named_parameters())
     out = {}
     for stem in stems:
         down = lora[f"{stem}.lora_down.weight"].float()
-        up = lora.get(f"{stem}.lora_up.weight")
-        if up is None:
-            raise LoraError(f"{stem}: lora_down without lora_up")
+        up = lora[f"{stem}.lora_up.weight"].float()
         rank = down.shape[0]
         alpha = float(lora[f"{stem}.alpha"]) if f"{stem}.alpha" in lora else float(rank)
+        if not math.isfinite(alpha):
+            raise LoraError(f"{stem}.alpha is {alpha}; a LoRA scale must be a finite number")
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise LoraError(f"{stem}: lora_down or lora_up holds NaN or infinite values")
         w = weights[targets[stem]]
-        delta = up.float().flatten(1) @ down.flatten(1)
-        if delta.numel() != w.numel():
-            raise LoraError(f"{stem}: up @ down has shape {tuple(delta.shape)}, the layer {tuple(w.shape)}")
-        out[targets[stem]] = delta.reshape(w.shape) * (alpha / rank)
+        out[targets[stem]] = (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * (alpha / rank)
     return out
 
 
 @torch.no_grad()
 def load_lora(dc, path, strength: float = 1.0):
     """Merge the LoRA file at `path` into `dc`'s UNet weights, scaled by `strength`, in place
-    (strength 0 leaves the model as it was); returns `dc`."""
-    from safetensors.torch import load_file
+    (strength 0 leaves the model as it was); returns `dc`. Shapes are checked from the file's
+    header before any tensor is read."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
-    deltas = lora_deltas(dc.unet, load_file(str(path)))
+    if not math.isfinite(float(strength)):
+        raise LoraError(f"LoRA strength is {strength}; it must be a finite number")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            check_lora(dc.unet, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            lora = {k: f.get_tensor(k) for k in f.keys()}
+    except LoraError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bad header, a truncated file
+        raise LoraError(f"could not read the LoRA {path.name}: not a .safetensors file or truncated "
+                        f"({type(e).__name__}: {str(e)[:120]})") from None
+    deltas = lora_deltas(dc.unet, lora)
     weights = dict(dc.unet.named_parameters())
     for name, delta in deltas.items():
         w = weights[name]

@@ -19,6 +19,10 @@ from .config import (CheckpointError, ClipConfig, ModelConfig, ResamplerConfig, 
 
 KEY = "dynamicrafter_config"
 MAX_METADATA_BYTES = 64 * 1024
+# a file's default size and length are used by animate() and Variant Defaults without a user's say:
+# bounded like user input (the official models default to at most 1024x576, 16 frames)
+MAX_DEFAULT_SIDE = 2048
+MAX_DEFAULT_FRAMES = 256
 MAX_DEPTH = 4      # {section: {field: [int, ...]}}
 
 WIDTH, COUNT, SMALL = (1, 65536), (0, 1024), (1, 64)
@@ -52,8 +56,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                 "default_fs": (_INT, (1, 1000)), "fs_meaning": (_STR, ("fps", "frame_stride")),
                 "spacing": (_STR, ("uniform", "uniform_trailing", "quad")), "guidance_rescale": (_FLOAT, (0.0, 1.0)),
                 "cfg_text": (_FLOAT, (0.0, 100.0)),
-                "cfg_img": (_FLOAT, (0.0, 100.0), "nullable"), "resolution": (_INTS, (8, 8192), (2, 2)),
-                "frames": (_INT, (1, 1024)), "fs_range": (_INTS, (1, 1000), (2, 2))},
+                "cfg_img": (_FLOAT, (0.0, 100.0), "nullable"), "resolution": (_INTS, (8, MAX_DEFAULT_SIDE), (2, 2)),
+                "frames": (_INT, (1, MAX_DEFAULT_FRAMES)), "fs_range": (_INTS, (1, 1000), (2, 2))},
 }
 SECTIONS = {"unet": ("unet", UNetConfig), "vae": ("vae", VAEConfig), "text": ("clip", ClipConfig),
             "vision": ("clip", ClipConfig), "resampler": ("resampler", ResamplerConfig),

@@ -8,16 +8,35 @@ stay those of the official inference scripts (the variant), not the YAML's `defa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
 from .config import CheckpointError
 
+MAX_CONFIG_BYTES = 1 << 20          # an official inference YAML is ~5 KB; an OpenCLIP arch JSON ~1 KB
+ARCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")      # a name, never a path
+
+
+def _read_text(path: Path, what: str) -> str:
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path.name}: {size} bytes, more than a {what} holds ({MAX_CONFIG_BYTES}); refusing it")
+    return path.read_text()
+
+
+def _int(value, key: str, source: str, lo: int, hi: int) -> int:
+    """A config value used as a size: a whole number in [lo, hi], or CheckpointError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise CheckpointError(f"{source}: {key} is {value!r:.40}; it must be a whole number from {lo} to {hi}")
+    return value
+
 
 def _params(node, *path) -> Mapping:
     for key in path:
-        node = (node or {}).get(key) or {}
-    return node.get("params") or {} if isinstance(node, Mapping) else {}
+        node = (node.get(key) if isinstance(node, Mapping) else None) or {}
+    params = node.get("params") if isinstance(node, Mapping) else None
+    return params if isinstance(params, Mapping) else {}
 
 
 def _arch_beside(arch: str, folder: Path):
@@ -27,29 +46,40 @@ def _arch_beside(arch: str, folder: Path):
     candidates = [own] if own.is_file() else sorted(folder.glob("*.json"))
     for path in candidates:
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(_read_text(path, "model config"))
         except (OSError, ValueError):
             continue
         if path == own and isinstance(doc, Mapping):
             return doc
-        if isinstance(doc, Mapping) and isinstance(doc.get("open_clip_arch"), Mapping) and arch in doc["open_clip_arch"]:
-            return doc["open_clip_arch"][arch]
+        table = doc.get("open_clip_arch") if isinstance(doc, Mapping) else None
+        if isinstance(table, Mapping) and arch in table:
+            return table[arch]
     return None
 
 
-def _clip_heads(arch, folder: Path) -> dict:
+def _clip_heads(arch, folder: Path, source: str) -> dict:
     """Head counts of a named OpenCLIP architecture: open_clip's registry (released and
-    `open_clip.add_model_config` ones), else a definition beside the YAML, else nothing."""
+    `open_clip.add_model_config` ones), else a definition beside the YAML, else nothing. The name
+    is a name (letters, digits, `_.-`), never a path."""
     if not arch:
         return {}
+    if not isinstance(arch, str) or not ARCH_NAME.match(arch):
+        raise CheckpointError(f"{source}: arch {arch!r:.80} is not an OpenCLIP architecture name (letters, digits, "
+                              "'_', '.', '-'; no paths)")
     import open_clip
-    cfg = open_clip.get_model_config(str(arch)) or _arch_beside(str(arch), folder)
-    if not cfg:
+    cfg = open_clip.get_model_config(arch) or _arch_beside(arch, folder)
+    if not isinstance(cfg, Mapping):
         return {}
-    vision = cfg.get("vision_cfg", {})
-    out = {"text_heads": cfg.get("text_cfg", {}).get("heads")}
-    if vision.get("width") and vision.get("head_width"):
-        out["vision_heads"] = vision["width"] // vision["head_width"]
+    text, vision = cfg.get("text_cfg") or {}, cfg.get("vision_cfg") or {}
+    out = {}
+    if isinstance(text, Mapping) and text.get("heads") is not None:
+        out["text_heads"] = _int(text["heads"], f"{arch} text_cfg.heads", source, 1, 256)
+    if isinstance(vision, Mapping) and vision.get("width") is not None and vision.get("head_width") is not None:
+        width = _int(vision["width"], f"{arch} vision_cfg.width", source, 1, 16384)
+        head = _int(vision["head_width"], f"{arch} vision_cfg.head_width", source, 1, 4096)
+        if width % head:
+            raise CheckpointError(f"{source}: {arch} vision_cfg.width {width} is not a multiple of head_width {head}")
+        out["vision_heads"] = width // head
     return out
 
 
@@ -58,21 +88,26 @@ def read_inference_config(path) -> dict:
     import yaml
     path = Path(path)
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.safe_load(_read_text(path, "model config"))
     except (OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"could not read the config {path}: {e}") from e
     model = _params(doc, "model") if isinstance(doc, Mapping) else {}
-    if not model.get("unet_config"):
+    if not isinstance(model, Mapping) or not isinstance(model.get("unet_config"), Mapping):
         raise CheckpointError(f"{path.name} is not an official inference config (no model.params.unet_config)")
+    src = path.name
     unet = _params(model, "unet_config")
     heads = {}
     if unet.get("num_head_channels", -1) not in (-1, None):
-        heads["unet_head_channels"] = int(unet["num_head_channels"])
+        heads["unet_head_channels"] = _int(unet["num_head_channels"], "unet num_head_channels", src, 1, 4096)
     elif unet.get("num_heads", -1) not in (-1, None):
-        heads["unet_head_channels"] = int(unet["model_channels"]) // int(unet["num_heads"])
+        n = _int(unet["num_heads"], "unet num_heads", src, 1, 1024)
+        channels = _int(unet.get("model_channels"), "unet model_channels", src, 1, 16384)
+        if channels % n:
+            raise CheckpointError(f"{src}: unet model_channels {channels} is not a multiple of num_heads {n}")
+        heads["unet_head_channels"] = channels // n
     resampler = _params(model, "image_proj_stage_config")
     if resampler.get("dim_head"):
-        heads["resampler_dim_head"] = int(resampler["dim_head"])
-    heads.update(_clip_heads(_params(model, "img_cond_stage_config").get("arch"), path.parent))
-    heads.update(_clip_heads(_params(model, "cond_stage_config").get("arch"), path.parent))
+        heads["resampler_dim_head"] = _int(resampler["dim_head"], "image_proj_stage_config dim_head", src, 1, 4096)
+    heads.update(_clip_heads(_params(model, "img_cond_stage_config").get("arch"), path.parent, src))
+    heads.update(_clip_heads(_params(model, "cond_stage_config").get("arch"), path.parent, src))
     return {k: v for k, v in heads.items() if v}

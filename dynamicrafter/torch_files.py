@@ -4,9 +4,13 @@ returning tensors.
 Only torch's zip format (what `torch.save` writes since torch 1.6) is read, and only by torch's
 own weights-only unpickler (`torch.load(weights_only=True)`). Before torch sees the file:
 
-1. the zip directory is checked: every record stored uncompressed and lying inside the file;
+1. the zip directory is checked: every record stored uncompressed, lying inside the file and
+   named once (no duplicate or case-variant names, which torch's zip reader and Python's could
+   resolve to different records);
 2. the pickle (`data.pkl`) is scanned without running it (`pickletools` only parses): every
-   storage it declares must have a `data/<key>` record of exactly the declared byte size, the
+   storage it declares must have a `data/<key>` record of exactly the declared byte size, every
+   call's arguments must be a literal tuple (never `f(*list)` or a computed argument tuple, and
+   no constructor gets a shape built by `torch.Size`), the
    constructors torch would let it call (`bytearray`, `torch.Tensor`, storages, codecs, ...)
    may not ask for more memory than a small budget proportional to the pickle's size, and it
    may not name a module torch never lets a checkpoint name (`os`, `sys`, `posix`, `nt`).
@@ -23,6 +27,7 @@ the file is trusted.
 """
 from __future__ import annotations
 
+import io
 import pickletools
 import struct
 import zipfile
@@ -56,21 +61,28 @@ def load_torch_file(path) -> Any:
     if head[:4] != b"PK\x03\x04":
         raise CheckpointError(f"{path.name} is not a torch zip checkpoint ({_describe_head(head)}); "
                               f"only torch's zip format is loaded: {CONVERT_HINT}")
-    pickle_bytes, records = _read_zip_directory(path)
-    storages = scan_pickle(pickle_bytes, path.name)
-    for key, nbytes in storages.items():
-        have = records.get(f"data/{key}")
-        if have is None:
-            raise CheckpointError(f"{path.name}: the pickle declares storage {key!r} but the file has no "
-                                  f"data/{key} record; the file is truncated or crafted")
-        if have != nbytes:
-            raise CheckpointError(f"{path.name}: storage {key!r} is declared as {nbytes} bytes but its record "
-                                  f"holds {have}; the file is truncated or crafted")
+    with open(path, "rb") as f:
+        check_torch_zip(f, path.stat().st_size, path.name)
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     stand_ins = [(_stand_in(name), name) for name in unsafe]
     with torch.serialization.safe_globals(stand_ins):
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return obj
+
+
+def check_torch_zip(f, size: int, source: str) -> None:
+    """The pre-checks of the module docstring on an open torch zip file (or a slice of a file,
+    as inside a sharded training checkpoint) of `size` bytes; raises CheckpointError."""
+    pickle_bytes, records = _read_zip_directory(f, size, source)
+    storages = scan_pickle(pickle_bytes, source)
+    for key, nbytes in storages.items():
+        have = records.get(f"data/{key}")
+        if have is None:
+            raise CheckpointError(f"{source}: the pickle declares storage {key!r} but the file has no "
+                                  f"data/{key} record; the file is truncated or crafted")
+        if have != nbytes:
+            raise CheckpointError(f"{source}: storage {key!r} is declared as {nbytes} bytes but its record "
+                                  f"holds {have}; the file is truncated or crafted")
 
 
 def check_tensor_bytes(sd: dict, source: str) -> None:
@@ -97,39 +109,74 @@ def _describe_head(head: bytes) -> str:
     return "unknown format"
 
 
-def _read_zip_directory(path: Path) -> tuple[bytes, dict]:
+def _read_zip_directory(f, size: int, name: str) -> tuple[bytes, dict]:
     """data.pkl's bytes and {record name under the archive folder: size}, after checking that
-    every record is stored uncompressed inside the file (so no record inflates when read)."""
-    size = path.stat().st_size
+    every record is stored uncompressed inside the file (so no record inflates when read) and
+    that no two records share a name, even up to case (torch's zip reader and Python's could
+    then read different ones)."""
     try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        with zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
             if not infos:
-                raise CheckpointError(f"{path.name}: empty zip archive")
+                raise CheckpointError(f"{name}: empty zip archive")
             prefix = infos[0].filename.split("/", 1)[0] + "/"
-            records = {}
+            records, seen = {}, set()
             for info in infos:
+                folded = info.filename.casefold()
+                if folded in seen:
+                    raise CheckpointError(f"{name}: record {info.filename!r} appears twice (or in two letter "
+                                          f"cases); torch.save writes each record once, so the file is crafted")
+                seen.add(folded)
                 if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
-                    raise CheckpointError(f"{path.name}: record {info.filename!r} is compressed; torch writes "
+                    raise CheckpointError(f"{name}: record {info.filename!r} is compressed; torch writes "
                                           f"records uncompressed, so the file was not written by torch.save")
                 f.seek(info.header_offset)
                 header = f.read(ZIP_LOCAL_HEADER.size)
                 if len(header) != ZIP_LOCAL_HEADER.size:
-                    raise CheckpointError(f"{path.name}: record {info.filename!r} lies outside the file")
+                    raise CheckpointError(f"{name}: record {info.filename!r} lies outside the file")
                 name_len, extra_len = ZIP_LOCAL_HEADER.unpack(header)[-2:]
                 end = info.header_offset + ZIP_LOCAL_HEADER.size + name_len + extra_len + info.file_size
                 if end > size:
-                    raise CheckpointError(f"{path.name}: record {info.filename!r} declares {info.file_size} bytes "
+                    raise CheckpointError(f"{name}: record {info.filename!r} declares {info.file_size} bytes "
                                           f"but the file ends before them; it is truncated or crafted")
                 if info.filename.startswith(prefix):
                     records[info.filename[len(prefix):]] = info.file_size
             if "data.pkl" not in records:
-                raise CheckpointError(f"{path.name}: no data.pkl record; not a torch checkpoint")
+                raise CheckpointError(f"{name}: no data.pkl record; not a torch checkpoint")
             pickle_bytes = zf.read(prefix + "data.pkl")
     except zipfile.BadZipFile as e:
-        raise CheckpointError(f"{path.name}: broken zip archive ({e}); the file is truncated or not a checkpoint") \
+        raise CheckpointError(f"{name}: broken zip archive ({e}); the file is truncated or not a checkpoint") \
             from e
     return pickle_bytes, records
+
+
+class FileSlice(io.RawIOBase):
+    """Bytes [offset, offset + length) of an open binary file as a seekable file of their own."""
+
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self.f, self.offset, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = max(0, {0: pos, 1: self.pos + pos, 2: self.length + pos}[whence])
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
 
 # ----------------------------------------------------------------------------- pickle scan
@@ -144,6 +191,15 @@ class _Value:
 
     def __init__(self, size: int):
         self.size = size
+
+
+class _Shape(_Value):
+    """The result of a torch.Size call: a shape whose element count the scan cannot see."""
+    __slots__ = ()
+
+
+def _computed_shape(v) -> bool:
+    return isinstance(v, _Shape) or (isinstance(v, (tuple, list)) and any(_computed_shape(x) for x in v))
 
 
 class _Tuple(tuple):
@@ -306,14 +362,20 @@ def scan_pickle(data: bytes, source: str = "checkpoint") -> dict:
             elif code in ("REDUCE", "NEWOBJ"):
                 args = stack.pop()
                 func = stack.pop()
-                args = tuple(args) if isinstance(args, tuple) else ()
                 name = str(func) if isinstance(func, _Global) else ""
+                if not isinstance(args, _Tuple):     # f(*list), f(*dict), f(*result of a call)
+                    refuse(f"it calls {name or 'a computed function'} with arguments that are not a literal "
+                           f"tuple, which torch.save never writes and whose memory cannot be bounded")
+                if name in sized and any(_computed_shape(a) for a in args):
+                    refuse(f"it calls {name} with a computed shape (torch.Size built by the pickle), which "
+                           f"torch.save never writes and whose memory cannot be bounded")
                 cost = _call_bytes(name, args, sized)
                 spent += cost
                 if spent > budget:
                     refuse(f"its pickle asks for about {spent} bytes of memory through {name or 'a call'}, "
                            f"more than a {len(data)}-byte pickle may ({budget})")
-                stack.append(_Value(max(cost, _result_size(name, args))))
+                size = max(cost, _result_size(name, args))
+                stack.append(_Shape(size) if name == "torch.Size" else _Value(size))
             elif code == "BINPERSID":
                 pid = stack.pop()
                 storages_key = _storage_record(pid, refuse)

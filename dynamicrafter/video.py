@@ -1,6 +1,8 @@
 """Reading images and writing videos (PyAV for mp4, Pillow for webp/gif)."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +70,69 @@ def save_video(frames, path, fps: float = 8, quality: int = 18) -> Path:
     return path
 
 
-def read_video(path) -> np.ndarray:
-    """All frames of a video file as (T, H, W, 3) uint8."""
+# Containers a video is read from: FFmpeg demuxer names (never concat/playlist/script demuxers,
+# which open other files or URLs), local files only, and the declared size checked before decoding.
+VIDEO_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi", "gif", "mpegts", "flv", "ogg")
+MAX_VIDEO_SIDE = 4096          # pixels, each side (4K UHD fits)
+MAX_VIDEO_FRAMES = 100_000
+PROBE_SECONDS = 30.0           # counting the frames of a stream that declares none
+
+
+class VideoError(ValueError):
+    """A video file that is not read: not a supported container, or beyond the size limits."""
+
+
+@contextmanager
+def open_video(path):
+    """(container, first video stream) of a local video file in one of VIDEO_FORMATS whose
+    declared width, height and frame count are within the limits; VideoError otherwise."""
     import av
-    with av.open(str(path)) as f:
-        return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
+    name = Path(path).name
+    opts = {"format_whitelist": ",".join(VIDEO_FORMATS), "protocol_whitelist": "file", "probesize": str(32 << 20),
+            "analyzeduration": str(10_000_000)}
+    try:
+        container = av.open(str(path), options=opts)
+    except av.FFmpegError as e:
+        raise VideoError(f"{name}: not a video file in a supported container (mp4/mov, mkv/webm, avi, gif, "
+                         f"mpeg-ts, flv, ogg) ({e})") from None
+    with container:
+        if not container.streams.video:
+            raise VideoError(f"{name}: no video stream")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if not (0 < w <= MAX_VIDEO_SIDE and 0 < h <= MAX_VIDEO_SIDE):
+            raise VideoError(f"{name}: declares {w}x{h} frames; videos up to {MAX_VIDEO_SIDE}x{MAX_VIDEO_SIDE} "
+                             "are read (resize it first)")
+        if (stream.frames or 0) > MAX_VIDEO_FRAMES:
+            raise VideoError(f"{name}: declares {stream.frames} frames, more than {MAX_VIDEO_FRAMES}; cut it first")
+        yield container, stream
+
+
+def checked_frames(frames, name: str):
+    """`frames` (decoded av.VideoFrames), refusing one beyond the size limits or past the frame cap."""
+    for i, fr in enumerate(frames):
+        if i >= MAX_VIDEO_FRAMES:
+            raise VideoError(f"{name}: more than {MAX_VIDEO_FRAMES} frames; cut it first")
+        if fr.width > MAX_VIDEO_SIDE or fr.height > MAX_VIDEO_SIDE:
+            raise VideoError(f"{name}: frame {i} is {fr.width}x{fr.height}; videos up to "
+                             f"{MAX_VIDEO_SIDE}x{MAX_VIDEO_SIDE} are read")
+        yield fr
+
+
+def count_frames(container, stream, name: str) -> int:
+    """Frames of a stream that declares no count: its packets, within PROBE_SECONDS."""
+    deadline, n = time.monotonic() + PROBE_SECONDS, 0
+    for p in container.demux(stream):
+        n += p.size > 0
+        if n > MAX_VIDEO_FRAMES:
+            raise VideoError(f"{name}: more than {MAX_VIDEO_FRAMES} frames; cut it first")
+        if time.monotonic() > deadline:
+            raise VideoError(f"{name}: counting its frames took over {PROBE_SECONDS:.0f} s; re-encode it")
+    return n
+
+
+def read_video(path) -> np.ndarray:
+    """All frames of a video file as (T, H, W, 3) uint8 (see open_video for what is read)."""
+    with open_video(path) as (container, stream):
+        return np.stack([fr.to_ndarray(format="rgb24")
+                         for fr in checked_frames(container.decode(stream), Path(path).name)])

@@ -149,6 +149,14 @@ PAYLOADS = {
     "codec_chain": pickle_of(glob("_codecs", "encode") * 40 + call(glob("_codecs", "encode"), text("ab"),
                                                                    text("latin1"))
                              + (text("hex_codec") + TUPLE2 + REDUCE) * 40),
+    # calls whose arguments are not a literal tuple: f(*list), f(*result of a call)
+    "bytearray_star_list": pickle_of(glob("builtins", "bytearray") + EMPTY_LIST + MARK + integer(2 ** 31 + 2 ** 29)
+                                     + APPENDS + REDUCE),
+    "codec_star_call": pickle_of(glob("_codecs", "encode") + call(glob("builtins", "set"), EMPTY_LIST) + REDUCE),
+    # a constructor given a shape the pickle computed (torch.Size), whose element count the scan cannot see
+    "tensor_of_computed_size": pickle_of(glob("torch", "Tensor") + tup(call(glob("torch", "Size"),
+                                                                            tup(integer(2 ** 16), integer(2 ** 16))))
+                                         + NEWOBJ),
     # a 4-byte storage shown as a 65536 x 65536 expanded view (16 GiB on its first copy)
     "expanded_view": as_state_dict(tensor("0", 1, (2 ** 16, 2 ** 16), (0, 0))),
     # code execution
@@ -166,7 +174,9 @@ ZIP_REFUSAL = {
     "setstate_on_class": "Can only build", "build_on_unknown_class": "Can only build",
     "persistent_module": "not a storage", "huge_storage": "declared as 4294967296 bytes but its record holds 4",
     "huge_bytearray": "asks for about", "huge_untyped_storage": "asks for about",
-    "huge_tensor_new": "asks for about", "codec_chain": "asks for about", "expanded_view": "an expanded view",
+    "huge_tensor_new": "asks for about", "codec_chain": "asks for about",
+    "bytearray_star_list": "not a literal tuple", "codec_star_call": "not a literal tuple",
+    "tensor_of_computed_size": "computed shape", "expanded_view": "an expanded view",
     "os_system": "names os.system", "posix_system": "names posix.system", "subprocess_call": "no state dict",
     "builtins_eval": "no state dict", "builtins_exec": "no state dict", "popen_newobj": "no state dict",
 }
@@ -266,6 +276,27 @@ def test_crafted_zip_structure_is_refused(tmp_path):
     (tmp_path / "missing.ckpt").write_bytes(zip_container(pkl, {}))
     with pytest.raises(CheckpointError, match="no data/0 record"):
         dynamicrafter.read_state_dict(tmp_path / "missing.ckpt")
+
+
+def test_duplicate_and_case_variant_records_are_refused(tmp_path):
+    """Python's zip reader (the pre-check) and torch's could pick different records of one name:
+    a second data.pkl, a DATA.PKL beside data.pkl, a second data/0 (a tensor reading other bytes)."""
+    import warnings
+    benign = as_state_dict(tensor("0", 1, (1,), (1,)))
+    bomb = pickle_of(call(glob("builtins", "bytearray"), integer(2 ** 31)))
+    cases = {"data.pkl": ("archive/data.pkl", bomb), "DATA.PKL": ("archive/DATA.PKL", bomb),
+             "data/0": ("archive/data/0", b"\1" * 4)}
+    for label, (name, data) in cases.items():
+        raw = zip_container(benign, FOUR_BYTES)
+        buf = io.BytesIO(raw)
+        with warnings.catch_warnings(), zipfile.ZipFile(buf, "a") as z:
+            warnings.simplefilter("ignore")          # zipfile warns of the duplicate name it writes
+            z.writestr(name, data)
+        path = tmp_path / f"dup_{label.replace('/', '_')}.ckpt"
+        path.write_bytes(buf.getvalue())
+        with pytest.raises(CheckpointError, match="appears twice") as err:
+            dynamicrafter.read_state_dict(path)
+        assert "\n" not in str(err.value)
 
 
 def test_hand_written_benign_zip_loads_exactly(tmp_path):

@@ -1,10 +1,10 @@
-"""training.clip: the tiny CLIP towers' contrastive run (the demo model's context stream)."""
+"""training.pretrain_clip: the tiny CLIP towers' contrastive run (the demo model's context stream)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from training.clip import contrastive_loss, train_clip
+from training.pretrain_clip import contrastive_loss, train_clip
 from training.modeling import build_tiny, overlay_extras
 from training.synthetic import generate_dataset
 

@@ -9,7 +9,7 @@ from dynamicrafter.config import VAEConfig
 from dynamicrafter.vae import AutoencoderKL
 from training import synthetic
 from training.modeling import InitError, build_tiny, overlay_extras
-from training.vae import calibrate, train_vae
+from training.pretrain_vae import calibrate, train_vae
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "tiny_smoke.yaml")
 

@@ -15,9 +15,13 @@ rank 0 adds ``meta.pt`` and renames the folder (atomic on POSIX), so a crash at 
 leaves the previous checkpoints and at most a temporary folder, which is ignored and removed
 on the next start. A process reads only the pieces of its own shards (DCP reshards, so any
 number of processes can resume). ``read_all`` reads a whole checkpoint in one process (export,
-tests). Small files (``meta.pt``, the latent cache) go through ``atomic_save``; everything is
-read back with ``weights_only=True``: only tensors and plain containers, nothing that executes
-code.
+tests). Small files (``meta.pt``, the latent cache) go through ``atomic_save``. Nothing read back
+can execute code or allocate more than the files hold: ``meta.pt`` goes through the library's
+``.ckpt`` pre-checks (dynamicrafter/torch_files.py) before torch's weights-only unpickler; DCP's
+``.metadata`` index, a plain pickle, is read by ``SafeReader`` with an unpickler that can build only
+DCP's own metadata classes, then checked (every record a ``__<rank>_<n>.distcp`` file of this folder,
+inside it, no transforms, shapes within bounds), and each tensor record is pre-checked like a
+``.ckpt`` before torch loads it.
 
 Fault injection for the crash tests: ``DCTRAIN_FAULT=kill_in_save:<step>`` SIGKILLs every
 process after its shards of that step are written but before the folder is complete;
@@ -26,9 +30,12 @@ process after its shards of that step are written but before the folder is compl
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
+import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -133,13 +140,157 @@ def save_sharded(tensors: dict, meta: dict, run_dir: str, step: int, rank: int, 
     return final
 
 
+METADATA_MAX_BYTES = 64 << 20       # DCP's index: ~1 KB per tensor; a big run's is a few MB
+_SHARD_FILE = re.compile(r"^__\d{1,6}_\d{1,6}\.distcp$")
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata index and nothing else: only its own classes, torch dtypes/Size/layouts
+    and plain containers can be named; anything else is refused before it is imported."""
+
+    def find_class(self, module, name):
+        if name in _DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise ResumeError(f"{self.source}: the checkpoint index names {module}.{name}, which DCP never writes; "
+                          "the checkpoint is crafted or corrupt, refusing it")
+
+
+def _shape(v, what: str, source: str) -> tuple:
+    if not (isinstance(v, torch.Size) and all(type(i) is int and 0 <= i < 1 << 40 for i in v) and len(v) <= 8):
+        raise ResumeError(f"{source}: {what} is not a plausible tensor shape; the checkpoint is crafted or corrupt")
+    return tuple(v)
+
+
+def check_metadata(md, folder: str, source: str) -> None:
+    """Refuse an index that points outside `folder`, uses storage transforms, or declares shapes
+    or byte ranges no DCP save writes."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorStorageMetadata)
+
+    def bad(why):
+        raise ResumeError(f"{source}: {why}; the checkpoint is crafted or corrupt, refusing it")
+    if type(md) is not Metadata or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
+        bad("the index is not DCP metadata")
+    for key, tmd in md.state_dict_metadata.items():
+        if not isinstance(key, str):
+            bad(f"tensor name {key!r:.60} is not a string")
+        if isinstance(tmd, BytesStorageMetadata):
+            continue
+        if type(tmd) is not TensorStorageMetadata or not isinstance(tmd.properties.dtype, torch.dtype) \
+                or not isinstance(tmd.chunks, list):
+            bad(f"{key!r} has malformed metadata")
+        size = _shape(tmd.size, f"{key!r}'s shape", source)
+        for c in tmd.chunks:
+            if type(c) is not ChunkStorageMetadata:
+                bad(f"{key!r} has a malformed chunk")
+            off, n = _shape(c.offsets, f"{key!r}'s chunk", source), _shape(c.sizes, f"{key!r}'s chunk", source)
+            if len(off) != len(size) or len(n) != len(size) or any(o + k > s for o, k, s in zip(off, n, size)):
+                bad(f"a chunk of {key!r} lies outside its shape {size}")
+    sizes = {}
+    for index, info in md.storage_data.items():
+        if type(index) is not MetadataIndex or type(info) is not _StorageInfo:
+            bad("a storage record is malformed")
+        name = info.relative_path
+        if not isinstance(name, str) or not _SHARD_FILE.match(name):
+            bad(f"a record names the file {name!r:.80}, not a __<rank>_<n>.distcp file of the checkpoint folder")
+        if info.transform_descriptors:
+            bad(f"a record of {name} asks for storage transforms {info.transform_descriptors!r:.80}, which the "
+                "trainer never writes")
+        if name not in sizes:
+            file = os.path.join(folder, name)
+            sizes[name] = os.path.getsize(file) if os.path.isfile(file) else -1
+        if not (type(info.offset) is int and type(info.length) is int and info.offset >= 0 and info.length >= 0
+                and info.offset + info.length <= sizes[name]):
+            bad(f"a record declares bytes {info.offset}+{info.length} that {name} does not hold")
+
+
+@functools.cache
+def _safe_reader_class():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    from dynamicrafter.config import CheckpointError
+    from dynamicrafter.torch_files import FileSlice, check_torch_zip
+
+    class SafeReader(dcp.FileSystemReader):
+        """DCP's FileSystemReader, but .metadata is read by _MetadataUnpickler and checked by
+        check_metadata, and each tensor record is pre-checked before torch's weights-only load."""
+
+        def read_metadata(self, *args, **kwargs):
+            file = os.path.join(self.path, ".metadata")
+            size = os.path.getsize(file)
+            if size > METADATA_MAX_BYTES:
+                raise ResumeError(f"{file}: {size} bytes, more than a checkpoint index holds "
+                                  f"({METADATA_MAX_BYTES}); refusing it")
+            with open(file, "rb") as fh:
+                unpickler = _MetadataUnpickler(fh)
+                unpickler.source = file
+                try:
+                    md = unpickler.load()
+                except ResumeError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - whatever a malformed pickle raises
+                    raise ResumeError(f"{file}: unreadable checkpoint index ({type(err).__name__}: "
+                                      f"{str(err)[:120]})") from None
+            check_metadata(md, str(self.path), file)
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+
+        def _slice_file(self, file, sinfo):
+            view = FileSlice(file, sinfo.offset, sinfo.length)
+            try:
+                check_torch_zip(view, sinfo.length, f"{sinfo.relative_path} at byte {sinfo.offset}")
+            except CheckpointError as err:
+                raise ResumeError(f"{os.path.join(self.path, sinfo.relative_path)}: {err}") from None
+            view.seek(0)
+            return io.BufferedReader(view)
+
+    return SafeReader
+
+
+def safe_reader(path: str):
+    """The storage reader every load of a training checkpoint goes through (see the docstring)."""
+    return _safe_reader_class()(path)
+
+
 def load_sharded(path: str, tensors: dict) -> None:
     """Collective under torchrun: fill each of this process's `tensors` (flat name -> tensor or
     DTensor shard, allocated as the run holds them) from the checkpoint, reading only the pieces
     it needs; a name the checkpoint lacks is an error."""
     import torch.distributed.checkpoint as dcp
-    with _quiet_single():
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(path), no_dist=_single())
+    safe_reader(path).read_metadata()        # a crafted index is refused here, in our words
+    with _quiet_single(), _our_errors():
+        dcp.load(tensors, storage_reader=safe_reader(path), no_dist=_single())
+
+
+@contextlib.contextmanager
+def _our_errors():
+    """DCP wraps what a storage reader raises per rank; a ResumeError comes out as itself."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as err:
+        for failure in err.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure     # (exception, traceback)
+            if isinstance(inner, ResumeError):
+                raise inner from None
+        raise
 
 
 def _single() -> bool:
@@ -161,17 +312,29 @@ def read_all(path: str, prefix: str = "") -> dict:
     consolidation export uses. Not collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-    reader = dcp.FileSystemReader(path)
-    out = {k: torch.empty(md.size, dtype=md.properties.dtype)
-           for k, md in reader.read_metadata().state_dict_metadata.items()
+    mds = {k: md for k, md in safe_reader(path).read_metadata().state_dict_metadata.items()
            if isinstance(md, TensorStorageMetadata) and k.startswith(prefix)}
-    with _quiet_single():
-        dcp.load(out, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    need = sum(math.prod(md.size) * md.properties.dtype.itemsize for md in mds.values())
+    have = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".distcp"))
+    if need > have:
+        raise ResumeError(f"{path}: its index declares {need} bytes of tensors but its shard files hold {have}; "
+                          "the checkpoint is crafted or corrupt, refusing it")
+    out = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in mds.items()}
+    with _quiet_single(), _our_errors():
+        dcp.load(out, storage_reader=safe_reader(path), no_dist=True)
     return out
 
 
 def read_meta(path: str) -> dict:
-    meta = torch.load(os.path.join(path, META), map_location="cpu", weights_only=True)
+    from dynamicrafter.config import CheckpointError
+    from dynamicrafter.torch_files import load_torch_file
+    file = os.path.join(path, META)
+    try:
+        meta = load_torch_file(file)
+    except CheckpointError as err:
+        raise ResumeError(f"{path}: {err}") from None
+    if not isinstance(meta, dict):
+        raise ResumeError(f"{file} holds a {type(meta).__name__}, not the trainer's checkpoint record")
     meta["path"] = path
     return meta
 
@@ -244,6 +407,23 @@ def rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def valid_rng_state(state) -> bool:
+    """Whether `state` has the form rng_state() writes (so set_rng_state cannot fail half-way)."""
+    try:
+        n, p = state["numpy"], state["python"]
+        ok = (isinstance(state["torch"], torch.Tensor) and state["torch"].dtype == torch.uint8
+              and state["torch"].shape == torch.get_rng_state().shape
+              and isinstance(n["keys"], torch.Tensor) and n["keys"].shape == (624,)
+              and type(n["pos"]) is int and type(n["has_gauss"]) is int and type(n["cached"]) is float
+              and type(p["version"]) is int and isinstance(p["state"], torch.Tensor) and p["state"].shape == (625,)
+              and (p["gauss"] is None or type(p["gauss"]) is float))
+        cuda = state.get("cuda", [])
+        return ok and isinstance(cuda, list) and all(isinstance(c, torch.Tensor) and c.dtype == torch.uint8
+                                                     and c.numel() <= 1 << 16 for c in cuda)
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
 def set_rng_state(state: dict) -> None:

@@ -147,16 +147,11 @@ def shared_records(csv_path: str, video_dir: Optional[str], rank: int = 0, broad
 
 def probe_video(path: str) -> tuple[int, float]:
     """(number of frames, frames per second) of the first video stream."""
-    import av
+    from dynamicrafter.video import count_frames, open_video
 
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        stream = container.streams.video[0]
+    with open_video(path) as (container, stream):
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        n = stream.frames
-        if not n:   # container without a frame count: count the packets that carry frames
-            n = sum(1 for p in container.demux(stream) if p.size > 0)
+        n = stream.frames or count_frames(container, stream, os.path.basename(path))
     return int(n), fps
 
 
@@ -168,23 +163,23 @@ def decode_frames(path: str, indices: list[int], stats: Optional[dict] = None) -
     Frame numbers come from the timestamps (constant frame rate); a stream without
     timestamps, or a seek that lands after the wanted frame, falls back to decoding from the
     start and counting. `stats["decoded"]` receives the number of frames decoded."""
-    import av
+    from dynamicrafter.video import checked_frames, open_video
 
     wanted = sorted(set(indices))
-    with av.open(path) as container:
-        stream = container.streams.video[0]
+    name = os.path.basename(path)
+    with open_video(path) as (container, stream):
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
         tb = stream.time_base
         t0 = stream.start_time or 0
         got, decoded = None, 0
         if wanted[0] > 0 and tb is not None:
             container.seek(t0 + int(wanted[0] / fps / tb), stream=stream, backward=True, any_frame=False)
-            got, decoded = _collect(container.decode(stream), wanted,
+            got, decoded = _collect(checked_frames(container.decode(stream), name), wanted,
                                     lambda i, f: None if f.pts is None else round((f.pts - t0) * tb * fps))
         if got is None:    # no usable timestamps, or the seek landed late: decode from the start, counting
             if decoded:
                 container.seek(t0, stream=stream, backward=True, any_frame=False)
-            got, counted = _collect(container.decode(stream), wanted, lambda i, f: i)
+            got, counted = _collect(checked_frames(container.decode(stream), name), wanted, lambda i, f: i)
             decoded += counted
     if stats is not None:
         stats["decoded"] = decoded

@@ -22,17 +22,64 @@ import json
 import logging
 import os
 import sys
+from typing import Optional
 
 from dynamicrafter.config import DTYPES
+from dynamicrafter.model import DynamiCrafter
 from dynamicrafter.metadata import MetadataError, parse_config_metadata
 from training import checkpoint as ck
 from training.config import TrainConfig
-from training.modeling import build_model, export_safetensors
+from training.modeling import build_model, export_safetensors, tiny_model_config
 
 
-def model_from_checkpoint(meta: dict, use_ema: bool = True):
+TINY_MAX_PARAMS = 200_000_000     # a model.tiny run's model (the demo's is ~10M parameters)
+
+
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def trusted_config(meta: dict, run_dir: str, init: Optional[str] = None,
+                   init_extra: Optional[list] = None) -> TrainConfig:
+    """The run's config as the checkpoint stores it, but no file it names outside `run_dir` is
+    read unless the user names the base model with --init / --init-extra, and a tiny model is
+    sized within TINY_MAX_PARAMS before it is built."""
+    try:
+        cfg = TrainConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ck.ResumeError(f"{meta['path']}: its stored run config is unusable ({e})") from None
+    if init is not None:
+        cfg.model.init = init
+    elif cfg.model.init and not _inside(cfg.model.init, run_dir):
+        raise ck.ResumeError(f"{meta['path']}: its config builds on model.init={cfg.model.init!r}, outside the run "
+                             f"folder {run_dir}; export reads it only when you name it: pass --init PATH (the base "
+                             "model you trust)")
+    if init_extra is not None:
+        cfg.model.init_extra = list(init_extra)
+    outside = [p for p in cfg.model.init_extra if not _inside(p, run_dir)]
+    if outside and init_extra is None:
+        raise ck.ResumeError(f"{meta['path']}: its config reads model.init_extra={outside!r}, outside the run folder "
+                             f"{run_dir}; pass --init-extra PATH... (the files you trust) to export it")
+    if cfg.model.tiny:
+        import torch
+        overrides = {k: dict(v) for k, v in (cfg.model.tiny_overrides or {}).items()}
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in DynamiCrafter(tiny_model_config(cfg.data.frames, overrides)).parameters())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ck.ResumeError(f"{meta['path']}: its config's model.tiny_overrides are unusable ({e})") from None
+        if n > TINY_MAX_PARAMS:
+            raise ck.ResumeError(f"{meta['path']}: its config's model.tiny_overrides make a {n / 1e6:.0f}M-parameter "
+                                 f"model, not a tiny one (at most {TINY_MAX_PARAMS / 1e6:.0f}M); refusing to build it")
+    return cfg
+
+
+def model_from_checkpoint(meta: dict, use_ema: bool = True, run_dir: Optional[str] = None,
+                          init: Optional[str] = None, init_extra: Optional[list] = None):
     """(model, run config) with the checkpoint's weights: `meta` from ck.load_latest/read_meta."""
-    cfg = TrainConfig.from_dict(json.loads(meta["config"]))
+    run_dir = run_dir or os.path.dirname(os.path.dirname(meta["path"]))
+    cfg = trusted_config(meta, run_dir, init, init_extra)
     dc = build_model(cfg)
     params = dict(dc.named_parameters())
     missing = [n for n in meta["trainable"] if n not in params]
@@ -66,6 +113,9 @@ def main(argv=None) -> str:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--step", type=int, help="checkpoint step (default: the newest complete one)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp16")
+    p.add_argument("--init", help="the base model the run started from, when its config names one outside "
+                   "run_dir (export reads no file outside it that you did not name)")
+    p.add_argument("--init-extra", nargs="*", help="the run's model.init_extra files, when outside run_dir")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA")
     p.add_argument("--defaults", type=json.loads, default={},
                    help=f"sampling defaults for the metadata, JSON with keys among {', '.join(SAMPLING_DEFAULTS)}")
@@ -82,8 +132,15 @@ def main(argv=None) -> str:
         path = ck.checkpoint_path(a.run_dir, a.step)
         if not os.path.isdir(path):
             raise SystemExit(f"no checkpoint {path}; complete ones: {[s for s, _ in ck.list_checkpoints(a.run_dir)]}")
-        meta = ck.read_meta(path)
-    dc, cfg = model_from_checkpoint(meta, use_ema=not a.no_ema)
+        try:
+            meta = ck.read_meta(path)
+        except ck.ResumeError as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        dc, cfg = model_from_checkpoint(meta, use_ema=not a.no_ema, run_dir=a.run_dir, init=a.init,
+                                        init_extra=a.init_extra)
+    except ck.ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
     set_sampling_defaults(dc, a.defaults)
     ema = meta.get("ema") is not None and not a.no_ema
     weights = (f"EMA weights (decay {meta['ema']['decay']}) at step {meta['step']}" if ema

@@ -92,7 +92,7 @@ def export_lora(dc, path: str, spec: dict, dtype: str = "fp32", weights: str = "
 
     from safetensors.torch import save_file
 
-    from training.modeling import DTYPES
+    from dynamicrafter.config import DTYPES
     sd = lora_state_dict(dc.unet, DTYPES[dtype])
     meta = {"format": "pt", "lora_spec": json.dumps(spec), "training_weights": weights,
             "base_unet": json.dumps(dataclasses.asdict(dc.unet.cfg))}

@@ -21,6 +21,7 @@ import dynamicrafter
 from dynamicrafter.checkpoint import model_from_state_dict, read_state_dict
 from dynamicrafter.config import DTYPES, ModelConfig, ResamplerConfig, infer_config, tiny_config
 from dynamicrafter.model import DynamiCrafter
+from dynamicrafter.unused_keys import refuse_unknown
 from training.lora import add_lora
 from training.stages import prepare_model_for_stage
 
@@ -103,6 +104,7 @@ def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = N
     model = DynamiCrafter(cfg)
     expected = model.state_dict()
     buffers = {k for k, _ in model.named_buffers()}
+    refuse_unknown(k for k in sd if k not in expected)   # known-unused keys (EMA copies...) drop; others refuse
     sd = {k: v for k, v in sd.items() if k in expected and k not in buffers}
     mismatched = [k for k in sd if sd[k].shape != expected[k].shape]
     if mismatched:
@@ -125,7 +127,7 @@ def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = N
 
 def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = EXTRA_PREFIXES) -> int:
     """Replace parts of a (tiny, random) model with tensors from other files, e.g. a VAE trained
-    by training.vae (prefix first_stage_model.). Shapes must match the model's."""
+    by training.pretrain_vae (prefix first_stage_model.). Shapes must match the model's."""
     own = dc.state_dict()
     loaded = {}
     for path in extras:
@@ -148,7 +150,7 @@ def overlay_extras(dc: DynamiCrafter, extras: Iterable[str], prefixes: tuple = E
 
 
 def _check_vae_groups(path: str, dc: DynamiCrafter) -> None:
-    """A VAE file from training.vae records its GroupNorm group count, which its weights cannot
+    """A VAE file from training.pretrain_vae records its GroupNorm group count, which its weights cannot
     show; using it with another count would silently change every reconstruction."""
     if not path.endswith(".safetensors") or dc.cfg.vae is None:
         return

@@ -43,7 +43,7 @@ fi
 # 2. the small KL-f8 VAE (64x64 frames -> 4x8x8 latents)
 if [[ ! -f runs/demo/vae.safetensors ]]; then
     log "VAE ($VAE_STEPS steps)"
-    "$PY" -m training.vae --csv data/demo/train/captions.csv --out runs/demo/vae.safetensors --size 64 \
+    "$PY" -m training.pretrain_vae --csv data/demo/train/captions.csv --out runs/demo/vae.safetensors --size 64 \
         --steps "$VAE_STEPS" --batch 16 --lr 4e-4 --vae '{"ch": 32, "ch_mult": [1,2,2,2], "num_res_blocks": 1, "norm_groups": 8}'
 fi
 
@@ -51,7 +51,7 @@ fi
 #    contrastively on frames and captions of the same clips, so the context stream carries the image
 if [[ ! -f runs/demo/clip.safetensors ]]; then
     log "CLIP towers ($CLIP_STEPS steps)"
-    "$PY" -m training.clip --csv data/demo/train/captions.csv --out runs/demo/clip.safetensors \
+    "$PY" -m training.pretrain_clip --csv data/demo/train/captions.csv --out runs/demo/clip.safetensors \
         --steps "$CLIP_STEPS" --batch 128
 fi
 
@@ -67,7 +67,7 @@ done
 
 # 5. fp16 export (EMA weights) for the node pack, its config in the file's metadata
 mkdir -p assets/demo
-"$PY" -m training.export runs/demo/stage3d --out "$OUT" --dtype fp16 \
+"$PY" -m training.export runs/demo/stage3d --out "$OUT" --dtype fp16 --init runs/demo/stage3c/model.safetensors \
     --defaults "{\"cfg_text\": $DEMO_CFG, \"cfg_img\": $DEMO_CFG_IMG}"
 "$PY" -c "import json, sys; from safetensors import safe_open
 m = json.loads(safe_open(sys.argv[1], 'pt').metadata()['dynamicrafter_config'])

@@ -1,7 +1,7 @@
 """Train small CLIP towers (text + image) contrastively on a dataset's frames and captions, for
 tiny models that cannot use the released OpenCLIP ViT-H/14 (e.g. the demo model).
 
-    python -m training.clip --csv data/demo/train/captions.csv --out runs/demo/clip.safetensors --steps 800
+    python -m training.pretrain_clip --csv data/demo/train/captions.csv --out runs/demo/clip.safetensors --steps 800
 
 The towers are the library's own `TextEncoder` and `ImageEncoder` (open_clip's architecture at
 the sizes of the tiny model config, `model.tiny_overrides` given as --overrides), so what is
@@ -35,7 +35,7 @@ from dynamicrafter.clip import ImageEncoder, TextEncoder, open_clip_causal_mask
 from dynamicrafter.pipeline import cover_crop
 from training.data import decode_frames, probe_video, read_annotations
 from training.modeling import tiny_model_config
-from training.vae import to_unit
+from training.pretrain_vae import to_unit
 
 
 def load_pairs(csv: str, video_dir: str | None, size: int, per_clip: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:

@@ -1,7 +1,7 @@
 """Train a small KL-f8 autoencoder (the library's `AutoencoderKL`) on video frames, for tiny
 models that cannot use the released VAE (e.g. the demo model).
 
-    python -m training.vae --csv data/shapes/captions.csv --out runs/vae.safetensors --size 64 --steps 2000
+    python -m training.pretrain_vae --csv data/shapes/captions.csv --out runs/vae.safetensors --size 64 --steps 2000
 
 Loss: L1 + L2 reconstruction of the posterior sample plus a small KL term. After training
 the latent is recalibrated exactly (the encoder's mean output and the decoder's input conv
