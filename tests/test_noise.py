@@ -171,3 +171,19 @@ def test_one_guided_step_is_one_graph_without_recompiles(tiny):
             ref, _ = step(ref, t, table.coef[n], noises[n])
             assert torch.equal(x, ref)
     torch._dynamo.reset()
+
+
+def test_ddim_node_draws_from_a_cpu_generator(comfy, monkeypatch):
+    """The DDIM node once built its generator on the model's load device, which fails at eta > 0 on
+    every CUDA GPU (torch draws on a CPU generator only into CPU tensors): the shipped workflow
+    (eta 1) must hand the library a CPU generator, whatever the device."""
+    import dynamicrafter.sampling as sampling
+    from test_comfy_nodes import run_and_get_video, tiny_prompt
+    seen, real = [], sampling.step_noises
+
+    def recording(shape, count, generator, device, dtype):
+        seen.append(generator.device)
+        return real(shape, count, generator, device, dtype)
+    monkeypatch.setattr(sampling, "step_noises", recording)
+    run_and_get_video(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json"))
+    assert seen == [torch.device("cpu")]

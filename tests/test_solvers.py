@@ -143,7 +143,8 @@ def test_cli_solver_flag(tmp_path, monkeypatch, tiny_ckpt):
     assert cli.main(["animate", "--ckpt", str(tiny_ckpt), "--image", str(image), "--prompt", "x", "--out", str(out),
                      "--solver", "unipc", "--steps", "3", "--frames", "8", "--width", "64", "--height", "64"]) == 0
     assert out.is_file() and out.stat().st_size > 0
-    assert len(seen) == 1 and seen[0]["solver"] == "unipc" and seen[0]["eta"] == 0.0 and seen[0]["steps"] == 3
+    sch = seen[0]["schedule"]
+    assert len(seen) == 1 and sch.solver == "unipc" and sch.eta == 0.0 and sch.steps == 3
 
 
 @pytest.mark.parametrize("name", ["tiny_vc1", "tiny_vc2"])

@@ -209,8 +209,7 @@ def test_animate_and_the_cli_sample_long_videos_in_windows(tmp_path, monkeypatch
                      "--steps", "2", "--frames", "20", "--width", "64", "--height", "64", "--window", "8",
                      "--window-overlap", "2"]) == 0
     assert out.is_file() and out.stat().st_size > 0
-    assert len(seen) == 1 and (seen[0]["window"], seen[0]["window_overlap"], seen[0]["window_schedule"]) == \
-        (8, 2, "uniform")
+    assert len(seen) == 1 and seen[0]["windows"] == dynamicrafter.Windows(8, 2, "uniform")
     with pytest.raises(ValueError, match="frames must be an integer in 2..64, got 80"):   # one pass: up to 64
         dynamicrafter.animate(dynamicrafter.load_model(str(tiny_ckpt)), torch.zeros(1, 3, 64, 64), "x", frames=80,
                               height=64, width=64, steps=1)
