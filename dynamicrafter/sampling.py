@@ -28,9 +28,12 @@ def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -
 
 
 def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg_text: float,
-                  cfg_img: Optional[float], guidance_rescale: float) -> torch.Tensor:
+                  cfg_img: Optional[float], guidance_rescale: float,
+                  extra_guidance: Optional[Callable] = None) -> torch.Tensor:
     """contexts = [cond] (no guidance), [cond, uncond] (single CFG) or
-    [cond, uncond, uncond_img] (dual CFG: uncond_img = empty text + the real image tokens)."""
+    [cond, uncond, uncond_img] (dual CFG: uncond_img = empty text + the real image tokens).
+    `extra_guidance(cond_out)`: a term added to the guided output before the rescale (CamI2V's camera
+    CFG); like the rescale, only when there is guidance."""
     outs = denoise(x, t, torch.cat(list(contexts))).split(x.shape[0])
     k = len(outs)
     if k == 1:
@@ -41,22 +44,30 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
     else:
         cond, uncond, uncond_img = outs
         guided = uncond + cfg_img * (uncond_img - uncond) + cfg_text * (cond - uncond_img)
+    if extra_guidance is not None:
+        guided = guided + extra_guidance(cond)
     if guidance_rescale > 0:
         guided = rescale_guidance(guided, cond, guidance_rescale)
     return guided
 
 
 def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_img: Optional[float],
-                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None):
+                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None,
+                         camera=None, cfg_camera: float = 1.0):
     """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
-    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs."""
+    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs
+    (and the CamI2V `camera`; `cfg_camera` != 1 adds the camera CFG, camera_model.camera_guidance)."""
     if unet is None:
         def unet(x_, t_, context, concat_):
-            return dc.denoise(x_, t_, context, concat_, fs)
+            return dc.denoise(x_, t_, context, concat_, fs, camera=camera)
+    extra = None
+    if camera is not None and cfg_camera != 1.0:
+        from .camera_model import camera_guidance
+        extra = camera_guidance(lambda c: dc.denoise(x, t, c, concat, fs), contexts[0], cfg_camera)
 
     def run(x_, contexts_, concat_):
         return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, cfg_text, cfg_img,
-                             guidance_rescale)
+                             guidance_rescale, extra)
 
     if plan is None:
         return run(x, contexts, concat)
@@ -115,7 +126,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
                 guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
                 noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
                 callback: Optional[Callable] = None, window: Optional[int] = None, window_overlap: int = 4,
-                window_schedule: str = "uniform") -> torch.Tensor:
+                window_schedule: str = "uniform", camera=None, cfg_camera: float = 1.0) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
     cond/uncond/uncond_img are contexts [text | image tokens]. Guidance: none when uncond is None
@@ -126,6 +137,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     `window=W` < T: context windows (`dynamicrafter.windows`): each step runs the UNet on windows
     of W frames overlapping by `window_overlap`, "uniform" or "looped" (around the end, for loop
     videos), and blends their outputs; videos up to 1024 frames. None or W >= T: one pass, as without.
+    `camera`: a CamI2V condition (dc.encode_camera), given to every branch; `cfg_camera` != 1 adds the
+    official camera CFG, (cfg_camera - 1) * (cond - cond without camera), a third UNet call per step.
     """
     check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta, guidance_rescale,
                       spacing, noise, window, window_overlap, window_schedule)
@@ -136,6 +149,9 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
 
     contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
     plan = plan_windows(x_T.shape[2], window, window_overlap, window_schedule)
+    if camera is not None or cfg_camera != 1.0:
+        from .camera_model import check_camera_sampling
+        check_camera_sampling(dc, camera, cfg_camera, plan)
 
     timesteps = ddim_timesteps(steps, spacing)
     ac = dc.alphas_cumprod.float().cpu()
@@ -163,7 +179,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     total = len(table)
     for n, (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f) in enumerate(reversed(table)):
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        out = window_guided_output(dc, x, t_batch, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, plan)
+        out = window_guided_output(dc, x, t_batch, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, plan,
+                                   camera=camera, cfg_camera=cfg_camera)
         step_noise = None
         if eta > 0:
             step_noise = (noise[n] if noise is not None else torch.randn(x.shape, generator=generator)).to(x)
