@@ -158,3 +158,104 @@ def check_camera(RT: torch.Tensor, K: torch.Tensor) -> None:
                          f"{tuple(K.shape) if isinstance(K, torch.Tensor) else type(K).__name__}")
     if not (torch.isfinite(RT).all() and torch.isfinite(K).all()):
         raise ValueError("the camera poses or intrinsics contain NaN or infinite numbers")
+
+
+# ------------------------------------------------------------------------------------ presets and simple moves
+
+_PRESET_FILE = Path(__file__).with_name("camera_presets.json")
+
+
+def _presets() -> dict:
+    import json
+    return json.loads(_PRESET_FILE.read_text())["presets"]
+
+
+PRESET_NAMES = ("zoom in", "zoom out", "pan up", "pan down", "pan left", "pan right", "look up", "look down",
+                "look left", "look right", "orbit up", "orbit left", "orbit right", "rotate clockwise",
+                "rotate anti-clockwise", "stationary")
+
+
+def preset_poses(name: str) -> torch.Tensor:
+    """The official demo's trajectory `name` (PRESET_NAMES) as (N, 4, 4) float64 world-to-camera matrices,
+    the same numbers as its pose file (demo/camera_pose_files/<name>.txt)."""
+    if name not in PRESET_NAMES:
+        raise ValueError(f"unknown camera preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    rows = torch.tensor(_presets()[name], dtype=torch.float64)
+    bottom = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]], dtype=torch.float64).expand(rows.shape[0], 1, 4)
+    return torch.cat([rows.reshape(-1, 3, 4), bottom], dim=1)
+
+
+def simple_trajectory(frames: int = 16, pan: tuple = (0.0, 0.0), zoom: float = 0.0, orbit: float = 0.0,
+                      radius: float = 3.0) -> torch.Tensor:
+    """(frames, 4, 4) float64 world-to-camera poses of a simple move, linear in time from the first frame
+    (OpenCV axes: x right, y down, z forward): the camera orbits by `orbit` degrees about the vertical axis
+    through a point `radius` ahead (positive: to the left, as "orbit left"), then moves `pan` = (right, down)
+    and `zoom` (forward) units in its own frame over the clip (the presets move about 1 unit, radius 3)."""
+    for name, value in (("pan", pan[0]), ("pan", pan[1]), ("zoom", zoom), ("orbit", orbit), ("radius", radius)):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"camera {name} must be a finite number, got {value!r}")
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    s = torch.linspace(0, 1, frames, dtype=torch.float64)
+    angle = -math.radians(orbit) * s
+    c, n = torch.cos(angle), torch.sin(angle)
+    R = torch.zeros(frames, 3, 3, dtype=torch.float64)
+    R[:, 0, 0], R[:, 0, 2], R[:, 1, 1], R[:, 2, 0], R[:, 2, 2] = c, n, 1.0, -n, c
+    centre = torch.tensor([0.0, 0.0, radius], dtype=torch.float64)
+    position = centre - R @ centre
+    move = torch.stack([pan[0] * s, pan[1] * s, zoom * s], dim=-1)
+    position = position + (R @ move[..., None])[..., 0]
+    c2w = torch.eye(4, dtype=torch.float64).repeat(frames, 1, 1)
+    c2w[:, :3, :3], c2w[:, :3, 3] = R, position
+    return torch.linalg.inv(c2w)
+
+
+def trajectory(camera, frames: int = 16, extract_ratio: float = 1.0) -> torch.Tensor:
+    """(1, frames, 4, 4) float64 world-to-camera poses from a preset name, a pose file path, or (N, 4, 4)
+    world-to-camera matrices, resampled as the official demo does (`resample_trajectory`)."""
+    if isinstance(camera, str) and camera in PRESET_NAMES:
+        w2c = preset_poses(camera)
+    elif isinstance(camera, (str, Path)):
+        if not Path(camera).is_file():
+            raise ValueError(f"camera {str(camera)!r} is neither a preset ({', '.join(PRESET_NAMES)}) nor a pose file")
+        w2c = read_pose_file(camera)
+    elif isinstance(camera, torch.Tensor) and camera.ndim == 3 and tuple(camera.shape[1:]) == (4, 4):
+        w2c = camera.double()
+    else:
+        raise ValueError("camera must be a preset name, a pose file or (N, 4, 4) world-to-camera matrices")
+    return resample_trajectory(w2c, frames, extract_ratio)[None]
+
+
+def resized_size(image_hw, height: int, width: int) -> tuple:
+    """The size the official demo resizes an image to before its centre crop to height x width (the
+    focal length is half its longer side)."""
+    h0, w0 = image_hw
+    if w0 / h0 > width / height:
+        return height, int(w0 * height / h0)
+    return int(h0 * width / w0), width
+
+
+def top_view(w2c: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """A (size, size, 3) float image in [0, 1] of the camera path seen from above (x right, z up the
+    picture): one dot per pose, from dark (first) to bright (last), with the viewing direction of the
+    first and last pose drawn as short lines."""
+    c2w = torch.linalg.inv(w2c.double().reshape(-1, 4, 4))
+    pos = c2w[:, [0, 2], 3]
+    fwd = c2w[:, [0, 2], 2]
+    span = float((pos.max(0).values - pos.min(0).values).max()) or 1.0
+    centre = (pos.max(0).values + pos.min(0).values) / 2
+    to_px = lambda p: ((p - centre) / span * 0.7 * size + size / 2)   # noqa: E731
+    img = torch.full((size, size, 3), 0.12)
+    n = pos.shape[0]
+    for k in range(n):
+        x, z = to_px(pos[k]).tolist()
+        tone = 0.35 + 0.65 * k / max(1, n - 1)
+        r0, c0 = int(size - 1 - z), int(x)
+        img[max(0, r0 - 2):r0 + 3, max(0, c0 - 2):c0 + 3] = torch.tensor([tone, 0.6 * tone, 0.2])
+    for k in (0, n - 1):
+        for step in range(1, 15):
+            x, z = to_px(pos[k] + fwd[k] * span * 0.02 * step).tolist()
+            r, c = int(size - 1 - z), int(x)
+            if 0 <= r < size and 0 <= c < size:
+                img[r, c] = torch.tensor([0.3, 0.8, 1.0])
+    return img

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     a.add_argument("--window-schedule", choices=list(WINDOW_SCHEDULES), default="uniform",
                    help="looped: windows wrap from the last frame to the first (with --loop)")
+    a.add_argument("--camera", help="CamI2V camera move: a preset ('orbit left', 'zoom in', ... see "
+                   "dynamicrafter.camera.PRESET_NAMES) or a RealEstate10K-style pose file")
+    a.add_argument("--cfg-camera", type=float, default=1.0, help="camera guidance scale (1 = off; a third UNet call)")
+    a.add_argument("--trace-extract-ratio", type=float, default=1.0,
+                   help="part of the camera trajectory spread over the clip (the official demo's UI: 0.1)")
+    a.add_argument("--trace-scale", type=float, default=1.0, help="scale of the camera translations")
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
@@ -76,7 +82,9 @@ def main(argv=None) -> int:
                     eta=(1.0 if args.solver == "ddim" else 0.0) if args.eta is None else args.eta,
                     solver=args.solver, guidance_rescale=args.guidance_rescale, spacing=args.spacing, seed=args.seed,
                     negative_prompt=args.negative_prompt, callback=progress, window=args.window,
-                    window_overlap=args.window_overlap, window_schedule=args.window_schedule)
+                    window_overlap=args.window_overlap, window_schedule=args.window_schedule,
+                    camera=args.camera, cfg_camera=args.cfg_camera, trace_extract_ratio=args.trace_extract_ratio,
+                    trace_scale=args.trace_scale)
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]

@@ -51,7 +51,7 @@ class UNetConfig:
     relative_position: bool = False           # VideoCrafter1: relative frame positions in temporal attention
     temporal_length: int = 16                 # ... with distances clamped to +-temporal_length
     camera_modules: bool = False              # CamI2V: temporal blocks carry pluker_projection + epipolar
-    camera_registers: int = 4                 # ... with this many epipolar register tokens
+    camera_registers: int = 0                 # ... with this many epipolar register tokens (CamI2V: 4)
 
 
 @dataclass(frozen=True)
@@ -444,6 +444,8 @@ def infer_camera_config(sd, unet: UNetConfig, variant: Variant, heads: Mapping) 
     epipolar = dict(CAMI2V_EPIPOLAR["cami2v_256" if unet.image_gate else "cami2v_512"])
     epipolar.update(heads.get("camera_epipolar") or {})
     n_heads = heads.get("camera_heads") or (8 if channels[0] == 320 else max(1, channels[0] // 8))
+    if any(c % n_heads for c in channels):
+        raise CheckpointError(f"the camera pose encoder's {n_heads} attention heads must divide its widths {channels}")
     return CameraConfig(channels=channels, num_res_blocks=blocks, cin=conv_in.shape[1],
                         downscale=int(round((conv_in.shape[1] / 6) ** 0.5)), heads=n_heads, max_frames=pe.shape[1],
                         registers=unet.camera_registers, **epipolar)

@@ -122,13 +122,17 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             cfg_img: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
             spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "",
             callback: Optional[Callable] = None, solver: str = "ddim", window: Optional[int] = None,
-            window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
+            window_overlap: int = 4, window_schedule: str = "uniform", camera=None, cfg_camera: float = 1.0,
+            trace_extract_ratio: float = 1.0, trace_scale: float = 1.0) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`. With a text-to-video
     model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
     `window` (e.g. 16): sample in context windows of that many frames (`dynamicrafter.windows`), for
     videos longer than the model's frames (up to 1024); "looped" schedule for loop=True.
+    `camera` (CamI2V models): a preset name (dynamicrafter.camera.PRESET_NAMES), a pose file or (N, 4, 4)
+    world-to-camera matrices, resampled as the official demo (`trace_extract_ratio`: the part of the
+    trajectory spread over the clip; `trace_scale`: translation scale); `cfg_camera` != 1: camera CFG.
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
     check_animate(dc, image, prompt, end_image=end_image, loop=loop, frames=frames, height=height, width=width, fs=fs,
                   steps=steps, cfg_text=cfg_text, cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale,
@@ -140,6 +144,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     width = v["resolution"][1] if width is None else width
     fs = v["default_fs"] if fs is None else int(fs)
     generator = torch.Generator().manual_seed(seed)
+    image_hw = tuple(image.shape[-2:]) if image is not None else (height, width)
     with torch.inference_mode():
         if v["image_cross_attention"]:
             image = fit_image(image.float(), height, width).to(dc.device)
@@ -149,7 +154,20 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
+        cam = None
+        if camera is not None:      # drawn after the VAE noise, before x_T (the official order)
+            cam = camera_condition(dc, camera, image_hw, frames, height, width, trace_extract_ratio, trace_scale,
+                                   solver, window, generator)
         x_T = torch.randn(video_latent_shape(1, frames, height, width), generator=generator).to(dc.device)
+        if cam is not None:
+            from .sampling import sample_ddim
+            latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, steps=steps,
+                                  cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
+                                  cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
+                                  guidance_rescale=v["guidance_rescale"] if guidance_rescale is None
+                                  else guidance_rescale, spacing=spacing or v["spacing"], generator=generator,
+                                  callback=callback, camera=cam, cfg_camera=cfg_camera)
+            return dc.decode(latents)
         latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
                          cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
@@ -159,3 +177,19 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
+
+
+def camera_condition(dc, camera, image_hw, frames: int, height: int, width: int, extract_ratio: float,
+                     trace_scale: float, solver: str = "ddim", window=None, generator=None):
+    """The CamI2V camera condition of a trajectory (preset, pose file or matrices) for a video of
+    height x width made from an image of size image_hw (the intrinsics follow the official demo)."""
+    from . import camera as geometry
+    if dc.cfg.camera is None:
+        raise ValueError("this model has no camera control (not a CamI2V checkpoint): leave camera unset")
+    if solver != "ddim" or window is not None:
+        raise ValueError("a camera move samples with the DDIM solver in one pass: use solver='ddim' and no window")
+    if not isinstance(trace_scale, (int, float)) or not 0 <= trace_scale <= 100:
+        raise ValueError(f"trace_scale must be a number in [0, 100], got {trace_scale!r}")
+    RT = geometry.trajectory(camera, frames, extract_ratio)
+    K = geometry.intrinsics(height, width, geometry.resized_size(image_hw, height, width), frames)
+    return dc.encode_camera(RT, K, (height, width), trace_scale, generator=generator)
