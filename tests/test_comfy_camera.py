@@ -114,3 +114,13 @@ def test_camera_node_errors(comfy, cam_loaded, cam_ref):
         pack("camera").DynamiCrafterCamera.execute(p, p, "orbit left", 1.0, 1.0, pose_file="missing.txt")
     with pytest.raises(ValueError, match="inside ComfyUI's input folder"):
         pack("camera").DynamiCrafterCamera.execute(p, p, "orbit left", 1.0, 1.0, pose_file="../../etc/passwd")
+
+
+def test_camera_template_runs_on_the_tiny_cami2v(comfy, cam_ref):
+    wf = load_workflow(REPO / "workflows" / "Camera moves.json")
+    loader = next(n for n in wf["nodes"] if n["type"] == "DynamiCrafterLoader")
+    assert {m["name"] for m in loader["properties"]["models"]} == {"256_cami2v.pt", "512_cami2v_100k.pt"}
+    prompt = prepare_prompt(wf, comfy.node_classes, CKPT, ["single_image.png"], W, H, T, STEPS)
+    assert any(v["class_type"] == "DynamiCrafterCamera" for v in prompt.values())
+    videos = video_outputs(comfy.run(prompt), comfy.output_dir)
+    assert videos and videos[0].stat().st_size > 0
