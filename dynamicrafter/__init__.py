@@ -10,11 +10,11 @@ from .model import DynamiCrafter, MissingComponentError
 from .pipeline import animate, concat_latent, fit_image, image_conditioning, text_conditioning
 from .sampling import sample_ddim
 from .schedule import NoiseSchedule
-from .settings import Guidance, Schedule, Windows
+from .settings import Camera, Guidance, Schedule, Windows
 from .solvers import sample
 from .video import load_image, save_video, to_uint8
 
 __all__ = ["load_model", "read_state_dict", "save_checkpoint", "CheckpointError", "ModelConfig", "infer_config",
            "tiny_config", "DynamiCrafter", "MissingComponentError", "sample_ddim", "sample", "animate",
            "concat_latent", "fit_image", "image_conditioning", "text_conditioning", "load_image", "save_video",
-           "to_uint8", "load_lora", "LoraError", "Guidance", "Schedule", "Windows", "NoiseSchedule"]
+           "to_uint8", "load_lora", "LoraError", "Camera", "Guidance", "Schedule", "Windows", "NoiseSchedule"]

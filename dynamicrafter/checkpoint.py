@@ -130,6 +130,11 @@ def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_o
                      text_heads=stored.text.text_heads if stored.text else None,
                      vision_heads=stored.vision.vision_heads if stored.vision else None,
                      resampler_dim_head=stored.resampler.dim_head if stored.resampler else None)
+        if stored.camera:
+            c = stored.camera
+            heads.update(camera_heads=c.heads, camera_epipolar=dict(
+                origin_h=c.origin_h, origin_w=c.origin_w, mask_resolutions=c.mask_resolutions,
+                perturb_zero_translation=c.perturb_zero_translation))
         variant_overrides = {**_variant_fields(stored), **(variant_overrides or {})}
     cfg = infer_config(sd, variant_overrides, heads)
     if stored:

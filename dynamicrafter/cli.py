@@ -9,7 +9,7 @@ import time
 from .config import DTYPES
 from .contract import WINDOW_SCHEDULES
 from .devices import compute_dtype, default_device
-from .settings import Guidance, Schedule, Windows
+from .settings import Camera, Guidance, Schedule, Windows
 from .solvers import SOLVERS
 
 
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     a.add_argument("--window-schedule", choices=list(WINDOW_SCHEDULES), default="uniform",
                    help="looped: windows wrap from the last frame to the first (with --loop)")
+    a.add_argument("--camera", help="CamI2V camera move: a preset ('orbit left', 'zoom in', ... see "
+                   "dynamicrafter.camera.PRESET_NAMES) or a RealEstate10K-style pose file")
+    a.add_argument("--cfg-camera", type=float, default=1.0, help="camera guidance scale (1 = off; a third UNet call)")
+    a.add_argument("--trace-extract-ratio", type=float, default=1.0,
+                   help="part of the camera trajectory spread over the clip (the official demo's UI: 0.1)")
+    a.add_argument("--trace-scale", type=float, default=1.0, help="scale of the camera translations")
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
@@ -83,9 +89,11 @@ def main(argv=None) -> int:
         bar.total = total
         bar.update(1)
 
+    camera = None if args.camera is None else Camera(args.camera, args.trace_extract_ratio, args.trace_scale,
+                                                     args.cfg_camera)
     video = animate(dc, image, args.prompt, end_image=end, loop=args.loop, frames=args.frames,
                     size=(args.height, args.width), fs=args.fs, seed=args.seed, negative_prompt=args.negative_prompt,
-                    callback=progress, **cli_settings(args, dc.variant))
+                    callback=progress, camera=camera, **cli_settings(args, dc.variant))
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]

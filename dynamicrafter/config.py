@@ -50,6 +50,8 @@ class UNetConfig:
     default_fs: int = 24
     relative_position: bool = False           # VideoCrafter1: relative frame positions in temporal attention
     temporal_length: int = 16                 # ... with distances clamped to +-temporal_length
+    camera_modules: bool = False              # CamI2V: temporal blocks carry pluker_projection + epipolar
+    camera_registers: int = 0                 # ... with this many epipolar register tokens (CamI2V: 4)
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,25 @@ class ResamplerConfig:
 
 
 @dataclass(frozen=True)
+class CameraConfig:
+    """CamI2V's camera pose encoder and epipolar attention (MODEL-SPEC-CAMI2V §0, §5, §7). Shapes give the
+    widths; heads and the epipolar settings come from the official YAML, our metadata or the released values."""
+    channels: tuple = (320, 640, 1280, 1280)    # pose-encoder level widths (= the UNet's)
+    num_res_blocks: int = 2
+    cin: int = 384                              # 6 Plücker channels x downscale**2
+    downscale: int = 8
+    heads: int = 8                              # pose-encoder temporal attention heads
+    max_frames: int = 16                        # length of its sinusoidal frame positions
+    registers: int = 4                          # epipolar register tokens
+    origin_h: int = 256                         # pixel height the epipolar masks are looked up for
+    origin_w: int = 256
+    mask_resolutions: tuple = (8, 4, 2, 1)      # masks built for cells of 8*r pixels
+    perturb_zero_translation: bool = True
+
+
+@dataclass(frozen=True)
 class Variant:
-    family: str = "dynamicrafter"          # or "videocrafter"
+    family: str = "dynamicrafter"          # or "videocrafter", "cami2v" (DynamiCrafter + camera control)
     name: str = "512"                      # 256 | 512 | 1024 | 512_interp | vc2 | vc1 | vc1_1024 | custom
     parameterization: str = "v"            # eps | v
     zero_snr: bool = True
@@ -124,7 +143,7 @@ class Variant:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["image_cross_attention"] = self.family == "dynamicrafter"
+        d["image_cross_attention"] = self.family != "videocrafter"
         return d
 
 
@@ -151,7 +170,17 @@ PRESETS = {
                         dynamic_rescale_base=None, use_scale=True, scale_b=0.3, fix_scale_bug=True,
                         default_fs=28, fs_meaning="fps", spacing="uniform", guidance_rescale=0.0,
                         cfg_text=12.0, resolution=(576, 1024), fs_range=(1, 60)),
+    # CamI2V (camera control on DynamiCrafter 256 / 512): the official demo's sampling settings
+    "cami2v_256": Variant(family="cami2v", name="cami2v_256", parameterization="eps", zero_snr=False,
+                          dynamic_rescale_base=None, default_fs=3, fs_meaning="frame_stride",
+                          spacing="uniform_trailing", guidance_rescale=0.7, cfg_text=5.5,
+                          resolution=(256, 256), fs_range=(1, 10)),
+    "cami2v_512": Variant(family="cami2v", name="cami2v_512", default_fs=10, spacing="uniform_trailing",
+                          guidance_rescale=0.7, cfg_text=5.5, resolution=(320, 512), fs_range=(1, 30)),
 }
+# the epipolar settings of the released CamI2V configs (003_cami2v_{256x256,512x320}.yaml)
+CAMI2V_EPIPOLAR = {"cami2v_256": dict(origin_h=256, origin_w=256, mask_resolutions=(8, 4, 2, 1)),
+                   "cami2v_512": dict(origin_h=320, origin_w=512, mask_resolutions=(8, 4, 2))}
 
 
 @dataclass(frozen=True)
@@ -163,6 +192,7 @@ class ModelConfig:
     resampler: Optional[ResamplerConfig] = field(default_factory=ResamplerConfig)
     variant: Variant = field(default_factory=Variant)
     scale_factor: float = 0.18215
+    camera: Optional[CameraConfig] = None                                # CamI2V's camera modules
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,7 +208,7 @@ class ModelConfig:
                            text=build(ClipConfig, d.get("text")), vision=build(ClipConfig, d.get("vision")),
                            resampler=build(ResamplerConfig, d.get("resampler")),
                            variant=build(Variant, d.get("variant") or {}),
-                           scale_factor=d.get("scale_factor", 0.18215))
+                           scale_factor=d.get("scale_factor", 0.18215), camera=build(CameraConfig, d.get("camera")))
 
 
 class CheckpointError(ValueError):
@@ -240,7 +270,8 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], prefix: str = "model.diffu
         addition_attention=p + "init_attn.0.norm.weight" in sd, init_attn_heads=init_heads,
         image_cross_attention=has("attn2.to_k_ip."), image_gate=has("attn2.alpha"),
         fs_condition=p + "fps_embedding.0.weight" in sd, relative_position=table is not None,
-        temporal_length=temporal_length)
+        temporal_length=temporal_length, camera_modules=has(".pluker_projection."),
+        camera_registers=next((sd[p + k].shape[1] for k in keys if k.endswith("epipolar_attn.register_tokens")), 0))
 
 
 def infer_vae_config(sd, prefix="first_stage_model.") -> Optional[VAEConfig]:
@@ -314,7 +345,9 @@ def infer_variant(sd, unet: UNetConfig) -> Variant:
     recip = sd.get("sqrt_recip_alphas_cumprod")
     ac = sd.get("alphas_cumprod")
     scale_arr = sd.get("scale_arr")
-    if family == "videocrafter" and unet.relative_position:     # VideoCrafter1: 1024 has fps + scale_arr
+    if unet.camera_modules:     # CamI2V: the 256 model has the image gates, the 512 model not
+        base = PRESETS["cami2v_256" if unet.image_gate else "cami2v_512"]
+    elif family == "videocrafter" and unet.relative_position:     # VideoCrafter1: 1024 has fps + scale_arr
         base = PRESETS["vc1_1024" if unet.fs_condition or scale_arr is not None else "vc1"]
     elif family == "videocrafter":
         base = PRESETS["vc2"]
@@ -380,7 +413,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], overrides: Optional[Mapping] = 
     unet = infer_unet_config(sd, head_channels=heads.get("unet_head_channels"))
     variant = apply_variant_overrides(infer_variant(sd, unet), overrides)
     # fs=None inside the UNet: DynamiCrafter falls back to default_fs, VideoCrafter's forward to 16
-    unet = replace(unet, default_fs=variant.default_fs if variant.family == "dynamicrafter" else 16)
+    unet = replace(unet, default_fs=variant.default_fs if variant.family != "videocrafter" else 16)
     text = infer_clip_config(sd, "cond_stage_model.model.", text_heads=heads.get("text_heads"))
     vision = infer_clip_config(sd, "embedder.model.", text_heads=heads.get("text_heads"),
                                vision_heads=heads.get("vision_heads"))
@@ -390,7 +423,32 @@ def infer_config(sd: Mapping[str, torch.Tensor], overrides: Optional[Mapping] = 
     elif unet.relative_position:   # VideoCrafter1 samples as many frames as its position tables were trained for
         variant = replace(variant, frames=unet.temporal_length)
     return ModelConfig(unet=unet, vae=infer_vae_config(sd), text=text, vision=vision,
-                       resampler=resampler, variant=variant)
+                       resampler=resampler, variant=variant, camera=infer_camera_config(sd, unet, variant, heads))
+
+
+def infer_camera_config(sd, unet: UNetConfig, variant: Variant, heads: Mapping) -> Optional[CameraConfig]:
+    """CamI2V's pose encoder from its keys; heads and epipolar settings from `heads` (the official YAML:
+    keys camera_heads, camera_epipolar) or the released configs (the 512 settings for a model without gates)."""
+    p = "pose_encoder."
+    if p + "encoder_conv_in.weight" not in sd:
+        if unet.camera_modules:
+            raise CheckpointError("this CamI2V checkpoint has the UNet's camera modules (pluker_projection, "
+                                  "epipolar) but no 'pose_encoder.*' tensors: is the file complete?")
+        return None
+    keys = [k[len(p):] for k in sd if k.startswith(p)]
+    levels = _count(keys, r"encoder_down_conv_blocks\.(\d+)\.")
+    blocks = _count(keys, r"encoder_down_conv_blocks\.0\.(\d+)\.")
+    channels = tuple(sd[f"{p}encoder_down_conv_blocks.{i}.0.block2.weight"].shape[0] for i in range(levels))
+    pe = sd[f"{p}encoder_down_attention_blocks.0.0.attention_blocks.0.pos_encoder.pe"]
+    conv_in = sd[p + "encoder_conv_in.weight"]
+    epipolar = dict(CAMI2V_EPIPOLAR["cami2v_256" if unet.image_gate else "cami2v_512"])
+    epipolar.update(heads.get("camera_epipolar") or {})
+    n_heads = heads.get("camera_heads") or (8 if channels[0] == 320 else max(1, channels[0] // 8))
+    if any(c % n_heads for c in channels):
+        raise CheckpointError(f"the camera pose encoder's {n_heads} attention heads must divide its widths {channels}")
+    return CameraConfig(channels=channels, num_res_blocks=blocks, cin=conv_in.shape[1],
+                        downscale=int(round((conv_in.shape[1] / 6) ** 0.5)), heads=n_heads, max_frames=pe.shape[1],
+                        registers=unet.camera_registers, **epipolar)
 
 
 def tiny_config(family: str = "dynamicrafter", frames: int = 8, **variant_changes) -> ModelConfig:

@@ -15,7 +15,8 @@ import re
 from dataclasses import fields
 from typing import Any, Mapping, Optional
 
-from .config import (CheckpointError, ClipConfig, ModelConfig, ResamplerConfig, UNetConfig, VAEConfig, Variant)
+from .config import (CameraConfig, CheckpointError, ClipConfig, ModelConfig, ResamplerConfig, UNetConfig, VAEConfig,
+                     Variant)
 
 KEY = "dynamicrafter_config"
 MAX_METADATA_BYTES = 64 * 1024
@@ -37,7 +38,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
              "temporal_conv": (_BOOL,), "temporal_attention": (_BOOL,), "addition_attention": (_BOOL,),
              "init_attn_heads": (_INT, (1, 1024)), "image_cross_attention": (_BOOL,), "image_gate": (_BOOL,),
              "fs_condition": (_BOOL,), "default_fs": (_INT, (1, 1000)), "relative_position": (_BOOL,),
-             "temporal_length": (_INT, (1, 1024))},
+             "temporal_length": (_INT, (1, 1024)), "camera_modules": (_BOOL,), "camera_registers": (_INT, COUNT)},
     "vae": {"ch": (_INT, WIDTH), "ch_mult": (_INTS, SMALL, (1, 8)), "num_res_blocks": (_INT, (1, 16)),
             "z_channels": (_INT, SMALL), "embed_dim": (_INT, SMALL), "in_channels": (_INT, SMALL),
             "out_ch": (_INT, SMALL), "norm_groups": (_INT, (1, 1024)), "decoder": (_STR, ("image", "dualref")),
@@ -49,7 +50,11 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "resampler": {"dim": (_INT, WIDTH), "depth": (_INT, SMALL), "dim_head": (_INT, WIDTH), "heads": (_INT, (1, 1024)),
                   "num_queries": (_INT, (1, 1024)), "embedding_dim": (_INT, WIDTH), "output_dim": (_INT, WIDTH),
                   "ff_mult": (_INT, SMALL), "video_length": (_INT, (1, 1024))},
-    "variant": {"family": (_STR, ("dynamicrafter", "videocrafter")), "name": (_STR, r"[A-Za-z0-9_.-]{1,64}"),
+    "camera": {"channels": (_INTS, WIDTH, (1, 8)), "num_res_blocks": (_INT, (1, 16)), "cin": (_INT, WIDTH),
+               "downscale": (_INT, SMALL), "heads": (_INT, (1, 1024)), "max_frames": (_INT, (1, 1024)),
+               "registers": (_INT, COUNT), "origin_h": (_INT, (8, 8192)), "origin_w": (_INT, (8, 8192)),
+               "mask_resolutions": (_INTS, SMALL, (0, 8)), "perturb_zero_translation": (_BOOL,)},
+    "variant": {"family": (_STR, ("dynamicrafter", "videocrafter", "cami2v")), "name": (_STR, r"[A-Za-z0-9_.-]{1,64}"),
                 "parameterization": (_STR, ("eps", "v")), "zero_snr": (_BOOL,),
                 "dynamic_rescale_base": (_FLOAT, (0.0, 1.0), "nullable"), "use_scale": (_BOOL,),
                 "scale_b": (_FLOAT, (0.0, 1.0)), "fix_scale_bug": (_BOOL,),
@@ -61,8 +66,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 SECTIONS = {"unet": ("unet", UNetConfig), "vae": ("vae", VAEConfig), "text": ("clip", ClipConfig),
             "vision": ("clip", ClipConfig), "resampler": ("resampler", ResamplerConfig),
-            "variant": ("variant", Variant)}
-OPTIONAL_SECTIONS = ("vae", "text", "vision", "resampler")   # null: the file has no such part
+            "variant": ("variant", Variant), "camera": ("camera", CameraConfig)}
+OPTIONAL_SECTIONS = ("vae", "text", "vision", "resampler", "camera")   # null: the file has no such part
 SCALE_FACTOR_RANGE = (1e-4, 100.0)
 
 # what the weights' shapes tell, per section: these stored values must agree with them
@@ -75,6 +80,7 @@ SHAPE_FIELDS = {
     "text": ("text_width", "text_layers", "vocab_size", "context_length"),
     "vision": ("vision_width", "vision_layers", "patch_size", "image_size"),
     "resampler": ("dim", "depth", "heads", "embedding_dim", "output_dim", "ff_mult", "video_length"),
+    "camera": ("channels", "num_res_blocks", "cin", "max_frames", "registers"),
 }
 
 

@@ -20,6 +20,8 @@ from .contract import check_image, check_prompts
 from .resampler import Resampler
 from .schedule import variant_schedule
 from .tiling import TILE, should_tile, tiled_decode
+from .camera_model import CameraCondition, CameraPoseEncoder, encode_camera
+from .ops import building_with
 from .unet import UNet3D, grow_input_channels
 from .vae import AutoencoderKL, posterior_sample
 from .vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, AutoencoderKLDualref, decode_videos
@@ -45,6 +47,9 @@ class DynamiCrafter(nn.Module):
         self.cond_stage_model = TextEncoder(cfg.text) if cfg.text else None
         self.embedder = ImageEncoder(cfg.vision) if cfg.vision else None
         self.image_proj_model = Resampler(cfg.resampler, operations) if cfg.resampler else None
+        if cfg.camera:      # CamI2V
+            with building_with(operations):
+                self.pose_encoder = CameraPoseEncoder(cfg.camera)
         for name, value in variant_schedule(cfg.variant).items():
             self.register_buffer(name, value)
         self.scale_factor = cfg.scale_factor
@@ -166,10 +171,28 @@ class DynamiCrafter(nn.Module):
         grow_input_channels(self.unet, in_channels)
         self.cfg = dataclasses.replace(self.cfg, unet=self.unet.cfg)
 
+    # ------------------------------------------------------------------ camera (CamI2V)
+    def encode_camera(self, RT: torch.Tensor, K: torch.Tensor, size=None, trace_scale: float = 1.0,
+                      noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                      cond_frame: int = 0) -> CameraCondition:
+        """The camera condition of a CamI2V model: RT (b, T, 4, 4) world-to-camera poses, K (b, T, 3, 3)
+        pixel intrinsics of the video, `size` (H, W) its pixel size (default: the model's resolution).
+        Relative poses are taken to frame `cond_frame`, translations scaled by `trace_scale`; `noise`
+        (b, T, T, 3, 1) or `generator` gives the N(0,1) draws of the zero-translation perturbation."""
+        if self.cfg.camera is None:
+            raise ValueError("this model has no camera control (not a CamI2V checkpoint): sample without camera")
+        H, W = size or self.cfg.variant.resolution
+        if H % 8 or W % 8:
+            raise ValueError(f"camera size {W}x{H} must be a multiple of 8 (the latent's pixel size)")
+        if not 0 <= cond_frame < RT.shape[1]:
+            raise ValueError(f"cond_frame {cond_frame} is outside the {RT.shape[1]} camera poses")
+        return encode_camera(self.pose_encoder, self.cfg.camera, RT, K, H, W, trace_scale, noise, generator, cond_frame)
+
     # ------------------------------------------------------------------ UNet
     def denoise(self, x_t: torch.Tensor, t, context: torch.Tensor, concat: Optional[torch.Tensor] = None,
-                fs=None, temporal: bool = True) -> torch.Tensor:
-        """Raw UNet output (eps or v) for x_t (b, 4, T, h, w), with [x_t, concat] as input."""
+                fs=None, temporal: bool = True, camera: Optional[CameraCondition] = None) -> torch.Tensor:
+        """Raw UNet output (eps or v) for x_t (b, 4, T, h, w), with [x_t, concat] as input.
+        `camera`: a CamI2V condition from encode_camera (None: the plain DynamiCrafter path)."""
         unet = self.unet
         x = x_t if concat is None else torch.cat([x_t, concat.to(x_t)], dim=1)
         if x.shape[1] != unet.cfg.in_channels:
@@ -180,8 +203,23 @@ class DynamiCrafter(nn.Module):
         t = torch.as_tensor(t, device=x.device)
         fs = None if fs is None else torch.as_tensor(fs, device=x.device).long()
         dt = self.dtype
-        out = unet(x.to(dt), t, context.to(x.device, dt), fs, temporal=temporal)
+        if camera is not None:
+            check_camera_condition(camera, self, x_t)
+            camera = camera.to(x.device, dt)
+        out = unet(x.to(dt), t, context.to(x.device, dt), fs, temporal=temporal, camera=camera)
         return out.to(x_t.dtype)
+
+
+def check_camera_condition(camera, dc, x_t) -> None:
+    if not isinstance(camera, CameraCondition):
+        raise ValueError(f"camera must be the condition dc.encode_camera() returns, got {type(camera).__name__}")
+    if dc.cfg.camera is None:
+        raise ValueError("this model has no camera control (not a CamI2V checkpoint): pass camera=None")
+    b, _, t, h, w = x_t.shape
+    if camera.frames != t or camera.batch not in (1, b) or tuple(camera.pose_features[0].shape[-2:]) != (h, w):
+        raise ValueError(f"the camera condition (batch {camera.batch}, {camera.frames} frames, latent "
+                         f"{tuple(camera.pose_features[0].shape[-2:])}) does not fit the latent {tuple(x_t.shape)}: "
+                         "encode the camera at the video's size with one pose per frame")
 
 
 def make_vae(cfg) -> AutoencoderKL:

@@ -108,6 +108,32 @@ def read_inference_config(path) -> dict:
     resampler = _params(model, "image_proj_stage_config")
     if resampler.get("dim_head"):
         heads["resampler_dim_head"] = _int(resampler["dim_head"], "image_proj_stage_config dim_head", src, 1, 4096)
+    pose = _params(model, "pose_encoder_config")
+    if pose.get("temporal_attention_nhead"):     # CamI2V
+        heads["camera_heads"] = _int(pose["temporal_attention_nhead"], "pose_encoder temporal_attention_nhead",
+                                     src, 1, 1024)
+    epipolar = model.get("epipolar_config")
+    if isinstance(epipolar, Mapping):
+        heads["camera_epipolar"] = camera_epipolar(epipolar, path.name)
     heads.update(_clip_heads(_params(model, "img_cond_stage_config").get("arch"), path.parent, src))
     heads.update(_clip_heads(_params(model, "cond_stage_config").get("arch"), path.parent, src))
     return {k: v for k, v in heads.items() if v}
+
+
+def camera_epipolar(epipolar: Mapping, name: str) -> dict:
+    """CameraConfig fields from a CamI2V `epipolar_config` section."""
+    try:
+        out = {"origin_h": int(epipolar.get("origin_h", 256)), "origin_w": int(epipolar.get("origin_w", 256)),
+               "mask_resolutions": tuple(int(r) for r in epipolar.get("attention_resolution", (8, 4, 2, 1))),
+               "perturb_zero_translation": bool(epipolar.get("add_small_perturbation_on_zero_T", False))}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name}: bad epipolar_config ({e})") from e
+    if epipolar.get("is_3d_full_attn") or epipolar.get("only_on_cond_frame") or any(
+            epipolar.get(k) for k in ("epipolar_hybrid_attention", "epipolar_hybrid_attention_v2",
+                                      "only_self_pixel_on_current_frame", "current_frame_as_register_token",
+                                      "apply_epipolar_soft_mask")):
+        raise CheckpointError(f"{name}: this epipolar_config enables options the released CamI2V models do not "
+                              "use and this library does not implement")
+    if out["origin_h"] <= 0 or any(r <= 0 for r in out["mask_resolutions"]):
+        raise CheckpointError(f"{name}: epipolar_config origin_h and attention_resolution must be positive")
+    return out

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
-from .sampling import image_only_context
+from .sampling import image_only_context, sample_ddim
 from .schedule import randn
-from .settings import Guidance, Schedule, Windows, variant_settings
+from .settings import Camera, Guidance, Schedule, Windows, variant_settings
 from .solvers import sample
 from .tooncrafter import decode_keyframe_clip, has_reference_decoder
 
@@ -123,7 +123,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             loop: bool = False, frames: Optional[int] = None, size: Optional[tuple] = None, fs: Optional[int] = None,
             guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
             windows: Optional[Windows] = None, seed: int = 123, negative_prompt: str = "",
-            callback: Optional[Callable] = None, **legacy) -> torch.Tensor:
+            callback: Optional[Callable] = None, camera=None, **legacy) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
@@ -132,7 +132,9 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     image=None. `windows` (e.g. Windows(16)): sample in context windows of that many frames
     (`dynamicrafter.windows`), for videos longer than the model's frames (up to 1024); "looped"
     schedule for loop=True. Loose keywords of earlier releases (height=, width=, steps=, cfg_text=,
-    window=, ...) still work with a DeprecationWarning. Arguments outside the contract
+    window=, ...) still work with a DeprecationWarning. `camera` (CamI2V models): a
+    `settings.Camera`, or just its trajectory (a preset name of dynamicrafter.camera.PRESET_NAMES, a
+    pose file or (N, 4, 4) world-to-camera matrices). Arguments outside the contract
     (dynamicrafter.contract) raise ValueError."""
     v = dc.variant
     height, width = size if size is not None else (legacy.pop("height", None), legacy.pop("width", None))
@@ -147,6 +149,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     width = v["resolution"][1] if width is None else width
     fs = v["default_fs"] if fs is None else int(fs)
     generator = torch.Generator().manual_seed(seed)
+    image_hw = tuple(image.shape[-2:]) if image is not None else (height, width)
     with torch.inference_mode():
         if v["image_cross_attention"]:
             image = fit_image(image.float(), height, width).to(dc.device)
@@ -156,9 +159,35 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
+        cam = None
+        if camera is not None:      # drawn after the VAE noise, before x_T (the official order)
+            move = camera if isinstance(camera, Camera) else Camera(camera)
+            cam = camera_condition(dc, move.trajectory, image_hw, frames, height, width, move.extract_ratio,
+                                   move.trace_scale, schedule.solver, windows.size, generator)
         x_T = randn(video_latent_shape(1, frames, height, width), generator, dc.device)
-        latents = sample(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance, schedule=schedule,
-                         windows=windows, generator=generator, callback=callback)
+        if cam is not None:
+            latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance,
+                                  schedule=schedule, generator=generator, callback=callback, camera=cam,
+                                  cfg_camera=move.cfg)
+        else:
+            latents = sample(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance, schedule=schedule,
+                             windows=windows, generator=generator, callback=callback)
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
+
+
+def camera_condition(dc, camera, image_hw, frames: int, height: int, width: int, extract_ratio: float,
+                     trace_scale: float, solver: str = "ddim", window=None, generator=None):
+    """The CamI2V camera condition of a trajectory (preset, pose file or matrices) for a video of
+    height x width made from an image of size image_hw (the intrinsics follow the official demo)."""
+    from . import camera as geometry
+    if dc.cfg.camera is None:
+        raise ValueError("this model has no camera control (not a CamI2V checkpoint): leave camera unset")
+    if solver != "ddim" or window is not None:
+        raise ValueError("a camera move samples with the DDIM solver in one pass: use solver='ddim' and no window")
+    if not isinstance(trace_scale, (int, float)) or not 0 <= trace_scale <= 100:
+        raise ValueError(f"trace_scale must be a number in [0, 100], got {trace_scale!r}")
+    RT = geometry.trajectory(camera, frames, extract_ratio)
+    K = geometry.intrinsics(height, width, geometry.resized_size(image_hw, height, width), frames)
+    return dc.encode_camera(RT, K, (height, width), trace_scale, generator=generator)

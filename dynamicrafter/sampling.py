@@ -29,9 +29,12 @@ def rescale_guidance(guided: torch.Tensor, cond_out: torch.Tensor, phi: float) -
 
 
 def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg_text: float,
-                  cfg_img: Optional[float], guidance_rescale: float) -> torch.Tensor:
+                  cfg_img: Optional[float], guidance_rescale: float,
+                  extra_guidance: Optional[Callable] = None) -> torch.Tensor:
     """contexts = [cond] (no guidance), [cond, uncond] (single CFG) or
-    [cond, uncond, uncond_img] (dual CFG: uncond_img = empty text + the real image tokens)."""
+    [cond, uncond, uncond_img] (dual CFG: uncond_img = empty text + the real image tokens).
+    `extra_guidance(cond_out)`: a term added to the guided output before the rescale (CamI2V's camera
+    CFG); like the rescale, only when there is guidance."""
     outs = denoise(x, t, torch.cat(list(contexts))).split(x.shape[0])
     k = len(outs)
     if k == 1:
@@ -42,22 +45,30 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
     else:
         cond, uncond, uncond_img = outs
         guided = uncond + cfg_img * (uncond_img - uncond) + cfg_text * (cond - uncond_img)
+    if extra_guidance is not None:
+        guided = guided + extra_guidance(cond)
     if guidance_rescale > 0:
         guided = rescale_guidance(guided, cond, guidance_rescale)
     return guided
 
 
 def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_img: Optional[float],
-                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None):
+                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None,
+                         camera=None, cfg_camera: float = 1.0):
     """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
-    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs."""
+    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs
+    (and the CamI2V `camera`; `cfg_camera` != 1 adds the camera CFG, camera_model.camera_guidance)."""
     if unet is None:
         def unet(x_, t_, context, concat_):
-            return dc.denoise(x_, t_, context, concat_, fs)
+            return dc.denoise(x_, t_, context, concat_, fs, camera=camera)
+    extra = None
+    if camera is not None and cfg_camera != 1.0:
+        from .camera_model import camera_guidance
+        extra = camera_guidance(lambda c: dc.denoise(x, t, c, concat, fs), contexts[0], cfg_camera)
 
     def run(x_, contexts_, concat_):
         return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, cfg_text, cfg_img,
-                             guidance_rescale)
+                             guidance_rescale, extra)
 
     if plan is None:
         return run(x, contexts, concat)
@@ -136,6 +147,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
                 guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
                 windows: Optional[Windows] = None, noise: Optional[Sequence[torch.Tensor]] = None,
                 generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None, start: int = 0,
+                camera=None, cfg_camera: float = 1.0,
                 **legacy) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
@@ -152,6 +164,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     `start=k`: x_T is the latent at step k's level (`NoiseSchedule.noise_to_step`), the run skips
     steps 0..k-1 (video-to-video, denoise strength). The loose keywords of earlier releases
     (steps=, cfg_text=, window=, ...) still work, with a DeprecationWarning (`settings.LEGACY`).
+    `camera`: a CamI2V condition (dc.encode_camera), given to every branch; `cfg_camera` != 1 adds the
+    official camera CFG, (cfg_camera - 1) * (cond - cond without camera), a third UNet call per step.
     """
     g, sch, win = resolve("sample_ddim", guidance or Guidance(), schedule or Schedule(), windows or Windows(), legacy)
     check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, sch.steps, g.cfg_text, g.cfg_img, sch.eta,
@@ -162,9 +176,14 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     plan = plan_windows(x_T.shape[2], win.size, win.overlap, win.schedule)
     table = NoiseSchedule.of(dc).ddim_table(sch.steps, sch.spacing, sch.eta, device, x_T.dtype)
 
+    if camera is not None or cfg_camera != 1.0:
+        from .camera_model import check_camera_sampling
+        check_camera_sampling(dc, camera, cfg_camera, plan)
+
     def output(x, n):
         t = timestep_batch(table, n, x.shape[0])
-        return window_guided_output(dc, x, t, contexts, concat, fs_t, g.cfg_text, cfg_img, g.rescale, plan)
+        return window_guided_output(dc, x, t, contexts, concat, fs_t, g.cfg_text, cfg_img, g.rescale, plan,
+                                    camera=camera, cfg_camera=cfg_camera)
 
     return ddim_loop(output, x_T, table, eta=sch.eta, noise=noise, generator=generator, callback=callback,
                      start=start)

@@ -43,6 +43,18 @@ class Windows:
     schedule: str = "uniform"
 
 
+@dataclass(frozen=True)
+class Camera:
+    """A CamI2V camera move: `trajectory` (a preset name of dynamicrafter.camera.PRESET_NAMES, a
+    RealEstate10K-style pose file, or (N, 4, 4) world-to-camera matrices), resampled as the official
+    demo (`extract_ratio`: the part of the trajectory spread over the clip; `trace_scale`: the
+    translations' scale), and the camera CFG scale `cfg` (1 = off; else a third UNet call per step)."""
+    trajectory: object
+    extract_ratio: float = 1.0
+    trace_scale: float = 1.0
+    cfg: float = 1.0
+
+
 # the loose keywords of earlier releases: keyword -> (settings object, field)
 LEGACY = {"cfg_text": ("guidance", "cfg_text"), "cfg_img": ("guidance", "cfg_img"),
           "guidance_rescale": ("guidance", "rescale"), "cfg_interval": ("guidance", "interval"),

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import RelativePosition, attention, relative_attention
+from .camera_model import add_camera_modules, camera_branch
 from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
 from .ops import GroupNorm32, building_with  # noqa: F401  (GroupNorm32: the default float32 norm)
 from .ops import layers as ops
@@ -111,8 +112,12 @@ class BasicTransformerBlock(nn.Module):
                                     temporal_length=temporal_length)
         self.norm1, self.norm2, self.norm3 = ops.LayerNorm(dim), ops.LayerNorm(dim), ops.LayerNorm(dim)
 
-    def forward(self, x, context=None):
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x, context=None, camera=None):
+        if camera is not None:      # CamI2V: camera features enter beside the first temporal attention
+            normed = self.norm1(x)
+            x = camera_branch(self, normed, camera) + self.attn1(normed) + x
+        else:
+            x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + chunked(self.ff, self.norm3(x))
 
@@ -173,7 +178,9 @@ class TemporalTransformer(nn.Module):
             [BasicTransformerBlock(inner, heads, dim_head, temporal_length=temporal_length) for _ in range(depth)])
         self.proj_out = ops.Linear(inner, channels) if use_linear else ops.Conv1d(inner, channels, 1)
 
-    def forward(self, x):  # x: (b, C, T, h, w)
+    camera_level = None     # CamI2V: which pose-encoder level this transformer reads (set by the UNet)
+
+    def forward(self, x, camera=None):  # x: (b, C, T, h, w)
         b, _, t, h, w = x.shape
         y = self.norm(x)
         # contiguous token layouts: a Linear on a strided 3-D view becomes a weight-broadcast bmm
@@ -181,8 +188,13 @@ class TemporalTransformer(nn.Module):
             y = self.proj_in(rearrange(y, "b c t h w -> (b h w) t c").contiguous())
         else:
             y = rearrange(self.proj_in(rearrange(y, "b c t h w -> (b h w) c t").contiguous()), "n c t -> n t c")
+        cam = None
+        if camera is not None and self.camera_level is not None:
+            features = rearrange(expand_batch(camera.pose_features[self.camera_level], b), "b c f h w -> (b h w) f c")
+            mask = camera.mask_for(h)
+            cam = (features.to(y.dtype), None if mask is None else expand_batch(mask, b), h, w)
         for block in self.transformer_blocks:
-            y = block(y)
+            y = block(y, camera=cam if hasattr(block, "pluker_projection") else None)
         if self.use_linear:
             y = rearrange(self.proj_out(y), "(b h w) t c -> b c t h w", b=b, h=h, w=w)
         else:
@@ -271,17 +283,17 @@ class Block(nn.Sequential):
     transient memory than one video does."""
 
     def forward(self, x, emb, context, frames: Optional[int], start: int = 0, stop: Optional[int] = None,
-                skip: Optional[torch.Tensor] = None):
+                skip: Optional[torch.Tensor] = None, camera=None):
         """Run layers [start:stop). `skip` (output blocks) is concatenated to x along channels,
         slice by slice, so the concatenation never exists for the whole batch at once."""
         layers = list(self)[start:stop]
         rows = frames or 1
         n = x.shape[0]
         size = x.numel() + (0 if skip is None else skip[0].numel() * n)
-        if torch.is_grad_enabled() or n == rows or size <= SLICE_ELEMENTS:
+        if torch.is_grad_enabled() or n == rows or size <= SLICE_ELEMENTS or camera is not None:
             if skip is not None:
                 x = torch.cat([x, expand_batch(skip, n)], dim=1)
-            return self._run(layers, x, emb, context, frames)
+            return self._run(layers, x, emb, context, frames, camera)
         step = max(1, (n // rows) * SLICE_ELEMENTS // size) * rows
         outs = []
         for i in range(0, n, step):
@@ -290,7 +302,7 @@ class Block(nn.Sequential):
         return torch.cat(outs)
 
     @staticmethod
-    def _run(layers, x, emb, context, frames):
+    def _run(layers, x, emb, context, frames, camera=None):
         for layer in layers:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb, frames)
@@ -298,7 +310,7 @@ class Block(nn.Sequential):
                 x = layer(x, context)
             elif isinstance(layer, TemporalTransformer):
                 if frames:
-                    x = rearrange(layer(rearrange(x, "(b t) c h w -> b c t h w", t=frames)),
+                    x = rearrange(layer(rearrange(x, "(b t) c h w -> b c t h w", t=frames), camera),
                                   "b c t h w -> (b t) c h w")
             else:
                 x = layer(x)
@@ -326,11 +338,13 @@ class UNet3D(nn.Module):
         def res(cin, cout):
             return ResBlock(cin, emb_dim, cout, temporal_conv=cfg.temporal_conv)
 
-        def transformers(ch):
+        def transformers(ch, level):
             layers = [SpatialTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.context_dim, cfg.use_linear,
                                          image_kv=cfg.image_cross_attention, gate=cfg.image_gate)]
             if cfg.temporal_attention:
                 layers.append(TemporalTransformer(ch, ch // hc, hc, cfg.transformer_depth, cfg.use_linear, rel))
+                if cfg.camera_modules:
+                    self._camera_blocks(layers[-1], level, cfg.init_attn_heads * hc if cfg.addition_attention else None)
             return layers
 
         self.input_blocks = nn.ModuleList([Block(ops.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -343,24 +357,33 @@ class UNet3D(nn.Module):
                 layers = [res(ch, mult * mc)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers += transformers(ch)
+                    layers += transformers(ch, level)
                 self.input_blocks.append(Block(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(Block(Downsample(ch)))
                 skip_channels.append(ch)
-        self.middle_block = Block(res(ch, ch), *transformers(ch), res(ch, ch))
+        self.middle_block = Block(res(ch, ch), *transformers(ch, len(cfg.channel_mult) - 1), res(ch, ch))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [res(ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
                 if level in cfg.attention_levels:
-                    layers += transformers(ch)
+                    layers += transformers(ch, level)
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
         self.out = nn.Sequential(ops.GroupNorm32(32, ch), nn.SiLU(), ops.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def _camera_blocks(self, transformer, level: int, init_width: Optional[int]) -> None:
+        """CamI2V's rule (MODEL-SPEC-CAMI2V §6.2): camera modules in every temporal block whose width
+        differs from init_attn's; the transformer reads pose-encoder level `level`."""
+        transformer.camera_level = level
+        for block in transformer.transformer_blocks:
+            width = block.attn1.to_k.in_features
+            if width != init_width:
+                add_camera_modules(block, width, block.attn1.heads, self.cfg.camera_registers)
 
     def per_frame_context(self, context: torch.Tensor, frames: int) -> torch.Tensor:
         """(b, L, C) -> (b*T, L', C). With exactly 77 + 16*T tokens, frame f reads the text and
@@ -372,16 +395,17 @@ class UNet3D(nn.Module):
             return torch.cat([text, image], dim=1)
         return context.repeat_interleave(frames, dim=0)
 
-    def forward(self, x, timesteps, context, fs=None, temporal: bool = True):
+    def forward(self, x, timesteps, context, fs=None, temporal: bool = True, camera=None):
         """x (b, Cin, T, h, w) with any concat latent already appended; timesteps (b,);
         context (k*b, L, C); fs (b,) or None for the default. Returns (k*b, Cout, T, h, w).
 
         k > 1 evaluates k contexts (guidance branches, branch-major) on the same x, t and fs:
-        the layers before the first cross-attention run once and are shared."""
-        return self.forward_cut(x, timesteps, context, fs, temporal)[0]
+        the layers before the first cross-attention run once and are shared.
+        `camera`: a CamI2V CameraCondition (camera_model.py) of batch b or 1, shared by the k branches."""
+        return self.forward_cut(x, timesteps, context, fs, temporal, camera=camera)[0]
 
     def forward_cut(self, x, timesteps, context, fs=None, temporal: bool = True,
-                    depth: Optional[int] = None, deep: Optional[torch.Tensor] = None):
+                    depth: Optional[int] = None, deep: Optional[torch.Tensor] = None, camera=None):
         """`forward` cut after input block `depth` for step caching (step_cache.DeepCache):
         returns (output, deep features), the deep features being the input of output block
         L-1-depth (L output blocks; depth None: no cut, the input of the output head). With
@@ -407,26 +431,26 @@ class UNet3D(nn.Module):
         skips = []
         for i, block in enumerate(inputs):
             if h.shape[0] == n:
-                h = block(h, expand_batch(emb, n), context, frames)
+                h = block(h, expand_batch(emb, n), context, frames, camera=camera)
             else:   # still shared: run up to the first cross-attention, then part the branches
                 cut = next((j for j, layer in enumerate(block) if isinstance(layer, SpatialTransformer)), len(block))
-                h = block(h, emb, context, frames, stop=cut)
+                h = block(h, emb, context, frames, stop=cut, camera=camera)
                 if cut < len(block):
                     emb, h = expand_batch(emb, n), expand_batch(h, n)
-                    h = block(h, emb, context, frames, start=cut)
+                    h = block(h, emb, context, frames, start=cut, camera=camera)
             if i == 0 and hasattr(self, "init_attn"):
                 h = self.init_attn(h, emb, context, frames)
             skips.append(h)
         emb = expand_batch(emb, n)
         if deep is None:
-            h = self.middle_block(expand_batch(h, n), emb, context, frames)
+            h = self.middle_block(expand_batch(h, n), emb, context, frames, camera=camera)
             for block in self.output_blocks[:first_shallow]:
-                h = block(h, emb, context, frames, skip=skips.pop())
+                h = block(h, emb, context, frames, skip=skips.pop(), camera=camera)
             deep = h
         else:
             h = deep
         for block in self.output_blocks[first_shallow:]:
-            h = block(h, emb, context, frames, skip=skips.pop())
+            h = block(h, emb, context, frames, skip=skips.pop(), camera=camera)
         return rearrange(self.out(h), "(b t) c h w -> b c t h w", t=t), deep
 
 

@@ -141,7 +141,11 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         fs = kwargs.get("fs")
         if fs is not None:
             fs = fs.to(xc.device).reshape(-1).round().long()
-        out = self.diffusion_model(xc.to(dtype), timestep, context, fs=fs)
+        camera = kwargs.get("dc_camera")
+        if camera is not None:      # CamI2V (nodes/camera.py): the same move for every branch in the batch
+            from .camera import camera_condition
+            camera = camera_condition(self, camera, x.shape).to(xc.device, dtype)
+        out = self.diffusion_model(xc.to(dtype), timestep, context, fs=fs, camera=camera)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
 
     def extra_conds(self, **kwargs):
@@ -166,6 +170,8 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         fs = kwargs.get("dc_fs", None)
         if fs is not None:
             out["fs"] = comfy.conds.CONDRegular(torch.tensor([float(fs)]))
+        if kwargs.get("dc_camera") is not None:
+            out["dc_camera"] = comfy.conds.CONDConstant(kwargs["dc_camera"])
         return out
 
 

@@ -19,6 +19,7 @@ from dynamicrafter.config import TEXT_CONTEXT_LEN
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 from dynamicrafter.settings import Windows
 
+from . import camera as camera_node
 from .comfy_model import require_dynamicrafter_model
 from .image_to_video import size_warning
 from .inputs import CATEGORY, SamplerSettings, sampler_inputs
@@ -81,7 +82,8 @@ def prepare_inputs(inner, positive, negative, latent):
 
 @torch.no_grad()
 def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: torch.Tensor | None = None,
-             previews: bool = True, solver: str = "ddim", windows: Windows = Windows()):
+             previews: bool = True, solver: str = "ddim", windows: Windows = Windows(),
+             cfg_camera: float = 1.0):
     """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets;
     windows.size None = one UNet pass over all frames, W: context windows (library `windows`)."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
@@ -116,6 +118,23 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
         check_int("context_overlap", windows.overlap, 0, windows.size - 1,
                   extra=f" (less than context_window={windows.size})")
     guidance = settings.guidance()
+    move = _first_cond(positive, "positive")[1].get(camera_node.KEY)
+    if move is not None or cfg_camera != 1.0:    # CamI2V: the camera sampler path (DDIM, one pass)
+        if move is None:
+            raise ValueError(f"cfg_camera {cfg_camera} needs a camera move: put 'DynamiCrafter Camera (CamI2V)' "
+                             "between the conditioning and this sampler, or set cfg_camera to 1")
+        if schedule.solver != "ddim" or windows.size:
+            raise ValueError("a camera move samples with solver 'ddim' in one pass: set solver to ddim and "
+                             "context_window to 0")
+        camera = camera_node.camera_condition(inner, move, samples.shape, int(settings.seed))
+        out = dynamicrafter.sample_ddim(
+            dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
+            uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None,
+            concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
+            schedule=schedule, generator=gen, callback=callback, camera=camera, cfg_camera=float(cfg_camera))
+        result = dict(latent)
+        result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
+        return result
     out = dynamicrafter.sample(
         dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
         uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None,
@@ -156,6 +175,9 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 io.Combo.Input("context_schedule", options=list(WINDOW_SCHEDULES), default="uniform", optional=True,
                                tooltip="uniform: windows from the first to the last frame; looped: windows also "
                                        "wrap from the last frame to the first (loop mode)"),
+                io.Float.Input("cfg_camera", default=1.0, min=0.0, max=20.0, step=0.1, optional=True,
+                               tooltip="CamI2V camera guidance (with 'DynamiCrafter Camera'): 1 = off; above 1 "
+                                       "follows the camera move more strongly, at one more UNet call per step"),
             ],
             outputs=[io.Latent.Output()])
 
@@ -166,10 +188,11 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
                 guidance_rescale, spacing, solver="ddim", context_window=0, context_overlap=4,
-                context_schedule="uniform") -> io.NodeOutput:
+                context_schedule="uniform", cfg_camera=1.0) -> io.NodeOutput:
         settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
         return io.NodeOutput(run_ddim(model, positive, negative, latent_image, settings, solver=solver,
-                                      windows=Windows(context_window or None, context_overlap, context_schedule)))
+                                      windows=Windows(context_window or None, context_overlap, context_schedule),
+                                      cfg_camera=cfg_camera))
 
 
 NODES = [DynamiCrafterDDIMSampler]

@@ -436,6 +436,50 @@ def tooncrafter(classes) -> dict:
     return listing_models(g.to_json(), TOONCRAFTER_MODEL)
 
 
+CAMI2V_MODEL = {"name": "256_cami2v.pt", "directory": "checkpoints",
+                "url": "https://huggingface.co/MuteApo/CamI2V/resolve/main/256_cami2v.pt"}
+CAMI2V_512_MODEL = {"name": "512_cami2v_100k.pt", "directory": "checkpoints",
+                    "url": "https://huggingface.co/MuteApo/CamI2V/resolve/main/512_cami2v_100k.pt"}
+
+
+def rewire(g: UIGraph, dst: dict, input_name: str, src: dict, out_slot: int) -> None:
+    """Point the link already feeding dst.input_name at src's output out_slot instead."""
+    target = next(i for i in dst["inputs"] if i["name"] == input_name)
+    link = next(lk for lk in g.links if lk[0] == target["link"])
+    old = next(n for n in g.nodes if n["id"] == link[1])
+    old["outputs"][link[2]]["links"].remove(link[0])
+    link[1], link[2] = src["id"], out_slot
+    src["outputs"][out_slot]["links"].append(link[0])
+
+
+def camera_moves(classes) -> dict:
+    g = UIGraph(classes)
+    ld = loader(g, CAMI2V_MODEL["name"])
+    with_model_download(ld, CAMI2V_MODEL, CAMI2V_512_MODEL)
+    img = g.add("LoadImage", (0, 200), {"image": "scene1.png"}, title="Start image", size=[320, 360])
+    dec = i2v_chain(g, ld, img, "a quiet street in the morning, dramatic camera movement, high quality, "
+                    "cinematic shot, photorealistic, smooth motion", 420, 0, fs=2, width=256, height=256,
+                    steps=25, cfg_text=5.5)
+    samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
+    cond = next(n for n in g.nodes if n["type"] == "DynamiCrafterImageConditioning")
+    cam = g.add("DynamiCrafterCamera", (820, 380), {"preset": "orbit left", "speed": 0.1, "strength": 1.0},
+                title="Camera move")
+    for slot, name in enumerate(("positive", "negative")):
+        g.connect(cond, name, cam, name)
+        rewire(g, samp, name, cam, slot)
+    preview = g.add("PreviewImage", (820, 700), size=[300, 300])
+    g.connect(cam, 2, preview, "images")
+    save_video(g, dec, 1660, 0, "video/cami2v_camera")
+    g.note("Camera moves with CamI2V (camera-controlled DynamiCrafter, ZGCTroy/CamI2V). Put 256_cami2v.pt in "
+           "models/checkpoints (256x256, fs = frame stride 2; or 512_cami2v_100k.pt at 512x320 with fs 10). "
+           "'DynamiCrafter Camera' picks one of the 16 moves of the official demo (pan, zoom, orbit, look, "
+           "rotate), a custom pan/zoom/orbit, or a RealEstate10K pose file; speed 0.1 is the demo's default "
+           "(the first tenth of the move over the clip). cfg_camera > 1 on the sampler strengthens the move "
+           "(one more UNet call per step). The camera needs the released CamI2V weights: other DynamiCrafter "
+           "models refuse it.", (0, 600), (400, 280))
+    return listing_models(g.to_json(), CAMI2V_MODEL, CAMI2V_512_MODEL)
+
+
 def keyframes(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, TOONCRAFTER_MODEL["name"])
@@ -482,6 +526,7 @@ WORKFLOWS = {
     "Keyframes to one shot.json": keyframes,
     "Long shot - context windows.json": context_windows,
     "Continue a clip.json": continue_clip,
+    "Camera moves.json": camera_moves,
 }
 
 

@@ -66,6 +66,11 @@ def comfy_base(tmp_path_factory, comfy_reference) -> Path:
         # architecture that YAML names
         models["checkpoints"]["toon_tiny.yaml"] = toon / "config.yaml"
         models["checkpoints"]["toon_tiny_arch.json"] = toon / "hyperparameters.json"
+    cami2v = comfy_reference / "tiny_cami2v"
+    if (cami2v / "model.safetensors").is_file():     # CamI2V, with its YAML (heads, epipolar settings)
+        models["checkpoints"]["cami2v_tiny.safetensors"] = cami2v / "model.safetensors"
+        models["checkpoints"]["cami2v_tiny.yaml"] = cami2v / "config.yaml"
+        models["checkpoints"]["cami2v_tiny_arch.json"] = cami2v / "hyperparameters.json"
     inputs = {f"toon_{f.name}": f for f in sorted((toon / "inputs").glob("*.png"))}
     for sub in ("single", "interp"):
         folder = comfy_reference / "tiny_v" / "inputs" / sub

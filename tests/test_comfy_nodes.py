@@ -22,6 +22,7 @@ EXPECTED_NODES = {
     "DynamiCrafterLoader", "DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler",
     "DynamiCrafterImageConditioning", "DynamiCrafterDDIMSampler", "DynamiCrafterVideoDecode",
     "DynamiCrafterVariantDefaults", "DynamiCrafterLongVideo", "DynamiCrafterTextToVideoLatent",
+    "DynamiCrafterCamera",
 }
 WORKFLOWS = REPO / "workflows"
 
@@ -64,12 +65,14 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
                                                    "guidance_rescale", "spacing", "solver", "context_window",
-                                                   "context_overlap", "context_schedule"]
+                                                   "context_overlap", "context_schedule", "cfg_camera"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
                                                  "spacing", "method"]
     assert layouts["DynamiCrafterTextToVideoLatent"] == ["width", "height", "frames", "batch_size", "fs"]
+    assert layouts["DynamiCrafterCamera"] == ["preset", "speed", "strength", "pan_right", "pan_down", "zoom", "orbit",
+                                              "pose_file"]
     for n in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler", "DynamiCrafterVariantDefaults"):
         assert layouts[n] == [], n
 

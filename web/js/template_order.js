@@ -12,5 +12,6 @@ export const TEMPLATE_ORDER = [
  "ToonCrafter in-betweening",
  "Keyframes to one shot",
  "Long shot - context windows",
- "Continue a clip"
+ "Continue a clip",
+ "Camera moves"
 ];
