@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
+from .motion import MaskPin, analytic_init, check_fraction, fit_mask, init_latent, prompt_schedule, start_step
 from .sampling import image_only_context
+from .schedule import ddim_timesteps
 from .solvers import sample
 from .tooncrafter import decode_keyframe_clip, has_reference_decoder
 
@@ -122,18 +124,34 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             cfg_img: Optional[float] = None, eta: float = 1.0, guidance_rescale: Optional[float] = None,
             spacing: Optional[str] = None, seed: int = 123, negative_prompt: str = "",
             callback: Optional[Callable] = None, solver: str = "ddim", window: Optional[int] = None,
-            window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
+            window_overlap: int = 4, window_schedule: str = "uniform", motion_mask: Optional[torch.Tensor] = None,
+            mask_feather: float = 1.0, init_video: Optional[torch.Tensor] = None, strength: float = 1.0,
+            motion: float = 1.0, prompt_schedule: Optional[str] = None) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`. With a text-to-video
     model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
     `window` (e.g. 16): sample in context windows of that many frames (`dynamicrafter.windows`), for
     videos longer than the model's frames (up to 1024); "looped" schedule for loop=True.
+    Directing the motion (`dynamicrafter.motion`, design §13): `motion_mask` (H, W) or (T, H, W) in
+    [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels);
+    `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
+    clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less
+    motion, closer to the image); `prompt_schedule` "0: a boat | 24: a storm" (per context window).
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
     check_animate(dc, image, prompt, end_image=end_image, loop=loop, frames=frames, height=height, width=width, fs=fs,
                   steps=steps, cfg_text=cfg_text, cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale,
                   spacing=spacing, seed=seed, negative_prompt=negative_prompt, callback=callback, window=window,
                   window_overlap=window_overlap, window_schedule=window_schedule)
+    strength, motion = check_fraction("strength", strength), check_fraction("motion", motion)
+    if init_video is not None:
+        check_init_video(init_video)
+        frames = init_video.shape[2] if frames is None else frames
+    elif strength < 1:
+        raise ValueError(f"strength={strength} starts from a clip: give init_video (or strength=1)")
+    if motion < 1 and (image is None or strength < 1):
+        raise ValueError(f"motion={motion} starts from the input image's latent: it needs an image and no "
+                         f"init_video (strength 1)")
     v = dc.variant
     frames = v["frames"] if frames is None else frames
     height = v["resolution"][0] if height is None else height
@@ -150,12 +168,56 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
         x_T = torch.randn(video_latent_shape(1, frames, height, width), generator=generator).to(dc.device)
+        spacing = spacing or v["spacing"]
+        x_T, start, callback, schedule = direct_motion(
+            dc, x_T, c, steps, spacing, generator, callback, motion_mask, mask_feather, init_video, strength, motion,
+            prompt_schedule)
+        if start == len(ddim_timesteps(steps, spacing)):       # strength 0: the clip's own latents
+            return dc.decode(x_T)
         latents = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=fs, steps=steps,
                          cfg_text=v["cfg_text"] if cfg_text is None else cfg_text,
                          cfg_img=v.get("cfg_img") if cfg_img is None else cfg_img, eta=eta,
                          guidance_rescale=v["guidance_rescale"] if guidance_rescale is None else guidance_rescale,
-                         spacing=spacing or v["spacing"], generator=generator, callback=callback, window=window,
-                         window_overlap=window_overlap, window_schedule=window_schedule)
+                         spacing=spacing, generator=generator, callback=callback, window=window,
+                         window_overlap=window_overlap, window_schedule=window_schedule, start=start,
+                         window_contexts=schedule)
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
+
+
+def check_init_video(clip) -> None:
+    if not isinstance(clip, torch.Tensor) or clip.ndim != 5 or clip.shape[:2] != (1, 3) or clip.shape[2] < 2:
+        raise ValueError(f"init_video must be a clip (1, 3, T, H, W) in [-1, 1] with T >= 2, got "
+                         f"{tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__}")
+    if not torch.isfinite(clip).all():
+        raise ValueError("init_video holds NaN or infinite values")
+
+
+def direct_motion(dc, x_T, c: Conditioning, steps, spacing, generator, callback, motion_mask, mask_feather,
+                  init_video, strength, motion, schedule_text):
+    """(x to start from, start step, callback, window_contexts) for `animate`'s motion controls
+    (`dynamicrafter.motion`); with none of them: (x_T, 0, callback, None), today's sampler."""
+    b, _, frames, h, w = x_T.shape
+    start = 0
+    if init_video is not None and strength < 1:
+        if init_video.shape[2] != frames:
+            raise ValueError(f"init_video has {init_video.shape[2]} frames but frames={frames}: give as many")
+        pixels = fit_image(init_video[0].transpose(0, 1).float(), h * LATENT_SCALE, w * LATENT_SCALE).to(dc.device)
+        z = dc.encode_first_stage(pixels, sample=False)              # the posterior mean: no random draw
+        z = z.reshape(frames, *z.shape[1:]).transpose(0, 1)[None].to(x_T)
+        start = start_step(steps, strength, spacing, "strength")
+        x_T = init_latent(dc, z, x_T, steps, spacing, start)
+    elif motion < 1:
+        start = start_step(steps, motion, spacing, "motion")
+        x_T = analytic_init(dc, c.concat[:, :, 0].to(x_T), x_T, steps, spacing, start)
+    if motion_mask is not None:
+        if c.concat is None:
+            raise ValueError("motion_mask holds parts of the input image still: it needs an image-to-video model")
+        pin = MaskPin(dc, c.concat[:, :, :1], fit_mask(motion_mask, frames, h, w, mask_feather).to(x_T.device),
+                      steps, spacing, generator, callback)
+        x_T, callback = pin.apply(x_T, start), pin
+    schedule = None
+    if schedule_text is not None:
+        schedule = prompt_schedule(dc.encode_text, schedule_text).window_contexts
+    return x_T, start, callback, schedule

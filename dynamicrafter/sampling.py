@@ -47,9 +47,11 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
 
 
 def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_img: Optional[float],
-                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None):
+                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None,
+                         window_contexts: Optional[Callable] = None):
     """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
-    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs."""
+    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs.
+    `window_contexts(frame indices, contexts) -> contexts`: per-window contexts (a prompt schedule)."""
     if unet is None:
         def unet(x_, t_, context, concat_):
             return dc.denoise(x_, t_, context, concat_, fs)
@@ -58,10 +60,13 @@ def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_im
         return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, cfg_text, cfg_img,
                              guidance_rescale)
 
+    def cut(idx, frames):
+        cs = [take_context(c, idx, frames) for c in contexts]
+        return cs if window_contexts is None else window_contexts(idx, cs)
+
     if plan is None:
-        return run(x, contexts, concat)
-    return plan.blend(x, lambda idx: run(take_frames(x, idx), [take_context(c, idx, plan.frames) for c in contexts],
-                                         take_frames(concat, idx)))
+        return run(x, contexts if window_contexts is None else cut(list(range(x.shape[2])), x.shape[2]), concat)
+    return plan.blend(x, lambda idx: run(take_frames(x, idx), cut(idx, plan.frames), take_frames(concat, idx)))
 
 
 def guidance_contexts(cond, uncond, uncond_img, cfg_text: float, cfg_img):
@@ -115,7 +120,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
                 guidance_rescale: float = 0.0, spacing: str = "uniform_trailing",
                 noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
                 callback: Optional[Callable] = None, window: Optional[int] = None, window_overlap: int = 4,
-                window_schedule: str = "uniform") -> torch.Tensor:
+                window_schedule: str = "uniform", start: int = 0,
+                window_contexts: Optional[Callable] = None) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
     cond/uncond/uncond_img are contexts [text | image tokens]. Guidance: none when uncond is None
@@ -126,6 +132,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     `window=W` < T: context windows (`dynamicrafter.windows`): each step runs the UNet on windows
     of W frames overlapping by `window_overlap`, "uniform" or "looped" (around the end, for loop
     videos), and blends their outputs; videos up to 1024 frames. None or W >= T: one pass, as without.
+    `start=k`: x_T is at step k's level (`dynamicrafter.motion`): steps 0..k-1 are skipped (k = steps:
+    x_T is returned). `window_contexts(frame indices, contexts)`: per-window contexts (prompt schedule).
     """
     check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta, guidance_rescale,
                       spacing, noise, window, window_overlap, window_schedule)
@@ -159,11 +167,15 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
               on(dc.sqrt_alphas_cumprod[int(timesteps[i])]), on(dc.sqrt_one_minus_alphas_cumprod[int(timesteps[i])]),
               on(x0_factor[i]), on(prev_factor[i])) for i in range(len(timesteps))]
 
+    check_int("start", start, 0, len(table))
     x = x_T
     total = len(table)
     for n, (t, a_t, a_prev, sigma, sqrt_ab, sqrt_1m_ab, x0_f, prev_f) in enumerate(reversed(table)):
+        if n < start:
+            continue
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        out = window_guided_output(dc, x, t_batch, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, plan)
+        out = window_guided_output(dc, x, t_batch, contexts, concat, fs_t, cfg_text, cfg_img, guidance_rescale, plan,
+                                   window_contexts=window_contexts)
         step_noise = None
         if eta > 0:
             step_noise = (noise[n] if noise is not None else torch.randn(x.shape, generator=generator)).to(x)

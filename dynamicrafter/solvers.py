@@ -247,7 +247,8 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
            noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
            callback: Optional[Callable] = None, cfg_interval: Optional[tuple] = None,
            cache_interval: int = 1, cache_depth: int = 1, stats: Optional[dict] = None,
-           window: Optional[int] = None, window_overlap: int = 4, window_schedule: str = "uniform") -> torch.Tensor:
+           window: Optional[int] = None, window_overlap: int = 4, window_schedule: str = "uniform",
+           start: int = 0, window_contexts: Optional[Callable] = None) -> torch.Tensor:
     """`sample_ddim` with a choice of solver: "ddim" (exactly `sample_ddim` unless cfg_interval or
     the cache is on), "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
 
@@ -256,7 +257,8 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     `cache_depth`) are computed every k-th step and reused between (DeepCache). `stats`, when
     given, receives {"evaluations": UNet branch evaluations, "cached": how many of them reused the
     deep features}. eta > 0 is DDIM's only. window / window_overlap / window_schedule: context
-    windows as in `sample_ddim` (every solver; not with the cache).
+    windows as in `sample_ddim` (every solver; not with the cache). start / window_contexts: as in
+    `sample_ddim` (plain DDIM only).
     """
     validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale)
     check_windows(window, window_overlap, window_schedule)
@@ -276,13 +278,17 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
         raise ValueError(f"cache_interval={cache_interval} keeps one UNet pass's deep features, which context "
                          f"windows (window={window}) do not share: use cache_interval=1 with windows")
     contexts, branch_cfg_img = guidance_contexts(cond, uncond, uncond_img, cfg_text, cfg_img)
-    if solver == "ddim" and cfg_interval is None and cache_interval == 1:
+    plain_ddim = solver == "ddim" and cfg_interval is None and cache_interval == 1
+    if not plain_ddim and (start or window_contexts is not None):
+        raise ValueError("a start step (strength / motion < 1) and prompt schedules run on the plain DDIM "
+                         "sampler: use solver='ddim' without cfg_interval or the cache")
+    if plain_ddim:
         if stats is not None:
             stats.update(evaluations=steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
         return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, steps=steps, cfg_text=cfg_text,
                            cfg_img=cfg_img, eta=eta, guidance_rescale=guidance_rescale, spacing=spacing, noise=noise,
                            generator=generator, callback=callback, window=window, window_overlap=window_overlap,
-                           window_schedule=window_schedule)
+                           window_schedule=window_schedule, start=start, window_contexts=window_contexts)
     if video:
         check_frames(x_T.shape[2], window)
     lv = noise_levels(dc, steps, spacing)
