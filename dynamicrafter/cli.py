@@ -42,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--window-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     a.add_argument("--window-schedule", choices=list(WINDOW_SCHEDULES), default="uniform",
                    help="looped: windows wrap from the last frame to the first (with --loop)")
+    a.add_argument("--mask", help="motion brush: a grey image, white = free to move, black = hold the input image")
+    a.add_argument("--mask-feather", type=float, default=1.0, help="soft edge of --mask, in latent pixels (8 px)")
+    a.add_argument("--init-video", help="video to video: start from this clip (its first --frames frames)")
+    a.add_argument("--strength", type=float, default=1.0,
+                   help="with --init-video: 1 = ignore the clip (pure noise), 0 = the clip back; 0.5-0.8 restyles it")
+    a.add_argument("--motion", type=float, default=1.0,
+                   help="motion amount in [0, 1]: 1 = the model's own; lower starts later from the image "
+                        "(CIL analytic init): less motion, closer to the image")
+    a.add_argument("--prompt-schedule", help="prompts along the video, e.g. \"0: a boat | 24: a storm rises\" "
+                                             "(with --window: each window's text interpolated at its centre)")
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
@@ -65,6 +75,8 @@ def main(argv=None) -> int:
                     variant_overrides={"name": args.variant} if args.variant else None, config=args.config)
     image = load_image(args.image) if args.image else None
     end = load_image(args.end_image) if args.end_image else None
+    mask = load_mask(args.mask) if args.mask else None
+    init_video = load_clip(args.init_video, args.frames) if args.init_video else None
     bar = tqdm(total=None, desc="sampling", unit="step")
 
     def progress(i, total, x, x0):
@@ -76,13 +88,28 @@ def main(argv=None) -> int:
                     eta=(1.0 if args.solver == "ddim" else 0.0) if args.eta is None else args.eta,
                     solver=args.solver, guidance_rescale=args.guidance_rescale, spacing=args.spacing, seed=args.seed,
                     negative_prompt=args.negative_prompt, callback=progress, window=args.window,
-                    window_overlap=args.window_overlap, window_schedule=args.window_schedule)
+                    window_overlap=args.window_overlap, window_schedule=args.window_schedule, motion_mask=mask,
+                    mask_feather=args.mask_feather, init_video=init_video, strength=args.strength, motion=args.motion,
+                    prompt_schedule=args.prompt_schedule)
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]
     path = save_video(video[0], args.out, fps=args.save_fps)
     print(f"wrote {path} ({video.shape[2]} frames, {video.shape[-1]}x{video.shape[-2]}) in {time.time() - t0:.1f}s")
     return 0
+
+
+def load_mask(path) -> torch.Tensor:
+    """A mask image -> (H, W) in [0, 1] (its grey level; white = 1)."""
+    from .video import load_image
+    return (load_image(path)[0].mean(0) + 1) / 2
+
+
+def load_clip(path, frames=None) -> torch.Tensor:
+    """A video file -> (1, 3, T, H, W) in [-1, 1] (its first `frames` frames when given)."""
+    from .video import read_video
+    arr = torch.from_numpy(read_video(path))[:frames]
+    return (arr.permute(3, 0, 1, 2)[None].float() / 255.0 * 2 - 1)
 
 
 if __name__ == "__main__":

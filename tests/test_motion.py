@@ -224,3 +224,33 @@ def test_prompt_schedule_per_window(demo):
         out = ps.window_contexts([2, 3, 4, 5, 6], [ctx, ctx + 1])     # centre 4: halfway
     assert torch.allclose(out[0][:, :77], (0.5 * texts[0] + 0.5 * texts[1]).expand(2, -1, -1))
     assert torch.equal(out[0][:, 77:], ctx[:, 77:]) and torch.equal(out[1], ctx + 1)
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_cli_motion_flags(demo, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dynamicrafter import cli, pipeline
+    seen = []
+    real = pipeline.animate
+
+    def recording(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+    monkeypatch.setattr(pipeline, "animate", recording)
+    repo = Path(__file__).resolve().parents[1]
+    mask = tmp_path / "mask.png"
+    Image.fromarray(((torch.arange(64)[None, :].expand(64, -1) >= 32) * 255).to(torch.uint8).numpy()).save(mask)
+    clip = repo / "assets" / "examples" / "clip.mp4"
+    out = tmp_path / "o.png"
+    base = ["animate", "--ckpt", str(DEMO), "--image", str(repo / "assets" / "example.png"), "--prompt", "x",
+            "--steps", "2", "--frames", "8", "--out", str(out)]
+    assert cli.main(base + ["--mask", str(mask), "--mask-feather", "0.5", "--motion", "0.5",
+                            "--prompt-schedule", "0: a | 4: b"]) == 0
+    assert cli.main(base + ["--init-video", str(clip), "--strength", "0.5"]) == 0
+    assert out.is_file()
+    first, second = seen
+    assert first["motion"] == 0.5 and first["mask_feather"] == 0.5 and first["prompt_schedule"] == "0: a | 4: b"
+    assert first["motion_mask"].shape == (64, 64) and set(first["motion_mask"].unique().tolist()) == {0.0, 1.0}
+    assert second["init_video"].shape[:3] == (1, 3, 8) and second["strength"] == 0.5
+    assert -1 <= float(second["init_video"].min()) and float(second["init_video"].max()) <= 1
