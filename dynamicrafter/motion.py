@@ -135,7 +135,8 @@ class MaskPin:
         z = self.z.expand(-1, -1, x.shape[2], -1, -1).to(x)
         if k >= len(self.levels):
             return z
-        eps = torch.randn(x.shape, generator=self.generator).to(x)
+        where = "cpu" if self.generator is None else self.generator.device
+        eps = torch.randn(x.shape, generator=self.generator, device=where).to(x)
         return self.levels.alpha[k] * z + self.levels.sigma[k] * eps
 
     def apply(self, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -212,3 +213,38 @@ def prompt_schedule(encode_text: Callable[[list], torch.Tensor], text: str) -> P
     """A PromptSchedule from its text, each prompt encoded by `encode_text(list of str) -> (K, L, C)`."""
     entries = parse_prompt_schedule(text)
     return PromptSchedule([f for f, _ in entries], encode_text([p for _, p in entries]))
+
+
+# ---------------------------------------------------------------------------- all together
+def direct(dc, x_T: torch.Tensor, steps: int, spacing: str, *, image_latent: Optional[torch.Tensor] = None,
+           video_latent: Optional[torch.Tensor] = None, strength: float = 1.0, motion: float = 1.0,
+           mask: Optional[torch.Tensor] = None, mask_feather: float = 1.0,
+           generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None):
+    """(x to start from, start step, callback) for `sample_ddim` from the motion controls:
+    `video_latent` (b, 4, T, h, w) with `strength` (video to video), or `motion` < 1 from
+    `image_latent` (b, 4, h, w) (CIL analytic init); `mask` (H, W) / (T, H, W), 1 = free to move,
+    holds `image_latent` elsewhere. With none of them: (x_T, 0, callback), today's sampler."""
+    strength, motion = check_fraction("strength", strength), check_fraction("motion", motion)
+    start = 0
+    if strength < 1:
+        if video_latent is None:
+            raise ValueError(f"strength={strength} starts from a clip: give its latent (init video) or strength 1")
+        if motion < 1:
+            raise ValueError(f"motion={motion} starts from the image, strength={strength} from a clip: set one of "
+                             f"them to 1")
+        start = start_step(steps, strength, spacing, "strength")
+        x_T = init_latent(dc, video_latent.to(x_T), x_T, steps, spacing, start)
+    elif motion < 1:
+        if image_latent is None:
+            raise ValueError(f"motion={motion} starts from the input image's latent: it needs an image-to-video "
+                             f"model and an image")
+        start = start_step(steps, motion, spacing, "motion")
+        x_T = analytic_init(dc, image_latent.to(x_T), x_T, steps, spacing, start)
+    if mask is not None:
+        if image_latent is None:
+            raise ValueError("a motion mask holds parts of the input image still: it needs an image-to-video "
+                             "model and an image")
+        fitted = fit_mask(mask, x_T.shape[2], x_T.shape[3], x_T.shape[4], mask_feather).to(x_T.device)
+        pin = MaskPin(dc, image_latent[:, :, None].to(x_T), fitted, steps, spacing, generator, callback)
+        x_T, callback = pin.apply(x_T, start), pin
+    return x_T, start, callback

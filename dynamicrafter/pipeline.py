@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
-from .motion import MaskPin, analytic_init, check_fraction, fit_mask, init_latent, prompt_schedule, start_step
+from .motion import check_fraction, direct, prompt_schedule
 from .sampling import image_only_context
 from .schedule import ddim_timesteps
 from .solvers import sample
@@ -197,26 +197,19 @@ def check_init_video(clip) -> None:
 def direct_motion(dc, x_T, c: Conditioning, steps, spacing, generator, callback, motion_mask, mask_feather,
                   init_video, strength, motion, schedule_text):
     """(x to start from, start step, callback, window_contexts) for `animate`'s motion controls
-    (`dynamicrafter.motion`); with none of them: (x_T, 0, callback, None), today's sampler."""
+    (`dynamicrafter.motion.direct`); with none of them: (x_T, 0, callback, None), today's sampler."""
     b, _, frames, h, w = x_T.shape
-    start = 0
+    z = None
     if init_video is not None and strength < 1:
         if init_video.shape[2] != frames:
             raise ValueError(f"init_video has {init_video.shape[2]} frames but frames={frames}: give as many")
         pixels = fit_image(init_video[0].transpose(0, 1).float(), h * LATENT_SCALE, w * LATENT_SCALE).to(dc.device)
         z = dc.encode_first_stage(pixels, sample=False)              # the posterior mean: no random draw
-        z = z.reshape(frames, *z.shape[1:]).transpose(0, 1)[None].to(x_T)
-        start = start_step(steps, strength, spacing, "strength")
-        x_T = init_latent(dc, z, x_T, steps, spacing, start)
-    elif motion < 1:
-        start = start_step(steps, motion, spacing, "motion")
-        x_T = analytic_init(dc, c.concat[:, :, 0].to(x_T), x_T, steps, spacing, start)
-    if motion_mask is not None:
-        if c.concat is None:
-            raise ValueError("motion_mask holds parts of the input image still: it needs an image-to-video model")
-        pin = MaskPin(dc, c.concat[:, :, :1], fit_mask(motion_mask, frames, h, w, mask_feather).to(x_T.device),
-                      steps, spacing, generator, callback)
-        x_T, callback = pin.apply(x_T, start), pin
+        z = z.reshape(frames, *z.shape[1:]).transpose(0, 1)[None]
+    image_latent = None if c.concat is None else c.concat[:, :, 0]
+    x_T, start, callback = direct(dc, x_T, steps, spacing, image_latent=image_latent, video_latent=z,
+                                  strength=strength if z is not None else 1.0, motion=motion, mask=motion_mask,
+                                  mask_feather=mask_feather, generator=generator, callback=callback)
     schedule = None
     if schedule_text is not None:
         schedule = prompt_schedule(dc.encode_text, schedule_text).window_contexts

@@ -4,11 +4,11 @@ only relatively, through the repository's root ``__init__.py`` (ComfyUI's own to
 is ``nodes``)."""
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import (clip_vision, conditioning, continue_clip, decode, defaults, keyframes, loader, long_video, resampler,
-               sampler, text_to_video, video_input)
+from . import (clip_vision, conditioning, continue_clip, decode, defaults, keyframes, loader, long_video, motion,
+               resampler, sampler, text_to_video, video_input)
 
 _MODULES = (loader, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video, text_to_video,
-            keyframes, video_input, continue_clip)
+            keyframes, video_input, continue_clip, motion)
 
 NODES: list[type[io.ComfyNode]] = [node for m in _MODULES for node in m.NODES]
 

@@ -19,6 +19,7 @@ from .decode import decode_video
 from .images import check_finite, resize_center
 from .inputs import CATEGORY, MAX_FRAMES, fs_input, pipeline_inputs, sampler_inputs, size_inputs
 from .resampler import resample_context
+from .motion import mask_input
 from .sampler import run_ddim
 
 MAX_KEYFRAMES = 64
@@ -42,7 +43,7 @@ def encode_prompt(clip, text: str):
 
 def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
                    cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, prompts: str = "",
-                   frames_per_batch: int = 4) -> torch.Tensor:
+                   frames_per_batch: int = 4, mask=None) -> torch.Tensor:
     if keyframes.ndim != 4 or not 2 <= keyframes.shape[0] <= MAX_KEYFRAMES:
         raise ValueError(f"keyframes must be an IMAGE batch of 2..{MAX_KEYFRAMES} images (e.g. 'Batch Images' or "
                          f"a folder loader), got shape {tuple(keyframes.shape)}")
@@ -62,7 +63,8 @@ def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width
         context = resample_context(model, encode_clip_vision(clip_vision, start))
         p, n, _, latent = build_conditioning(pos, negative, vae, context, start, width, height, frames, 1, fs,
                                              "interpolation", end)
-        out = run_ddim(model, p, n, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        out = run_ddim(model, p, n, latent, seed + k, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+                       mask=mask)
         clip_frames = decode_video(vae, out, frames_per_batch, "keep all frames")
         pieces.append(clip_frames if k == 0 else clip_frames[1:])   # keyframe k ended the previous clip
     return torch.cat(pieces)
@@ -93,15 +95,17 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                 io.String.Input("pair_prompts", optional=True, multiline=True, default="",
                                 tooltip="one prompt per pair, line by line; a blank line (or no line) uses the "
                                         "positive input"),
+                mask_input(),
             ],
             outputs=[io.Image.Output(display_name="frames")])
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
-                cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="") -> io.NodeOutput:
+                cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="",
+                mask=None) -> io.NodeOutput:
         return io.NodeOutput(keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height,
                                             frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale,
-                                            spacing, clip, pair_prompts))
+                                            spacing, clip, pair_prompts, mask=mask))
 
 
 NODES = [DynamiCrafterKeyframes]

@@ -14,10 +14,12 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
+from dynamicrafter.motion import direct
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 
 from .comfy_model import require_dynamicrafter_model
 from .inputs import CATEGORY, sampler_inputs
+from .motion import mask_frames, mask_input, motion_inputs, video_latent
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
 
@@ -77,9 +79,14 @@ def prepare_inputs(inner, positive, negative, latent):
 @torch.no_grad()
 def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
              x_T: torch.Tensor | None = None, previews: bool = True, solver: str = "ddim", context_window: int = 0,
-             context_overlap: int = 4, context_schedule: str = "uniform"):
-    """context_window 0 = one UNet pass over all frames; W > 0: context windows (library `window`)."""
+             context_overlap: int = 4, context_schedule: str = "uniform", denoise: float = 1.0, motion: float = 1.0,
+             mask=None, mask_feather: float = 1.0, schedule=None):
+    """context_window 0 = one UNet pass over all frames; W > 0: context windows (library `window`).
+    Motion (`nodes.motion`, `dynamicrafter.motion.direct`): denoise < 1 starts from latent's content
+    (video to video), motion < 1 from the image latent, mask holds the image outside it;
+    schedule: a PromptSchedule for the windows' texts."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
+    latent = {**latent, "samples": video_latent(latent["samples"])}
     if spacing == "auto":
         spacing = inner.variant.get("spacing", "uniform_trailing")
     check_steps(steps, spacing)
@@ -109,14 +116,28 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
         check_int("context_overlap", context_overlap, 0, context_window - 1,
                   extra=f" (less than context_window={context_window})")
     use_dual = cfg_img > 0
+    x_T = x_T.to(device, torch.float32)
+    start = 0
+    if denoise < 1 or motion < 1 or mask is not None:
+        image_latent = None if concat is None else concat[:, :, 0].to(device, torch.float32)
+        x_T, start, callback = direct(
+            dc, x_T, int(steps), spacing, image_latent=image_latent, strength=float(denoise), motion=float(motion),
+            video_latent=inner.process_latent_in(samples).to(device, torch.float32) if denoise < 1 else None,
+            mask=None if mask is None else mask_frames(mask), mask_feather=float(mask_feather), generator=gen,
+            callback=callback)
+    if start == total:           # denoise 0 / motion 0: nothing to sample
+        result = dict(latent)
+        result["samples"] = inner.process_latent_out(x_T.float()).to(comfy.model_management.intermediate_device())
+        return result
     out = dynamicrafter.sample(
-        dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
+        dc, x_T, cond.to(device), uncond.to(device),
         uncond_img.to(device) if (use_dual and uncond_img is not None) else None,
         concat=None if concat is None else concat.to(device, torch.float32), fs=fs, steps=int(steps),
         cfg_text=float(cfg_text), cfg_img=float(cfg_img) if use_dual else None,
         eta=float(eta) if solver == "ddim" else 0.0, solver=solver,
         guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback,
-        window=context_window or None, window_overlap=context_overlap, window_schedule=context_schedule)
+        window=context_window or None, window_overlap=context_overlap, window_schedule=context_schedule,
+        start=start, window_contexts=None if schedule is None else schedule.window_contexts)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
@@ -136,7 +157,8 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image", tooltip="shape/batch of the video; sampling starts from pure noise"),
+                io.Latent.Input("latent_image", tooltip="shape/batch of the video; sampling starts from pure noise, "
+                                                        "or (denoise < 1) from its content: a clip's latent"),
                 *sampler_inputs(),
                 # after every older widget: saved workflows keep their widget order
                 io.Combo.Input("solver", options=SOLVERS, default="ddim", optional=True,
@@ -152,16 +174,23 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 io.Combo.Input("context_schedule", options=list(WINDOW_SCHEDULES), default="uniform", optional=True,
                                tooltip="uniform: windows from the first to the last frame; looped: windows also "
                                        "wrap from the last frame to the first (loop mode)"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="video to video: 1 = from pure noise; lower starts from latent_image's clip "
+                                       "(DynamiCrafter Video Latent of VAEEncode frames) noised that far: 0 = the "
+                                       "clip back, 0.5-0.8 re-animates it"),
+                *motion_inputs(),
+                mask_input(),
             ],
             outputs=[io.Latent.Output()])
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
                 guidance_rescale, spacing, solver="ddim", context_window=0, context_overlap=4,
-                context_schedule="uniform") -> io.NodeOutput:
+                context_schedule="uniform", denoise=1.0, mask_feather=1.0, motion=1.0, mask=None) -> io.NodeOutput:
         return io.NodeOutput(run_ddim(model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
                                       guidance_rescale, spacing, solver=solver, context_window=context_window,
-                                      context_overlap=context_overlap, context_schedule=context_schedule))
+                                      context_overlap=context_overlap, context_schedule=context_schedule,
+                                      denoise=denoise, motion=motion, mask=mask, mask_feather=mask_feather))
 
 
 NODES = [DynamiCrafterDDIMSampler]

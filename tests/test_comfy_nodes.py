@@ -64,11 +64,12 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
                                                    "guidance_rescale", "spacing", "solver", "context_window",
-                                                   "context_overlap", "context_schedule"]
+                                                   "context_overlap", "context_schedule", "denoise", "mask_feather",
+                                                   "motion"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
-                                                 "spacing", "method"]
+                                                 "spacing", "method", "prompt_schedule"]
     assert layouts["DynamiCrafterTextToVideoLatent"] == ["width", "height", "frames", "batch_size", "fs"]
     for n in ("DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler", "DynamiCrafterVariantDefaults"):
         assert layouts[n] == [], n
