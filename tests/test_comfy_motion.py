@@ -193,3 +193,34 @@ def test_long_video_prompt_schedule_and_mask(comfy, monkeypatch):
     import comfy_runtime
     with pytest.raises(comfy_runtime.PromptFailed, match="prompt_schedule needs the clip input"):
         comfy.run(prompt)
+
+
+# ------------------------------------------------------------------------------ templates
+@pytest.mark.parametrize("workflow", ["Motion brush.json", "Video to video.json"])
+def test_motion_templates_run_as_shipped_on_the_demo_model(comfy, comfy_base, latents, workflow):  # noqa: F811
+    """The two templates unchanged, with the files their notes name in place (the bundled demo model,
+    assets/example.png, assets/examples/motion_mask.png / motion_clip.mp4)."""
+    import shutil
+
+    import comfy_runtime
+    from comfy_workflow import load_workflow, ui_to_api
+    from test_comfy_nodes import WORKFLOWS, run_and_get_video
+    repo = comfy_runtime.REPO_ROOT
+    demo = repo / "assets" / "demo" / "dynamicrafter_demo.safetensors"
+    if not demo.is_file():
+        pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
+    shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
+    shutil.copyfile(repo / "assets" / "example.png", comfy.input_dir / "example.png")
+    for name in ("motion_mask.png", "motion_clip.mp4"):
+        shutil.copyfile(repo / "assets" / "examples" / name, comfy.input_dir / name)
+    api = ui_to_api(load_workflow(WORKFLOWS / workflow), comfy.node_classes)
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "DynamiCrafterDDIMSampler")
+    run_and_get_video(comfy, api)
+    out = latents[-1]
+    if workflow == "Motion brush.json":
+        assert "mask" in sampler
+        # black in motion_mask.png, beyond the soft edge (mask_feather 1: a 5-wide Gaussian): held on every frame
+        left = out[..., : out.shape[-1] // 2 - 2]
+        assert torch.allclose(left, left[:, :, :1].expand_as(left), atol=1e-6)
+    else:
+        assert sampler["denoise"] == 0.6 and out.shape == (1, 4, 16, 8, 8)
