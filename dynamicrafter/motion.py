@@ -1,4 +1,4 @@
-"""Directing the motion (design §13): what moves, where the sampler starts, how much it moves, and
+"""Directing the motion (design §14): what moves, where the sampler starts, how much it moves, and
 prompts that change along a long shot. No new weights: each control is a change of the DDIM
 loop's start or of its latent between steps.
 

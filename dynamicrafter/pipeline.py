@@ -133,7 +133,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     model, pass image=None. `solver`: "ddim" (official) or a faster one (`dynamicrafter.solvers`).
     `window` (e.g. 16): sample in context windows of that many frames (`dynamicrafter.windows`), for
     videos longer than the model's frames (up to 1024); "looped" schedule for loop=True.
-    Directing the motion (`dynamicrafter.motion`, design §13): `motion_mask` (H, W) or (T, H, W) in
+    Directing the motion (`dynamicrafter.motion`, design §14): `motion_mask` (H, W) or (T, H, W) in
     [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels);
     `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
     clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less

@@ -62,7 +62,7 @@ def test_motion_inputs_are_optional_and_after_the_old_widgets(comfy):
     assert "motion amount" in tip and "1 = the model's own" in tip
 
 
-def test_ddim_node_defaults_are_todays_sampler_bit_for_bit(comfy, loaded, comfy_reference):
+def test_ddim_node_defaults_are_todays_sampler_bit_for_bit(comfy, loaded, comfy_reference):  # noqa: F811
     from nodes_pack_access import pack
     p, n, _, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
     run = pack("sampler").DynamiCrafterDDIMSampler.execute
@@ -75,7 +75,7 @@ def test_ddim_node_defaults_are_todays_sampler_bit_for_bit(comfy, loaded, comfy_
     assert torch.allclose(still, concat[:, :, :1].expand_as(still), atol=1e-6)   # m = 0: the image on every frame
 
 
-def test_ddim_node_mask_holds_the_image_latent_outside(comfy, loaded, comfy_reference):
+def test_ddim_node_mask_holds_the_image_latent_outside(comfy, loaded, comfy_reference):  # noqa: F811
     from nodes_pack_access import pack
     p, n, _, latent, *_ = _i2v_inputs(comfy, loaded, comfy_reference)
     mask = torch.zeros(1, H, W)
