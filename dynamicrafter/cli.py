@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+import torch
+
 from .config import DTYPES
 from .contract import WINDOW_SCHEDULES
 from .devices import compute_dtype, default_device
@@ -48,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trace-extract-ratio", type=float, default=1.0,
                    help="part of the camera trajectory spread over the clip (the official demo's UI: 0.1)")
     a.add_argument("--trace-scale", type=float, default=1.0, help="scale of the camera translations")
+    a.add_argument("--mask", help="motion brush: a grey image, white = free to move, black = hold the input image")
+    a.add_argument("--mask-feather", type=float, default=1.0, help="soft edge of --mask, in latent pixels (8 px)")
+    a.add_argument("--init-video", help="video to video: start from this clip (its first --frames frames)")
+    a.add_argument("--strength", type=float, default=1.0,
+                   help="with --init-video: 1 = ignore the clip (pure noise), 0 = the clip back; 0.5-0.8 restyles it")
+    a.add_argument("--motion", type=float, default=1.0,
+                   help="motion amount in [0, 1]: 1 = the model's own; lower starts later from the image "
+                        "(CIL analytic init): less motion, closer to the image")
+    a.add_argument("--prompt-schedule", help="prompts along the video, e.g. \"0: a boat | 24: a storm rises\" "
+                                             "(with --window: each window's text interpolated at its centre)")
     a.add_argument("--seed", type=int, default=123)
     a.add_argument("--config", help="the checkpoint's official inference YAML (head widths of custom models)")
     a.add_argument("--variant", help="override the detected variant, e.g. 512_interp (default fs 10)")
@@ -83,6 +95,8 @@ def main(argv=None) -> int:
                     variant_overrides={"name": args.variant} if args.variant else None, config=args.config)
     image = load_image(args.image) if args.image else None
     end = load_image(args.end_image) if args.end_image else None
+    mask = load_mask(args.mask) if args.mask else None
+    init_video = load_clip(args.init_video, args.frames) if args.init_video else None
     bar = tqdm(total=None, desc="sampling", unit="step")
 
     def progress(i, total, x, x0):
@@ -93,13 +107,28 @@ def main(argv=None) -> int:
                                                      args.cfg_camera)
     video = animate(dc, image, args.prompt, end_image=end, loop=args.loop, frames=args.frames,
                     size=(args.height, args.width), fs=args.fs, seed=args.seed, negative_prompt=args.negative_prompt,
-                    callback=progress, camera=camera, **cli_settings(args, dc.variant))
+                    callback=progress, camera=camera, motion_mask=mask, mask_feather=args.mask_feather,
+                    init_video=init_video, strength=args.strength, motion=args.motion,
+                    prompt_schedule=args.prompt_schedule, **cli_settings(args, dc.variant))
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]
     path = save_video(video[0], args.out, fps=args.save_fps)
     print(f"wrote {path} ({video.shape[2]} frames, {video.shape[-1]}x{video.shape[-2]}) in {time.time() - t0:.1f}s")
     return 0
+
+
+def load_mask(path) -> torch.Tensor:
+    """A mask image -> (H, W) in [0, 1] (its grey level; white = 1)."""
+    from .video import load_image
+    return (load_image(path)[0].mean(0) + 1) / 2
+
+
+def load_clip(path, frames=None) -> torch.Tensor:
+    """A video file -> (1, 3, T, H, W) in [-1, 1] (its first `frames` frames when given)."""
+    from .video import read_video
+    arr = torch.from_numpy(read_video(path))[:frames]
+    return (arr.permute(3, 0, 1, 2)[None].float() / 255.0 * 2 - 1)
 
 
 if __name__ == "__main__":

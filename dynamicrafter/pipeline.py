@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
+from .motion import check_fraction, direct, prompt_schedule
 from .sampling import image_only_context, sample_ddim
-from .schedule import randn
+from .schedule import ddim_timesteps, randn
 from .settings import Camera, Guidance, Schedule, Windows, variant_settings
 from .solvers import sample
 from .tooncrafter import decode_keyframe_clip, has_reference_decoder
@@ -123,7 +124,9 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             loop: bool = False, frames: Optional[int] = None, size: Optional[tuple] = None, fs: Optional[int] = None,
             guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
             windows: Optional[Windows] = None, seed: int = 123, negative_prompt: str = "",
-            callback: Optional[Callable] = None, camera=None, **legacy) -> torch.Tensor:
+            callback: Optional[Callable] = None, camera=None, motion_mask: Optional[torch.Tensor] = None,
+            mask_feather: float = 1.0, init_video: Optional[torch.Tensor] = None, strength: float = 1.0,
+            motion: float = 1.0, prompt_schedule: Optional[str] = None, **legacy) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
@@ -134,8 +137,13 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     schedule for loop=True. Loose keywords of earlier releases (height=, width=, steps=, cfg_text=,
     window=, ...) still work with a DeprecationWarning. `camera` (CamI2V models): a
     `settings.Camera`, or just its trajectory (a preset name of dynamicrafter.camera.PRESET_NAMES, a
-    pose file or (N, 4, 4) world-to-camera matrices). Arguments outside the contract
-    (dynamicrafter.contract) raise ValueError."""
+    pose file or (N, 4, 4) world-to-camera matrices).
+    Directing the motion (`dynamicrafter.motion`, design §14): `motion_mask` (H, W) or (T, H, W) in
+    [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels);
+    `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
+    clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less
+    motion, closer to the image); `prompt_schedule` "0: a boat | 24: a storm" (per context window).
+    Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
     v = dc.variant
     height, width = size if size is not None else (legacy.pop("height", None), legacy.pop("width", None))
     if height is not None and size is None or width is not None and size is None:
@@ -144,6 +152,15 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     guidance, schedule, windows = variant_settings("animate", v, guidance, schedule, windows, legacy)
     check_animate(dc, image, prompt, end_image, loop, frames, (height, width), fs, seed, negative_prompt, callback,
                   (guidance, schedule, windows))
+    strength, motion = check_fraction("strength", strength), check_fraction("motion", motion)
+    if init_video is not None:
+        check_init_video(init_video)
+        frames = init_video.shape[2] if frames is None else frames
+    elif strength < 1:
+        raise ValueError(f"strength={strength} starts from a clip: give init_video (or strength=1)")
+    if motion < 1 and (image is None or strength < 1):
+        raise ValueError(f"motion={motion} starts from the input image's latent: it needs an image and no "
+                         f"init_video (strength 1)")
     frames = v["frames"] if frames is None else frames
     height = v["resolution"][0] if height is None else height
     width = v["resolution"][1] if width is None else width
@@ -165,13 +182,19 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             cam = camera_condition(dc, move.trajectory, image_hw, frames, height, width, move.extract_ratio,
                                    move.trace_scale, schedule.solver, windows.size, generator)
         x_T = randn(video_latent_shape(1, frames, height, width), generator, dc.device)
+        x_T, start, callback, per_window = direct_motion(
+            dc, x_T, c, schedule.steps, schedule.spacing, generator, callback, motion_mask, mask_feather, init_video,
+            strength, motion, prompt_schedule)
+        if start == len(ddim_timesteps(schedule.steps, schedule.spacing)):     # strength 0: the clip's own latents
+            return dc.decode(x_T)
         if cam is not None:
             latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance,
-                                  schedule=schedule, generator=generator, callback=callback, camera=cam,
-                                  cfg_camera=move.cfg)
+                                  schedule=schedule, generator=generator, callback=callback, start=start,
+                                  window_contexts=per_window, camera=cam, cfg_camera=move.cfg)
         else:
             latents = sample(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance, schedule=schedule,
-                             windows=windows, generator=generator, callback=callback)
+                             windows=windows, generator=generator, callback=callback, start=start,
+                             window_contexts=per_window)
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
@@ -191,3 +214,33 @@ def camera_condition(dc, camera, image_hw, frames: int, height: int, width: int,
     RT = geometry.trajectory(camera, frames, extract_ratio)
     K = geometry.intrinsics(height, width, geometry.resized_size(image_hw, height, width), frames)
     return dc.encode_camera(RT, K, (height, width), trace_scale, generator=generator)
+
+
+def check_init_video(clip) -> None:
+    if not isinstance(clip, torch.Tensor) or clip.ndim != 5 or clip.shape[:2] != (1, 3) or clip.shape[2] < 2:
+        raise ValueError(f"init_video must be a clip (1, 3, T, H, W) in [-1, 1] with T >= 2, got "
+                         f"{tuple(clip.shape) if isinstance(clip, torch.Tensor) else type(clip).__name__}")
+    if not torch.isfinite(clip).all():
+        raise ValueError("init_video holds NaN or infinite values")
+
+
+def direct_motion(dc, x_T, c: Conditioning, steps, spacing, generator, callback, motion_mask, mask_feather,
+                  init_video, strength, motion, schedule_text):
+    """(x to start from, start step, callback, window_contexts) for `animate`'s motion controls
+    (`dynamicrafter.motion.direct`); with none of them: (x_T, 0, callback, None), today's sampler."""
+    b, _, frames, h, w = x_T.shape
+    z = None
+    if init_video is not None and strength < 1:
+        if init_video.shape[2] != frames:
+            raise ValueError(f"init_video has {init_video.shape[2]} frames but frames={frames}: give as many")
+        pixels = fit_image(init_video[0].transpose(0, 1).float(), h * LATENT_SCALE, w * LATENT_SCALE).to(dc.device)
+        z = dc.encode_first_stage(pixels, sample=False)              # the posterior mean: no random draw
+        z = z.reshape(frames, *z.shape[1:]).transpose(0, 1)[None]
+    image_latent = None if c.concat is None else c.concat[:, :, 0]
+    x_T, start, callback = direct(dc, x_T, steps, spacing, image_latent=image_latent, video_latent=z,
+                                  strength=strength if z is not None else 1.0, motion=motion, mask=motion_mask,
+                                  mask_feather=mask_feather, generator=generator, callback=callback)
+    per_window = None
+    if schedule_text is not None:
+        per_window = prompt_schedule(dc.encode_text, schedule_text).window_contexts
+    return x_T, start, callback, per_window

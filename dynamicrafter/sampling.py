@@ -54,10 +54,11 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
 
 def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_img: Optional[float],
                          guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None,
-                         camera=None, cfg_camera: float = 1.0):
+                         camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None):
     """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
     blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs
-    (and the CamI2V `camera`; `cfg_camera` != 1 adds the camera CFG, camera_model.camera_guidance)."""
+    (and the CamI2V `camera`; `cfg_camera` != 1 adds the camera CFG, camera_model.camera_guidance).
+    `window_contexts(frame indices, contexts) -> contexts`: per-window contexts (a prompt schedule)."""
     if unet is None:
         def unet(x_, t_, context, concat_):
             return dc.denoise(x_, t_, context, concat_, fs, camera=camera)
@@ -70,10 +71,13 @@ def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_im
         return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, cfg_text, cfg_img,
                              guidance_rescale, extra)
 
+    def cut(idx, frames):
+        cs = [take_context(c, idx, frames) for c in contexts]
+        return cs if window_contexts is None else window_contexts(idx, cs)
+
     if plan is None:
-        return run(x, contexts, concat)
-    return plan.blend(x, lambda idx: run(take_frames(x, idx), [take_context(c, idx, plan.frames) for c in contexts],
-                                         take_frames(concat, idx)))
+        return run(x, contexts if window_contexts is None else cut(list(range(x.shape[2])), x.shape[2]), concat)
+    return plan.blend(x, lambda idx: run(take_frames(x, idx), cut(idx, plan.frames), take_frames(concat, idx)))
 
 
 def guidance_contexts(cond, uncond, uncond_img, cfg_text: float, cfg_img):
@@ -121,10 +125,10 @@ def ddim_loop(output: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tens
     `start` = k begins at step k from x = x_k (`NoiseSchedule.noise_to_step`). eta > 0 adds
     `noise[n]`, or noise drawn once for all steps from `generator` (a CPU one by convention)."""
     total = len(table)
-    if not 0 <= start < total:
-        raise ValueError(f"start must be a step of the run, 0..{total - 1}, got {start}")
+    if not 0 <= start <= total:    # start = total: nothing left to do (strength 0 returns x)
+        raise ValueError(f"start must be a step of the run, 0..{total}, got {start}")
     draws = None
-    if eta > 0 and noise is None:
+    if eta > 0 and noise is None and start < total:
         draws = step_noises(x.shape, total - start, generator, x.device, x.dtype)
     for n in range(start, total):
         out = output(x, n)
@@ -147,8 +151,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
                 guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
                 windows: Optional[Windows] = None, noise: Optional[Sequence[torch.Tensor]] = None,
                 generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None, start: int = 0,
-                camera=None, cfg_camera: float = 1.0,
-                **legacy) -> torch.Tensor:
+                camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None, **legacy) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
     cond/uncond/uncond_img are contexts [text | image tokens]. `guidance` (`settings.Guidance`):
@@ -162,10 +165,11 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     step runs the UNet on windows of W frames overlapping by `overlap`, "uniform" or "looped"
     (around the end, for loop videos), and blends their outputs; videos up to 1024 frames.
     `start=k`: x_T is the latent at step k's level (`NoiseSchedule.noise_to_step`), the run skips
-    steps 0..k-1 (video-to-video, denoise strength). The loose keywords of earlier releases
+    steps 0..k-1 (video-to-video, denoise strength; k = steps returns x_T). The loose keywords of earlier releases
     (steps=, cfg_text=, window=, ...) still work, with a DeprecationWarning (`settings.LEGACY`).
     `camera`: a CamI2V condition (dc.encode_camera), given to every branch; `cfg_camera` != 1 adds the
     official camera CFG, (cfg_camera - 1) * (cond - cond without camera), a third UNet call per step.
+    `window_contexts(frame indices, contexts)`: per-window contexts (a prompt schedule, `motion`).
     """
     g, sch, win = resolve("sample_ddim", guidance or Guidance(), schedule or Schedule(), windows or Windows(), legacy)
     check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, sch.steps, g.cfg_text, g.cfg_img, sch.eta,
@@ -183,7 +187,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     def output(x, n):
         t = timestep_batch(table, n, x.shape[0])
         return window_guided_output(dc, x, t, contexts, concat, fs_t, g.cfg_text, cfg_img, g.rescale, plan,
-                                    camera=camera, cfg_camera=cfg_camera)
+                                    camera=camera, cfg_camera=cfg_camera, window_contexts=window_contexts)
 
     return ddim_loop(output, x_T, table, eta=sch.eta, noise=noise, generator=generator, callback=callback,
                      start=start)

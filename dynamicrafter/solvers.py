@@ -194,7 +194,7 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
            guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None, windows: Optional[Windows] = None,
            noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
            callback: Optional[Callable] = None, cache: tuple = (1, 1), stats: Optional[dict] = None,
-           **legacy) -> torch.Tensor:
+           start: int = 0, window_contexts: Optional[Callable] = None, **legacy) -> torch.Tensor:
     """`sample_ddim` with a choice of solver (`schedule.solver`): "ddim" (exactly `sample_ddim`),
     "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
 
@@ -205,6 +205,7 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     deep features}. eta > 0 is DDIM's only. windows: context windows as in `sample_ddim` (every
     solver; not with the cache). Loose keywords of earlier releases (solver=, steps=, cfg_interval=,
     cache_interval=, cache_depth=, ...) still work with a DeprecationWarning.
+    start / window_contexts: as in `sample_ddim` (plain DDIM only).
     """
     if "cache_interval" in legacy or "cache_depth" in legacy:
         warnings.warn("sample(): cache_interval= and cache_depth= are deprecated and go in the next release: pass "
@@ -230,11 +231,16 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
         raise ValueError(f"cache_interval={cache_interval} keeps one UNet pass's deep features, which context "
                          f"windows (window={win.size}) do not share: use cache_interval=1 with windows")
     contexts, branch_cfg_img = guidance_contexts(cond, uncond, uncond_img, g.cfg_text, g.cfg_img)
-    if solver == "ddim" and cfg_interval is None and cache_interval == 1:
+    plain_ddim = solver == "ddim" and cfg_interval is None and cache_interval == 1
+    if not plain_ddim and (start or window_contexts is not None):
+        raise ValueError("a start step (strength / motion < 1) and prompt schedules run on the plain DDIM "
+                         "sampler: use solver='ddim' without cfg_interval or the cache")
+    if plain_ddim:
         if stats is not None:
             stats.update(evaluations=sch.steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
         return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, guidance=g, schedule=sch,
-                           windows=win, noise=noise, generator=generator, callback=callback)
+                           windows=win, noise=noise, generator=generator, callback=callback, start=start,
+                           window_contexts=window_contexts)
     if video:
         check_frames(x_T.shape[2], win.size)
     noise_schedule = NoiseSchedule.of(dc)

@@ -21,6 +21,7 @@ from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_i
                      size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
+from .motion import mask_input
 from .sampler import run_ddim
 
 MAX_KEYFRAMES = 64
@@ -44,7 +45,7 @@ def encode_prompt(clip, text: str):
 
 def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
                    cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, prompts: str = "",
-                   frames_per_batch: int = 4) -> torch.Tensor:
+                   frames_per_batch: int = 4, mask=None) -> torch.Tensor:
     if keyframes.ndim != 4 or not 2 <= keyframes.shape[0] <= MAX_KEYFRAMES:
         raise ValueError(f"keyframes must be an IMAGE batch of 2..{MAX_KEYFRAMES} images (e.g. 'Batch Images' or "
                          f"a folder loader), got shape {tuple(keyframes.shape)}")
@@ -65,7 +66,7 @@ def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width
         context = resample_context(model, encode_clip_vision(clip_vision, start))
         p, n, _, latent = build_conditioning(pos, negative, vae, context, start, width, height, frames, 1, fs,
                                              "interpolation", end)
-        out = run_ddim(model, p, n, latent, settings.shifted(k))
+        out = run_ddim(model, p, n, latent, settings.shifted(k), mask=mask)
         clip_frames = decode_video(vae, out, frames_per_batch, "keep all frames")
         pieces.append(clip_frames if k == 0 else clip_frames[1:])   # keyframe k ended the previous clip
     return torch.cat(pieces)
@@ -96,6 +97,7 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                 io.String.Input("pair_prompts", optional=True, multiline=True, default="",
                                 tooltip="one prompt per pair, line by line; a blank line (or no line) uses the "
                                         "positive input"),
+                mask_input(),
             ],
             outputs=[io.Image.Output(display_name="frames")])
 
@@ -105,10 +107,11 @@ class DynamiCrafterKeyframes(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
-                cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="") -> io.NodeOutput:
+                cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="",
+                mask=None) -> io.NodeOutput:
         return io.NodeOutput(keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height,
                                             frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale,
-                                            spacing, clip, pair_prompts))
+                                            spacing, clip, pair_prompts, mask=mask))
 
 
 NODES = [DynamiCrafterKeyframes]

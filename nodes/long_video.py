@@ -24,6 +24,7 @@ from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, SamplerSettings, fs
                      size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
+from .motion import encode_schedule, mask_input, schedule_input
 from .sampler import run_ddim
 
 METHODS = list(LONG_VIDEO_METHODS)
@@ -31,15 +32,20 @@ METHODS = list(LONG_VIDEO_METHODS)
 
 def chained_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
                   segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
-                  frames_per_batch=4) -> torch.Tensor:
+                  frames_per_batch=4, mask=None, schedule=None) -> torch.Tensor:
+    """`schedule` (a PromptSchedule): segment k's text is the schedule's at its centre frame."""
     check_long_video(start_image, width, height, total_frames, segment_frames)
     settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
 
     def animate_from(k, image):
         context = resample_context(model, encode_clip_vision(clip_vision, image))
-        pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height,
+        prompt = positive
+        if schedule is not None:
+            centre = k * (segment_frames - 1) + (segment_frames - 1) / 2
+            prompt = [[schedule.text_at(centre), dict(positive[0][1])]]
+        pos, neg, _, latent = build_conditioning(prompt, negative, vae, context, image, width, height,
                                                  segment_frames, 1, fs, "image-to-video")
-        out = run_ddim(model, pos, neg, latent, settings.shifted(k))
+        out = run_ddim(model, pos, neg, latent, settings.shifted(k), mask=mask)
         return decode_video(vae, out, frames_per_batch, "keep all frames")
 
     return chain_segments(animate_from, start_image[:1], total_frames, segment_frames)
@@ -56,7 +62,7 @@ def check_long_video(start_image, width, height, total_frames, segment_frames) -
 
 def windowed_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
                    segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
-                   frames_per_batch=4) -> torch.Tensor:
+                   frames_per_batch=4, mask=None, schedule=None) -> torch.Tensor:
     check_long_video(start_image, width, height, total_frames, segment_frames)
     image = start_image[:1]
     context = resample_context(model, encode_clip_vision(clip_vision, image))
@@ -64,7 +70,8 @@ def windowed_video(model, clip_vision, vae, positive, negative, start_image, wid
                                              1, fs, "image-to-video")
     settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
     out = run_ddim(model, pos, neg, latent, settings,
-                   windows=Windows(segment_frames, window_overlap(segment_frames)))
+                   windows=Windows(segment_frames, window_overlap(segment_frames)), mask=mask,
+                   prompt_schedule=schedule)
     return decode_video(vae, out, frames_per_batch, "keep all frames")
 
 
@@ -98,6 +105,9 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                 io.Combo.Input("method", options=METHODS, default=DEFAULT_LONG_VIDEO_METHOD, optional=True,
                                tooltip="chained: segments from the previous one's last frame; windows: one video in "
                                        "context windows of segment_frames (README: Long shots says which wins when)"),
+                schedule_input(),
+                io.Clip.Input("clip", optional=True, tooltip="text encoder for prompt_schedule"),
+                mask_input(),
             ],
             outputs=[io.Image.Output(display_name="frames")])
 
@@ -108,10 +118,11 @@ class DynamiCrafterLongVideo(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
                 segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
-                method="chained") -> io.NodeOutput:
+                method="chained", prompt_schedule="", clip=None, mask=None) -> io.NodeOutput:
+        schedule = encode_schedule(clip, prompt_schedule)
         return io.NodeOutput(long_video(method, model, clip_vision, vae, positive, negative, start_image, width,
                                         height, total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
-                                        guidance_rescale, spacing))
+                                        guidance_rescale, spacing, mask=mask, schedule=schedule))
 
 
 NODES = [DynamiCrafterLongVideo]

@@ -16,6 +16,7 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
+from dynamicrafter.motion import direct
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 from dynamicrafter.settings import Windows
 
@@ -23,6 +24,7 @@ from . import camera as camera_node
 from .comfy_model import require_dynamicrafter_model
 from .image_to_video import size_warning
 from .inputs import CATEGORY, SamplerSettings, sampler_inputs
+from .motion import mask_frames, mask_input, motion_inputs, video_latent
 from .validation import validate_steps
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
@@ -83,10 +85,15 @@ def prepare_inputs(inner, positive, negative, latent):
 @torch.no_grad()
 def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: torch.Tensor | None = None,
              previews: bool = True, solver: str = "ddim", windows: Windows = Windows(),
-             cfg_camera: float = 1.0):
+             cfg_camera: float = 1.0, denoise: float = 1.0, motion: float = 1.0, mask=None,
+             mask_feather: float = 1.0, prompt_schedule=None):
     """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets;
-    windows.size None = one UNet pass over all frames, W: context windows (library `windows`)."""
+    windows.size None = one UNet pass over all frames, W: context windows (library `windows`).
+    Motion (`nodes.motion`, `dynamicrafter.motion.direct`): denoise < 1 starts from latent's content
+    (video to video), motion < 1 from the image latent, mask holds the image outside it;
+    prompt_schedule: a PromptSchedule for the windows' texts."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
+    latent = {**latent, "samples": video_latent(latent["samples"])}
     schedule = settings.schedule(inner.variant, solver)
     check_steps(schedule.steps, schedule.spacing)
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
@@ -118,6 +125,24 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
         check_int("context_overlap", windows.overlap, 0, windows.size - 1,
                   extra=f" (less than context_window={windows.size})")
     guidance = settings.guidance()
+    x_T = x_T.to(device, torch.float32)
+    start = 0
+    if denoise < 1 or motion < 1 or mask is not None:
+        image_latent = None if concat is None else concat[:, :, 0].to(device, torch.float32)
+        x_T, start, callback = direct(
+            dc, x_T, schedule.steps, schedule.spacing, image_latent=image_latent, strength=float(denoise),
+            motion=float(motion),
+            video_latent=inner.process_latent_in(samples).to(device, torch.float32) if denoise < 1 else None,
+            mask=None if mask is None else mask_frames(mask), mask_feather=float(mask_feather), generator=gen,
+            callback=callback)
+    result = dict(latent)
+    if start == total:           # denoise 0 / motion 0: nothing to sample
+        result["samples"] = inner.process_latent_out(x_T.float()).to(comfy.model_management.intermediate_device())
+        return result
+    per_window = None if prompt_schedule is None else prompt_schedule.window_contexts
+    cond_in = dict(concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
+                   schedule=schedule, generator=gen, callback=callback, start=start, window_contexts=per_window)
+    uncond_img = uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None
     move = _first_cond(positive, "positive")[1].get(camera_node.KEY)
     if move is not None or cfg_camera != 1.0:    # CamI2V: the camera sampler path (DDIM, one pass)
         if move is None:
@@ -127,19 +152,11 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
             raise ValueError("a camera move samples with solver 'ddim' in one pass: set solver to ddim and "
                              "context_window to 0")
         camera = camera_node.camera_condition(inner, move, samples.shape, int(settings.seed))
-        out = dynamicrafter.sample_ddim(
-            dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
-            uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None,
-            concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
-            schedule=schedule, generator=gen, callback=callback, camera=camera, cfg_camera=float(cfg_camera))
-        result = dict(latent)
-        result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
-        return result
-    out = dynamicrafter.sample(
-        dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
-        uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None,
-        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
-        schedule=schedule, windows=windows, generator=gen, callback=callback)
+        out = dynamicrafter.sample_ddim(dc, x_T, cond.to(device), uncond.to(device), uncond_img, camera=camera,
+                                        cfg_camera=float(cfg_camera), **cond_in)
+    else:
+        out = dynamicrafter.sample(dc, x_T, cond.to(device), uncond.to(device), uncond_img, windows=windows,
+                                   **cond_in)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
@@ -159,7 +176,8 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative"),
-                io.Latent.Input("latent_image", tooltip="shape/batch of the video; sampling starts from pure noise"),
+                io.Latent.Input("latent_image", tooltip="shape/batch of the video; sampling starts from pure noise, "
+                                                        "or (denoise < 1) from its content: a clip's latent"),
                 *sampler_inputs(),
                 # after every older widget: saved workflows keep their widget order
                 io.Combo.Input("solver", options=SOLVERS, default="ddim", optional=True,
@@ -178,6 +196,12 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 io.Float.Input("cfg_camera", default=1.0, min=0.0, max=20.0, step=0.1, optional=True,
                                tooltip="CamI2V camera guidance (with 'DynamiCrafter Camera'): 1 = off; above 1 "
                                        "follows the camera move more strongly, at one more UNet call per step"),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="video to video: 1 = from pure noise; lower starts from latent_image's clip "
+                                       "(DynamiCrafter Video Latent of VAEEncode frames) noised that far: 0 = the "
+                                       "clip back, 0.5-0.8 re-animates it"),
+                *motion_inputs(),
+                mask_input(),
             ],
             outputs=[io.Latent.Output()])
 
@@ -188,11 +212,13 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg_text, cfg_img, eta,
                 guidance_rescale, spacing, solver="ddim", context_window=0, context_overlap=4,
-                context_schedule="uniform", cfg_camera=1.0) -> io.NodeOutput:
+                context_schedule="uniform", cfg_camera=1.0, denoise=1.0, mask_feather=1.0, motion=1.0,
+                mask=None) -> io.NodeOutput:
         settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
         return io.NodeOutput(run_ddim(model, positive, negative, latent_image, settings, solver=solver,
                                       windows=Windows(context_window or None, context_overlap, context_schedule),
-                                      cfg_camera=cfg_camera))
+                                      cfg_camera=cfg_camera, denoise=denoise, motion=motion, mask=mask,
+                                      mask_feather=mask_feather))
 
 
 NODES = [DynamiCrafterDDIMSampler]

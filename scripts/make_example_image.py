@@ -7,10 +7,14 @@ model was trained on (training/synthetic.py), from seeds outside its training se
   last.png (start and end of one clip: interpolation, ToonCrafter), scene1-3.png (storytelling,
   one per scene prompt), key1-3.png (keyframes: start, middle and end of one clip) and clip.mp4
   (continue a clip). Copy them into ComfyUI's input/ folder.
+- assets/examples/ at the demo model's 64x64: motion_mask.png (the motion brush's mask: white right
+  half moves, black left half holds the image) and motion_clip.mp4 (video to video: 16 frames of a
+  blue square moving to the right).
 """
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +42,11 @@ def main() -> None:
         Image.fromarray(render_clip(spec, H, W, 1)[0][0]).save(out / f"scene{i + 1}.png")
     video, _ = render_clip(ClipSpec("square", "green", "down", "stripes", seed=987654331), H, W, 16)
     write_video(video, str(out / "clip.mp4"), fps=24)
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:, 32:] = 255
+    Image.fromarray(mask).save(out / "motion_mask.png")
+    demo_clip, _ = render_clip(ClipSpec("square", "blue", "right", "gradient", seed=987654332), 64, 64, 16)
+    write_video(demo_clip, str(out / "motion_clip.mp4"), fps=24)
     print(ROOT / "assets" / "example.png", *sorted(p.name for p in out.iterdir()))
 
 

@@ -152,6 +152,84 @@ def demo(classes) -> dict:
     return g.to_json()
 
 
+def demo_chain(g: UIGraph, image, prompt: str = DEMO_PROMPT):
+    """The demo preset's loader + i2v chain (its metadata's size, frames, fs, guidance; 25 steps):
+    (loader, DDIM sampler, decode), the sampler free for more inputs."""
+    v = json.loads(DEMO_MODEL.read_text())["variant"]
+    (height, width), frames = v["resolution"], v["frames"]
+    ld = loader(g, "dynamicrafter_demo.safetensors")
+    dec = i2v_chain(g, ld, image, prompt, 420, 0, fs=v["default_fs"], frames=frames, width=width, height=height,
+                    steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
+                    guidance_rescale=v["guidance_rescale"])
+    samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
+    return ld, samp, dec
+
+
+def set_widget(g: UIGraph, node: dict, name: str, value) -> None:
+    """A widget's value in a node already added (its index in the widget layout)."""
+    from comfy_workflow import widget_layout
+    i = 0
+    for w, count in widget_layout(g.classes[node["type"]]):
+        if w == name:
+            node["widgets_values"][i] = value
+            return
+        i += count
+    raise ValueError(f"{node['type']} has no widget {name!r}")
+
+
+def motion_brush(classes) -> dict:
+    """The demo preset with a motion brush: a mask image (white = moves) into the DDIM node's mask."""
+    g = UIGraph(classes)
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
+    ld, samp, dec = demo_chain(g, img)
+    mimg = g.add("LoadImage", (0, 620), {"image": "motion_mask.png"}, title="Motion mask (white = moves)",
+                 size=[320, 360])
+    mask = g.add("ImageToMask", (0, 1040), {"channel": "red"})
+    g.connect(mimg, 0, mask, "image")
+    g.connect(mask, 0, samp, "mask")
+    save_video(g, dec, 1660, 0, "video/dynamicrafter_motion_brush")
+    g.note("Motion brush: white in the mask moves, black holds the start image (at every step the latent there "
+           "is the image's, noised to that step; mask_feather softens the edge). Paint your own with the mask "
+           "editor (right-click the start image > Open in MaskEditor) and use LoadImage's MASK output (painted "
+           "= moves). Set for the bundled demo model: copy assets/demo/dynamicrafter_demo.safetensors into "
+           "models/checkpoints, assets/example.png and assets/examples/motion_mask.png into input/. The DDIM "
+           "node's motion widget (1 = the model's own) starts later from the image for less motion.",
+           (0, 1160), (420, 240))
+    return g.to_json()
+
+
+def video_to_video(classes) -> dict:
+    """The demo preset from a clip: LoadVideo -> frames -> VAEEncode -> Video Latent as the DDIM latent,
+    denoise 0.6; its first frame is the start image."""
+    g = UIGraph(classes)
+    vid = g.add("LoadVideo", (0, 200), {"file": "motion_clip.mp4"}, title="Clip to re-animate", size=[320, 360])
+    parts = g.add("GetVideoComponents", (0, 620))
+    g.connect(vid, 0, parts, "video")
+    first = g.add("DynamiCrafterPickFrame", (0, 760), {"which": "first", "index": 0})
+    g.connect(parts, "images", first, "images")
+    ld, samp, dec = demo_chain(g, first, "a blue square moves to the right")
+    enc = g.add("VAEEncode", (420, 900))
+    g.connect(parts, "images", enc, "pixels")
+    g.connect(ld, "vae", enc, "vae")
+    lat = g.add("DynamiCrafterVideoLatent", (820, 900))
+    g.connect(enc, 0, lat, "frames")
+    link = next(lk for lk in g.links if lk[0] == next(i for i in samp["inputs"] if i["name"] == "latent_image")["link"])
+    for n in g.nodes:                   # the conditioning's empty latent -> the clip's: move the link's source
+        for o in n["outputs"]:
+            o["links"] = [x for x in o["links"] if x != link[0]]
+    link[1], link[2] = lat["id"], 0
+    lat["outputs"][0]["links"].append(link[0])
+    set_widget(g, samp, "denoise", 0.6)
+    save_video(g, dec, 1660, 0, "video/dynamicrafter_v2v")
+    g.note("Video to video: the clip's latents, noised as far as denoise says, are where DDIM starts (1 = pure "
+           "noise, today's sampler; 0 = the clip back; 0.5-0.8 re-animates it). The clip must have the "
+           "conditioning's frames and size (VAEEncode of its frames -> DynamiCrafter Video Latent). Core "
+           "KSampler's denoise works on the same latent. Set for the bundled demo model: copy "
+           "assets/demo/dynamicrafter_demo.safetensors into models/checkpoints and "
+           "assets/examples/motion_clip.mp4 into input/.", (0, 1160), (420, 240))
+    return g.to_json()
+
+
 # the prompt of assets/examples/first.png -> last.png and key1-3.png (scripts/make_example_image.py)
 EXAMPLE_PAIR_PROMPT = "a purple circle moves to the right"
 
@@ -527,6 +605,8 @@ WORKFLOWS = {
     "Long shot - context windows.json": context_windows,
     "Continue a clip.json": continue_clip,
     "Camera moves.json": camera_moves,
+    "Motion brush.json": motion_brush,
+    "Video to video.json": video_to_video,
 }
 
 

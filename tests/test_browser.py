@@ -285,7 +285,8 @@ def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, com
 
 
 def test_demo_template_runs_as_shipped_in_the_web_ui(browser_page, comfy_server, comfy_base):
-    """Every template that fits the bundled demo model runs unchanged: the demo preset, opened in
+    """Every template that fits the bundled demo model runs unchanged: the demo preset, Motion brush and
+    Video to video, each opened in
     the web UI with the files its note names in place, queued as is, saves its video."""
     page, logs = browser_page
     demo = comfy_runtime.REPO_ROOT / "assets" / "demo" / "dynamicrafter_demo.safetensors"
@@ -293,10 +294,14 @@ def test_demo_template_runs_as_shipped_in_the_web_ui(browser_page, comfy_server,
         pytest.skip(f"{demo} not found (the demo model is built by training/; see README)")
     shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
     shutil.copyfile(comfy_runtime.REPO_ROOT / "assets" / "example.png", comfy_base / "input" / "example.png")
+    for name in ("motion_mask.png", "motion_clip.mp4"):          # the motion templates' inputs (their notes)
+        shutil.copyfile(comfy_runtime.REPO_ROOT / "assets" / "examples" / name, comfy_base / "input" / name)
     page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
     page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
     page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true) }")
-    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }",
-                  load_workflow(WORKFLOWS / "DynamiCrafter demo.json"))
-    files = _queue_and_wait(page, comfy_server)
-    assert [f["filename"] for f in files if f["filename"].startswith("dynamicrafter_demo")], files
+    for workflow, prefix in (("DynamiCrafter demo.json", "dynamicrafter_demo"),
+                             ("Motion brush.json", "dynamicrafter_motion_brush"),
+                             ("Video to video.json", "dynamicrafter_v2v")):
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(WORKFLOWS / workflow))
+        files = _queue_and_wait(page, comfy_server, timeout=600)      # 25 steps on a CPU shared with other jobs
+        assert [f["filename"] for f in files if f["filename"].startswith(prefix)], (workflow, files)

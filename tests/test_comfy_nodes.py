@@ -65,11 +65,12 @@ def test_widget_order_is_stable(comfy):
     assert layouts["DynamiCrafterImageConditioning"] == ["width", "height", "frames", "batch_size", "fs", "mode"]
     assert layouts["DynamiCrafterDDIMSampler"] == ["seed", "steps", "cfg_text", "cfg_img", "eta",
                                                    "guidance_rescale", "spacing", "solver", "context_window",
-                                                   "context_overlap", "context_schedule", "cfg_camera"]
+                                                   "context_overlap", "context_schedule", "cfg_camera", "denoise",
+                                                   "mask_feather", "motion"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
-                                                 "spacing", "method"]
+                                                 "spacing", "method", "prompt_schedule"]
     assert layouts["DynamiCrafterTextToVideoLatent"] == ["width", "height", "frames", "batch_size", "fs"]
     assert layouts["DynamiCrafterCamera"] == ["preset", "speed", "strength", "pan_right", "pan_down", "zoom", "orbit",
                                               "pose_file"]

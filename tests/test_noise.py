@@ -125,7 +125,7 @@ def test_start_at_step_k_continues_the_run_bit_for_bit(tiny):
                                          callback=lambda i, n, x, x0: seen.update({i: x.clone()}))
         rest = dynamicrafter.sample_ddim(dc, seen[1], cond, uncond, start=2, **kw)
         with pytest.raises(ValueError, match="start"):
-            dynamicrafter.sample_ddim(dc, x_T, cond, uncond, start=4, **kw)
+            dynamicrafter.sample_ddim(dc, x_T, cond, uncond, start=5, **kw)
     assert torch.equal(full, rest)
 
 

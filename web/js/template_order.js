@@ -13,5 +13,7 @@ export const TEMPLATE_ORDER = [
  "Keyframes to one shot",
  "Long shot - context windows",
  "Continue a clip",
- "Camera moves"
+ "Camera moves",
+ "Motion brush",
+ "Video to video"
 ];
