@@ -99,9 +99,11 @@ def test_same_seed_same_noise_whatever_the_sampling_dtype():
 
 
 def test_same_seed_same_latent_with_a_bf16_model(tiny):
-    """The model's dtype changes the UNet's rounding, never the noise: the draws are identical."""
+    """The model's dtype changes the UNet's rounding, never the noise: the draws are identical, and
+    the bf16 video is the fp32 one up to rounding (2% in norm measured; another seed is ~115% away).
+    No guidance here: at cfg 7.5 this random tiny model amplifies bf16 rounding to ~30%."""
     dc, x_T, concat, cond, uncond = tiny
-    kw = dict(concat=concat, fs=24, guidance=Guidance(7.5), schedule=Schedule(2, eta=1.0))
+    kw = dict(concat=concat, fs=24, guidance=Guidance(1.0), schedule=Schedule(2, eta=1.0))
     draws = {}
     for dtype in (torch.float32, torch.bfloat16):
         dc.to(dtype)
@@ -113,7 +115,11 @@ def test_same_seed_same_latent_with_a_bf16_model(tiny):
             dc.to(torch.float32)
         assert {d for d in watch.draws} == {(torch.device("cpu"), torch.device("cpu"), torch.float32)}
     assert draws[torch.bfloat16].dtype == torch.float32
-    torch.testing.assert_close(draws[torch.bfloat16], draws[torch.float32], rtol=0.1, atol=0.1)
+    fp32 = draws[torch.float32]
+    assert (draws[torch.bfloat16] - fp32).norm() < 0.05 * fp32.norm()
+    with torch.no_grad():
+        other = dynamicrafter.sample_ddim(dc, x_T, cond, uncond, generator=torch.Generator().manual_seed(5), **kw)
+    assert (other - fp32).norm() > 0.5 * fp32.norm()
 
 
 def test_start_at_step_k_continues_the_run_bit_for_bit(tiny):
