@@ -168,6 +168,6 @@ def posterior_sample(moments: torch.Tensor, noise: torch.Tensor | None = None,
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+        noise = torch.randn(mean.shape, generator=generator,    # float32, then cast: one draw for every dtype
                             device=generator.device if generator is not None else mean.device)
     return mean + std * noise.to(mean)
