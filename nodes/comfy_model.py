@@ -21,17 +21,22 @@ import torch
 
 import comfy.clip_vision
 import comfy.conds
+import comfy.ldm.modules.attention
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
 import comfy.utils
 from comfy.text_encoders import sd2_clip
 
+from comfy.cli_args import args as comfy_args
+
+from dynamicrafter.attention import attention_function
 from dynamicrafter.config import TEXT_CONTEXT_LEN, WEIGHT_DTYPES
 from dynamicrafter.windows import take_context, take_frames
 
@@ -141,8 +146,18 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         fs = kwargs.get("fs")
         if fs is not None:
             fs = fs.to(xc.device).reshape(-1).round().long()
-        out = self.diffusion_model(xc.to(dtype), timestep, context, fs=fs)
+        # core DIFFUSION_MODEL wrappers (EasyCache) see (x, timesteps, context, fs, transformer_options)
+        # as around core UNets' forward; the attention is ComfyUI's, as its flags chose it
+        out = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._diffusion_forward, self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options)
+        ).execute(xc.to(dtype), timestep, context, fs, transformer_options)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+    def _diffusion_forward(self, x, timestep, context, fs, transformer_options):
+        with attention_function(comfy_attention(transformer_options)):
+            return self.diffusion_model(x, timestep, context, fs=fs)
 
     def extra_conds(self, **kwargs):
         out = {}
@@ -167,6 +182,22 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         if fs is not None:
             out["fs"] = comfy.conds.CONDRegular(torch.tensor([float(fs)]))
         return out
+
+
+def comfy_attention(transformer_options: dict):
+    """ComfyUI's attention as its flags chose it (--use-sage-attention, --use-flash-attention,
+    xformers, --use-pytorch-cross-attention, --use-split/quad-cross-attention; an
+    `optimized_attention_override` in transformer_options applies too), or None (the library's
+    SDPA) where ComfyUI only fell back to its sub-quadratic attention because no flag was given
+    and the device is not one it enables SDPA on by default (the CPU): the library's SDPA is exact
+    and faster there."""
+    attn = comfy.ldm.modules.attention
+    fn = attn.optimized_attention
+    if fn is attn.attention_sub_quad and not comfy_args.use_quad_cross_attention:
+        return None
+    if "optimized_attention_override" in transformer_options:
+        return functools.partial(fn, transformer_options=transformer_options)
+    return fn   # the same object every step: a compiled UNet guards on it without recompiling
 
 
 def make_model_patcher(dc, manual_cast_dtype=None) -> comfy.model_patcher.ModelPatcher:
