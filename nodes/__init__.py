@@ -5,10 +5,10 @@ is ``nodes``)."""
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import (clip_vision, conditioning, continue_clip, decode, defaults, keyframes, loader, long_video, resampler,
-               sampler, text_to_video, video_input)
+               sampler, speed, text_to_video, video_input)
 
 _MODULES = (loader, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video, text_to_video,
-            keyframes, video_input, continue_clip)
+            keyframes, video_input, continue_clip, speed)
 
 NODES: list[type[io.ComfyNode]] = [node for m in _MODULES for node in m.NODES]
 

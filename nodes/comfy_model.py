@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -38,6 +39,7 @@ from comfy.cli_args import args as comfy_args
 
 from dynamicrafter.attention import attention_function
 from dynamicrafter.config import TEXT_CONTEXT_LEN, WEIGHT_DTYPES
+from dynamicrafter.speed import compiled
 from dynamicrafter.windows import take_context, take_frames
 
 # the time axis of our (b, C, T, h, w) latents: core 'Context Windows (Manual)' needs dim = 2
@@ -156,7 +158,7 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
 
     def _diffusion_forward(self, x, timestep, context, fs, transformer_options):
-        with attention_function(comfy_attention(transformer_options)):
+        with speed_switches(transformer_options):
             return self.diffusion_model(x, timestep, context, fs=fs)
 
     def extra_conds(self, **kwargs):
@@ -198,6 +200,25 @@ def comfy_attention(transformer_options: dict):
     if "optimized_attention_override" in transformer_options:
         return functools.partial(fn, transformer_options=transformer_options)
     return fn   # the same object every step: a compiled UNet guards on it without recompiling
+
+
+# transformer_options key of the UNet's compiled blocks (nodes/speed.py: DynamiCrafter Compile UNet)
+COMPILED_REGIONS = "dynamicrafter_compiled_regions"
+
+
+@contextlib.contextmanager
+def speed_switches(transformer_options: dict):
+    """What ComfyUI's settings ask of our UNet while it runs: ComfyUI's attention, and the compiled
+    blocks a 'Compile UNet' node attached to this MODEL. Used by the core sampler path
+    (apply_model) and the pack's own samplers alike."""
+    with attention_function(comfy_attention(transformer_options)), \
+            compiled(transformer_options.get(COMPILED_REGIONS)):
+        yield
+
+
+def model_speed_switches(model):
+    """`speed_switches` for a MODEL (ModelPatcher) outside apply_model (the pack's DDIM sampler)."""
+    return speed_switches(model.model_options.get("transformer_options", {}))
 
 
 def make_model_patcher(dc, manual_cast_dtype=None) -> comfy.model_patcher.ModelPatcher:

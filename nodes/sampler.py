@@ -16,7 +16,7 @@ import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 
-from .comfy_model import require_dynamicrafter_model
+from .comfy_model import model_speed_switches, require_dynamicrafter_model
 from .inputs import CATEGORY, sampler_inputs
 
 SOLVERS = list(dynamicrafter.solvers.SOLVERS)
@@ -109,14 +109,15 @@ def run_ddim(model, positive, negative, latent, seed, steps, cfg_text, cfg_img, 
         check_int("context_overlap", context_overlap, 0, context_window - 1,
                   extra=f" (less than context_window={context_window})")
     use_dual = cfg_img > 0
-    out = dynamicrafter.sample(
-        dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
-        uncond_img.to(device) if (use_dual and uncond_img is not None) else None,
-        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, steps=int(steps),
-        cfg_text=float(cfg_text), cfg_img=float(cfg_img) if use_dual else None,
-        eta=float(eta) if solver == "ddim" else 0.0, solver=solver,
-        guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback,
-        window=context_window or None, window_overlap=context_overlap, window_schedule=context_schedule)
+    with model_speed_switches(model):    # ComfyUI's attention flags, a 'Compile UNet' node's blocks
+        out = dynamicrafter.sample(
+            dc, x_T.to(device, torch.float32), cond.to(device), uncond.to(device),
+            uncond_img.to(device) if (use_dual and uncond_img is not None) else None,
+            concat=None if concat is None else concat.to(device, torch.float32), fs=fs, steps=int(steps),
+            cfg_text=float(cfg_text), cfg_img=float(cfg_img) if use_dual else None,
+            eta=float(eta) if solver == "ddim" else 0.0, solver=solver,
+            guidance_rescale=float(guidance_rescale), spacing=spacing, generator=gen, callback=callback,
+            window=context_window or None, window_overlap=context_overlap, window_schedule=context_schedule)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
