@@ -161,7 +161,7 @@ def speed_sweep(args, device) -> list[dict]:
         cfg = model_config(size, args.frames, args.dry_run)
         ph, pw = (64, 64) if args.dry_run else PRESETS[size].resolution
         h, w = ph // 8, pw // 8
-        for dtype_name in args.dtypes:
+        for dtype_name in args.dtypes[:1] if args.dry_run else args.dtypes:   # dry run: tracing dominates
             weight_dtype, compute = DTYPES[dtype_name] if not args.dry_run else (DTYPES[dtype_name][0], torch.float32)
             if compute not in rates:
                 rates[compute] = matmul_tflops(compute, device, n=512 if args.dry_run else 8192)

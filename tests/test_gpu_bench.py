@@ -18,7 +18,7 @@ def test_gpu_benchmark_dry_run(tmp_path):
                           env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = out.read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| 256 |")]
+    rows = [line for line in table.splitlines() if line.startswith("| 256 |") and line.count("|") == 8]
     assert len(rows) == 6, table            # fp16 / bf16 / fp8 weights x single / dual CFG
     assert all("11.9 / 10" in r for r in rows)
     assert {r.split("|")[2].strip() for r in rows} == {"fp16", "bf16", "fp8_e4m3fn"}
