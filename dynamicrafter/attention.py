@@ -1,9 +1,13 @@
 """Scaled dot-product attention for every attention layer: torch SDPA by default,
-xformers when installed and asked for (`DYNAMICRAFTER_ATTENTION=xformers`); and the
-relative-position temporal attention of VideoCrafter1 (always SDPA, with an additive bias)."""
+xformers when installed and asked for (`DYNAMICRAFTER_ATTENTION=xformers`), or any function a host
+installs with :func:`attention_function` (ComfyUI's nodes install its `optimized_attention`, so
+its sage / flash / xformers / pytorch switches apply); and the relative-position temporal attention
+of VideoCrafter1 (always SDPA, with an additive bias)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +19,28 @@ if _BACKEND == "xformers":
     import xformers.ops as xops  # noqa: F401  (optional dependency, fails loudly if asked for and absent)
 
 
+# fn(q, k, v, heads) -> out, all (n, tokens, heads*d): replaces the built-in backends while set
+_OVERRIDE: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def attention_function(fn: Optional[Callable]):
+    """Inside this block every `attention` call (not the relative-position one) runs
+    `fn(q, k, v, heads)` on (n, tokens, heads*d) tensors, e.g. ComfyUI's `optimized_attention`;
+    None keeps the built-in backend. A process-wide switch (one sampling at a time, as in
+    ComfyUI): a module global, so torch.compile guards on it instead of breaking the graph."""
+    global _OVERRIDE
+    previous, _OVERRIDE = _OVERRIDE, fn
+    try:
+        yield
+    finally:
+        _OVERRIDE = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (n, tokens, heads*d) inputs; returns (n, tokens_q, heads*d)."""
+    if _OVERRIDE is not None:
+        return _OVERRIDE(q, k, v, heads)
     if _BACKEND == "xformers" and q.is_cuda:
         q, k, v = (rearrange(x, "n l (h d) -> n l h d", h=heads).contiguous() for x in (q, k, v))
         return rearrange(xops.memory_efficient_attention(q, k, v), "n l h d -> n l (h d)")

@@ -5,10 +5,10 @@ is ``nodes``)."""
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import (camera, clip_vision, conditioning, continue_clip, decode, defaults, image_to_video, keyframes, loader,
-               long_video, motion, resampler, sampler, text_to_video, video_input)
+               long_video, motion, resampler, sampler, speed, text_to_video, video_input)
 
 _MODULES = (loader, image_to_video, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video,
-            text_to_video, keyframes, video_input, continue_clip, camera, motion)
+            text_to_video, keyframes, video_input, continue_clip, camera, motion, speed)
 
 NODES: list[type[io.ComfyNode]] = [node for m in _MODULES for node in m.NODES]
 

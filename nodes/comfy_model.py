@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -21,18 +22,24 @@ import torch
 
 import comfy.clip_vision
 import comfy.conds
+import comfy.ldm.modules.attention
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
+import comfy.patcher_extension
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
 import comfy.utils
 from comfy.text_encoders import sd2_clip
 
+from comfy.cli_args import args as comfy_args
+
+from dynamicrafter.attention import attention_function
 from dynamicrafter.config import TEXT_CONTEXT_LEN, WEIGHT_DTYPES
+from dynamicrafter.speed import compiled
 from dynamicrafter.windows import take_context, take_frames
 
 # the time axis of our (b, C, T, h, w) latents: core 'Context Windows (Manual)' needs dim = 2
@@ -145,8 +152,18 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         if camera is not None:      # CamI2V (nodes/camera.py): the same move for every branch in the batch
             from .camera import camera_condition
             camera = camera_condition(self, camera, x.shape).to(xc.device, dtype)
-        out = self.diffusion_model(xc.to(dtype), timestep, context, fs=fs, camera=camera)
+        # core DIFFUSION_MODEL wrappers (EasyCache) see (x, timesteps, context, fs, transformer_options)
+        # as around core UNets' forward; the attention is ComfyUI's, as its flags chose it
+        out = comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._diffusion_forward, self,
+            comfy.patcher_extension.get_all_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                                                     transformer_options)
+        ).execute(xc.to(dtype), timestep, context, fs, transformer_options, camera=camera)
         return self.model_sampling.calculate_denoised(sigma, out.float(), x)
+
+    def _diffusion_forward(self, x, timestep, context, fs, transformer_options, camera=None):
+        with speed_switches(transformer_options):
+            return self.diffusion_model(x, timestep, context, fs=fs, camera=camera)
 
     def extra_conds(self, **kwargs):
         out = {}
@@ -173,6 +190,41 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         if kwargs.get("dc_camera") is not None:
             out["dc_camera"] = comfy.conds.CONDConstant(kwargs["dc_camera"])
         return out
+
+
+def comfy_attention(transformer_options: dict):
+    """ComfyUI's attention as its flags chose it (--use-sage-attention, --use-flash-attention,
+    xformers, --use-pytorch-cross-attention, --use-split/quad-cross-attention; an
+    `optimized_attention_override` in transformer_options applies too), or None (the library's
+    SDPA) where ComfyUI only fell back to its sub-quadratic attention because no flag was given
+    and the device is not one it enables SDPA on by default (the CPU): the library's SDPA is exact
+    and faster there."""
+    attn = comfy.ldm.modules.attention
+    fn = attn.optimized_attention
+    if fn is attn.attention_sub_quad and not comfy_args.use_quad_cross_attention:
+        return None
+    if "optimized_attention_override" in transformer_options:
+        return functools.partial(fn, transformer_options=transformer_options)
+    return fn   # the same object every step: a compiled UNet guards on it without recompiling
+
+
+# transformer_options key of the UNet's compiled blocks (nodes/speed.py: DynamiCrafter Compile UNet)
+COMPILED_REGIONS = "dynamicrafter_compiled_regions"
+
+
+@contextlib.contextmanager
+def speed_switches(transformer_options: dict):
+    """What ComfyUI's settings ask of our UNet while it runs: ComfyUI's attention, and the compiled
+    blocks a 'Compile UNet' node attached to this MODEL. Used by the core sampler path
+    (apply_model) and the pack's own samplers alike."""
+    with attention_function(comfy_attention(transformer_options)), \
+            compiled(transformer_options.get(COMPILED_REGIONS)):
+        yield
+
+
+def model_speed_switches(model):
+    """`speed_switches` for a MODEL (ModelPatcher) outside apply_model (the pack's DDIM sampler)."""
+    return speed_switches(model.model_options.get("transformer_options", {}))
 
 
 def make_model_patcher(dc, manual_cast_dtype=None) -> comfy.model_patcher.ModelPatcher:

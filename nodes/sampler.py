@@ -21,7 +21,7 @@ from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int
 from dynamicrafter.settings import Windows
 
 from . import camera as camera_node
-from .comfy_model import require_dynamicrafter_model
+from .comfy_model import model_speed_switches, require_dynamicrafter_model
 from .image_to_video import size_warning
 from .inputs import CATEGORY, SamplerSettings, sampler_inputs
 from .motion import mask_frames, mask_input, motion_inputs, video_latent
@@ -151,12 +151,14 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
         if schedule.solver != "ddim" or windows.size:
             raise ValueError("a camera move samples with solver 'ddim' in one pass: set solver to ddim and "
                              "context_window to 0")
-        camera = camera_node.camera_condition(inner, move, samples.shape, int(settings.seed))
-        out = dynamicrafter.sample_ddim(dc, x_T, cond.to(device), uncond.to(device), uncond_img, camera=camera,
-                                        cfg_camera=float(cfg_camera), **cond_in)
-    else:
-        out = dynamicrafter.sample(dc, x_T, cond.to(device), uncond.to(device), uncond_img, windows=windows,
-                                   **cond_in)
+        cond_in.update(camera=camera_node.camera_condition(inner, move, samples.shape, int(settings.seed)),
+                       cfg_camera=float(cfg_camera))
+    with model_speed_switches(model):    # ComfyUI's attention flags, a 'Compile UNet' node's blocks
+        if move is not None:
+            out = dynamicrafter.sample_ddim(dc, x_T, cond.to(device), uncond.to(device), uncond_img, **cond_in)
+        else:
+            out = dynamicrafter.sample(dc, x_T, cond.to(device), uncond.to(device), uncond_img, windows=windows,
+                                       **cond_in)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
