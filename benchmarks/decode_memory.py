@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dynamicrafter.config import PRESETS, ModelConfig  # noqa: E402
-from dynamicrafter.memory import TensorMemory, fused_attention  # noqa: E402
+from tensor_memory import TensorMemory, fused_attention  # noqa: E402
 from dynamicrafter.model import DynamiCrafter  # noqa: E402
 
 SIZES = {"512x320": (40, 64), "1024x576": (72, 128)}
