@@ -44,9 +44,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dynamicrafter  # noqa: E402
-from dynamicrafter.long_shots import chain_segments, continue_clip, segment_joins, window_overlap  # noqa: E402
+from dynamicrafter.sampling.long_shots import chain_segments, continue_clip, segment_joins, window_overlap  # noqa: E402
 from dynamicrafter.pipeline import image_conditioning  # noqa: E402
-from dynamicrafter.windows import context_windows  # noqa: E402
+from dynamicrafter.sampling.windows import context_windows  # noqa: E402
 from training.demo.evaluate import object_mask, psnr, to_uint8, track  # noqa: E402
 from training.synthetic import DIRECTIONS, make_specs, render_clip  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Directing the motion on the demo model (`dynamicrafter.motion` through `animate`).
+"""Directing the motion on the demo model (`dynamicrafter.sampling.motion` through `animate`).
 
 Held-out synthetic clips (`training.synthetic`, the demo's held-out seed; a shape moving left /
 right / up / down over a static background), 64x64, the model's frames, DDIM `--steps`, eta 1,

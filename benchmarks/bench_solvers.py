@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "scripts"))   # comfy_runtime, nodes_pack_access
 
 import dynamicrafter  # noqa: E402
 from dynamicrafter.pipeline import fit_image, image_conditioning  # noqa: E402
-from dynamicrafter.solvers import sample  # noqa: E402
+from dynamicrafter.sampling.solvers import sample  # noqa: E402
 
 # what runs, per plan: the full one on the tiny model, a reduced one on the demo batch (a step costs
 # about clips x the tiny model's)

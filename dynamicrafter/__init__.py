@@ -3,15 +3,15 @@
     dc = dynamicrafter.load_model("dynamicrafter_512.ckpt")
     video = dynamicrafter.animate(dc, image, "a boat sails across the lake")
 """
-from .checkpoint import load_model, read_state_dict, save_checkpoint
+from .checkpoints.loader import load_model, read_state_dict, save_checkpoint
 from .config import CheckpointError, ModelConfig, infer_config, tiny_config
-from .lora import LoraError, load_lora
+from .checkpoints.lora import LoraError, load_lora
 from .model import DynamiCrafter, MissingComponentError
 from .pipeline import animate, concat_latent, fit_image, image_conditioning, text_conditioning
-from .sampling import sample_ddim
-from .schedule import NoiseSchedule
+from .sampling.ddim import sample_ddim
+from .sampling.schedule import NoiseSchedule
 from .settings import Camera, Guidance, Schedule, Windows
-from .solvers import sample
+from .sampling.solvers import sample
 from .video import load_image, save_video, to_uint8
 
 __all__ = ["load_model", "read_state_dict", "save_checkpoint", "CheckpointError", "ModelConfig", "infer_config",

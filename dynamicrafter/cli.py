@@ -12,7 +12,7 @@ from .config import DTYPES
 from .contract import WINDOW_SCHEDULES
 from .devices import compute_dtype, default_device
 from .settings import Camera, Guidance, Schedule, Windows
-from .solvers import SOLVERS
+from .sampling.solvers import SOLVERS
 
 
 def build_parser() -> argparse.ArgumentParser:

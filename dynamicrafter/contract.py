@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .schedule import ddim_timesteps
+from .sampling.schedule import ddim_timesteps
 
 FRAMES = (2, 64)            # frames of one video (the released models are trained on 16)
 LONG_FRAMES = (2, 1024)     # frames of a video sampled in context windows (each window within FRAMES)
@@ -203,7 +203,7 @@ def check_image_conditioning(images, prompts, frames, end_images, loop, negative
 
 
 def check_windows(window, overlap, schedule) -> None:
-    """Context windows (dynamicrafter.windows): window None (off) or W frames per UNet call,
+    """Context windows (dynamicrafter.sampling.windows): window None (off) or W frames per UNet call,
     overlap 0..W-1 frames shared by neighbouring windows, schedule uniform | looped."""
     if window is None:
         return

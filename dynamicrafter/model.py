@@ -14,17 +14,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .clip import ImageEncoder, TextEncoder
+from .models.clip import ImageEncoder, TextEncoder
 from .config import ModelConfig
 from .contract import check_image, check_prompts
-from .resampler import Resampler
-from .schedule import variant_schedule
-from .tiling import TILE, should_tile, tiled_decode
-from .camera_model import CameraCondition, CameraPoseEncoder, encode_camera
-from .ops import building_with
-from .unet import UNet3D, grow_input_channels
-from .vae import AutoencoderKL, posterior_sample
-from .vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, AutoencoderKLDualref, decode_videos
+from .models.resampler import Resampler
+from .sampling.schedule import variant_schedule
+from .models.tiling import TILE, should_tile, tiled_decode
+from .models.camera import CameraCondition, CameraPoseEncoder, encode_camera
+from .models.ops import building_with
+from .models.unet import UNet3D, grow_input_channels
+from .models.vae import AutoencoderKL, posterior_sample
+from .models.vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, AutoencoderKLDualref, decode_videos
 
 
 class DiffusionWrapper(nn.Module):

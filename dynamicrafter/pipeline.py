@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
-from .motion import check_fraction, direct, prompt_schedule
-from .sampling import image_only_context, sample_ddim
-from .schedule import ddim_timesteps, randn
+from .sampling.motion import check_fraction, direct, prompt_schedule
+from .sampling.ddim import image_only_context, sample_ddim
+from .sampling.schedule import ddim_timesteps, randn
 from .settings import Camera, Guidance, Schedule, Windows, variant_settings
-from .solvers import sample
-from .tooncrafter import decode_keyframe_clip, has_reference_decoder
+from .sampling.solvers import sample
+from .models.tooncrafter import decode_keyframe_clip, has_reference_decoder
 
 
 LATENT_CHANNELS, LATENT_SCALE = 4, 8     # the KL-f8 VAE: 4 latent channels at 1/8 of the pixel size
@@ -131,14 +131,14 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
     defaults to the variant's, `schedule` to 50 steps of its spacing at eta 1 with DDIM (or a faster
-    solver, `dynamicrafter.solvers`). `size` = (height, width). With a text-to-video model, pass
+    solver, `dynamicrafter.sampling.solvers`). `size` = (height, width). With a text-to-video model, pass
     image=None. `windows` (e.g. Windows(16)): sample in context windows of that many frames
-    (`dynamicrafter.windows`), for videos longer than the model's frames (up to 1024); "looped"
+    (`dynamicrafter.sampling.windows`), for videos longer than the model's frames (up to 1024); "looped"
     schedule for loop=True. Loose keywords of earlier releases (height=, width=, steps=, cfg_text=,
     window=, ...) still work with a DeprecationWarning. `camera` (CamI2V models): a
     `settings.Camera`, or just its trajectory (a preset name of dynamicrafter.camera.PRESET_NAMES, a
     pose file or (N, 4, 4) world-to-camera matrices).
-    Directing the motion (`dynamicrafter.motion`, design §14): `motion_mask` (H, W) or (T, H, W) in
+    Directing the motion (`dynamicrafter.sampling.motion`, design §14): `motion_mask` (H, W) or (T, H, W) in
     [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels);
     `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
     clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less
@@ -227,7 +227,7 @@ def check_init_video(clip) -> None:
 def direct_motion(dc, x_T, c: Conditioning, steps, spacing, generator, callback, motion_mask, mask_feather,
                   init_video, strength, motion, schedule_text):
     """(x to start from, start step, callback, window_contexts) for `animate`'s motion controls
-    (`dynamicrafter.motion.direct`); with none of them: (x_T, 0, callback, None), today's sampler."""
+    (`dynamicrafter.sampling.motion.direct`); with none of them: (x_T, 0, callback, None), today's sampler."""
     b, _, frames, h, w = x_T.shape
     z = None
     if init_video is not None and strength < 1:

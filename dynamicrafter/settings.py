@@ -37,7 +37,7 @@ class Schedule:
 @dataclass(frozen=True)
 class Windows:
     """Context windows along time: size frames (None = one pass), overlapping by overlap frames,
-    "uniform" or "looped" (`dynamicrafter.windows`)."""
+    "uniform" or "looped" (`dynamicrafter.sampling.windows`)."""
     size: Optional[int] = None
     overlap: int = 4
     schedule: str = "uniform"

@@ -6,7 +6,7 @@ import torch
 import comfy.model_management
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.clip import clip_preprocess
+from dynamicrafter.models.clip import clip_preprocess
 
 from .inputs import CATEGORY
 from .images import check_finite, images_to_signed

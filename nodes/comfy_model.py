@@ -37,10 +37,10 @@ from comfy.text_encoders import sd2_clip
 
 from comfy.cli_args import args as comfy_args
 
-from dynamicrafter.attention import attention_function
+from dynamicrafter.models.attention import attention_function
 from dynamicrafter.config import TEXT_CONTEXT_LEN, WEIGHT_DTYPES
-from dynamicrafter.speed import compiled
-from dynamicrafter.windows import take_context, take_frames
+from dynamicrafter.models.speed import compiled
+from dynamicrafter.sampling.windows import take_context, take_frames
 
 # the time axis of our (b, C, T, h, w) latents: core 'Context Windows (Manual)' needs dim = 2
 TIME_DIM = 2
@@ -120,7 +120,7 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
     def window_conds(self, x, c_concat, c_crossattn, transformer_options):
         """Under core context windows (comfy.context_windows: x holds the window's frames) the
         conds still hold the whole video's: cut the concat latent and the per-frame image tokens
-        to the window's frames (dynamicrafter.windows, as the library sampler does)."""
+        to the window's frames (dynamicrafter.sampling.windows, as the library sampler does)."""
         window = transformer_options.get("context_window")
         if window is None:
             return c_concat, c_crossattn
@@ -260,7 +260,7 @@ def _text_config(cfg, sd_open_clip: dict) -> dict:
 
 def load_in_parts(load, sd: dict, pages=None, part_bytes: int = 256 << 20) -> list:
     """`load(part)` (a ComfyUI `load_sd`, strict=False) over parts of about `part_bytes` of `sd`,
-    each part's source pages given back (`pages`: dynamicrafter.mapped.MappedPages) as soon as it
+    each part's source pages given back (`pages`: dynamicrafter.checkpoints.mapped.MappedPages) as soon as it
     is copied, so our tower and ComfyUI's copy never both exist whole. Returns the model keys that
     no part set."""
     parts, part, size = [], [], 0

@@ -1,7 +1,7 @@
 """DynamiCrafter Continue Clip: extend a video so its motion carries on.
 
 A window of `frames` frames starts with the clip's last `overlap` frames, kept pinned to the
-clip at every DDIM step (`dynamicrafter.long_shots.continue_latents`), and animates the rest
+clip at every DDIM step (`dynamicrafter.sampling.long_shots.continue_latents`), and animates the rest
 from the first pinned frame (or the clip's last one); the output is the clip, then the
 frames - overlap new frames, nothing repeated.
 """
@@ -15,7 +15,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import GUIDANCE, check_number, check_size, check_steps
-from dynamicrafter.long_shots import check_overlap, continue_latents
+from dynamicrafter.sampling.long_shots import check_overlap, continue_latents
 
 from .clip_vision import encode_clip_vision
 from .comfy_model import require_dynamicrafter_model

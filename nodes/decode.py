@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import io
 
 from .inputs import CATEGORY
 
-from dynamicrafter.tiling import TILE, should_tile, tiled_decode
+from dynamicrafter.models.tiling import TILE, should_tile, tiled_decode
 
 from .tooncrafter_vae import REFERENCES_KEY, decode_video_latent, is_dualref_vae
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import FRAMES, LONG_FRAMES, STEPS
-from dynamicrafter.schedule import MAX_TRAILING_STEPS
+from dynamicrafter.sampling.schedule import MAX_TRAILING_STEPS
 from dynamicrafter.settings import Guidance, Schedule
 
 CATEGORY = "DynamiCrafter"

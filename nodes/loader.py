@@ -11,10 +11,10 @@ import folder_paths
 from comfy_api.v0_0_2 import io
 
 import dynamicrafter
-from dynamicrafter.checkpoint import model_from_state_dict
+from dynamicrafter.checkpoints.loader import model_from_state_dict
 from dynamicrafter.config import WEIGHT_DTYPES
-from dynamicrafter.mapped import MappedPages
-from dynamicrafter.tooncrafter import has_reference_decoder
+from dynamicrafter.checkpoints.mapped import MappedPages
+from dynamicrafter.models.tooncrafter import has_reference_decoder
 
 from .comfy_model import (comfy_operations, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae,
                           make_model_patcher, unet_dtypes)
@@ -56,7 +56,7 @@ def inference_config_beside(path: str) -> dict | None:
     """Head widths from the checkpoint's official inference YAML saved beside it as `<name>.yaml`
     (ComfyUI's convention for a checkpoint's config): what shapes cannot tell for custom checkpoints
     (e.g. a text tower with other head widths); None when there is none."""
-    from dynamicrafter.official_config import read_inference_config
+    from dynamicrafter.checkpoints.official_config import read_inference_config
     yaml_path = os.path.splitext(path)[0] + ".yaml"
     return read_inference_config(yaml_path) if os.path.isfile(yaml_path) else None
 

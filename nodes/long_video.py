@@ -2,7 +2,7 @@
 
 method "chained": segment k+1 is generated from the last decoded frame of segment k
 (image-to-video), so every segment starts exactly where the previous one ended; the repeated
-first frame of each later segment is dropped when joining (`dynamicrafter.long_shots.chain_segments`).
+first frame of each later segment is dropped when joining (`dynamicrafter.sampling.long_shots.chain_segments`).
 method "windows": one video of total_frames sampled in context windows of segment_frames frames
 overlapping by half a window (`sample_ddim(window=...)`, blended at every step). README "Long
 shots" measures both; the default is the one that won there.
@@ -13,7 +13,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
-from dynamicrafter.long_shots import DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments, window_overlap
+from dynamicrafter.sampling.long_shots import DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments, window_overlap
 from dynamicrafter.settings import Windows
 
 from .clip_vision import encode_clip_vision

@@ -1,4 +1,4 @@
-"""Directing the motion in ComfyUI (``dynamicrafter.motion``): the optional inputs the DDIM
+"""Directing the motion in ComfyUI (``dynamicrafter.sampling.motion``): the optional inputs the DDIM
 sampler, Long Video and Keyframes nodes share (a motion-brush MASK, denoise from a video latent,
 the motion knob, a prompt schedule), and DynamiCrafter Video Latent, which lays a core VAEEncode
 latent of a clip's frames ((T, 4, h, w): frames as the batch) out as our video latent (1, 4, T, h, w)
@@ -10,7 +10,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.config import TEXT_CONTEXT_LEN
-from dynamicrafter.motion import PromptSchedule, parse_prompt_schedule
+from dynamicrafter.sampling.motion import PromptSchedule, parse_prompt_schedule
 
 from .inputs import CATEGORY
 

@@ -1,6 +1,6 @@
 """DynamiCrafter DDIM Sampler: the official DDIM with single/dual CFG and guidance rescale (design §8-9),
 run by ``dynamicrafter.sample_ddim`` on the MODEL's UNet (or, with ``solver``, a faster solver of
-``dynamicrafter.solvers`` with the same guidance), with ComfyUI's progress bar, latent
+``dynamicrafter.sampling.solvers`` with the same guidance), with ComfyUI's progress bar, latent
 previews and interrupt."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from comfy_api.v0_0_2 import io
 
 import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
-from dynamicrafter.motion import direct
+from dynamicrafter.sampling.motion import direct
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
 from dynamicrafter.settings import Windows
 
@@ -27,7 +27,7 @@ from .inputs import CATEGORY, SamplerSettings, sampler_inputs
 from .motion import mask_frames, mask_input, motion_inputs, video_latent
 from .validation import validate_steps
 
-SOLVERS = list(dynamicrafter.solvers.SOLVERS)
+SOLVERS = list(dynamicrafter.sampling.solvers.SOLVERS)
 
 
 def _first_cond(conditioning, name: str):
@@ -89,7 +89,7 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
              mask_feather: float = 1.0, prompt_schedule=None):
     """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets;
     windows.size None = one UNet pass over all frames, W: context windows (library `windows`).
-    Motion (`nodes.motion`, `dynamicrafter.motion.direct`): denoise < 1 starts from latent's content
+    Motion (`nodes.motion`, `dynamicrafter.sampling.motion.direct`): denoise < 1 starts from latent's content
     (video to video), motion < 1 from the image latent, mask holds the image outside it;
     prompt_schedule: a PromptSchedule for the windows' texts."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
@@ -107,7 +107,7 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
     device = model.load_device
     dc = inner.dc_model
     gen = torch.Generator().manual_seed(settings.seed + 1)    # a CPU generator, moved to the device (core's way)
-    from dynamicrafter.schedule import ddim_timesteps
+    from dynamicrafter.sampling.schedule import ddim_timesteps
     total = len(ddim_timesteps(schedule.steps, schedule.spacing))   # 'uniform' can make more steps than asked
     preview = latent_preview.prepare_callback(model, total) if previews else None
     pbar = None if previews else comfy.utils.ProgressBar(total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.speed import compile_regions
+from dynamicrafter.models.speed import compile_regions
 
 from .comfy_model import COMPILED_REGIONS, require_dynamicrafter_model
 from .inputs import CATEGORY

@@ -21,8 +21,8 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 
-from dynamicrafter.tooncrafter import with_middle_redecode
-from dynamicrafter.vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, decode_videos
+from dynamicrafter.models.tooncrafter import with_middle_redecode
+from dynamicrafter.models.vae_dualref import DEFAULT_CHUNK, NO_REFERENCES_WARNING, decode_videos
 
 REFERENCES_KEY = "dc_references"
 

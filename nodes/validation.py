@@ -7,7 +7,7 @@ time by the library's contract."""
 from __future__ import annotations
 
 from dynamicrafter.contract import STEPS
-from dynamicrafter.schedule import ddim_timesteps
+from dynamicrafter.sampling.schedule import ddim_timesteps
 
 from .inputs import SPACINGS
 

@@ -2,13 +2,13 @@
 
 After core `LoadVideo` -> `GetVideoComponents` (or any loader that gives frames): the first,
 the last, or frame N (negative N counts from the end), as a one-image IMAGE for the start_image
-of the conditioning or long-video nodes (`dynamicrafter.long_shots.frame_index`).
+of the conditioning or long-video nodes (`dynamicrafter.sampling.long_shots.frame_index`).
 """
 from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.long_shots import FRAME_CHOICES, frame_index
+from dynamicrafter.sampling.long_shots import FRAME_CHOICES, frame_index
 
 from .images import check_finite
 from .inputs import CATEGORY

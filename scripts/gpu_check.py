@@ -136,7 +136,7 @@ def make_checkpoints(workdir: Path, device, dry: bool, frames: int) -> dict[str,
     import torch
 
     from benchmarks.gpu_bench import build
-    from dynamicrafter.checkpoint import save_checkpoint
+    from dynamicrafter.checkpoints.loader import save_checkpoint
     dtype = torch.float32 if dry else torch.float16
     paths = {}
     for name, cfg in model_configs(dry, frames).items():

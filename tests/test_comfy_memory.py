@@ -78,7 +78,7 @@ def rounded_ckpt(comfy, comfy_base, tiny_ckpt):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from dynamicrafter.ops import is_stored_low
+    from dynamicrafter.models.ops import is_stored_low
     with safe_open(str(tiny_ckpt), framework="pt") as f:
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -139,7 +139,7 @@ def test_decode_node_tiles_in_the_executor(comfy, tiny_ckpt):
     from PIL import Image
 
     import dynamicrafter
-    from dynamicrafter.tiling import tiled_decode
+    from dynamicrafter.models.tiling import tiled_decode
     from nodes_pack_access import load_input_image, pack
     comfy.executor.reset()
     prompt = {

@@ -171,7 +171,7 @@ def test_core_ksampler_denoise_on_our_model(comfy, latents):   # noqa: F811
 
 # ------------------------------------------------------------------------------ long video
 def test_long_video_prompt_schedule_and_mask(comfy, monkeypatch):
-    import dynamicrafter.sampling as sampling
+    import dynamicrafter.sampling.ddim as sampling
     texts = []
     real = sampling.window_guided_output
 

@@ -291,7 +291,7 @@ def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypa
     value by value (the web UI fills widgets in order, the new last ones keep their defaults) and
     runs DDIM; the solver input set to dpmpp_2m runs DPM-Solver++ 2M in the real executor. (One
     saved before the context-window inputs: tests/test_comfy_windows.py.)"""
-    import dynamicrafter.solvers as solvers
+    import dynamicrafter.sampling.solvers as solvers
     wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
     assert len(node["widgets_values"]) == 12 and node["widgets_values"][8] == "ddim"   # saved with the solver
@@ -345,7 +345,7 @@ def test_comfy_vae_keeps_a_small_vaes_group_count(comfy):
     (the demo model's) must encode and decode in ComfyUI exactly as in the library."""
     from nodes_pack_access import pack
     from dynamicrafter.config import VAEConfig
-    from dynamicrafter.vae import AutoencoderKL
+    from dynamicrafter.models.vae import AutoencoderKL
     torch.manual_seed(0)
     lib = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)).eval()
     with torch.no_grad():

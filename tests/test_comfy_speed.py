@@ -60,7 +60,7 @@ class UNetCalls:
     """Counts forwards of the library UNet (a global module hook: ComfyUI builds the model)."""
 
     def __enter__(self):
-        from dynamicrafter.unet import UNet3D
+        from dynamicrafter.models.unet import UNet3D
         self.n = 0
 
         def hook(module, args, out):

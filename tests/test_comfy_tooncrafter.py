@@ -119,7 +119,7 @@ def test_ddim_dual_cfg_then_decode_node_equals_library(comfy, toon_loaded, toon_
     import comfy.sample as comfy_sample
 
     import dynamicrafter
-    from dynamicrafter.tooncrafter import decode_keyframe_clip
+    from dynamicrafter.models.tooncrafter import decode_keyframe_clip
     from nodes_pack_access import pack
     model, _, _, vae = toon_loaded
     p, n, io, latent, first, last = _inputs(comfy, toon_loaded, toon_ref)

@@ -56,7 +56,7 @@ def run(comfy, latents, prompt) -> tuple[torch.Tensor, int]:
 
 # ------------------------------------------------------------------------------ the DDIM node
 def test_ddim_node_context_window_inputs_in_the_executor(comfy, latents, monkeypatch):
-    import dynamicrafter.sampling as sampling
+    import dynamicrafter.sampling.ddim as sampling
     plans = []
     real = sampling.plan_windows
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import dynamicrafter
 from dynamicrafter import CheckpointError
-from dynamicrafter.metadata import KEY, parse_config_metadata
+from dynamicrafter.checkpoints.metadata import KEY, parse_config_metadata
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_schema_covers_every_config_field():
     """A config field without a schema entry would make every file saved with it unloadable."""
     from dataclasses import fields
 
-    from dynamicrafter.metadata import SCHEMA, SECTIONS
+    from dynamicrafter.checkpoints.metadata import SCHEMA, SECTIONS
     for section, (schema_name, cls) in SECTIONS.items():
         missing = {f.name for f in fields(cls)} - set(SCHEMA[schema_name])
         assert not missing, f"{section}: {sorted(missing)}"

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import dynamicrafter
-from dynamicrafter import attention as attention_mod
+from dynamicrafter.models import attention as attention_mod
 from dynamicrafter.config import tiny_config
-from dynamicrafter.speed import compile_unet, is_compiled, regions, uncompile_unet
-from dynamicrafter.unet import ResBlock, SpatialTransformer
+from dynamicrafter.models.speed import compile_unet, is_compiled, regions, uncompile_unet
+from dynamicrafter.models.unet import ResBlock, SpatialTransformer
 
 
 def tiny(frames=2):

@@ -12,8 +12,8 @@ from torch.utils._pytree import tree_leaves
 
 import dynamicrafter
 from dynamicrafter import devices
-from dynamicrafter.tooncrafter import decode_keyframe_clip
-from dynamicrafter.vae import posterior_sample
+from dynamicrafter.models.tooncrafter import decode_keyframe_clip
+from dynamicrafter.models.vae import posterior_sample
 
 PROMPT = "a boat drifts across a calm lake"
 

@@ -1,13 +1,13 @@
-"""Long shots in the library (dynamicrafter.long_shots): frame picking, chained segments, and
+"""Long shots in the library (dynamicrafter.sampling.long_shots): frame picking, chained segments, and
 continuing a clip with its last frames pinned, on the tiny reference model."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dynamicrafter.long_shots import (chain_segments, continue_clip, continue_latents, frame_index, pinned_levels,
+from dynamicrafter.sampling.long_shots import (chain_segments, continue_clip, continue_latents, frame_index, pinned_levels,
                                       segment_joins, segments_needed)
-from dynamicrafter.sampling import sample_ddim
+from dynamicrafter.sampling.ddim import sample_ddim
 
 
 # ------------------------------------------------------------------------------ 1. picking a frame

@@ -330,7 +330,7 @@ def test_lightning_objects_become_inert_stand_ins(tmp_path):
                    (text("hyper_parameters"), hparams),
                    (text("callbacks"), call(glob("pytorch_lightning.callbacks", "ModelCheckpoint"), text("x"))))
     (tmp_path / "pl.ckpt").write_bytes(zip_container(pickle_of(body), FOUR_BYTES))
-    from dynamicrafter.torch_files import load_torch_file
+    from dynamicrafter.checkpoints.torch_files import load_torch_file
     registered = set(torch.serialization.get_safe_globals())
     obj = load_torch_file(tmp_path / "pl.ckpt")
     assert torch.equal(obj["state_dict"]["w"], torch.zeros(1))

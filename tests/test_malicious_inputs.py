@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 import dynamicrafter
 from dynamicrafter.config import tiny_config
-from dynamicrafter.lora import LoraError
+from dynamicrafter.checkpoints.lora import LoraError
 
 MAX_PEAK_GROWTH_KB = 200 * 1024
 LAYER = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
@@ -163,7 +163,7 @@ YAML = """model:
 ])
 def test_yaml_values_are_range_checked_and_arch_is_a_name(tmp_path, unet, arch, why):
     from dynamicrafter import CheckpointError
-    from dynamicrafter.official_config import read_inference_config
+    from dynamicrafter.checkpoints.official_config import read_inference_config
     path = tmp_path / "inference.yaml"
     path.write_text(YAML % (unet, arch))
     with pytest.raises(CheckpointError, match=why) as err:
@@ -175,7 +175,7 @@ def test_arch_json_beside_the_yaml_is_range_checked(tmp_path):
     import json
 
     from dynamicrafter import CheckpointError
-    from dynamicrafter.official_config import read_inference_config
+    from dynamicrafter.checkpoints.official_config import read_inference_config
     (tmp_path / "MyArch.json").write_text(json.dumps({"vision_cfg": {"width": 64, "head_width": 0},
                                                       "text_cfg": {"heads": 4}}))
     path = tmp_path / "inference.yaml"
@@ -190,7 +190,7 @@ def test_big_yaml_is_refused_before_parsing(tmp_path):
     import time
 
     from dynamicrafter import CheckpointError
-    from dynamicrafter.official_config import read_inference_config
+    from dynamicrafter.checkpoints.official_config import read_inference_config
     path = tmp_path / "inference.yaml"
     path.write_text("model:\n  params:\n    junk: [" + "1, " * 7_000_000 + "1]\n")    # 21 MB
     hwm, t0 = hwm_kb(), time.monotonic()
@@ -204,7 +204,7 @@ def test_metadata_defaults_are_bounded_like_user_input(field, value):
     import dataclasses
     import json
 
-    from dynamicrafter.metadata import MetadataError, parse_config_metadata
+    from dynamicrafter.checkpoints.metadata import MetadataError, parse_config_metadata
     d = tiny_config().to_dict()
     d["variant"][field] = value
     with pytest.raises(MetadataError, match=f"variant.{field}"):

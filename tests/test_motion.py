@@ -1,4 +1,4 @@
-"""Directing the motion in the library (dynamicrafter.motion + animate): start step, video to video,
+"""Directing the motion in the library (dynamicrafter.sampling.motion + animate): start step, video to video,
 motion amount, motion brush, prompt schedule; identities on the bundled demo model (64x64)."""
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import dynamicrafter
-from dynamicrafter.motion import (MaskPin, analytic_init, fit_mask, init_latent, parse_prompt_schedule,
+from dynamicrafter.sampling.motion import (MaskPin, analytic_init, fit_mask, init_latent, parse_prompt_schedule,
                                   prompt_schedule, schedule_weights, start_step)
-from dynamicrafter.sampling import sample_ddim
-from dynamicrafter.solvers import noise_levels, sample
+from dynamicrafter.sampling.ddim import sample_ddim
+from dynamicrafter.sampling.solvers import noise_levels, sample
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo" / "dynamicrafter_demo.safetensors"
 KW = dict(prompt="a red circle moves to the right", steps=4, seed=3, frames=8)

@@ -12,11 +12,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 import dynamicrafter
-from dynamicrafter.long_shots import continue_latents, pinned_levels
-from dynamicrafter.sampling import guidance_contexts, guided_output, step_noises
-from dynamicrafter.schedule import NoiseSchedule
+from dynamicrafter.sampling.long_shots import continue_latents, pinned_levels
+from dynamicrafter.sampling.ddim import guidance_contexts, guided_output, step_noises
+from dynamicrafter.sampling.schedule import NoiseSchedule
 from dynamicrafter.settings import Guidance, Schedule, Windows
-from dynamicrafter.schedule import randn as dc_randn
+from dynamicrafter.sampling.schedule import randn as dc_randn
 
 
 class Watch(TorchFunctionMode):
@@ -186,7 +186,7 @@ def test_ddim_node_draws_from_a_cpu_generator(comfy, monkeypatch):
     """The DDIM node once built its generator on the model's load device, which fails at eta > 0 on
     every CUDA GPU (torch draws on a CPU generator only into CPU tensors): the shipped workflow
     (eta 1) must hand the library a CPU generator, whatever the device."""
-    import dynamicrafter.sampling as sampling
+    import dynamicrafter.sampling.ddim as sampling
     from test_comfy_nodes import run_and_get_video, tiny_prompt
     seen, real = [], sampling.step_noises
 

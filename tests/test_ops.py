@@ -1,4 +1,4 @@
-"""The UNet / resampler layer namespace (dynamicrafter/ops.py) and fp8 weight storage in the library."""
+"""The UNet / resampler layer namespace (dynamicrafter/models/ops.py) and fp8 weight storage in the library."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import dynamicrafter
-from dynamicrafter import ops
-from dynamicrafter.unet import UNet3D
+from dynamicrafter.models import ops
+from dynamicrafter.models.unet import UNet3D
 
 # Single UNet forward of the tiny reference model, weights stored low vs fp32 (measured on this
 # CPU, fp32 compute): RMS error relative to the output's RMS 0.0010 (fp16), 0.0087 (bf16),

@@ -69,7 +69,7 @@ def test_unet_forward_block_by_block(ref_v):
     assert_close_to_ref(out, ref["unet.out"], name="unet.out")
     assert_close_to_ref(dc.denoise(ref["unet.x_t"], ref["unet.t"], ref["unet.context"], ref["unet.c_concat"],
                                    ref["unet.fs"]), ref["unet.out"])
-    from dynamicrafter.unet import timestep_embedding
+    from dynamicrafter.models.unet import timestep_embedding
     assert_close_to_ref(timestep_embedding(ref["unet.t"], 32), ref["unet.t_sinusoid"])
     assert_close_to_ref(timestep_embedding(ref["unet.fs"], 32), ref["unet.fs_sinusoid"])
 
@@ -117,7 +117,7 @@ def test_ddim_sampling_case(ref_v, case):
 def test_derived_third_branch_is_the_official_one(ref_v):
     """`sample_ddim(cfg_img=...)` without an explicit uncond_img (what animate and --cfg-img use)
     derives the third branch from cond/uncond: it must be the official multi-cond branch."""
-    from dynamicrafter.sampling import image_only_context
+    from dynamicrafter.sampling.ddim import image_only_context
     _, ref, _ = ref_v
     derived = image_only_context(ref["caseB.cond.c_crossattn"], ref["caseB.uncond.c_crossattn"])
     assert torch.equal(derived, ref["caseB.uncond_img_nonetext.c_crossattn"])
@@ -125,7 +125,7 @@ def test_derived_third_branch_is_the_official_one(ref_v):
 
 def test_ddim_schedule_tables(ref_v):
     dc, ref, _ = ref_v
-    from dynamicrafter.schedule import ddim_timesteps
+    from dynamicrafter.sampling.schedule import ddim_timesteps
     t = ddim_timesteps(10, "uniform_trailing")
     assert t.tolist() == ref["caseA.ddim.timesteps"].tolist()
     assert torch.equal(dc.alphas_cumprod[t], ref["caseA.ddim.alphas"])
@@ -139,7 +139,7 @@ def test_ddim_schedule_tables(ref_v):
 
 
 def test_schedule_buffers_recomputed_equal_checkpoint(tiny_v_state_dict):
-    from dynamicrafter.schedule import schedule_buffers
+    from dynamicrafter.sampling.schedule import schedule_buffers
     computed = schedule_buffers(zero_snr=True, parameterization="v", rescale_base=0.7)
     for k, v in computed.items():
         assert torch.allclose(v, tiny_v_state_dict[k], rtol=0, atol=1e-7), k

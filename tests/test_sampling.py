@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dynamicrafter
-from dynamicrafter.sampling import guidance_contexts, guided_output, image_only_context
+from dynamicrafter.sampling.ddim import guidance_contexts, guided_output, image_only_context
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The fast solvers (dynamicrafter.solvers): solver="ddim" is sample_ddim, the level formulation
+"""The fast solvers (dynamicrafter.sampling.solvers): solver="ddim" is sample_ddim, the level formulation
 reproduces the official DDIM, DPM-Solver++ 2M / UniPC reach the 50-step DDIM latent in few steps
 with dual CFG + guidance rescale + dynamic x0 rescale on the zero-SNR v model, the step cache and
 the CFG interval, the CLI flag."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dynamicrafter
-from dynamicrafter.solvers import noise_levels, sample, unipc_coefficients
+from dynamicrafter.sampling.solvers import noise_levels, sample, unipc_coefficients
 
 # stated in the README's Speed section: latent PSNR to 50-step DDIM of DPM-Solver++ 2M / UniPC in
 # 15 steps on the tiny reference model (measured 41.5 dB; DDIM in 15 steps: 37.4 dB)

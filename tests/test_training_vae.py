@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from dynamicrafter.config import VAEConfig
-from dynamicrafter.vae import AutoencoderKL
+from dynamicrafter.models.vae import AutoencoderKL
 from training import synthetic
 from training.modeling import InitError, build_tiny, overlay_extras
 from training.pretrain_vae import calibrate, train_vae

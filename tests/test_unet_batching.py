@@ -3,7 +3,7 @@ large blocks run a few videos at a time without autograd: both must equal plain 
 import torch
 
 import dynamicrafter
-from dynamicrafter import unet as unet_mod
+from dynamicrafter.models import unet as unet_mod
 from dynamicrafter.config import tiny_config
 
 

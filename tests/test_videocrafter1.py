@@ -9,11 +9,11 @@ import torch
 from conftest import _reference_file, assert_close_to_ref, load_reference, unet_block_outputs
 
 import dynamicrafter
-from dynamicrafter.attention import RelativePosition, relative_attention
-from dynamicrafter.checkpoint import model_from_state_dict
+from dynamicrafter.models.attention import RelativePosition, relative_attention
+from dynamicrafter.checkpoints.loader import model_from_state_dict
 from dynamicrafter.config import PRESETS, UNetConfig, VAEConfig, tiny_config
-from dynamicrafter.schedule import ddim_timesteps, scale_arr, variant_schedule
-from dynamicrafter.unet import timestep_embedding
+from dynamicrafter.sampling.schedule import ddim_timesteps, scale_arr, variant_schedule
+from dynamicrafter.models.unet import timestep_embedding
 
 PROMPT = "a paper boat drifts down a rainy street, cinematic"
 

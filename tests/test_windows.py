@@ -1,4 +1,4 @@
-"""Context windows (dynamicrafter/windows.py): the window lists and blend weights, the per-window
+"""Context windows (dynamicrafter/sampling/windows.py): the window lists and blend weights, the per-window
 slicing of the latent, concat latent and image tokens, and the samplers with `window=`: off or
 W >= T is the plain sampler bit for bit; one window covering the video equals the plain pass; two
 windows give each frame its own window's output where only one holds it and the ramp in between."""
@@ -7,8 +7,8 @@ import torch
 
 import dynamicrafter
 from dynamicrafter.config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
-from dynamicrafter.sampling import window_guided_output
-from dynamicrafter.windows import (WindowPlan, blend_weights, context_windows, plan_windows, take_context,
+from dynamicrafter.sampling.ddim import window_guided_output
+from dynamicrafter.sampling.windows import (WindowPlan, blend_weights, context_windows, plan_windows, take_context,
                                    take_frames)
 
 CASES = [(16, 8, 4, "uniform"), (17, 8, 4, "uniform"), (32, 16, 4, "uniform"), (40, 16, 0, "uniform"),

@@ -17,7 +17,7 @@ on the next start. A process reads only the pieces of its own shards (DCP reshar
 number of processes can resume). ``read_all`` reads a whole checkpoint in one process (export,
 tests). Small files (``meta.pt``, the latent cache) go through ``atomic_save``. Nothing read back
 can execute code or allocate more than the files hold: ``meta.pt`` goes through the library's
-``.ckpt`` pre-checks (dynamicrafter/torch_files.py) before torch's weights-only unpickler; DCP's
+``.ckpt`` pre-checks (dynamicrafter/checkpoints/torch_files.py) before torch's weights-only unpickler; DCP's
 ``.metadata`` index, a plain pickle, is read by ``SafeReader`` with an unpickler that can build only
 DCP's own metadata classes, then checked (every record a ``__<rank>_<n>.distcp`` file of this folder,
 inside it, no transforms, shapes within bounds), and each tensor record is pre-checked like a
@@ -224,7 +224,7 @@ def _safe_reader_class():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     from dynamicrafter.config import CheckpointError
-    from dynamicrafter.torch_files import FileSlice, check_torch_zip
+    from dynamicrafter.checkpoints.torch_files import FileSlice, check_torch_zip
 
     class SafeReader(dcp.FileSystemReader):
         """DCP's FileSystemReader, but .metadata is read by _MetadataUnpickler and checked by
@@ -327,7 +327,7 @@ def read_all(path: str, prefix: str = "") -> dict:
 
 def read_meta(path: str) -> dict:
     from dynamicrafter.config import CheckpointError
-    from dynamicrafter.torch_files import load_torch_file
+    from dynamicrafter.checkpoints.torch_files import load_torch_file
     file = os.path.join(path, META)
     try:
         meta = load_torch_file(file)

@@ -43,7 +43,7 @@ class _ImageOnly:
 def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool = True) -> list[str]:
     """Fixed prompts (+ images, or the first frames of the first clips) -> mp4s under samples/."""
     import dynamicrafter
-    from dynamicrafter.schedule import randn
+    from dynamicrafter.sampling.schedule import randn
     from dynamicrafter.settings import Guidance, Schedule
     from dynamicrafter.video import load_image, save_video
     from dynamicrafter.config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN

@@ -26,7 +26,7 @@ from typing import Optional
 
 from dynamicrafter.config import DTYPES
 from dynamicrafter.model import DynamiCrafter
-from dynamicrafter.metadata import MetadataError, parse_config_metadata
+from dynamicrafter.checkpoints.metadata import MetadataError, parse_config_metadata
 from training import checkpoint as ck
 from training.config import TrainConfig
 from training.modeling import build_model, export_safetensors, tiny_model_config

@@ -4,7 +4,7 @@
 layer of the chosen groups in a peft ``lora.Linear`` (``W x + alpha / rank * B A x``, B starting
 at zero, so training starts from the base model exactly); everything else, the Resampler
 included, stays frozen. The export is one .safetensors in the ``lora_unet_*`` layout of
-``dynamicrafter.lora``: ComfyUI's core LoraLoaderModelOnly applies it to our MODEL, and
+``dynamicrafter.checkpoints.lora``: ComfyUI's core LoraLoaderModelOnly applies it to our MODEL, and
 ``dynamicrafter.load_lora`` merges it into a library model.
 
 Layer groups (linear layers of the UNet's transformers):
@@ -22,8 +22,8 @@ import re
 
 import torch
 
-from dynamicrafter.lora import lora_key
-from dynamicrafter.unet import is_temporal_parameter
+from dynamicrafter.checkpoints.lora import lora_key
+from dynamicrafter.models.unet import is_temporal_parameter
 
 GROUPS = ("spatial_attn", "image_kv", "spatial_ff", "temporal_attn", "temporal_ff")
 _ATTN = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")

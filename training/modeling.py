@@ -18,10 +18,10 @@ import torch
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
 import dynamicrafter
-from dynamicrafter.checkpoint import model_from_state_dict, read_state_dict
+from dynamicrafter.checkpoints.loader import model_from_state_dict, read_state_dict
 from dynamicrafter.config import DTYPES, ModelConfig, ResamplerConfig, infer_config, tiny_config
 from dynamicrafter.model import DynamiCrafter
-from dynamicrafter.unused_keys import refuse_unknown
+from dynamicrafter.checkpoints.unused_keys import refuse_unknown
 from training.lora import add_lora
 from training.stages import prepare_model_for_stage
 
@@ -297,7 +297,7 @@ def set_resblock_dropout(unet, p: float) -> int:
     """Dropout probability of the spatial ResBlocks' output layers (the official trainer's
     `dropout`, 0.1); the temporal convolutions keep their fixed 0.1. Training only: dropout
     does nothing at inference."""
-    from dynamicrafter.unet import ResBlock
+    from dynamicrafter.models.unet import ResBlock
     n = 0
     for m in unet.modules():
         if isinstance(m, ResBlock):

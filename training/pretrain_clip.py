@@ -31,7 +31,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dynamicrafter.clip import ImageEncoder, TextEncoder, open_clip_causal_mask
+from dynamicrafter.models.clip import ImageEncoder, TextEncoder, open_clip_causal_mask
 from dynamicrafter.pipeline import cover_crop
 from training.data import decode_frames, probe_video, read_annotations
 from training.modeling import tiny_model_config

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamicrafter.config import VAEConfig
-from dynamicrafter.vae import AutoencoderKL, posterior_sample
+from dynamicrafter.models.vae import AutoencoderKL, posterior_sample
 from dynamicrafter.pipeline import cover_crop
 from training.data import decode_frames, probe_video, read_annotations
 

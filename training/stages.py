@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from dynamicrafter.config import QUERIES_PER_FRAME
-from dynamicrafter.schedule import NoiseSchedule
-from dynamicrafter.unet import is_temporal_parameter
-from dynamicrafter.vae import posterior_sample
+from dynamicrafter.sampling.schedule import NoiseSchedule
+from dynamicrafter.models.unet import is_temporal_parameter
+from dynamicrafter.models.vae import posterior_sample
 
 UNET = "model.diffusion_model."
 RESAMPLER = "image_proj_model."

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from dynamicrafter import load_model, sample_ddim  # noqa: E402
 from dynamicrafter.config import TEXT_CONTEXT_LEN  # noqa: E402
 from dynamicrafter.pipeline import image_conditioning, video_latent_shape  # noqa: E402
-from dynamicrafter.schedule import randn  # noqa: E402
+from dynamicrafter.sampling.schedule import randn  # noqa: E402
 from dynamicrafter.settings import Guidance, Schedule  # noqa: E402
 from training.synthetic import COLORS, DIRECTIONS  # noqa: E402
 

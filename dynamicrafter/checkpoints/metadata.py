@@ -15,7 +15,7 @@ import re
 from dataclasses import fields
 from typing import Any, Mapping, Optional
 
-from .config import (CameraConfig, CheckpointError, ClipConfig, ModelConfig, ResamplerConfig, UNetConfig, VAEConfig,
+from ..config import (CameraConfig, CheckpointError, ClipConfig, ModelConfig, ResamplerConfig, UNetConfig, VAEConfig,
                      Variant)
 
 KEY = "dynamicrafter_config"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from .config import CheckpointError
+from ..config import CheckpointError
 
 MAX_CONFIG_BYTES = 1 << 20          # an official inference YAML is ~5 KB; an OpenCLIP arch JSON ~1 KB
 ARCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")      # a name, never a path

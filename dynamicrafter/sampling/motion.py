@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import TEXT_CONTEXT_LEN
+from ..config import TEXT_CONTEXT_LEN
 from .schedule import NoiseSchedule, ddim_timesteps, randn
 
 

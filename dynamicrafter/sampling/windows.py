@@ -27,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
+from ..config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
 
 SCHEDULES = ("uniform", "looped")
 

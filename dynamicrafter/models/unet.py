@@ -17,8 +17,8 @@ from einops import rearrange
 from torch import nn
 
 from .attention import RelativePosition, attention, relative_attention
-from .camera_model import add_camera_modules, camera_branch
-from .config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
+from .camera import add_camera_modules, camera_branch
+from ..config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
 from .ops import GroupNorm32, building_with  # noqa: F401  (GroupNorm32: the default float32 norm)
 from .ops import layers as ops
 

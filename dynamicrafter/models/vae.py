@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .config import VAEConfig
+from ..config import VAEConfig
 
 
 def norm(ch, groups=32):

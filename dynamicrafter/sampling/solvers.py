@@ -23,11 +23,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .contract import check_frames, check_windows
-from .sampling import (ddim_loop, guidance_contexts, sample_ddim, timestep_batch, validate_sampling_args,
+from ..contract import check_frames, check_windows
+from .ddim import (ddim_loop, guidance_contexts, sample_ddim, timestep_batch, validate_sampling_args,
                        window_guided_output)
 from .schedule import Levels, NoiseSchedule
-from .settings import Guidance, Schedule, Windows, resolve
+from ..settings import Guidance, Schedule, Windows, resolve
 from .step_cache import DeepCache
 from .windows import plan_windows
 
@@ -153,7 +153,7 @@ class GuidedDenoiser:
 
     cfg_interval (t_lo, t_hi): the guidance branches run only at timesteps t_lo <= t <= t_hi;
     elsewhere the conditional branch alone. cache: a `DeepCache` (deep UNet features reused).
-    plan: context windows (`dynamicrafter.windows.plan_windows`; None = one pass).
+    plan: context windows (`dynamicrafter.sampling.windows.plan_windows`; None = one pass).
     `evaluations` counts UNet branch evaluations, `cached` those that reused deep features."""
 
     def __init__(self, dc, lv: Levels, table, contexts, concat, fs, cfg_text, cfg_img, guidance_rescale,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
-from .config import VAEConfig
+from ..config import VAEConfig
 from .vae import AutoencoderKL, Decoder, MidBlock, ResnetBlock, norm
 
 REF_ATTN_DIM_HEAD = 64      # the official cross-attention to the references: heads x 64 (8 x 64 released)

@@ -11,10 +11,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .config import TEXT_CONTEXT_LEN
-from .contract import STEPS, check_guidance, check_int, check_sample_ddim
+from ..config import TEXT_CONTEXT_LEN
+from ..contract import STEPS, check_guidance, check_int, check_sample_ddim
 from .schedule import DDIMTable, NoiseSchedule, randn
-from .settings import Guidance, Schedule, Windows, resolve
+from ..settings import Guidance, Schedule, Windows, resolve
 from .windows import WindowPlan, plan_windows, take_context, take_frames
 
 # denoise(x_t (b, ...), t (b,), contexts (k*b, L, C)) -> (k*b, ...): k guidance branches on one x_t
@@ -56,7 +56,7 @@ def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_im
                          guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None,
                          camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None):
     """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
-    blended (`dynamicrafter.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs
+    blended (`dynamicrafter.sampling.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs
     (and the CamI2V `camera`; `cfg_camera` != 1 adds the camera CFG, camera_model.camera_guidance).
     `window_contexts(frame indices, contexts) -> contexts`: per-window contexts (a prompt schedule)."""
     if unet is None:
@@ -64,7 +64,7 @@ def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_im
             return dc.denoise(x_, t_, context, concat_, fs, camera=camera)
     extra = None
     if camera is not None and cfg_camera != 1.0:
-        from .camera_model import camera_guidance
+        from ..models.camera import camera_guidance
         extra = camera_guidance(lambda c: dc.denoise(x, t, c, concat, fs), contexts[0], cfg_camera)
 
     def run(x_, contexts_, concat_):
@@ -161,7 +161,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`: a CPU generator
     seeded by the user, as core ComfyUI; one on another device draws there).
     `callback(i, total, x, pred_x0)` runs after each step; raise from it to stop.
-    `windows` (`settings.Windows`, size W < T): context windows (`dynamicrafter.windows`): each
+    `windows` (`settings.Windows`, size W < T): context windows (`dynamicrafter.sampling.windows`): each
     step runs the UNet on windows of W frames overlapping by `overlap`, "uniform" or "looped"
     (around the end, for loop videos), and blends their outputs; videos up to 1024 frames.
     `start=k`: x_T is the latent at step k's level (`NoiseSchedule.noise_to_step`), the run skips
@@ -181,7 +181,7 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     table = NoiseSchedule.of(dc).ddim_table(sch.steps, sch.spacing, sch.eta, device, x_T.dtype)
 
     if camera is not None or cfg_camera != 1.0:
-        from .camera_model import check_camera_sampling
+        from ..models.camera import check_camera_sampling
         check_camera_sampling(dc, camera, cfg_camera, plan)
 
     def output(x, n):

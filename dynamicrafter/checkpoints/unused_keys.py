@@ -57,7 +57,7 @@ def feature_of(key: str) -> str:
 def refuse_unknown(keys: Iterable[str]) -> list[str]:
     """The keys that are known unused (to drop); raises CheckpointError naming every other key
     with the feature it belongs to."""
-    from .config import CheckpointError
+    from ..config import CheckpointError
 
     keys = sorted(keys)
     unknown = [k for k in keys if unused_reason(k) is None]

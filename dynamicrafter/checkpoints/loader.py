@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import CheckpointError, ModelConfig, infer_config
+from ..config import CheckpointError, ModelConfig, infer_config
 from .mapped import MappedPages
 from .metadata import KEY as CONFIG_METADATA_KEY, check_against_weights, stored_config
-from .schedule import schedule_buffers, variant_schedule
+from ..sampling.schedule import schedule_buffers, variant_schedule
 from .torch_files import check_tensor_bytes, load_torch_file
 from .unused_keys import refuse_unknown
 
@@ -113,8 +113,8 @@ def load_model(path, device="cpu", dtype: torch.dtype = torch.float32, variant_o
 def model_from_state_dict(sd: dict, device="cpu", dtype=torch.float32, variant_overrides=None, heads=None,
                           metadata: Optional[Mapping] = None, weight_dtype: Optional[torch.dtype] = None,
                           operations=None):
-    from . import ops
-    from .model import DynamiCrafter
+    from ..models import ops
+    from ..model import DynamiCrafter
 
     low = weight_dtype is not None and weight_dtype != dtype
     if low and operations is None:

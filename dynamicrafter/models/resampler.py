@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .attention import attention
-from .config import ResamplerConfig
+from ..config import ResamplerConfig
 from .ops import building_with
 from .ops import layers as ops
 

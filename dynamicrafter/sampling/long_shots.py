@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from .schedule import NoiseSchedule, randn
-from .settings import Guidance, Schedule, Windows, resolve, variant_settings
+from ..settings import Guidance, Schedule, Windows, resolve, variant_settings
 
 FRAME_CHOICES = ("first", "last", "index")
 LONG_VIDEO_METHODS = ("chained", "windows")
@@ -128,7 +128,7 @@ def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, uncond=No
     the clip's last O latents; returns the window's latents (its first O frames are the clip's,
     re-noised and denoised: use the clip's own frames there). uncond_img, guidance, schedule: as `sample_ddim`'s
     (loose keywords of earlier releases still work, with a DeprecationWarning)."""
-    from .sampling import sample_ddim
+    from .ddim import sample_ddim
     guidance, schedule, _ = resolve("continue_latents", guidance or Guidance(), schedule or Schedule(), Windows(),
                                     legacy)
     if known.ndim != 5 or known.shape[:2] != x_T.shape[:2] or known.shape[3:] != x_T.shape[3:]:
@@ -151,7 +151,7 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
     pinned frame, where the model expects its image, default) or "clip_end" (the clip's last frame).
     guidance defaults to the variant's, schedule to 50 steps of its spacing at eta 1 (loose keywords
     of earlier releases still work, with a DeprecationWarning)."""
-    from .pipeline import image_conditioning, video_latent_shape
+    from ..pipeline import image_conditioning, video_latent_shape
     if clip.ndim != 5 or clip.shape[1] != 3:
         raise ValueError(f"clip must be a video (b, 3, N, H, W) in [-1, 1], got shape {tuple(clip.shape)}")
     if condition not in ("window_start", "clip_end"):

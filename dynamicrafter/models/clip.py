@@ -11,7 +11,7 @@ import kornia
 import torch
 from torch import nn
 
-from .config import ClipConfig
+from ..config import ClipConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

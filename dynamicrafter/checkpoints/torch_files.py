@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import CheckpointError
+from ..config import CheckpointError
 
 # The pickle may ask torch for at most this much memory beyond the tensors read from the file
 # (whose sizes are checked against the file's records): a budget, not a typical size.

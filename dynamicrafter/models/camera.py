@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import camera as geometry
-from .config import CameraConfig
+from .. import camera as geometry
+from ..config import CameraConfig
 from .ops import layers as ops
 
 

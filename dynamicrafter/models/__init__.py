@@ -1,0 +1,1 @@
+"""The networks: 3D UNet, attention, VAEs, context resampler, CLIP towers, layer ops."""
