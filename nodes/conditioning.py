@@ -22,6 +22,17 @@ from .inputs import (CATEGORY, MAX_BATCH, MAX_FRAMES, MAX_VIDEO_FRAMES, fs_input
 from .resampler import ImageContext
 from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
 
+def conditioning_outputs() -> list:
+    """What an image-to-video conditioning node gives (core I2V nodes' shape, plus the dual-CFG middle)."""
+    return [
+        io.Conditioning.Output(display_name="positive", tooltip="text + image tokens + image latent"),
+        io.Conditioning.Output(display_name="negative", tooltip="empty text + grey-image tokens + image latent"),
+        io.Conditioning.Output(display_name="image_only", tooltip="empty text + real image tokens: the "
+                                                                  "middle conditioning for DualCFGGuider"),
+        io.Latent.Output(display_name="latent", tooltip="empty (b, 4, T, h, w) video latent to sample"),
+    ]
+
+
 MODES = ["image-to-video", "interpolation", "loop"]
 
 
@@ -106,14 +117,7 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
                 io.Image.Input("end_image", optional=True,
                                tooltip="last frame, interpolation mode only; same size as start_image"),
             ],
-            outputs=[
-                io.Conditioning.Output(display_name="positive", tooltip="text + image tokens + image latent"),
-                io.Conditioning.Output(display_name="negative",
-                                       tooltip="empty text + grey-image tokens + image latent"),
-                io.Conditioning.Output(display_name="image_only", tooltip="empty text + real image tokens: the "
-                                                                          "middle conditioning for DualCFGGuider"),
-                io.Latent.Output(display_name="latent", tooltip="empty (b, 4, T, h, w) video latent to sample"),
-            ])
+            outputs=conditioning_outputs())
 
     @classmethod
     def execute(cls, positive, negative, vae, image_context, start_image, width, height, frames, batch_size, fs,

@@ -13,7 +13,7 @@ from comfy_api.v0_0_2 import io
 
 from .clip_vision import encode_clip_vision
 from .comfy_model import require_dynamicrafter_model
-from .conditioning import MODES, build_conditioning
+from .conditioning import MODES, build_conditioning, conditioning_outputs
 from .inputs import CATEGORY, MAX_BATCH, MAX_VIDEO_FRAMES, SIZE_STEP, prompt_inputs
 from .resampler import resample_context
 
@@ -85,14 +85,7 @@ class DynamiCrafterImageToVideo(io.ComfyNode):
                                        "model); loop: start image at both ends"),
                 io.Image.Input("end_image", optional=True, tooltip="last frame, interpolation mode only"),
             ],
-            outputs=[
-                io.Conditioning.Output(display_name="positive", tooltip="text + image tokens + image latent"),
-                io.Conditioning.Output(display_name="negative",
-                                       tooltip="empty text + grey-image tokens + image latent"),
-                io.Conditioning.Output(display_name="image_only", tooltip="empty text + real image tokens: the "
-                                                                          "middle conditioning for DualCFGGuider"),
-                io.Latent.Output(display_name="latent", tooltip="empty (b, 4, T, h, w) video latent to sample"),
-            ])
+            outputs=conditioning_outputs())
 
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, frames, batch_size,
