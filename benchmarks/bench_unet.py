@@ -89,7 +89,8 @@ def main():
     t0 = time.perf_counter()
     model = build(cfg)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"built full-size 512 UNet + resampler ({weights / GIB:.2f} GiB of weights) in {time.perf_counter() - t0:.0f}s")
+    print(f"built full-size 512 UNet + resampler ({weights / GIB:.2f} GiB of weights) "
+          f"in {time.perf_counter() - t0:.0f}s")
 
     f, (h, w) = args.frames, args.latent
     x = torch.randn(1, 4, f, h, w)

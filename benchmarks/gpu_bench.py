@@ -60,7 +60,7 @@ def build(cfg: ModelConfig, device, weight_dtype, compute_dtype) -> DynamiCrafte
         model = DynamiCrafter(cfg, operations=ops.cast if low else None)
     model = model.to_empty(device=device)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             p.normal_(0, 0.02)
         for name, buf in model.named_buffers():
             buf.copy_(variant_schedule(cfg.variant)[name])

@@ -260,7 +260,10 @@ def infer_unet_config(sd: Mapping[str, torch.Tensor], prefix: str = "model.diffu
             raise CheckpointError(f"head width {head_channels} was given, but the relative-position tables "
                                   f"('{table}') are {table_hc} wide: the temporal attention heads are {table_hc} wide")
     hc = head_channels or table_hc or _RELEASED_UNET_HEAD_CHANNELS.get(mc, TINY_HEAD_WIDTH)
-    has = lambda s: any(s in k for k in keys)
+
+    def has(s):
+        return any(s in k for k in keys)
+
     init_heads = sd[p + "init_attn.0.proj_in.weight"].shape[0] // hc if p + "init_attn.0.proj_in.weight" in sd else 8
     return UNetConfig(
         in_channels=conv_in.shape[1], out_channels=sd[p + "out.2.weight"].shape[0], model_channels=mc,

@@ -231,7 +231,8 @@ def check_references(references, b: int, latent_hw, vae) -> list:
     levels = len(vae.cfg.ch_mult)
     if not isinstance(references, (list, tuple)) or len(references) != levels + 1:
         raise ValueError(f"references must be the list encode_references() returns ({levels + 1} tensors), "
-                         f"got {type(references).__name__} of length {len(references) if hasattr(references, '__len__') else '?'}")
+                         f"got {type(references).__name__} of length "
+                         f"{len(references) if hasattr(references, '__len__') else '?'}")
     h, w = int(latent_hw[0]) * 8, int(latent_hw[1]) * 8
     sizes = [(h >> i, w >> i) for i in range(levels)] + [(h, w)]
     for i, (r, hw) in enumerate(zip(references, sizes)):

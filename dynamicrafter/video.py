@@ -32,7 +32,8 @@ def load_image(path) -> torch.Tensor:
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"path must be an image file Pillow can read, got {str(path)!r} ({e})") from e
     if 0 in arr.shape:
-        raise ValueError(f"path must be an image of at least 1x1 pixels, got {str(path)!r} ({arr.shape[1]}x{arr.shape[0]})")
+        raise ValueError(f"path must be an image of at least 1x1 pixels, "
+                         f"got {str(path)!r} ({arr.shape[1]}x{arr.shape[0]})")
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255.0 * 2.0 - 1.0
 
 

@@ -133,7 +133,8 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         context = None if c_crossattn is None else take_context(c_crossattn, idx, frames)
         return take_frames(c_concat, idx, TIME_DIM), context
 
-    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        transformer_options = {} if transformer_options is None else transformer_options
         sigma = t
         c_concat, c_crossattn = self.window_conds(x, c_concat, c_crossattn, transformer_options)
         xc = self.model_sampling.calculate_input(sigma, x)
@@ -288,14 +289,16 @@ def make_comfy_clip(text_encoder, dtype: torch.dtype, pages=None) -> comfy.sd.CL
 
     class TextModel(comfy.sd1_clip.SDClipModel):
         def __init__(self, device="cpu", max_length=77, freeze=True, layer="penultimate", layer_idx=None,
-                     dtype=None, model_options={}):
+                     dtype=None, model_options=None):
+            model_options = {} if model_options is None else model_options
             super().__init__(device=device, freeze=freeze, layer="hidden", layer_idx=-2,
                              textmodel_json_config=config, dtype=dtype,
                              special_tokens={"start": 49406, "end": 49407, "pad": 0},
                              return_projected_pooled=True, model_options=model_options)
 
     class ClipModel(comfy.sd1_clip.SD1ClipModel):
-        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+        def __init__(self, device="cpu", dtype=None, model_options=None, **kwargs):
+            model_options = {} if model_options is None else model_options
             super().__init__(device=device, dtype=dtype, model_options=model_options, clip_name="h",
                              clip_model=TextModel, **kwargs)
 

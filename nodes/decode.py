@@ -37,7 +37,8 @@ def decode_frames(vae, part: torch.Tensor, tiling: str = "auto") -> torch.Tensor
 
 
 @torch.no_grad()
-def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto", tiling: str = "auto") -> torch.Tensor:
+def decode_video(vae, latent: dict, frames_per_batch: int = 4, trim: str = "auto",
+                 tiling: str = "auto") -> torch.Tensor:
     if vae is None:
         raise ValueError("no VAE connected: this checkpoint has none (pruned file); load the SD KL-f8 VAE "
                          "with VAELoader")

@@ -61,7 +61,8 @@ def sampler_inputs() -> list:
     return [
         io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                      tooltip="noise seed"),
-        io.Int.Input("steps", default=50, min=1, max=MAX_STEPS, tooltip=f"DDIM steps (official: 50); uniform_trailing spacing: any count up to "
+        io.Int.Input("steps", default=50, min=1, max=MAX_STEPS,
+                     tooltip=f"DDIM steps (official: 50); uniform_trailing spacing: any count up to "
                              f"{MAX_TRAILING_STEPS}, some above it are undefined"),
         io.Float.Input("cfg_text", default=7.5, min=0.0, max=30.0, step=0.1,
                        tooltip="text guidance scale (1 = no guidance)"),

@@ -13,7 +13,8 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
-from dynamicrafter.sampling.long_shots import DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments, window_overlap
+from dynamicrafter.sampling.long_shots import (DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments,
+                                               window_overlap)
 from dynamicrafter.settings import Windows
 
 from .clip_vision import encode_clip_vision

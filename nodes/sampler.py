@@ -82,9 +82,13 @@ def prepare_inputs(inner, positive, negative, latent):
     return cond, uncond, uncond_img, concat, fs
 
 
+# run_ddim's default: one pass over all frames (Windows is a frozen dataclass, safe to share)
+ONE_PASS = Windows()
+
+
 @torch.no_grad()
 def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: torch.Tensor | None = None,
-             previews: bool = True, solver: str = "ddim", windows: Windows = Windows(),
+             previews: bool = True, solver: str = "ddim", windows: Windows = ONE_PASS,
              cfg_camera: float = 1.0, denoise: float = 1.0, motion: float = 1.0, mask=None,
              mask_feather: float = 1.0, prompt_schedule=None):
     """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets;

@@ -409,7 +409,8 @@ class ComfyServer:
     def queue(self, prompt: dict, client_id: str | None = None) -> str:
         status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         if status != 200:
-            raise PromptFailed(f"/prompt answered {status}: {json.dumps(body)[:2000]}", {"status": status, "body": body})
+            raise PromptFailed(f"/prompt answered {status}: {json.dumps(body)[:2000]}",
+                               {"status": status, "body": body})
         return body["prompt_id"]
 
     def history(self, prompt_id: str) -> dict | None:

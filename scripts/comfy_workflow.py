@@ -66,7 +66,7 @@ def output_types(node_cls) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------- UI -> API
 def ui_to_api(workflow: dict, node_classes: dict) -> dict:
     """Convert a UI-format workflow to an API-format prompt (notes and muted/bypassed nodes dropped)."""
-    links = {l[0]: l for l in workflow.get("links", [])}
+    links = {link[0]: link for link in workflow.get("links", [])}
     by_id = {n["id"]: n for n in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:

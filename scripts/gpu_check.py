@@ -261,7 +261,7 @@ def run_templates(args, device, ckpts: dict[str, Path], inputs: dict[str, Path],
         else:
             try:
                 values = {"{2f}": 2 * f, "{f}": f, "{l}": 2 * f + 2, "{q}": max(1, f // 4)}
-                sets = [re.sub(r"\{\w+\}", lambda m: str(values[m.group(0)]), s) for s in tpl.sets]
+                sets = [re.sub(r"\{\w+\}", lambda m, values=values: str(values[m.group(0)]), s) for s in tpl.sets]
                 prompt = prepare_prompt(load_workflow(REPO / "workflows" / tpl.workflow), comfy.node_classes,
                                         tpl.ckpt, list(tpl.images), args.width, args.height, f, args.steps, sets)
                 if not have_av:

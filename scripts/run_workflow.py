@@ -63,7 +63,7 @@ def prepare_prompt(workflow: dict, node_classes: dict, ckpt_name: str | None = N
     for i, k in enumerate(loads):
         if image_names:
             prompt[k]["inputs"]["image"] = image_names[min(i, len(image_names) - 1)]
-    for k, node in prompt.items():
+    for _k, node in prompt.items():
         t, inp = node["class_type"], node["inputs"]
         if t == "DynamiCrafterLoader" and ckpt_name:
             inp["ckpt_name"] = ckpt_name

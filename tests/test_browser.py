@@ -217,7 +217,8 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
             page.wait_for_timeout(200)
         boxes = page.evaluate("""() => {
             const title = LiteGraph.NODE_TITLE_HEIGHT;
-            return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, out: !!n.constructor.nodeData?.output_node,
+            return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, """
+                              """out: !!n.constructor.nodeData?.output_node,
                 x: n.pos[0], y: n.pos[1] - title, w: n.size[0], h: n.size[1] + title}));
         }""")
         for i, a in enumerate(boxes):
@@ -244,7 +245,8 @@ def test_templates_browser_shows_our_templates_with_thumbnails(browser_page, com
     page, logs = browser_page
     prefix = f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/"
     fetched = {}
-    page.on("response", lambda r: fetched.__setitem__(unquote(r.url.split(prefix)[-1]), r.status) if prefix in r.url else None)
+    page.on("response",
+            lambda r: fetched.__setitem__(unquote(r.url.split(prefix)[-1]), r.status) if prefix in r.url else None)
     page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
     page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
     page.evaluate("async () => { await window.app.extensionManager.setting.set('Comfy.TutorialCompleted', true) }")

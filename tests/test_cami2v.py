@@ -165,7 +165,8 @@ def test_pluker_and_epipolar_outputs_of_blocks(ref_cam):
         block = dc.unet.get_submodule(f"{name}.2.transformer_blocks.0")
         hooks.append(block.pluker_projection.register_forward_hook(
             lambda m, i, o, n=name: seen.update({f"{n}.pluker_in": i[0], f"{n}.pluker_out": o})))
-        hooks.append(block.epipolar.register_forward_hook(lambda m, i, o, n=name: seen.update({f"{n}.epipolar_out": o})))
+        hooks.append(block.epipolar.register_forward_hook(
+            lambda m, i, o, n=name: seen.update({f"{n}.epipolar_out": o})))
     dc.denoise(ref["unet.x_t"], ref["unet.t"], ref["caseA.cond.c_crossattn"], ref["caseA.cond.c_concat"],
                ref["unet.fs"], camera=cam)
     for h in hooks:

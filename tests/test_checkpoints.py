@@ -193,7 +193,8 @@ def test_vae_norm_groups_travel_in_the_file(tmp_path):
     with torch.no_grad():
         ref = model.decode(z)
         assert torch.equal(back.decode(z), ref)
-        model.first_stage_model.apply(lambda m: setattr(m, "num_groups", 32) if isinstance(m, torch.nn.GroupNorm) else None)
+        model.first_stage_model.apply(
+            lambda m: setattr(m, "num_groups", 32) if isinstance(m, torch.nn.GroupNorm) else None)
         assert (model.decode(z) - ref).abs().max() > 1e-3     # the count matters
 
 

@@ -35,7 +35,8 @@ def latent_prompt(comfy, dtype: str, prefix: str, ckpt: str) -> dict:
         if node["class_type"] == "DynamiCrafterDDIMSampler":
             node["inputs"]["eta"] = 0.0
     sampler = next(k for k, v in prompt.items() if v["class_type"] == "DynamiCrafterDDIMSampler")
-    prompt["9001"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": f"latents/{prefix}"}}
+    prompt["9001"] = {"class_type": "SaveLatent",
+                      "inputs": {"samples": [sampler, 0], "filename_prefix": f"latents/{prefix}"}}
     return prompt
 
 

@@ -206,7 +206,8 @@ def test_templates_have_human_names_and_the_pack_category_is_translated():
 
 def test_example_inputs_named_by_the_workflows_are_shipped():
     """Every image or video a bundled workflow loads is in assets/ or assets/examples/."""
-    shipped = {p.name for p in (REPO / "assets").glob("*.png")} | {p.name for p in (REPO / "assets" / "examples").iterdir()}
+    shipped = ({p.name for p in (REPO / "assets").glob("*.png")}
+               | {p.name for p in (REPO / "assets" / "examples").iterdir()})
     for path in sorted(WORKFLOWS.glob("*.json")):
         for n in json.loads(path.read_text())["nodes"]:
             if n["type"] in ("LoadImage", "LoadVideo"):

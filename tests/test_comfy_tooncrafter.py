@@ -90,7 +90,8 @@ def test_loader_reads_the_inference_yaml_beside_the_checkpoint(comfy, toon_loade
     assert_close_to_ref(cond, ref["text.prompt_emb"], name="prompt embedding through ComfyUI's CLIP")
     loader = pack("loader")
     assert loader.inference_config_beside(str(comfy.base_dir / "models" / "checkpoints" / TOON))["text_heads"] == 2
-    assert loader.inference_config_beside(str(comfy.base_dir / "models" / "checkpoints" / "dc_tiny_v.safetensors")) is None
+    assert loader.inference_config_beside(
+        str(comfy.base_dir / "models" / "checkpoints" / "dc_tiny_v.safetensors")) is None
 
 
 def test_loader_vae_is_the_reference_decoder_and_conditioning_carries_references(comfy, toon_loaded, toon_ref,

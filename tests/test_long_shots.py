@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamicrafter.sampling.long_shots import (chain_segments, continue_clip, continue_latents, frame_index, pinned_levels,
-                                      segment_joins, segments_needed)
+from dynamicrafter.sampling.long_shots import (chain_segments, continue_clip, continue_latents, frame_index,
+                                               pinned_levels, segment_joins, segments_needed)
 from dynamicrafter.sampling.ddim import sample_ddim
 
 

@@ -73,7 +73,8 @@ def test_lora_shapes_are_checked_before_any_product(model, tmp_path):
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 def test_non_finite_alpha_strength_or_weights_are_refused(model, tmp_path, value):
-    refused(model, tmp_path, plain_lora(model, alpha=value), r"alpha is (nan|inf); a LoRA scale must be a finite number")
+    refused(model, tmp_path, plain_lora(model, alpha=value),
+            r"alpha is (nan|inf); a LoRA scale must be a finite number")
     refused(model, tmp_path, plain_lora(model), r"strength is (nan|inf)", strength=value)
     nan_up = plain_lora(model)
     nan_up[f"{LAYER}.lora_up.weight"][0, 0] = value
@@ -217,7 +218,8 @@ def test_videocrafter_init_refuses_unknown_tensors(tmp_path):
     from training.modeling import load_init
     torch.manual_seed(0)
     vc = dynamicrafter.DynamiCrafter(tiny_config(family="videocrafter", frames=4))
-    donor = dynamicrafter.save_checkpoint(dynamicrafter.DynamiCrafter(tiny_config(frames=4)), tmp_path / "dc.safetensors")
+    donor = dynamicrafter.save_checkpoint(dynamicrafter.DynamiCrafter(tiny_config(frames=4)),
+                                          tmp_path / "dc.safetensors")
     sd = {k: v.contiguous() for k, v in vc.state_dict().items()}
     sd["model.diffusion_model.motion_adapter.0.weight"] = torch.zeros(4, 4)
     save_file(sd, str(tmp_path / "vc.safetensors"))

@@ -47,5 +47,7 @@ def test_tiny_vae_tiled_decode_is_close(ref_v):
     tiled = dc.decode(latents, tile=32)
     diff = (tiled - whole).abs()
     assert tiled.shape == whole.shape == (1, 3, 1, 320, 576)
-    assert 0 < float(diff.mean()) <= TINY_MEAN and float(diff.max()) <= TINY_MAX, (float(diff.mean()), float(diff.max()))
-    assert torch.equal(dc.decode(latents[..., :16, :16]), dc.decode(latents[..., :16, :16], tile=0))  # auto: small frames whole
+    assert 0 < float(diff.mean()) <= TINY_MEAN and float(diff.max()) <= TINY_MAX, \
+        (float(diff.mean()), float(diff.max()))
+    # auto: small frames whole
+    assert torch.equal(dc.decode(latents[..., :16, :16]), dc.decode(latents[..., :16, :16], tile=0))

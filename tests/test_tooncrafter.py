@@ -246,7 +246,7 @@ def _steps_match(dc, ref, spec, k, ill_conditioned_case=False):
         for x_in in (x, x + NUDGE) if ill_conditioned_case else (x,):
             outs = []
 
-            def denoise(x_, t_, context):
+            def denoise(x_, t_, context, outs=outs):
                 out = dc.denoise(x_, t_, context, ref[k + "cond.c_concat"], ref[k + "fs"])
                 outs.extend(out.split(x_.shape[0]))
                 return out

@@ -156,5 +156,6 @@ def test_eight_bit_adam_needs_bitsandbytes_and_says_so(monkeypatch):
     cfg = load_config(None, ["model.tiny=true", "data.csv=x.csv", "optim.name=adamw8bit"])
     with pytest.raises(RuntimeError, match="pip install bitsandbytes"):
         make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
-    plain = make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["model.tiny=true", "data.csv=x.csv"]))
+    plain = make_optimizer([torch.nn.Parameter(torch.zeros(2))],
+                           load_config(None, ["model.tiny=true", "data.csv=x.csv"]))
     assert isinstance(plain, torch.optim.AdamW)

@@ -44,4 +44,5 @@ def test_towers_learn_the_captions_and_load_into_the_tiny_model(tmp_path):
     towers = [k for k in before if k.startswith(("cond_stage_model.", "embedder."))]
     assert n == len(towers)                                 # every tower tensor, nothing else
     assert all(torch.equal(before[k], v) for k, v in dc.state_dict().items() if k not in towers)
-    assert not torch.equal(before["embedder.model.visual.conv1.weight"], dc.state_dict()["embedder.model.visual.conv1.weight"])
+    assert not torch.equal(before["embedder.model.visual.conv1.weight"],
+                           dc.state_dict()["embedder.model.visual.conv1.weight"])

@@ -221,7 +221,10 @@ def test_videocrafter_init_gets_the_image_stream(tmp_path, clips):
 
     torch.manual_seed(1)
     cfg = tiny_config(family="videocrafter", frames=4)
-    fix = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    def fix(d):
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
     cfg = dataclasses.replace(cfg, unet=dataclasses.replace(cfg.unet, **fix(TINY["unet"])),
                               vae=dataclasses.replace(cfg.vae, **fix(TINY["vae"])))
     vc = DynamiCrafter(cfg)

@@ -289,8 +289,11 @@ def test_1024_style_fps_and_scaled_sampling(tmp_path):
     g = torch.Generator().manual_seed(3)
     x_T = torch.randn(1, 4, 4, 8, 8, generator=g)
     cond, uncond = (torch.randn(1, 77, 64, generator=g) for _ in range(2))
-    run = lambda m, fs: dynamicrafter.sample_ddim(m, x_T, cond, uncond, concat=None, fs=fs, steps=2, cfg_text=12.0,
-                                                 spacing="uniform")
+
+    def run(m, fs):
+        return dynamicrafter.sample_ddim(m, x_T, cond, uncond, concat=None, fs=fs, steps=2, cfg_text=12.0,
+                                         spacing="uniform")
+
     out = run(loaded, 28)
     assert (out - run(loaded, 8)).abs().max() > 1e-3   # the 1024 model reads fps
     # the use_scale update (x0 / scale_t, then * scale_prev) differs from plain DDIM

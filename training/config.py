@@ -27,7 +27,8 @@ class ModelSection:
     init_extra_prefixes: list = field(default_factory=lambda: ["embedder.", "image_proj_model."])  # that init lacks
     tiny: bool = False                  # random tiny model of the official architecture (tests, demo)
     tiny_overrides: dict = field(default_factory=dict)  # sizes of the tiny model: {unet: {...}, vae: {...}, ...}
-    variant: dict = field(default_factory=dict)     # overrides: parameterization, zero_snr, dynamic_rescale_base, fs_meaning
+    # overrides: parameterization, zero_snr, dynamic_rescale_base, fs_meaning
+    variant: dict = field(default_factory=dict)
     image_kv_init: str = "copy_text"    # new to_k_ip/to_v_ip (from a VideoCrafter init): copy_text | random
     frozen_dtype: str = "fp32"          # dtype of the frozen encoders (VAE, text + image CLIP): fp32 | bf16 | fp16
     dropout: float = 0.1                # dropout in the UNet ResBlocks while training (the official trainer's 0.1)
@@ -158,7 +159,8 @@ class TrainConfig:
         if self.model.image_kv_init not in ("copy_text", "random"):
             raise ConfigError("model.image_kv_init must be copy_text or random")
         if not self.data.csv:
-            raise ConfigError("set data.csv: the CSV listing the training videos (video,caption or videoid,name,page_dir)")
+            raise ConfigError("set data.csv: the CSV listing the training videos "
+                              "(video,caption or videoid,name,page_dir)")
         if not self.model.init and not self.model.tiny:
             raise ConfigError("set model.init (a checkpoint to start from) or model.tiny=true")
         if not 0.0 <= self.model.dropout < 1.0:

@@ -249,7 +249,8 @@ class VideoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    @lru_cache(maxsize=4)
+    # one dataset lives for the whole run; the last few epochs' orders are meant to be kept (bounded, maxsize=4)
+    @lru_cache(maxsize=4)  # noqa: B019
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.records))
 

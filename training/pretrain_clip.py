@@ -38,7 +38,8 @@ from training.modeling import tiny_model_config
 from training.pretrain_vae import to_unit
 
 
-def load_pairs(csv: str, video_dir: str | None, size: int, per_clip: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+def load_pairs(csv: str, video_dir: str | None, size: int,
+               per_clip: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """`per_clip` evenly spaced frames of every clip as uint8 (N, 3, size, size), the distinct
     captions, and each frame's caption index (N,)."""
     frames, caption_of, captions = [], [], {}
@@ -68,7 +69,8 @@ def image_features(enc: ImageEncoder, images: torch.Tensor) -> torch.Tensor:
     return enc.model.visual(enc.preprocess(images))
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE with soft targets: `same` (B, B) marks the pairs with identical captions."""
     logits = logit_scale.exp().clamp(max=100) * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     target = same.float() / same.float().sum(1, keepdim=True)

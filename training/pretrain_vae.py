@@ -125,7 +125,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae", type=json.loads, default=None, help='VAE sizes as JSON, e.g. {"ch": 32, "ch_mult": [1,2,2,2]}')
+    p.add_argument("--vae", type=json.loads, default=None,
+                   help='VAE sizes as JSON, e.g. {"ch": 32, "ch_mult": [1,2,2,2]}')
     a = p.parse_args(argv)
     result = train_vae(a.csv, a.out, size=a.size, steps=a.steps, batch=a.batch, lr=a.lr, kl_weight=a.kl_weight,
                        seed=a.seed, vae=a.vae, video_dir=a.video_dir)

@@ -305,7 +305,7 @@ def scan_pickle(data: bytes, source: str = "checkpoint") -> dict:
         raise CheckpointError(f"{source}: {why}; the file is not a plain checkpoint, refusing it")
 
     try:
-        for op, arg, pos in pickletools.genops(data):
+        for op, arg, _pos in pickletools.genops(data):
             code = op.name
             if code == "PROTO" or code == "STOP":
                 continue

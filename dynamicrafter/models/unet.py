@@ -209,7 +209,10 @@ class TemporalConvBlock(nn.Module):
 
     def __init__(self, channels, dropout=0.0):
         super().__init__()
-        conv = lambda: ops.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
+        def conv():
+            return ops.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
         self.conv1 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), conv())
         self.conv2 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
         self.conv3 = nn.Sequential(ops.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(dropout), conv())
@@ -418,7 +421,8 @@ class UNet3D(nn.Module):
         if self.cfg.fs_condition:
             if fs is None:
                 fs = torch.full((b,), self.cfg.default_fs, dtype=torch.long, device=x.device)
-            fs_emb = self.fps_embedding(timestep_embedding(fs.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
+            fs_emb = self.fps_embedding(
+                timestep_embedding(fs.reshape(-1).expand(b), self.cfg.model_channels).to(x.dtype))
             emb = emb + fs_emb
         emb = emb.repeat_interleave(t, dim=0)
         context = self.per_frame_context(context, t)

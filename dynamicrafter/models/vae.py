@@ -67,7 +67,8 @@ class MidBlock(nn.Module):
 
     def __init__(self, ch, groups, resblock=ResnetBlock):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = resblock(ch, ch, groups), AttnBlock(ch, groups), resblock(ch, ch, groups)
+        self.block_1, self.attn_1, self.block_2 = (resblock(ch, ch, groups), AttnBlock(ch, groups),
+                                                   resblock(ch, ch, groups))
 
     def forward(self, h):
         return self.block_2(self.attn_1(self.block_1(h)))

@@ -151,7 +151,8 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
                 guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
                 windows: Optional[Windows] = None, noise: Optional[Sequence[torch.Tensor]] = None,
                 generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None, start: int = 0,
-                camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None, **legacy) -> torch.Tensor:
+                camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None,
+                **legacy) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
     cond/uncond/uncond_img are contexts [text | image tokens]. `guidance` (`settings.Guidance`):

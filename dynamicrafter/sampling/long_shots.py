@@ -146,9 +146,10 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
                   schedule: Optional[Schedule] = None, seed: int = 123, negative_prompt: str = "",
                   **legacy) -> torch.Tensor:
     """Extend `clip` ((b, 3, N, H, W) in [-1, 1], at the model's size) by frames - overlap new frames
-    that carry its motion on (`prompt`: one text, or one per video); returns (b, 3, N + frames - overlap, H, W): the clip unchanged, then the
-    new frames. `condition`: the image the window is animated from - "window_start" (the first
-    pinned frame, where the model expects its image, default) or "clip_end" (the clip's last frame).
+    that carry its motion on (`prompt`: one text, or one per video); returns
+    (b, 3, N + frames - overlap, H, W): the clip unchanged, then the new frames. `condition`: the
+    image the window is animated from - "window_start" (the first pinned frame, where the model
+    expects its image, default) or "clip_end" (the clip's last frame).
     guidance defaults to the variant's, schedule to 50 steps of its spacing at eta 1 (loose keywords
     of earlier releases still work, with a DeprecationWarning)."""
     from ..pipeline import image_conditioning, video_latent_shape

@@ -164,7 +164,8 @@ def score(videos: np.ndarray, gts: np.ndarray, rows: list[dict], interp: bool = 
             mid_err.append(float(np.linalg.norm(shift[mid] - track(gt, gt[0], mask)[0][mid])))
     n = len(rows)
     out = {"n": n, "first_frame_psnr": float(np.mean(first_psnr)),
-           "first_frame_object_offset_px": float(np.mean(first_pos_err)), "frame_psnr_vs_gt": float(np.mean(frame_psnr)),
+           "first_frame_object_offset_px": float(np.mean(first_pos_err)),
+           "frame_psnr_vs_gt": float(np.mean(frame_psnr)),
            "object_kept": kept / n, "direction_agreement": agree / n, f"moved_ge_{int(MOVE_MIN_PX)}px": moved / n,
            "mean_displacement_px": float(np.mean(disp)), "mean_object_colour_change": float(np.mean(colour_err))}
     if interp:
