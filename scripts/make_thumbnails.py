@@ -73,18 +73,22 @@ def input_thumbnail(pictures: list[Image.Image], background=(24, 24, 24)) -> Ima
     return out
 
 
-def main() -> None:
+def card(workflow: Path) -> Image.Image:
+    """The Templates browser card of a workflow: its example inputs, or its graph picture without one."""
     import json
+    pictures = example_inputs(json.loads(workflow.read_text()))[:3]
+    if pictures:
+        return input_thumbnail(pictures)
+    picture = REPO / "docs" / "images" / f"{workflow.stem}.png"
+    if not picture.is_file():
+        sys.exit(f"{picture} is missing: run scripts/screenshot_workflows.py {workflow.stem} first")
+    return thumbnail(Image.open(picture))
+
+
+def main() -> None:
     for wf in sorted((REPO / "workflows").glob("*.json")):
         target = wf.with_suffix(".jpg")
-        pictures = example_inputs(json.loads(wf.read_text()))[:3]
-        if pictures:
-            input_thumbnail(pictures).save(target, quality=85, optimize=True)
-        else:
-            picture = REPO / "docs" / "images" / f"{wf.stem}.png"
-            if not picture.is_file():
-                sys.exit(f"{picture} is missing: run scripts/screenshot_workflows.py {wf.stem} first")
-            thumbnail(Image.open(picture)).save(target, quality=85, optimize=True)
+        card(wf).save(target, quality=85, optimize=True)
         print("wrote", target)
 
 

@@ -170,8 +170,8 @@ def test_long_video_method_old_workflow_chains_and_windows_runs(comfy, monkeypat
         monkeypatch.setattr(lv, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     wf = load_workflow(WORKFLOWS / "DynamiCrafter long video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterLongVideo")
-    assert node["widgets_values"][-1] == lv.DEFAULT_LONG_VIDEO_METHOD       # saved with the method
-    node["widgets_values"] = node["widgets_values"][:-1]                    # as saved before it existed
+    assert node["widgets_values"][-2] == lv.DEFAULT_LONG_VIDEO_METHOD       # saved with the method (then the schedule)
+    node["widgets_values"] = node["widgets_values"][:-2]                    # as saved before it existed
     old = prepare_prompt(wf, comfy.node_classes, "dc_tiny_v.safetensors", ["single_image.png"], W, H, 4, 2,
                          ["DynamiCrafterLongVideo.total_frames=10"])
     assert "method" not in next(v for v in old.values() if v["class_type"] == "DynamiCrafterLongVideo")["inputs"]

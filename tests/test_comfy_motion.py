@@ -51,7 +51,7 @@ def with_clip_latent(comfy, prompt: dict, frames: int = T) -> tuple[dict, np.nda
 def test_motion_inputs_are_optional_and_after_the_old_widgets(comfy):
     from comfy_workflow import widget_layout
     ddim = [w for w, _ in widget_layout(comfy.node_classes["DynamiCrafterDDIMSampler"])]
-    assert ddim[-3:] == ["denoise", "mask_feather", "motion"] and ddim[-4] == "context_schedule"
+    assert ddim[-3:] == ["denoise", "mask_feather", "motion"] and ddim[-5:-3] == ["context_schedule", "cfg_camera"]
     lv = [w for w, _ in widget_layout(comfy.node_classes["DynamiCrafterLongVideo"])]
     assert lv[-2:] == ["method", "prompt_schedule"]
     for n in ("DynamiCrafterDDIMSampler", "DynamiCrafterLongVideo", "DynamiCrafterKeyframes"):

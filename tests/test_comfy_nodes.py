@@ -295,7 +295,7 @@ def test_old_workflow_keeps_ddim_and_solver_runs_in_the_executor(comfy, monkeypa
     import dynamicrafter.sampling.solvers as solvers
     wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
-    assert len(node["widgets_values"]) == 12 and node["widgets_values"][8] == "ddim"   # saved with the solver
+    assert len(node["widgets_values"]) == 16 and node["widgets_values"][8] == "ddim"   # saved with the solver
     saved = node["widgets_values"] = node["widgets_values"][:8]     # as saved before the solver input existed
     assert saved[-1] in ("auto", "uniform_trailing", "uniform")
     calls = []

@@ -110,13 +110,13 @@ def test_execution_error_is_reported_and_server_keeps_serving(comfy_server, sche
 
 def test_templates_are_listed_with_their_thumbnails(comfy_server):
     """The Templates browser's sources: /workflow_templates lists every bundled workflow under the
-    pack, and /api/workflow_templates/<pack>/<name>.jpg (the frontend's thumbnail URL) serves a
-    JPEG of that workflow's own graph (scripts/make_thumbnails.py from docs/images/<name>.png)."""
+    pack, and /api/workflow_templates/<pack>/<name>.jpg (the frontend's thumbnail URL) serves that
+    workflow's card (scripts/make_thumbnails.py: its example inputs, or docs/images/<name>.png)."""
     import io
 
     import numpy as np
     from PIL import Image
-    from make_thumbnails import THUMB_SIZE, thumbnail
+    from make_thumbnails import THUMB_SIZE, card
     from urllib.parse import quote
     listed = comfy_server.get_json("/workflow_templates")[comfy_runtime.PACK_NAME]
     assert sorted(listed) == sorted(p.stem for p in WORKFLOWS.glob("*.json"))
@@ -124,6 +124,6 @@ def test_templates_are_listed_with_their_thumbnails(comfy_server):
         status, body = comfy_server._request(f"/api/workflow_templates/{comfy_runtime.PACK_NAME}/{quote(name)}.jpg")
         served = Image.open(io.BytesIO(body))
         assert status == 200 and served.format == "JPEG" and served.size == THUMB_SIZE, name
-        expected = thumbnail(Image.open(comfy_runtime.REPO_ROOT / "docs" / "images" / f"{name}.png"))
+        expected = card(WORKFLOWS / f"{name}.json")
         diff = np.abs(np.asarray(served.convert("RGB"), float) - np.asarray(expected, float)).mean()
-        assert diff < 2.5, f"{name}.jpg is not the thumbnail of docs/images/{name}.png (mean diff {diff:.1f})"
+        assert diff < 2.5, f"{name}.jpg is not the card scripts/make_thumbnails.py makes (mean diff {diff:.1f})"

@@ -94,7 +94,7 @@ def test_workflow_saved_before_the_window_inputs_loads_and_samples_without_windo
     (8 values + the seed's control value) maps value by value and samples as before (windows off)."""
     wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")
     node = next(nd for nd in wf["nodes"] if nd["type"] == "DynamiCrafterDDIMSampler")
-    assert node["widgets_values"][9:] == [0, 4, "uniform"]                 # saved now: windows off
+    assert node["widgets_values"][9:12] == [0, 4, "uniform"]               # saved now: windows off
     node["widgets_values"] = node["widgets_values"][:9]
     old = prepare_prompt(wf, comfy.node_classes, "dc_tiny_v.safetensors", ["single_image.png"], W, H, T, STEPS)
     sampler = next(v for v in old.values() if v["class_type"] == "DynamiCrafterDDIMSampler")

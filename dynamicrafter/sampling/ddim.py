@@ -61,6 +61,8 @@ def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_im
     `window_contexts(frame indices, contexts) -> contexts`: per-window contexts (a prompt schedule)."""
     if unet is None:
         def unet(x_, t_, context, concat_):
+            if camera is None:      # any denoiser; only CamI2V models take a camera
+                return dc.denoise(x_, t_, context, concat_, fs)
             return dc.denoise(x_, t_, context, concat_, fs, camera=camera)
     extra = None
     if camera is not None and cfg_camera != 1.0:
