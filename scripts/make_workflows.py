@@ -345,7 +345,7 @@ def long_video(classes) -> dict:
                 "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto"},
                size=[360, 420])
     connect_pipeline(g, ld, p, n, lv, start_image=(img, 0))
-    save_video(g, lv, 1320, 0, "video/dynamicrafter_long")
+    save_video(g, lv, 1380, 0, "video/dynamicrafter_long")
     g.note("Longer than 16 frames. method chained: segments, each animated from the previous segment's last "
            "frame (46 frames = 3 segments of 16); windows: the whole video in context windows of segment_frames "
            "overlapping by half a window, blended at every step. README 'Long shots' compares them.",
