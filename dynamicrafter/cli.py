@@ -11,7 +11,7 @@ import torch
 from .config import DTYPES
 from .contract import WINDOW_SCHEDULES
 from .devices import compute_dtype, default_device
-from .settings import Camera, Guidance, Schedule, Windows
+from .settings import Camera, Guidance, Motion, Schedule, Shot, Windows
 from .sampling.solvers import SOLVERS
 
 
@@ -105,11 +105,10 @@ def main(argv=None) -> int:
 
     camera = None if args.camera is None else Camera(args.camera, args.trace_extract_ratio, args.trace_scale,
                                                      args.cfg_camera)
-    video = animate(dc, image, args.prompt, end_image=end, loop=args.loop, frames=args.frames,
-                    size=(args.height, args.width), fs=args.fs, seed=args.seed, negative_prompt=args.negative_prompt,
-                    callback=progress, camera=camera, motion_mask=mask, mask_feather=args.mask_feather,
-                    init_video=init_video, strength=args.strength, motion=args.motion,
-                    prompt_schedule=args.prompt_schedule, **cli_settings(args, dc.variant))
+    shot = Shot(args.frames, (args.height, args.width), args.fs, args.seed, args.loop, end)
+    motion = Motion(mask, args.mask_feather, init_video, args.strength, args.motion, args.prompt_schedule, camera)
+    video = animate(dc, image, args.prompt, negative_prompt=args.negative_prompt, shot=shot, motion=motion,
+                    callback=progress, **cli_settings(args, dc.variant))
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]

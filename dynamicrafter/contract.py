@@ -141,12 +141,14 @@ def check_guidance(cfg_text, cfg_img, eta, guidance_rescale) -> None:
 
 # ----------------------------------------------------------------------------- entry points
 
-def check_animate(dc, image, prompt, end_image, loop, frames, size, fs, seed, negative_prompt, callback,
-                  settings) -> None:
-    """animate's inputs: the images and prompts, the video's frames / size (height, width: None =
-    the variant's) / fs / seed, and its (Guidance, Schedule, Windows)."""
+def check_animate(dc, image, prompt, negative_prompt, shot, settings, callback) -> None:
+    """animate's inputs: the image and prompts, its Shot (the video's frames / size (height, width: None =
+    the variant's) / fs / seed / loop / end_image), its (Guidance, Schedule, Windows) and callback."""
     guidance, schedule, win = settings
-    height, width = size
+    end_image, loop, frames, fs, seed = shot.end_image, shot.loop, shot.frames, shot.fs, shot.seed
+    if shot.size is not None and (not isinstance(shot.size, (tuple, list)) or len(shot.size) != 2):
+        raise ValueError(f"size must be (height, width), got {_show(shot.size)}")
+    height, width = shot.size if shot.size is not None else (None, None)
     window, window_overlap, window_schedule = win.size, win.overlap, win.schedule
     cfg_text, cfg_img, eta, guidance_rescale = guidance.cfg_text, guidance.cfg_img, schedule.eta, guidance.rescale
     steps, spacing = schedule.steps, schedule.spacing
@@ -224,9 +226,12 @@ def check_frames(frames: int, window, lo: int = 1) -> None:
         check_int("frames (x_T.shape[2])", frames, lo, FRAMES[1])
 
 
-def check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, steps, cfg_text, cfg_img, eta,
-                      guidance_rescale, spacing, noise, window=None, window_overlap=4,
-                      window_schedule="uniform") -> None:
+def check_sample_ddim(dc, x_T, c, guidance, schedule, windows, noise) -> None:
+    """sample_ddim's inputs: x_T, the Conditioning `c`, its Guidance, Schedule and Windows, the step noise."""
+    cond, uncond, uncond_img, concat, fs = c.cond, c.uncond, c.image_only, c.concat, c.fs
+    steps, spacing, eta = schedule.steps, schedule.spacing, schedule.eta
+    cfg_text, cfg_img, guidance_rescale = guidance.cfg_text, guidance.cfg_img, guidance.rescale
+    window, window_overlap, window_schedule = windows.size, windows.overlap, windows.schedule
     if not isinstance(x_T, torch.Tensor) or x_T.ndim != 5 or x_T.shape[1] != 4 or 0 in x_T.shape:
         raise ValueError(f"x_T must be a latent (b, 4, T, h, w), got {_show(x_T)}")
     check_windows(window, window_overlap, window_schedule)

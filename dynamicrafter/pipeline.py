@@ -3,19 +3,18 @@ DDIM sampling, decoding. `animate()` is the headless entry point; the ComfyUI no
 same pieces (`image_conditioning`, `concat_latent`, `sample_ddim`)."""
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
-from .sampling.motion import check_fraction, direct, prompt_schedule
-from .sampling.ddim import image_only_context, sample_ddim
+from .sampling.motion import PromptSchedule, check_fraction, direct, prompt_schedule
+from .sampling.ddim import Conditioning, sample_ddim
 from .sampling.schedule import ddim_timesteps, randn
-from .settings import Camera, Guidance, Schedule, Windows, variant_settings
+from .settings import Camera, Guidance, Motion, Schedule, Shot, Windows, shot_and_motion, variant_settings
 from .sampling.solvers import sample
 from .models.tooncrafter import decode_keyframe_clip, has_reference_decoder
 
@@ -69,18 +68,6 @@ def concat_latent(z_start: torch.Tensor, frames: int, z_end: Optional[torch.Tens
     return out
 
 
-@dataclass
-class Conditioning:
-    cond: torch.Tensor          # [prompt text | image tokens]
-    uncond: torch.Tensor        # [negative text | tokens of a zero image]
-    concat: torch.Tensor        # (b, 4, T, h, w)
-
-    @property
-    def uncond_img(self) -> torch.Tensor:
-        """[negative text | real image tokens], the dual-CFG third branch."""
-        return image_only_context(self.cond, self.uncond)
-
-
 def image_context_pair(dc, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Resampler tokens of the images and of an all-zero (mid-grey) image of the same size."""
     ctx = dc.image_context(dc.encode_clip_image(images))
@@ -120,98 +107,97 @@ def text_conditioning(dc, prompts: list[str], negative_prompts: Optional[list[st
     return Conditioning(cond=text, uncond=negative, concat=None)
 
 
-def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Optional[torch.Tensor] = None,
-            loop: bool = False, frames: Optional[int] = None, size: Optional[tuple] = None, fs: Optional[int] = None,
-            guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
-            windows: Optional[Windows] = None, seed: int = 123, negative_prompt: str = "",
-            callback: Optional[Callable] = None, camera=None, motion_mask: Optional[torch.Tensor] = None,
-            mask_feather: float = 1.0, init_video: Optional[torch.Tensor] = None, strength: float = 1.0,
-            motion: float = 1.0, prompt_schedule: Optional[str] = None, **legacy) -> torch.Tensor:
+def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: str = "",
+            shot: Optional[Shot] = None, guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
+            windows: Optional[Windows] = None, motion: Optional[Motion] = None, callback: Optional[Callable] = None,
+            **legacy) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
-    as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
-    (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
+    as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. `shot` (`settings.Shot`): frames,
+    size (height, width), fs (None: the variant's), seed, loop, end_image (interpolation). Defaults
+    per variant (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
     defaults to the variant's, `schedule` to 50 steps of its spacing at eta 1 with DDIM (or a faster
-    solver, `dynamicrafter.sampling.solvers`). `size` = (height, width). With a text-to-video model, pass
+    solver, `dynamicrafter.sampling.solvers`). With a text-to-video model, pass
     image=None. `windows` (e.g. Windows(16)): sample in context windows of that many frames
     (`dynamicrafter.sampling.windows`), for videos longer than the model's frames (up to 1024); "looped"
-    schedule for loop=True. Loose keywords of earlier releases (height=, width=, steps=, cfg_text=,
-    window=, ...) still work with a DeprecationWarning. `camera` (CamI2V models): a
+    schedule for loop=True. `motion` (`settings.Motion`, `dynamicrafter.sampling.motion`, design §14):
+    motion brush, video to video, motion amount, prompt schedule, and (CamI2V models) the camera: a
     `settings.Camera`, or just its trajectory (a preset name of dynamicrafter.camera.PRESET_NAMES, a
-    pose file or (N, 4, 4) world-to-camera matrices).
-    Directing the motion (`dynamicrafter.sampling.motion`, design §14): `motion_mask` (H, W) or (T, H, W) in
-    [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels);
-    `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
-    clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less
-    motion, closer to the image); `prompt_schedule` "0: a boat | 24: a storm" (per context window).
+    pose file or (N, 4, 4) world-to-camera matrices). Loose keywords of earlier releases (frames=,
+    size=, height=, width=, seed=, end_image=, steps=, cfg_text=, window=, camera=, motion_mask=,
+    strength=, motion=0.5, ...) still work with a DeprecationWarning.
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
+    # 1. the settings: values, the loose keywords of earlier releases applied
     v = dc.variant
-    height, width = size if size is not None else (legacy.pop("height", None), legacy.pop("width", None))
-    if height is not None and size is None or width is not None and size is None:
-        warnings.warn("animate(): height= and width= are deprecated and go in the next release: pass "
-                      "size=(height, width)", DeprecationWarning, stacklevel=2)
+    shot, motion, legacy = shot_and_motion("animate", shot, motion, legacy)
     guidance, schedule, windows = variant_settings("animate", v, guidance, schedule, windows, legacy)
-    check_animate(dc, image, prompt, end_image, loop, frames, (height, width), fs, seed, negative_prompt, callback,
-                  (guidance, schedule, windows))
-    strength, motion = check_fraction("strength", strength), check_fraction("motion", motion)
+    check_animate(dc, image, prompt, negative_prompt, shot, (guidance, schedule, windows), callback)
+    if schedule.start or guidance.camera != 1.0:
+        raise ValueError("animate sets the start step from motion.strength / motion.amount and the camera CFG from "
+                         "Camera.cfg: leave schedule.start at 0 and guidance.camera at 1")
+    end_image, frames, init_video = shot.end_image, shot.frames, motion.init_video
+    strength, amount = check_fraction("strength", motion.strength), check_fraction("motion", motion.amount)
     if init_video is not None:
         check_init_video(init_video)
         frames = init_video.shape[2] if frames is None else frames
     elif strength < 1:
         raise ValueError(f"strength={strength} starts from a clip: give init_video (or strength=1)")
-    if motion < 1 and (image is None or strength < 1):
-        raise ValueError(f"motion={motion} starts from the input image's latent: it needs an image and no "
+    if amount < 1 and (image is None or strength < 1):
+        raise ValueError(f"motion={amount} starts from the input image's latent: it needs an image and no "
                          f"init_video (strength 1)")
     frames = v["frames"] if frames is None else frames
+    height, width = shot.size if shot.size is not None else (None, None)
     height = v["resolution"][0] if height is None else height
     width = v["resolution"][1] if width is None else width
-    fs = v["default_fs"] if fs is None else int(fs)
-    generator = torch.Generator().manual_seed(seed)
+    fs = v["default_fs"] if shot.fs is None else int(shot.fs)
+    generator = torch.Generator().manual_seed(shot.seed)
     image_hw = tuple(image.shape[-2:]) if image is not None else (height, width)
+    # 2. conditioning, camera, x_T and where the motion controls start the sampler
     with torch.inference_mode():
         if v["image_cross_attention"]:
             image = fit_image(image.float(), height, width).to(dc.device)
             end = fit_image(end_image.float(), height, width).to(dc.device) if end_image is not None else None
             if has_reference_decoder(dc) and end is None:
                 raise ValueError("ToonCrafter in-betweens two keyframes: give it an end image (--end-image)")
-            c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)
+            c = image_conditioning(dc, image, [prompt], frames, end, shot.loop, [negative_prompt], generator=generator)
         else:
             c = text_conditioning(dc, [prompt], [negative_prompt])
         cam = None
-        if camera is not None:      # drawn after the VAE noise, before x_T (the official order)
-            move = camera if isinstance(camera, Camera) else Camera(camera)
-            cam = camera_condition(dc, move.trajectory, image_hw, frames, height, width, move.extract_ratio,
-                                   move.trace_scale, schedule.solver, windows.size, generator)
+        if motion.camera is not None:      # drawn after the VAE noise, before x_T (the official order)
+            move = motion.camera if isinstance(motion.camera, Camera) else Camera(motion.camera)
+            if schedule.solver != "ddim" or windows.size is not None:
+                raise ValueError("a camera move samples with the DDIM solver in one pass: use solver='ddim' and "
+                                 "no window")
+            cam = camera_condition(dc, move, image_hw, frames, (height, width), generator)
+            guidance = dataclasses.replace(guidance, camera=move.cfg)
         x_T = randn(video_latent_shape(1, frames, height, width), generator, dc.device)
-        x_T, start, callback, per_window = direct_motion(
-            dc, x_T, c, schedule.steps, schedule.spacing, generator, callback, motion_mask, mask_feather, init_video,
-            strength, motion, prompt_schedule)
+        x_T, start, callback, per_window = direct_motion(dc, x_T, c, schedule, motion, generator, callback)
         if start == len(ddim_timesteps(schedule.steps, schedule.spacing)):     # strength 0: the clip's own latents
             return dc.decode(x_T)
+        # 3. sample and decode
+        c = dataclasses.replace(c, fs=fs, camera=cam, window_contexts=per_window)
+        schedule = dataclasses.replace(schedule, start=start)
         if cam is not None:
-            latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance,
-                                  schedule=schedule, generator=generator, callback=callback, start=start,
-                                  window_contexts=per_window, camera=cam, cfg_camera=move.cfg)
+            latents = sample_ddim(dc, x_T, c, guidance=guidance, schedule=schedule, generator=generator,
+                                  callback=callback)
         else:
-            latents = sample(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance, schedule=schedule,
-                             windows=windows, generator=generator, callback=callback, start=start,
-                             window_contexts=per_window)
+            latents = sample(dc, x_T, c, guidance=guidance, schedule=schedule, windows=windows, generator=generator,
+                             callback=callback)
         if image is not None and has_reference_decoder(dc):
             return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
         return dc.decode(latents)
 
 
-def camera_condition(dc, camera, image_hw, frames: int, height: int, width: int, extract_ratio: float,
-                     trace_scale: float, solver: str = "ddim", window=None, generator=None):
-    """The CamI2V camera condition of a trajectory (preset, pose file or matrices) for a video of
-    height x width made from an image of size image_hw (the intrinsics follow the official demo)."""
+def camera_condition(dc, move: Camera, image_hw, frames: int, size: tuple, generator=None):
+    """The CamI2V camera condition of a move (its trajectory: a preset, pose file or matrices, resampled
+    with its extract_ratio and trace_scale) for a video of `frames` at size (height, width) made from
+    an image of size image_hw (the intrinsics follow the official demo)."""
     from . import camera as geometry
     if dc.cfg.camera is None:
         raise ValueError("this model has no camera control (not a CamI2V checkpoint): leave camera unset")
-    if solver != "ddim" or window is not None:
-        raise ValueError("a camera move samples with the DDIM solver in one pass: use solver='ddim' and no window")
+    trace_scale, (height, width) = move.trace_scale, size
     if not isinstance(trace_scale, (int, float)) or not 0 <= trace_scale <= 100:
         raise ValueError(f"trace_scale must be a number in [0, 100], got {trace_scale!r}")
-    RT = geometry.trajectory(camera, frames, extract_ratio)
+    RT = geometry.trajectory(move.trajectory, frames, move.extract_ratio)
     K = geometry.intrinsics(height, width, geometry.resized_size(image_hw, height, width), frames)
     return dc.encode_camera(RT, K, (height, width), trace_scale, generator=generator)
 
@@ -224,23 +210,24 @@ def check_init_video(clip) -> None:
         raise ValueError("init_video holds NaN or infinite values")
 
 
-def direct_motion(dc, x_T, c: Conditioning, steps, spacing, generator, callback, motion_mask, mask_feather,
-                  init_video, strength, motion, schedule_text):
+def direct_motion(dc, x_T, c: Conditioning, schedule: Schedule, motion: Motion, generator, callback):
     """(x to start from, start step, callback, window_contexts) for `animate`'s motion controls
     (`dynamicrafter.sampling.motion.direct`); with none of them: (x_T, 0, callback, None), today's sampler."""
     b, _, frames, h, w = x_T.shape
-    z = None
-    if init_video is not None and strength < 1:
+    z, init_video = None, motion.init_video
+    if init_video is not None and motion.strength < 1:
         if init_video.shape[2] != frames:
             raise ValueError(f"init_video has {init_video.shape[2]} frames but frames={frames}: give as many")
         pixels = fit_image(init_video[0].transpose(0, 1).float(), h * LATENT_SCALE, w * LATENT_SCALE).to(dc.device)
         z = dc.encode_first_stage(pixels, sample=False)              # the posterior mean: no random draw
         z = z.reshape(frames, *z.shape[1:]).transpose(0, 1)[None]
     image_latent = None if c.concat is None else c.concat[:, :, 0]
-    x_T, start, callback = direct(dc, x_T, steps, spacing, image_latent=image_latent, video_latent=z,
-                                  strength=strength if z is not None else 1.0, motion=motion, mask=motion_mask,
-                                  mask_feather=mask_feather, generator=generator, callback=callback)
+    if z is None:
+        motion = dataclasses.replace(motion, strength=1.0)
+    x_T, start, callback = direct(dc, x_T, schedule, motion, image_latent=image_latent, video_latent=z,
+                                  generator=generator, callback=callback)
     per_window = None
-    if schedule_text is not None:
-        per_window = prompt_schedule(dc.encode_text, schedule_text).window_contexts
+    if motion.prompt_schedule is not None:
+        per_window = motion.prompt_schedule.window_contexts if isinstance(motion.prompt_schedule, PromptSchedule) \
+            else prompt_schedule(dc.encode_text, motion.prompt_schedule).window_contexts
     return x_T, start, callback, per_window

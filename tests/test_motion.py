@@ -249,8 +249,8 @@ def test_cli_motion_flags(demo, tmp_path, monkeypatch):
                             "--prompt-schedule", "0: a | 4: b"]) == 0
     assert cli.main(base + ["--init-video", str(clip), "--strength", "0.5"]) == 0
     assert out.is_file()
-    first, second = seen
-    assert first["motion"] == 0.5 and first["mask_feather"] == 0.5 and first["prompt_schedule"] == "0: a | 4: b"
-    assert first["motion_mask"].shape == (64, 64) and set(first["motion_mask"].unique().tolist()) == {0.0, 1.0}
-    assert second["init_video"].shape[:3] == (1, 3, 8) and second["strength"] == 0.5
-    assert -1 <= float(second["init_video"].min()) and float(second["init_video"].max()) <= 1
+    first, second = (kw["motion"] for kw in seen)       # the CLI passes one settings.Motion
+    assert first.amount == 0.5 and first.feather == 0.5 and first.prompt_schedule == "0: a | 4: b"
+    assert first.mask.shape == (64, 64) and set(first.mask.unique().tolist()) == {0.0, 1.0}
+    assert second.init_video.shape[:3] == (1, 3, 8) and second.strength == 0.5
+    assert -1 <= float(second.init_video.min()) and float(second.init_video.max()) <= 1

@@ -7,7 +7,8 @@ import torch
 
 import dynamicrafter
 from dynamicrafter.config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN
-from dynamicrafter.sampling.ddim import window_guided_output
+from dynamicrafter.sampling.ddim import Conditioning, window_guided_output
+from dynamicrafter.settings import Guidance
 from dynamicrafter.sampling.windows import (WindowPlan, blend_weights, context_windows, plan_windows, take_context,
                                    take_frames)
 
@@ -90,7 +91,7 @@ def test_windows_slice_latent_concat_and_tokens_at_the_right_frames(overlap, sch
     tokens = QUERIES_PER_FRAME * (frames if per_frame else 4)
     cond, uncond = (torch.randn(2, TEXT_CONTEXT_LEN + tokens, 8, generator=g) for _ in range(2))
     t = torch.full((2,), 500)
-    args = (model, x, t, [cond, uncond], concat, None, 7.5, None, 0.0)
+    args = (model, x, t, [cond, uncond], Conditioning(cond, uncond, concat=concat), Guidance(7.5))
     plain = window_guided_output(*args, None)
     windowed = window_guided_output(*args, plan_windows(frames, 5, overlap, schedule))
     torch.testing.assert_close(windowed, plain, rtol=1e-5, atol=1e-5)
@@ -112,8 +113,9 @@ def test_one_window_over_the_whole_video_is_the_plain_pass(tiny):
     whole = WindowPlan(frames, [list(range(frames))], [torch.ones(frames, dtype=torch.float64)])
     t = torch.full((1,), 700)
     with torch.no_grad():
-        plain = window_guided_output(dc, x_T, t, contexts, concat, None, 7.5, 1.5, 0.7, None)
-        windowed = window_guided_output(dc, x_T, t, contexts, concat, None, 7.5, 1.5, 0.7, whole)
+        c, g = Conditioning(contexts[0], contexts[1], concat=concat), Guidance(7.5, 1.5, 0.7)
+        plain = window_guided_output(dc, x_T, t, contexts, c, g, None)
+        windowed = window_guided_output(dc, x_T, t, contexts, c, g, whole)
     assert torch.equal(windowed, plain)
 
 
@@ -124,12 +126,13 @@ def test_two_windows_differ_from_plain_only_as_blended(tiny):
     frames, t = x_T.shape[2], torch.full((1,), 700)
     plan = plan_windows(frames, 5, 2)
     assert plan.windows == [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]]
-    kw = dict(cfg_text=7.5, cfg_img=None, guidance_rescale=0.7)
+    g = Guidance(7.5, None, 0.7)
     with torch.no_grad():
-        windowed = window_guided_output(dc, x_T, t, contexts, concat, None, plan=plan, **kw)
-        plain = window_guided_output(dc, x_T, t, contexts, concat, None, plan=None, **kw)
+        windowed = window_guided_output(dc, x_T, t, contexts, Conditioning(contexts[0], concat=concat), g, plan=plan)
+        plain = window_guided_output(dc, x_T, t, contexts, Conditioning(contexts[0], concat=concat), g, plan=None)
         parts = [window_guided_output(dc, take_frames(x_T, idx), t, [take_context(c, idx, frames) for c in contexts],
-                                      take_frames(concat, idx), None, plan=None, **kw) for idx in plan.windows]
+                                      Conditioning(contexts[0], concat=take_frames(concat, idx)), g, plan=None)
+                 for idx in plan.windows]
     a, b = parts
     assert torch.equal(windowed[:, :, :3], a[:, :, :3]) and torch.equal(windowed[:, :, 5:], b[:, :, 2:])
     w = torch.tensor([1, 2]) / 3      # the second window's ramp over the 2 shared frames

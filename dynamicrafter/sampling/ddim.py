@@ -7,6 +7,8 @@ cross-attention shared.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -14,7 +16,7 @@ import torch
 from ..config import TEXT_CONTEXT_LEN
 from ..contract import STEPS, check_guidance, check_int, check_sample_ddim
 from .schedule import DDIMTable, NoiseSchedule, randn
-from ..settings import Guidance, Schedule, Windows, resolve
+from ..settings import LEGACY, Guidance, Schedule, Windows, apply_legacy
 from .windows import WindowPlan, plan_windows, take_context, take_frames
 
 # denoise(x_t (b, ...), t (b,), contexts (k*b, L, C)) -> (k*b, ...): k guidance branches on one x_t
@@ -52,26 +54,28 @@ def guided_output(denoise: Denoiser, x, t, contexts: Sequence[torch.Tensor], cfg
     return guided
 
 
-def window_guided_output(dc, x, t, contexts, concat, fs, cfg_text: float, cfg_img: Optional[float],
-                         guidance_rescale: float, plan: Optional[WindowPlan], unet: Optional[Callable] = None,
-                         camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None):
+def window_guided_output(dc, x, t, contexts, cond: "Conditioning", guidance: Guidance,
+                         plan: Optional[WindowPlan] = None, unet: Optional[Callable] = None):
     """The guided output for the whole video: one UNet pass (plan None) or the windows' outputs
-    blended (`dynamicrafter.sampling.windows`). `unet(x, t, context, concat)` defaults to `dc.denoise` with fs
-    (and the CamI2V `camera`; `cfg_camera` != 1 adds the camera CFG, camera_model.camera_guidance).
-    `window_contexts(frame indices, contexts) -> contexts`: per-window contexts (a prompt schedule)."""
+    blended (`dynamicrafter.sampling.windows`). `contexts`: the guidance branches (`guidance_contexts`),
+    `guidance` with the branches' image scale; `cond` gives concat, fs, the CamI2V camera and the
+    per-window contexts (`Conditioning.window_contexts`). `unet(x, t, context, concat)` defaults to
+    `dc.denoise` with fs (and the camera; guidance.camera != 1 adds the camera CFG,
+    camera_model.camera_guidance)."""
+    concat, fs, camera, window_contexts = cond.concat, cond.fs, cond.camera, cond.window_contexts
     if unet is None:
         def unet(x_, t_, context, concat_):
             if camera is None:      # any denoiser; only CamI2V models take a camera
                 return dc.denoise(x_, t_, context, concat_, fs)
             return dc.denoise(x_, t_, context, concat_, fs, camera=camera)
     extra = None
-    if camera is not None and cfg_camera != 1.0:
+    if camera is not None and guidance.camera != 1.0:
         from ..models.camera import camera_guidance
-        extra = camera_guidance(lambda c: dc.denoise(x, t, c, concat, fs), contexts[0], cfg_camera)
+        extra = camera_guidance(lambda c: dc.denoise(x, t, c, concat, fs), contexts[0], guidance.camera)
 
     def run(x_, contexts_, concat_):
-        return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, cfg_text, cfg_img,
-                             guidance_rescale, extra)
+        return guided_output(lambda a, b, c: unet(a, b, c, concat_), x_, t, contexts_, guidance.cfg_text,
+                             guidance.cfg_img, guidance.rescale, extra)
 
     def cut(idx, frames):
         cs = [take_context(c, idx, frames) for c in contexts]
@@ -102,6 +106,53 @@ def guidance_contexts(cond, uncond, uncond_img, cfg_text: float, cfg_img):
 def image_only_context(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
     """The dual-CFG third branch: the unconditional (empty) text with the real image tokens."""
     return torch.cat([uncond[:, :TEXT_CONTEXT_LEN], cond[:, TEXT_CONTEXT_LEN:]], dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """What the UNet is conditioned on, one value for the samplers: cond [prompt text | image tokens],
+    uncond [negative text | tokens of a zero image] (None: no guidance), image_only the dual-CFG third
+    branch (None: derived, `uncond_img`), concat the image latent (b, 4, T, h, w) (None for
+    text-to-video models), fs (None: the model's default), camera a CamI2V condition
+    (dc.encode_camera), window_contexts(frame indices, contexts) -> contexts per context window (a
+    prompt schedule, `sampling.motion`)."""
+    cond: torch.Tensor
+    uncond: Optional[torch.Tensor] = None
+    image_only: Optional[torch.Tensor] = None
+    concat: Optional[torch.Tensor] = None
+    fs: object = None
+    camera: object = None
+    window_contexts: Optional[Callable] = None
+
+    @property
+    def uncond_img(self) -> torch.Tensor:
+        """[negative text | real image tokens], the dual-CFG third branch."""
+        return self.image_only if self.image_only is not None else image_only_context(self.cond, self.uncond)
+
+
+# the samplers' loose keywords of earlier releases: keyword -> (value, field)
+SAMPLER_KEYWORDS = {**LEGACY, "cfg_camera": ("guidance", "camera"), "start": ("schedule", "start"),
+                    "cond": ("cond", "cond"), "uncond": ("cond", "uncond"), "uncond_img": ("cond", "image_only"),
+                    "concat": ("cond", "concat"), "fs": ("cond", "fs"), "camera": ("cond", "camera"),
+                    "window_contexts": ("cond", "window_contexts")}
+
+
+def sampler_values(where: str, cond, contexts: tuple, settings: tuple, legacy: dict,
+                   keywords: dict = SAMPLER_KEYWORDS) -> tuple:
+    """(Conditioning, Guidance, Schedule, Windows) of a sampler call: `settings` (guidance, schedule,
+    windows; None = the defaults) with the loose keywords of earlier releases applied (DeprecationWarning),
+    as is a tensor `cond` followed by uncond, uncond_img (positional) and concat=, fs=, camera= ..."""
+    if not isinstance(cond, Conditioning):
+        if len(contexts) > 2:
+            raise TypeError(f"{where}() takes cond, uncond and uncond_img as contexts, got {len(contexts) + 1}")
+        legacy = {"cond": cond, **dict(zip(("uncond", "uncond_img"), contexts)), **legacy}
+        cond = Conditioning(cond)
+    elif contexts:
+        raise TypeError(f"{where}(): the Conditioning carries uncond and image_only; pass no contexts after it")
+    guidance, schedule, windows = settings
+    out = apply_legacy(where, {"cond": cond, "guidance": guidance or Guidance(), "schedule": schedule or Schedule(),
+                               "windows": windows or Windows()}, legacy, keywords, stacklevel=4)
+    return out["cond"], out["guidance"], out["schedule"], out["windows"]
 
 
 # the sampler keeps every step's eta noise on the sampling device up to this size (else it moves per step)
@@ -148,18 +199,16 @@ def timestep_batch(table: DDIMTable, n: int, batch: int) -> torch.Tensor:
     return table.timesteps[n].expand(batch).contiguous()
 
 
-def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None,
-                uncond_img: Optional[torch.Tensor] = None, *, concat: Optional[torch.Tensor], fs=None,
-                guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None,
-                windows: Optional[Windows] = None, noise: Optional[Sequence[torch.Tensor]] = None,
-                generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None, start: int = 0,
-                camera=None, cfg_camera: float = 1.0, window_contexts: Optional[Callable] = None,
-                **legacy) -> torch.Tensor:
+def sample_ddim(dc, x_T: torch.Tensor, cond: Conditioning, *contexts, guidance: Optional[Guidance] = None,
+                schedule: Optional[Schedule] = None, windows: Optional[Windows] = None,
+                noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
+                callback: Optional[Callable] = None, **legacy) -> torch.Tensor:
     """Sample from x_T with DDIM; returns the final latent (b, 4, T, h, w) at alpha_bar[0].
 
-    cond/uncond/uncond_img are contexts [text | image tokens]. `guidance` (`settings.Guidance`):
-    none when uncond is None or cfg_text == 1; dual when cfg_img is given (uncond_img is derived
-    from cond/uncond when not passed) or uncond_img is passed (cfg_img defaults to cfg_text);
+    `cond` (`Conditioning`): the contexts [text | image tokens] cond / uncond / image_only, concat,
+    fs, camera, window_contexts. `guidance` (`settings.Guidance`):
+    none when uncond is None or cfg_text == 1; dual when cfg_img is given (image_only is derived
+    from cond/uncond when not passed) or image_only is passed (cfg_img defaults to cfg_text);
     single otherwise. `schedule` (`settings.Schedule`): steps, spacing, eta (its solver is DDIM).
     `noise[i]` supplies step i's noise for eta > 0 (else drawn from `generator`: a CPU generator
     seeded by the user, as core ComfyUI; one on another device draws there).
@@ -167,33 +216,33 @@ def sample_ddim(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torc
     `windows` (`settings.Windows`, size W < T): context windows (`dynamicrafter.sampling.windows`): each
     step runs the UNet on windows of W frames overlapping by `overlap`, "uniform" or "looped"
     (around the end, for loop videos), and blends their outputs; videos up to 1024 frames.
-    `start=k`: x_T is the latent at step k's level (`NoiseSchedule.noise_to_step`), the run skips
-    steps 0..k-1 (video-to-video, denoise strength; k = steps returns x_T). The loose keywords of earlier releases
-    (steps=, cfg_text=, window=, ...) still work, with a DeprecationWarning (`settings.LEGACY`).
-    `camera`: a CamI2V condition (dc.encode_camera), given to every branch; `cfg_camera` != 1 adds the
-    official camera CFG, (cfg_camera - 1) * (cond - cond without camera), a third UNet call per step.
-    `window_contexts(frame indices, contexts)`: per-window contexts (a prompt schedule, `motion`).
+    `schedule.start=k`: x_T is the latent at step k's level (`NoiseSchedule.noise_to_step`), the run skips
+    steps 0..k-1 (video-to-video, denoise strength; k = steps returns x_T).
+    `cond.camera`: a CamI2V condition (dc.encode_camera), given to every branch; `guidance.camera` != 1 adds
+    the official camera CFG, (camera - 1) * (cond - cond without camera), a third UNet call per step.
+    `cond.window_contexts(frame indices, contexts)`: per-window contexts (a prompt schedule, `motion`).
+    Earlier releases' calls (tensors cond, uncond, uncond_img, then concat=, fs=, steps=, cfg_text=,
+    window=, start=, camera=, cfg_camera=, ...) still work, with a DeprecationWarning (`SAMPLER_KEYWORDS`).
     """
-    g, sch, win = resolve("sample_ddim", guidance or Guidance(), schedule or Schedule(), windows or Windows(), legacy)
-    check_sample_ddim(dc, x_T, cond, uncond, uncond_img, concat, fs, sch.steps, g.cfg_text, g.cfg_img, sch.eta,
-                      g.rescale, sch.spacing, noise, win.size, win.overlap, win.schedule)
+    c, g, sch, win = sampler_values("sample_ddim", cond, contexts, (guidance, schedule, windows), legacy)
+    check_sample_ddim(dc, x_T, c, g, sch, win, noise)
     device = x_T.device
-    fs_t = None if fs is None else torch.as_tensor(fs, device=device).reshape(-1).long().expand(x_T.shape[0])
-    contexts, cfg_img = guidance_contexts(cond, uncond, uncond_img, g.cfg_text, g.cfg_img)
+    fs_t = None if c.fs is None else torch.as_tensor(c.fs, device=device).reshape(-1).long().expand(x_T.shape[0])
+    contexts, cfg_img = guidance_contexts(c.cond, c.uncond, c.image_only, g.cfg_text, g.cfg_img)
     plan = plan_windows(x_T.shape[2], win.size, win.overlap, win.schedule)
     table = NoiseSchedule.of(dc).ddim_table(sch.steps, sch.spacing, sch.eta, device, x_T.dtype)
 
-    if camera is not None or cfg_camera != 1.0:
+    if c.camera is not None or g.camera != 1.0:
         from ..models.camera import check_camera_sampling
-        check_camera_sampling(dc, camera, cfg_camera, plan)
+        check_camera_sampling(dc, c.camera, g.camera, plan)
+    run_cond, run_guidance = dataclasses.replace(c, fs=fs_t), dataclasses.replace(g, cfg_img=cfg_img)
 
     def output(x, n):
         t = timestep_batch(table, n, x.shape[0])
-        return window_guided_output(dc, x, t, contexts, concat, fs_t, g.cfg_text, cfg_img, g.rescale, plan,
-                                    camera=camera, cfg_camera=cfg_camera, window_contexts=window_contexts)
+        return window_guided_output(dc, x, t, contexts, run_cond, run_guidance, plan)
 
     return ddim_loop(output, x_T, table, eta=sch.eta, noise=noise, generator=generator, callback=callback,
-                     start=start)
+                     start=sch.start)
 
 
 def validate_sampling_args(steps, cfg_text, cfg_img, eta, guidance_rescale):

@@ -19,13 +19,14 @@ factor of t_prev (DynamiCrafter, design §6, §8; 1 for models without it).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
 import torch
 
 from .schedule import NoiseSchedule, randn
-from ..settings import Guidance, Schedule, Windows, resolve, variant_settings
+from ..settings import SHOT_KEYWORDS, Guidance, Schedule, Shot, apply_legacy, variant_settings
 
 FRAME_CHOICES = ("first", "last", "index")
 LONG_VIDEO_METHODS = ("chained", "windows")
@@ -121,48 +122,53 @@ def check_overlap(overlap: int, frames: int, clip_frames: int) -> None:
                          f"a longer clip")
 
 
-def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, uncond=None, uncond_img=None, *, concat,
-                     fs=None, guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None, generator=None,
-                     callback=None, **legacy) -> torch.Tensor:
+def continue_latents(dc, known: torch.Tensor, x_T: torch.Tensor, cond, *contexts, guidance: Optional[Guidance] = None,
+                     schedule: Optional[Schedule] = None, generator=None, callback=None, **legacy) -> torch.Tensor:
     """Sample a window x_T (b, 4, T, h, w) whose first O frames stay pinned to `known` (b, 4, O, h, w),
     the clip's last O latents; returns the window's latents (its first O frames are the clip's,
-    re-noised and denoised: use the clip's own frames there). uncond_img, guidance, schedule: as `sample_ddim`'s
-    (loose keywords of earlier releases still work, with a DeprecationWarning)."""
-    from .ddim import sample_ddim
-    guidance, schedule, _ = resolve("continue_latents", guidance or Guidance(), schedule or Schedule(), Windows(),
-                                    legacy)
+    re-noised and denoised: use the clip's own frames there). cond (a `sampling.ddim.Conditioning`),
+    guidance, schedule: as `sample_ddim`'s (earlier releases' tensor contexts and loose keywords still
+    work, with a DeprecationWarning)."""
+    from .ddim import sample_ddim, sampler_values
+    cond, guidance, schedule, _ = sampler_values("continue_latents", cond, contexts, (guidance, schedule, None),
+                                                 legacy)
     if known.ndim != 5 or known.shape[:2] != x_T.shape[:2] or known.shape[3:] != x_T.shape[3:]:
         raise ValueError(f"the clip's latents {tuple(known.shape)} do not fit the window {tuple(x_T.shape)}: "
                          f"same batch, channels and size needed")
     check_overlap(known.shape[2], x_T.shape[2], known.shape[2])
     x_T = x_T.clone()
     pin = pin_frames(dc, known, schedule.steps, schedule.spacing, generator, callback)
-    return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, guidance=guidance,
-                       schedule=schedule, generator=generator, callback=pin)
+    return sample_ddim(dc, x_T, cond, guidance=guidance, schedule=schedule, generator=generator, callback=pin)
 
 
-def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = None, overlap: int = 4,
-                  condition: str = "window_start", fs: Optional[int] = None, guidance: Optional[Guidance] = None,
-                  schedule: Optional[Schedule] = None, seed: int = 123, negative_prompt: str = "",
-                  **legacy) -> torch.Tensor:
+def continue_clip(dc, clip: torch.Tensor, prompt, *, shot: Optional[Shot] = None, overlap: int = 4,
+                  condition: str = "window_start", guidance: Optional[Guidance] = None,
+                  schedule: Optional[Schedule] = None, negative_prompt: str = "", **legacy) -> torch.Tensor:
     """Extend `clip` ((b, 3, N, H, W) in [-1, 1], at the model's size) by frames - overlap new frames
     that carry its motion on (`prompt`: one text, or one per video); returns
     (b, 3, N + frames - overlap, H, W): the clip unchanged, then the new frames. `condition`: the
     image the window is animated from - "window_start" (the first pinned frame, where the model
-    expects its image, default) or "clip_end" (the clip's last frame).
+    expects its image, default) or "clip_end" (the clip's last frame). `shot` (`settings.Shot`):
+    the window's frames and fs (None = the variant's) and the seed; its size is the clip's.
     guidance defaults to the variant's, schedule to 50 steps of its spacing at eta 1 (loose keywords
-    of earlier releases still work, with a DeprecationWarning)."""
+    of earlier releases, frames= fs= seed= among them, still work, with a DeprecationWarning)."""
     from ..pipeline import image_conditioning, video_latent_shape
     if clip.ndim != 5 or clip.shape[1] != 3:
         raise ValueError(f"clip must be a video (b, 3, N, H, W) in [-1, 1], got shape {tuple(clip.shape)}")
     if condition not in ("window_start", "clip_end"):
         raise ValueError(f"condition must be 'window_start' or 'clip_end', got {condition!r}")
     v = dc.variant
+    own = {k: legacy.pop(k) for k in ("frames", "fs", "seed") if k in legacy}
+    shot = apply_legacy("continue_clip", {"shot": shot or Shot()}, own, SHOT_KEYWORDS)["shot"]
+    if shot.size is not None or shot.loop or shot.end_image is not None:
+        raise ValueError("continue_clip continues the clip at its own size: give shot=Shot(frames, fs=..., seed=...) "
+                         "without size, loop or end_image")
     guidance, schedule, _ = variant_settings("continue_clip", v, guidance, schedule, None, legacy)
-    frames = v["frames"] if frames is None else frames
+    frames = v["frames"] if shot.frames is None else shot.frames
+    fs = v["default_fs"] if shot.fs is None else shot.fs
     check_overlap(overlap, frames, clip.shape[2])
     b, _, n, h, w = clip.shape
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(shot.seed)
     tail = clip[:, :, n - overlap:]
     image = tail[:, :, 0] if condition == "window_start" else tail[:, :, -1]
     with torch.inference_mode():
@@ -171,8 +177,7 @@ def continue_clip(dc, clip: torch.Tensor, prompt, *, frames: Optional[int] = Non
         known = dc.encode_first_stage(tail.transpose(1, 2).reshape(b * overlap, 3, h, w), generator=g)
         known = known.reshape(b, overlap, *known.shape[1:]).transpose(1, 2)
         x_T = randn(video_latent_shape(b, frames, h, w), g, dc.device)
-        lat = continue_latents(dc, known, x_T, c.cond, c.uncond, concat=c.concat,
-                               fs=v["default_fs"] if fs is None else fs, guidance=guidance, schedule=schedule,
+        lat = continue_latents(dc, known, x_T, dataclasses.replace(c, fs=fs), guidance=guidance, schedule=schedule,
                                generator=g)
         new = dc.decode(lat[:, :, overlap:]).clamp(-1, 1)      # a valid clip to continue again
     return torch.cat([clip, new.to(clip)], dim=2)

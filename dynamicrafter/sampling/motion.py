@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..config import TEXT_CONTEXT_LEN
 from .schedule import NoiseSchedule, ddim_timesteps, randn
+from ..settings import Motion, Schedule, apply_legacy
 
 
 # ---------------------------------------------------------------------------- 1. start step
@@ -213,15 +214,30 @@ def prompt_schedule(encode_text: Callable[[list], torch.Tensor], text: str) -> P
 
 
 # ---------------------------------------------------------------------------- all together
-def direct(dc, x_T: torch.Tensor, steps: int, spacing: str, *, image_latent: Optional[torch.Tensor] = None,
-           video_latent: Optional[torch.Tensor] = None, strength: float = 1.0, motion: float = 1.0,
-           mask: Optional[torch.Tensor] = None, mask_feather: float = 1.0,
-           generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None):
-    """(x to start from, start step, callback) for `sample_ddim` from the motion controls:
-    `video_latent` (b, 4, T, h, w) with `strength` (video to video), or `motion` < 1 from
-    `image_latent` (b, 4, h, w) (CIL analytic init); `mask` (H, W) / (T, H, W), 1 = free to move,
-    holds `image_latent` elsewhere. With none of them: (x_T, 0, callback), today's sampler."""
-    strength, motion = check_fraction("strength", strength), check_fraction("motion", motion)
+# direct()'s loose keywords of earlier releases
+DIRECT_KEYWORDS = {"steps": ("schedule", "steps"), "spacing": ("schedule", "spacing"),
+                   "strength": ("motion", "strength"), "motion": ("motion", "amount"), "mask": ("motion", "mask"),
+                   "mask_feather": ("motion", "feather")}
+
+
+def direct(dc, x_T: torch.Tensor, schedule: Schedule, motion: Optional[Motion] = None, *,
+           image_latent: Optional[torch.Tensor] = None, video_latent: Optional[torch.Tensor] = None,
+           generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None, **legacy):
+    """(x to start from, start step, callback) for `sample_ddim` (`schedule`: its steps and spacing) from
+    the motion controls (`settings.Motion`): `video_latent` (b, 4, T, h, w) with `motion.strength`
+    (video to video), or `motion.amount` < 1 from `image_latent` (b, 4, h, w) (CIL analytic init);
+    `motion.mask` (H, W) / (T, H, W), 1 = free to move, holds `image_latent` elsewhere. With none of
+    them: (x_T, 0, callback), today's sampler. Earlier releases' calls (steps, spacing, then
+    strength=, motion=, mask=, mask_feather=) still work, with a DeprecationWarning."""
+    if not isinstance(schedule, Schedule):      # direct(dc, x_T, steps, spacing, ...)
+        legacy = {"steps": schedule, "spacing": motion, **legacy}
+        schedule, motion = Schedule(), None
+    if isinstance(motion, (int, float)):        # motion= was the motion amount
+        legacy, motion = {**legacy, "motion": motion}, None
+    values = apply_legacy("direct", {"schedule": schedule, "motion": motion or Motion()}, legacy, DIRECT_KEYWORDS)
+    steps, spacing, m = values["schedule"].steps, values["schedule"].spacing, values["motion"]
+    strength, motion = check_fraction("strength", m.strength), check_fraction("motion", m.amount)
+    mask, mask_feather = m.mask, m.feather
     start = 0
     if strength < 1:
         if video_latent is None:

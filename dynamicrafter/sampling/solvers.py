@@ -16,18 +16,18 @@ below as the step length h -> inf; multistep history from that level is never us
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..contract import check_frames, check_windows
-from .ddim import (ddim_loop, guidance_contexts, sample_ddim, timestep_batch, validate_sampling_args,
-                       window_guided_output)
+from .ddim import (SAMPLER_KEYWORDS, Conditioning, ddim_loop, guidance_contexts, sample_ddim, sampler_values,
+                   timestep_batch, validate_sampling_args, window_guided_output)
 from .schedule import Levels, NoiseSchedule
-from ..settings import Guidance, Schedule, Windows, resolve
+from ..settings import Guidance, Schedule, Windows
 from .step_cache import DeepCache
 from .windows import plan_windows
 
@@ -154,13 +154,14 @@ class GuidedDenoiser:
     cfg_interval (t_lo, t_hi): the guidance branches run only at timesteps t_lo <= t <= t_hi;
     elsewhere the conditional branch alone. cache: a `DeepCache` (deep UNet features reused).
     plan: context windows (`dynamicrafter.sampling.windows.plan_windows`; None = one pass).
-    `evaluations` counts UNet branch evaluations, `cached` those that reused deep features."""
+    `evaluations` counts UNet branch evaluations, `cached` those that reused deep features.
+    contexts: the guidance branches (`guidance_contexts`), `guidance` with their image scale; `cond` (a
+    `Conditioning`) gives concat and fs."""
 
-    def __init__(self, dc, lv: Levels, table, contexts, concat, fs, cfg_text, cfg_img, guidance_rescale,
-                 cfg_interval=None, cache: Optional[DeepCache] = None, plan=None):
-        self.dc, self.lv, self.table, self.contexts, self.concat = dc, lv, table, list(contexts), concat
-        self.fs, self.cfg_text, self.cfg_img, self.guidance_rescale = fs, cfg_text, cfg_img, guidance_rescale
-        self.cfg_interval, self.cache, self.plan = cfg_interval, cache, plan
+    def __init__(self, dc, lv: Levels, table, contexts, cond: Conditioning, guidance: Guidance,
+                 cache: Optional[DeepCache] = None, plan=None):
+        self.dc, self.lv, self.table, self.contexts, self.cond = dc, lv, table, list(contexts), cond
+        self.guidance, self.cfg_interval, self.cache, self.plan = guidance, guidance.interval, cache, plan
         self.evaluations = self.cached = 0
 
     def branches(self, t: int) -> list:
@@ -172,16 +173,16 @@ class GuidedDenoiser:
             k = context.shape[0] // x.shape[0]
             self.evaluations += k
             if self.cache is None:
-                return self.dc.denoise(x, t, context, concat, self.fs)
-            out, reused = self.cache(self.dc, i, x, t, context, concat, self.fs)
+                return self.dc.denoise(x, t, context, concat, self.cond.fs)
+            out, reused = self.cache(self.dc, i, x, t, context, concat, self.cond.fs)
             self.cached += k * reused
             return out
         return call
 
     def output(self, x, i: int):
         t_batch = timestep_batch(self.table, i, x.shape[0])
-        return window_guided_output(self.dc, x, t_batch, self.branches(self.lv.t[i]), self.concat, self.fs,
-                                    self.cfg_text, self.cfg_img, self.guidance_rescale, self.plan, unet=self.unet(i))
+        return window_guided_output(self.dc, x, t_batch, self.branches(self.lv.t[i]), self.cond, self.guidance,
+                                    self.plan, unet=self.unet(i))
 
     def __call__(self, x, i: int):
         _, x0 = self.table.eps_x0(x, self.output(x, i), self.table.coef[i])
@@ -189,32 +190,31 @@ class GuidedDenoiser:
 
 
 # ------------------------------------------------------------------------------------ entry point
-def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor] = None,
-           uncond_img: Optional[torch.Tensor] = None, *, concat: Optional[torch.Tensor], fs=None,
-           guidance: Optional[Guidance] = None, schedule: Optional[Schedule] = None, windows: Optional[Windows] = None,
+def sample(dc, x_T: torch.Tensor, cond: Conditioning, *contexts, guidance: Optional[Guidance] = None,
+           schedule: Optional[Schedule] = None, windows: Optional[Windows] = None,
            noise: Optional[Sequence[torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
-           callback: Optional[Callable] = None, cache: tuple = (1, 1), stats: Optional[dict] = None,
-           start: int = 0, window_contexts: Optional[Callable] = None, **legacy) -> torch.Tensor:
+           callback: Optional[Callable] = None, stats: Optional[dict] = None, **legacy) -> torch.Tensor:
     """`sample_ddim` with a choice of solver (`schedule.solver`): "ddim" (exactly `sample_ddim`),
     "dpmpp_2m" (DPM-Solver++ 2M), "unipc" (UniPC-bh2, order 2).
 
     guidance.interval=(t_lo, t_hi): guidance only at DDPM timesteps in [t_lo, t_hi] (the rest run
-    the conditional branch alone). cache=(k, depth), k > 1: the deep UNet blocks (below input
+    the conditional branch alone). schedule.cache=(k, depth), k > 1: the deep UNet blocks (below input
     block `depth`) are computed every k-th step and reused between (DeepCache). `stats`, when
     given, receives {"evaluations": UNet branch evaluations, "cached": how many of them reused the
     deep features}. eta > 0 is DDIM's only. windows: context windows as in `sample_ddim` (every
-    solver; not with the cache). Loose keywords of earlier releases (solver=, steps=, cfg_interval=,
-    cache_interval=, cache_depth=, ...) still work with a DeprecationWarning.
-    start / window_contexts: as in `sample_ddim` (plain DDIM only).
+    solver; not with the cache). Earlier releases' calls (tensor contexts, solver=, steps=,
+    cfg_interval=, cache=, cache_interval=, cache_depth=, ...) still work with a DeprecationWarning.
+    schedule.start / cond.window_contexts: as in `sample_ddim` (plain DDIM only).
     """
     if "cache_interval" in legacy or "cache_depth" in legacy:
-        warnings.warn("sample(): cache_interval= and cache_depth= are deprecated and go in the next release: pass "
-                      "cache=(interval, depth)", DeprecationWarning, stacklevel=2)
-    cache_interval, cache_depth = legacy.pop("cache_interval", cache[0]), legacy.pop("cache_depth", cache[1])
-    g, sch, win = resolve("sample", guidance or Guidance(), schedule or Schedule(), windows or Windows(), legacy)
+        cache = legacy.pop("cache", Schedule().cache if schedule is None else schedule.cache)
+        legacy["cache"] = (legacy.pop("cache_interval", cache[0]), legacy.pop("cache_depth", cache[1]))
+    c, g, sch, win = sampler_values("sample", cond, contexts, (guidance, schedule, windows), legacy,
+                                    {**SAMPLER_KEYWORDS, "cache": ("schedule", "cache")})
     validate_sampling_args(sch.steps, g.cfg_text, g.cfg_img, sch.eta, g.rescale)
     check_windows(win.size, win.overlap, win.schedule)
     solver, cfg_interval, eta = sch.solver, g.interval, sch.eta
+    (cache_interval, cache_depth), start = sch.cache, sch.start
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if eta > 0 and solver != "ddim":
@@ -230,26 +230,25 @@ def sample(dc, x_T: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Ten
     if plan is not None and cache_interval > 1:
         raise ValueError(f"cache_interval={cache_interval} keeps one UNet pass's deep features, which context "
                          f"windows (window={win.size}) do not share: use cache_interval=1 with windows")
-    contexts, branch_cfg_img = guidance_contexts(cond, uncond, uncond_img, g.cfg_text, g.cfg_img)
+    contexts, branch_cfg_img = guidance_contexts(c.cond, c.uncond, c.image_only, g.cfg_text, g.cfg_img)
     plain_ddim = solver == "ddim" and cfg_interval is None and cache_interval == 1
-    if not plain_ddim and (start or window_contexts is not None):
+    if not plain_ddim and (start or c.window_contexts is not None):
         raise ValueError("a start step (strength / motion < 1) and prompt schedules run on the plain DDIM "
                          "sampler: use solver='ddim' without cfg_interval or the cache")
     if plain_ddim:
         if stats is not None:
             stats.update(evaluations=sch.steps * len(contexts) * (1 if plan is None else len(plan.windows)), cached=0)
-        return sample_ddim(dc, x_T, cond, uncond, uncond_img, concat=concat, fs=fs, guidance=g, schedule=sch,
-                           windows=win, noise=noise, generator=generator, callback=callback, start=start,
-                           window_contexts=window_contexts)
+        return sample_ddim(dc, x_T, c, guidance=g, schedule=sch, windows=win, noise=noise, generator=generator,
+                           callback=callback)
     if video:
         check_frames(x_T.shape[2], win.size)
     noise_schedule = NoiseSchedule.of(dc)
     lv = noise_schedule.levels(sch.steps, sch.spacing)
     table = noise_schedule.ddim_table(sch.steps, sch.spacing, eta, x_T.device, x_T.dtype)
-    fs_t = None if fs is None else torch.as_tensor(fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
+    fs_t = None if c.fs is None else torch.as_tensor(c.fs, device=x_T.device).reshape(-1).long().expand(x_T.shape[0])
     deep_cache = DeepCache(cache_interval, cache_depth) if cache_interval > 1 else None
-    model = GuidedDenoiser(dc, lv, table, contexts, concat, fs_t, g.cfg_text, branch_cfg_img, g.rescale,
-                           cfg_interval, deep_cache, plan)
+    model = GuidedDenoiser(dc, lv, table, contexts, dataclasses.replace(c, fs=fs_t),
+                           dataclasses.replace(g, cfg_img=branch_cfg_img), deep_cache, plan)
     if solver == "ddim":
         x = ddim_loop(model.output, x_T, table, eta=eta, noise=noise, generator=generator, callback=callback)
     else:
