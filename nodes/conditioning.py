@@ -17,8 +17,8 @@ from dynamicrafter.contract import check_fs, check_int, check_size
 from dynamicrafter.pipeline import concat_latent, video_latent_shape
 
 from .images import check_finite, resize_center
-from .inputs import (CATEGORY, MAX_BATCH, MAX_FRAMES, MAX_VIDEO_FRAMES, fs_input, prompt_inputs, size_inputs,
-                     video_inputs)
+from .inputs import (CATEGORY, MAX_BATCH, MAX_FRAMES, MAX_VIDEO_FRAMES, VideoSettings, fs_input, prompt_inputs,
+                     size_inputs, video_inputs)
 from .resampler import ImageContext
 from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
 
@@ -48,8 +48,10 @@ def empty_video_latent(batch_size, frames, height, width) -> torch.Tensor:
 
 
 @torch.no_grad()
-def build_conditioning(positive, negative, vae, image_context, start_image, width, height, frames,
-                       batch_size, fs, mode, end_image=None):
+def build_conditioning(positive, negative, vae, image_context, start_image, video: VideoSettings, batch_size,
+                       mode, end_image=None):
+    """(positive, negative, image_only, latent) for `video` (width x height, frames, fs) from start_image."""
+    width, height, frames, fs = video.width, video.height, video.frames, video.fs
     if vae is None:
         raise ValueError("no VAE connected: this checkpoint has none (pruned file); load the SD KL-f8 VAE "
                          "with VAELoader")
@@ -122,8 +124,9 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, vae, image_context, start_image, width, height, frames, batch_size, fs,
                 mode, end_image=None) -> io.NodeOutput:
-        return io.NodeOutput(*build_conditioning(positive, negative, vae, image_context, start_image, width,
-                                                 height, frames, batch_size, fs, mode, end_image))
+        return io.NodeOutput(*build_conditioning(positive, negative, vae, image_context, start_image,
+                                                 VideoSettings(width, height, frames, fs), batch_size, mode,
+                                                 end_image))
 
 
 NODES = [DynamiCrafterImageConditioning]

@@ -15,6 +15,7 @@ import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import GUIDANCE, check_number, check_size, check_steps
+from dynamicrafter.sampling.ddim import Conditioning
 from dynamicrafter.sampling.long_shots import check_overlap, continue_latents
 
 from .clip_vision import encode_clip_vision
@@ -22,8 +23,8 @@ from .comfy_model import require_dynamicrafter_model
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
-                     size_inputs)
+from .inputs import (CATEGORY, MAX_FRAMES, Pipeline, SamplerSettings, VideoSettings, fs_input, pipeline_inputs,
+                     sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
 from .sampler import prepare_inputs
@@ -32,10 +33,12 @@ CONDITIONS = ["window_start", "clip_end"]
 
 
 @torch.no_grad()
-def continued_video(model, clip_vision, vae, positive, negative, video, width, height, frames, overlap, fs, seed,
-                    steps, cfg_text, cfg_img, eta, guidance_rescale, spacing, condition="window_start",
-                    frames_per_batch=4) -> torch.Tensor:
+def continued_video(pipe: Pipeline, video, shape: VideoSettings, overlap, settings: SamplerSettings,
+                    condition="window_start", frames_per_batch=4) -> torch.Tensor:
+    """The clip `video` (an IMAGE batch) at shape's size, then shape.frames - overlap new frames."""
     # 1. checks and the clip at the video size
+    model, clip_vision, vae, positive, negative = pipe.model, pipe.clip_vision, pipe.vae, pipe.positive, pipe.negative
+    width, height, frames, fs, cfg_img = shape.width, shape.height, shape.frames, shape.fs, settings.cfg_img
     check_size(height, width)
     check_finite(video, "video")
     if not 2 <= frames <= MAX_FRAMES:
@@ -45,7 +48,6 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
     check_overlap(overlap, frames, video.shape[0])
     check_number("cfg_img", cfg_img, *GUIDANCE)
     inner = require_dynamicrafter_model(model, "Continue Clip")
-    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
     schedule, guidance = settings.schedule(inner.variant), settings.guidance()
     check_steps(schedule.steps, schedule.spacing)
     clip = resize_center(video, width, height)
@@ -54,25 +56,25 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
 
     # 2. the window's conditioning (animated from `image`) and the clip's latents to pin
     context = resample_context(model, encode_clip_vision(clip_vision, image))
-    pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height, frames, 1, fs,
-                                             "image-to-video")
+    pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, shape, 1, "image-to-video")
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, pos, neg, latent)
     known = inner.process_latent_in(vae.encode(tail)).movedim(0, 1)[None]      # (1, 4, O, h, w)
 
     # 3. sample the window with the overlap pinned
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
-    x_T = comfy.sample.prepare_noise(latent["samples"], seed)
-    pbar = comfy.utils.ProgressBar(steps)
+    x_T = comfy.sample.prepare_noise(latent["samples"], settings.seed)
+    pbar = comfy.utils.ProgressBar(settings.steps)
 
     def progress(i, total, x, x0):
         comfy.model_management.throw_exception_if_processing_interrupted()
         pbar.update_absolute(i + 1, total)
 
+    c = Conditioning(cond.to(device), uncond.to(device),
+                     uncond_img.to(device) if guidance.cfg_img is not None and uncond_img is not None else None,
+                     None if concat is None else concat.to(device, torch.float32), fs)
     out = continue_latents(
-        inner.dc_model, known.to(device, torch.float32), x_T.to(device, torch.float32), cond.to(device),
-        uncond.to(device), uncond_img.to(device) if guidance.cfg_img is not None and uncond_img is not None else None,
-        concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
+        inner.dc_model, known.to(device, torch.float32), x_T.to(device, torch.float32), c, guidance=guidance,
         schedule=schedule, generator=torch.Generator().manual_seed(settings.seed + 1), callback=progress)
 
     # 4. decode the new frames only and put them after the clip
@@ -117,9 +119,9 @@ class DynamiCrafterContinueClip(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, video, width, height, frames, overlap, condition,
                 fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> io.NodeOutput:
-        return io.NodeOutput(continued_video(model, clip_vision, vae, positive, negative, video, width, height,
-                                             frames, overlap, fs, seed, steps, cfg_text, cfg_img, eta,
-                                             guidance_rescale, spacing, condition))
+        settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        return io.NodeOutput(continued_video(Pipeline(model, clip_vision, vae, positive, negative), video,
+                                             VideoSettings(width, height, frames, fs), overlap, settings, condition))
 
 
 NODES = [DynamiCrafterContinueClip]

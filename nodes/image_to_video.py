@@ -14,7 +14,7 @@ from comfy_api.v0_0_2 import io
 from .clip_vision import encode_clip_vision
 from .comfy_model import require_dynamicrafter_model
 from .conditioning import MODES, build_conditioning, conditioning_outputs
-from .inputs import CATEGORY, MAX_BATCH, MAX_VIDEO_FRAMES, SIZE_STEP, prompt_inputs
+from .inputs import CATEGORY, MAX_BATCH, MAX_VIDEO_FRAMES, SIZE_STEP, Pipeline, VideoSettings, prompt_inputs
 from .resampler import resample_context
 
 DISPLAY_NAME = "Image to Video (DynamiCrafter, ToonCrafter): animate, interpolate, loop"
@@ -38,17 +38,18 @@ def size_warning(variant: dict, width: int, height: int) -> str | None:
             f"other sizes usually give distorted motion (set width/height to 0 to use the model's size)")
 
 
-def image_to_video(model, clip_vision, vae, positive, negative, start_image, width, height, frames, batch_size,
-                   fs, mode, end_image=None):
+def image_to_video(pipe: Pipeline, start_image, video: VideoSettings, batch_size, mode, end_image=None):
+    """The node's outputs; `video`'s AUTO (0) values are the model's (`model_settings`)."""
+    model = pipe.model
     inner = require_dynamicrafter_model(model, DISPLAY_NAME)
-    s = model_settings(inner.variant, width, height, frames, fs)
+    s = model_settings(inner.variant, video.width, video.height, video.frames, video.fs)
     warning = size_warning(inner.variant, s["width"], s["height"])
     if warning:
         logging.warning(warning)
-    tokens = encode_clip_vision(clip_vision, start_image[:1])
+    tokens = encode_clip_vision(pipe.clip_vision, start_image[:1])
     context = resample_context(model, tokens)
-    return build_conditioning(positive, negative, vae, context, start_image, s["width"], s["height"], s["frames"],
-                              batch_size, s["fs"], mode, end_image)
+    return build_conditioning(pipe.positive, pipe.negative, pipe.vae, context, start_image, VideoSettings(**s),
+                              batch_size, mode, end_image)
 
 
 class DynamiCrafterImageToVideo(io.ComfyNode):
@@ -90,8 +91,8 @@ class DynamiCrafterImageToVideo(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, start_image, width, height, frames, batch_size,
                 fs, mode, end_image=None) -> io.NodeOutput:
-        return io.NodeOutput(*image_to_video(model, clip_vision, vae, positive, negative, start_image, width,
-                                             height, frames, batch_size, fs, mode, end_image))
+        return io.NodeOutput(*image_to_video(Pipeline(model, clip_vision, vae, positive, negative), start_image,
+                                             VideoSettings(width, height, frames, fs), batch_size, mode, end_image))
 
 
 NODES = [DynamiCrafterImageToVideo]

@@ -82,8 +82,9 @@ def sampler_inputs() -> list:
 @dataclass(frozen=True)
 class SamplerSettings:
     """The `sampler_inputs` widgets of a node, read once: seed, steps, cfg_text, cfg_img (0 = single
-    CFG), eta, guidance_rescale, spacing ("auto" = the variant's). The library's settings come from
-    `guidance()` and `schedule(variant)`."""
+    CFG), eta, guidance_rescale, spacing ("auto" = the variant's); and the DDIM node's solver and
+    cfg_camera (CamI2V camera CFG, 1 = off). The library's settings come from `guidance()` and
+    `schedule(variant)`."""
     seed: int
     steps: int
     cfg_text: float
@@ -91,6 +92,8 @@ class SamplerSettings:
     eta: float
     guidance_rescale: float
     spacing: str
+    solver: str = "ddim"
+    cfg_camera: float = 1.0
 
     @classmethod
     def of(cls, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> "SamplerSettings":
@@ -101,8 +104,28 @@ class SamplerSettings:
         return dataclasses.replace(self, seed=self.seed + k)
 
     def guidance(self) -> Guidance:
-        return Guidance(self.cfg_text, self.cfg_img if self.cfg_img > 0 else None, self.guidance_rescale)
+        return Guidance(self.cfg_text, self.cfg_img if self.cfg_img > 0 else None, self.guidance_rescale,
+                        camera=float(self.cfg_camera))
 
-    def schedule(self, variant, solver: str = "ddim") -> Schedule:
+    def schedule(self, variant) -> Schedule:
         spacing = variant.get("spacing", "uniform_trailing") if self.spacing == "auto" else self.spacing
-        return Schedule(self.steps, spacing, self.eta if solver == "ddim" else 0.0, solver)
+        return Schedule(self.steps, spacing, self.eta if self.solver == "ddim" else 0.0, self.solver)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The `pipeline_inputs` of an all-in-one node: model, clip_vision, vae, positive, negative."""
+    model: object
+    clip_vision: object
+    vae: object
+    positive: object
+    negative: object
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """The video a node makes: the `size_inputs` (width x height pixels), its frames and `fs_input`."""
+    width: int
+    height: int
+    frames: int
+    fs: int

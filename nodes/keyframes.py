@@ -12,13 +12,14 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
+from dynamicrafter.settings import Motion
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
-                     size_inputs)
+from .inputs import (CATEGORY, MAX_FRAMES, Pipeline, SamplerSettings, VideoSettings, fs_input, pipeline_inputs,
+                     sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
 from .motion import mask_input
@@ -43,9 +44,11 @@ def encode_prompt(clip, text: str):
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
-                   cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, prompts: str = "",
-                   frames_per_batch: int = 4, mask=None) -> torch.Tensor:
+def keyframe_video(pipe: Pipeline, keyframes, video: VideoSettings, settings: SamplerSettings, clip=None,
+                   prompts: str = "", frames_per_batch: int = 4, mask=None) -> torch.Tensor:
+    """Pairs of keyframes in-betweened in video.frames frames each (width x height, fs), joined."""
+    model, clip_vision, vae, positive, negative = pipe.model, pipe.clip_vision, pipe.vae, pipe.positive, pipe.negative
+    width, height, frames = video.width, video.height, video.frames
     if keyframes.ndim != 4 or not 2 <= keyframes.shape[0] <= MAX_KEYFRAMES:
         raise ValueError(f"keyframes must be an IMAGE batch of 2..{MAX_KEYFRAMES} images (e.g. 'Batch Images' or "
                          f"a folder loader), got shape {tuple(keyframes.shape)}")
@@ -58,15 +61,13 @@ def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width
     if any(texts) and clip is None:
         raise ValueError("pair_prompts needs the clip input (the text encoder) to encode them")
     keys = resize_center(keyframes, width, height)     # every pair sees the same pixels of a shared keyframe
-    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
     pieces = []
     for k in range(pairs):
         start, end = keys[k:k + 1], keys[k + 1:k + 2]
         pos = positive if texts[k] is None else encode_prompt(clip, texts[k])
         context = resample_context(model, encode_clip_vision(clip_vision, start))
-        p, n, _, latent = build_conditioning(pos, negative, vae, context, start, width, height, frames, 1, fs,
-                                             "interpolation", end)
-        out = run_ddim(model, p, n, latent, settings.shifted(k), mask=mask)
+        p, n, _, latent = build_conditioning(pos, negative, vae, context, start, video, 1, "interpolation", end)
+        out = run_ddim(model, p, n, latent, settings.shifted(k), motion=Motion(mask))
         clip_frames = decode_video(vae, out, frames_per_batch, "keep all frames")
         pieces.append(clip_frames if k == 0 else clip_frames[1:])   # keyframe k ended the previous clip
     return torch.cat(pieces)
@@ -109,9 +110,10 @@ class DynamiCrafterKeyframes(io.ComfyNode):
     def execute(cls, model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
                 cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="",
                 mask=None) -> io.NodeOutput:
-        return io.NodeOutput(keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height,
-                                            frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale,
-                                            spacing, clip, pair_prompts, mask=mask))
+        settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        return io.NodeOutput(keyframe_video(Pipeline(model, clip_vision, vae, positive, negative), keyframes,
+                                            VideoSettings(width, height, frames, fs), settings, clip, pair_prompts,
+                                            mask=mask))
 
 
 NODES = [DynamiCrafterKeyframes]

@@ -9,20 +9,22 @@ shots" measures both; the default is the one that won there.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import check_size
 from dynamicrafter.sampling.long_shots import (DEFAULT_LONG_VIDEO_METHOD, LONG_VIDEO_METHODS, chain_segments,
                                                window_overlap)
-from dynamicrafter.settings import Windows
+from dynamicrafter.settings import Motion, Windows
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
-                     size_inputs)
+from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, Pipeline, SamplerSettings, VideoSettings, fs_input,
+                     pipeline_inputs, sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
 from .motion import encode_schedule, mask_input, schedule_input
@@ -31,25 +33,25 @@ from .sampler import run_ddim
 METHODS = list(LONG_VIDEO_METHODS)
 
 
-def chained_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
-                  segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+def chained_video(pipe: Pipeline, start_image, video: VideoSettings, segment_frames, settings: SamplerSettings,
                   frames_per_batch=4, mask=None, schedule=None) -> torch.Tensor:
-    """`schedule` (a PromptSchedule): segment k's text is the schedule's at its centre frame."""
-    check_long_video(start_image, width, height, total_frames, segment_frames)
-    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+    """`video.frames` frames in segments of segment_frames; `schedule` (a PromptSchedule): segment k's
+    text is the schedule's at its centre frame."""
+    model, vae, positive, negative = pipe.model, pipe.vae, pipe.positive, pipe.negative
+    check_long_video(start_image, video.width, video.height, video.frames, segment_frames)
+    segment = dataclasses.replace(video, frames=segment_frames)
 
     def animate_from(k, image):
-        context = resample_context(model, encode_clip_vision(clip_vision, image))
+        context = resample_context(model, encode_clip_vision(pipe.clip_vision, image))
         prompt = positive
         if schedule is not None:
             centre = k * (segment_frames - 1) + (segment_frames - 1) / 2
             prompt = [[schedule.text_at(centre), dict(positive[0][1])]]
-        pos, neg, _, latent = build_conditioning(prompt, negative, vae, context, image, width, height,
-                                                 segment_frames, 1, fs, "image-to-video")
-        out = run_ddim(model, pos, neg, latent, settings.shifted(k), mask=mask)
+        pos, neg, _, latent = build_conditioning(prompt, negative, vae, context, image, segment, 1, "image-to-video")
+        out = run_ddim(model, pos, neg, latent, settings.shifted(k), motion=Motion(mask))
         return decode_video(vae, out, frames_per_batch, "keep all frames")
 
-    return chain_segments(animate_from, start_image[:1], total_frames, segment_frames)
+    return chain_segments(animate_from, start_image[:1], video.frames, segment_frames)
 
 
 def check_long_video(start_image, width, height, total_frames, segment_frames) -> None:
@@ -61,18 +63,18 @@ def check_long_video(start_image, width, height, total_frames, segment_frames) -
     check_finite(start_image, "start_image")
 
 
-def windowed_video(model, clip_vision, vae, positive, negative, start_image, width, height, total_frames,
-                   segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
+def windowed_video(pipe: Pipeline, start_image, video: VideoSettings, segment_frames, settings: SamplerSettings,
                    frames_per_batch=4, mask=None, schedule=None) -> torch.Tensor:
-    check_long_video(start_image, width, height, total_frames, segment_frames)
+    """`video.frames` frames in context windows of segment_frames; `schedule`: each window's text."""
+    model, vae = pipe.model, pipe.vae
+    check_long_video(start_image, video.width, video.height, video.frames, segment_frames)
     image = start_image[:1]
-    context = resample_context(model, encode_clip_vision(clip_vision, image))
-    pos, neg, _, latent = build_conditioning(positive, negative, vae, context, image, width, height, total_frames,
-                                             1, fs, "image-to-video")
-    settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+    context = resample_context(model, encode_clip_vision(pipe.clip_vision, image))
+    pos, neg, _, latent = build_conditioning(pipe.positive, pipe.negative, vae, context, image, video, 1,
+                                             "image-to-video")
     out = run_ddim(model, pos, neg, latent, settings,
-                   windows=Windows(segment_frames, window_overlap(segment_frames)), mask=mask,
-                   prompt_schedule=schedule)
+                   windows=Windows(segment_frames, window_overlap(segment_frames)),
+                   motion=Motion(mask, prompt_schedule=schedule))
     return decode_video(vae, out, frames_per_batch, "keep all frames")
 
 
@@ -121,9 +123,10 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                 segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
                 method="chained", prompt_schedule="", clip=None, mask=None) -> io.NodeOutput:
         schedule = encode_schedule(clip, prompt_schedule)
-        return io.NodeOutput(long_video(method, model, clip_vision, vae, positive, negative, start_image, width,
-                                        height, total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
-                                        guidance_rescale, spacing, mask=mask, schedule=schedule))
+        settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
+        return io.NodeOutput(long_video(method, Pipeline(model, clip_vision, vae, positive, negative), start_image,
+                                        VideoSettings(width, height, total_frames, fs), segment_frames, settings,
+                                        mask=mask, schedule=schedule))
 
 
 NODES = [DynamiCrafterLongVideo]

@@ -4,6 +4,7 @@ run by ``dynamicrafter.sample_ddim`` on the MODEL's UNet (or, with ``solver``, a
 previews and interrupt."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -18,7 +19,8 @@ import dynamicrafter
 from dynamicrafter.config import TEXT_CONTEXT_LEN
 from dynamicrafter.sampling.motion import direct
 from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int, check_number, check_steps
-from dynamicrafter.settings import Windows
+from dynamicrafter.sampling.ddim import Conditioning
+from dynamicrafter.settings import Motion, Windows
 
 from . import camera as camera_node
 from .comfy_model import model_speed_switches, require_dynamicrafter_model
@@ -82,23 +84,22 @@ def prepare_inputs(inner, positive, negative, latent):
     return cond, uncond, uncond_img, concat, fs
 
 
-# run_ddim's default: one pass over all frames (Windows is a frozen dataclass, safe to share)
-ONE_PASS = Windows()
+# run_ddim's defaults: one pass over all frames, today's motion (frozen dataclasses, safe to share)
+ONE_PASS, FREE_MOTION = Windows(), Motion()
 
 
 @torch.no_grad()
 def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: torch.Tensor | None = None,
-             previews: bool = True, solver: str = "ddim", windows: Windows = ONE_PASS,
-             cfg_camera: float = 1.0, denoise: float = 1.0, motion: float = 1.0, mask=None,
-             mask_feather: float = 1.0, prompt_schedule=None):
-    """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets;
-    windows.size None = one UNet pass over all frames, W: context windows (library `windows`).
-    Motion (`nodes.motion`, `dynamicrafter.sampling.motion.direct`): denoise < 1 starts from latent's content
-    (video to video), motion < 1 from the image latent, mask holds the image outside it;
-    prompt_schedule: a PromptSchedule for the windows' texts."""
+             previews: bool = True, windows: Windows = ONE_PASS, motion: Motion = FREE_MOTION):
+    """The DDIM Sampler's work, for every node that samples: `settings` from the sampler widgets (and
+    the solver, cfg_camera); windows.size None = one UNet pass over all frames, W: context windows
+    (library `windows`). `motion` (`nodes.motion`, `dynamicrafter.sampling.motion.direct`): strength
+    (the denoise widget) < 1 starts from latent's content (video to video), amount < 1 from the image
+    latent, mask (a ComfyUI MASK) holds the image outside it; prompt_schedule: a PromptSchedule for
+    the windows' texts."""
     inner = require_dynamicrafter_model(model, "DDIM Sampler")
     latent = {**latent, "samples": video_latent(latent["samples"])}
-    schedule = settings.schedule(inner.variant, solver)
+    schedule = settings.schedule(inner.variant)
     check_steps(schedule.steps, schedule.spacing)
     cond, uncond, uncond_img, concat, fs = prepare_inputs(inner, positive, negative, latent)
     samples = latent["samples"]
@@ -130,24 +131,25 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
                   extra=f" (less than context_window={windows.size})")
     guidance = settings.guidance()
     x_T = x_T.to(device, torch.float32)
-    start = 0
-    if denoise < 1 or motion < 1 or mask is not None:
+    start, denoise, mask = 0, motion.strength, motion.mask
+    if denoise < 1 or motion.amount < 1 or mask is not None:
         image_latent = None if concat is None else concat[:, :, 0].to(device, torch.float32)
+        controls = Motion(None if mask is None else mask_frames(mask), float(motion.feather),
+                          strength=float(denoise), amount=float(motion.amount))
         x_T, start, callback = direct(
-            dc, x_T, schedule.steps, schedule.spacing, image_latent=image_latent, strength=float(denoise),
-            motion=float(motion),
+            dc, x_T, schedule, controls, image_latent=image_latent,
             video_latent=inner.process_latent_in(samples).to(device, torch.float32) if denoise < 1 else None,
-            mask=None if mask is None else mask_frames(mask), mask_feather=float(mask_feather), generator=gen,
-            callback=callback)
+            generator=gen, callback=callback)
     result = dict(latent)
     if start == total:           # denoise 0 / motion 0: nothing to sample
         result["samples"] = inner.process_latent_out(x_T.float()).to(comfy.model_management.intermediate_device())
         return result
-    per_window = None if prompt_schedule is None else prompt_schedule.window_contexts
-    cond_in = dict(concat=None if concat is None else concat.to(device, torch.float32), fs=fs, guidance=guidance,
-                   schedule=schedule, generator=gen, callback=callback, start=start, window_contexts=per_window)
+    per_window = None if motion.prompt_schedule is None else motion.prompt_schedule.window_contexts
     uncond_img = uncond_img.to(device) if (guidance.cfg_img is not None and uncond_img is not None) else None
-    move = _first_cond(positive, "positive")[1].get(camera_node.KEY)
+    c = Conditioning(cond.to(device), uncond.to(device), uncond_img,
+                     None if concat is None else concat.to(device, torch.float32), fs, window_contexts=per_window)
+    run = dict(guidance=guidance, schedule=dataclasses.replace(schedule, start=start), generator=gen, callback=callback)
+    move, cfg_camera = _first_cond(positive, "positive")[1].get(camera_node.KEY), settings.cfg_camera
     if move is not None or cfg_camera != 1.0:    # CamI2V: the camera sampler path (DDIM, one pass)
         if move is None:
             raise ValueError(f"cfg_camera {cfg_camera} needs a camera move: put 'DynamiCrafter Camera (CamI2V)' "
@@ -155,14 +157,12 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
         if schedule.solver != "ddim" or windows.size:
             raise ValueError("a camera move samples with solver 'ddim' in one pass: set solver to ddim and "
                              "context_window to 0")
-        cond_in.update(camera=camera_node.camera_condition(inner, move, samples.shape, int(settings.seed)),
-                       cfg_camera=float(cfg_camera))
+        c = dataclasses.replace(c, camera=camera_node.camera_condition(inner, move, samples.shape, int(settings.seed)))
     with model_speed_switches(model):    # ComfyUI's attention flags, a 'Compile UNet' node's blocks
         if move is not None:
-            out = dynamicrafter.sample_ddim(dc, x_T, cond.to(device), uncond.to(device), uncond_img, **cond_in)
+            out = dynamicrafter.sample_ddim(dc, x_T, c, **run)
         else:
-            out = dynamicrafter.sample(dc, x_T, cond.to(device), uncond.to(device), uncond_img, windows=windows,
-                                       **cond_in)
+            out = dynamicrafter.sample(dc, x_T, c, windows=windows, **run)
     result = dict(latent)
     result["samples"] = inner.process_latent_out(out.float()).to(comfy.model_management.intermediate_device())
     return result
@@ -220,11 +220,11 @@ class DynamiCrafterDDIMSampler(io.ComfyNode):
                 guidance_rescale, spacing, solver="ddim", context_window=0, context_overlap=4,
                 context_schedule="uniform", cfg_camera=1.0, denoise=1.0, mask_feather=1.0, motion=1.0,
                 mask=None) -> io.NodeOutput:
-        settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
-        return io.NodeOutput(run_ddim(model, positive, negative, latent_image, settings, solver=solver,
+        settings = dataclasses.replace(SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale,
+                                                          spacing), solver=solver, cfg_camera=float(cfg_camera))
+        return io.NodeOutput(run_ddim(model, positive, negative, latent_image, settings,
                                       windows=Windows(context_window or None, context_overlap, context_schedule),
-                                      cfg_camera=cfg_camera, denoise=denoise, motion=motion, mask=mask,
-                                      mask_feather=mask_feather))
+                                      motion=Motion(mask, mask_feather, strength=denoise, amount=motion)))
 
 
 NODES = [DynamiCrafterDDIMSampler]

@@ -82,8 +82,8 @@ def test_ddim_node_with_camera_equals_library(comfy, cam_loaded, cam_ref):
     neg = comfy.nodes.CLIPTextEncode().encode(clip, "")[0]
     image = load_input_image(cam_ref / "inputs" / "image.png")
     ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
-    p, n, _, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, W, H, T, 1, 2,
-                                                              "image-to-video")
+    video = pack("inputs").VideoSettings(W, H, T, 2)
+    p, n, _, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, video, 1, "image-to-video")
     p0, n0 = p, n
     p, n, preview = pack("camera").DynamiCrafterCamera.execute(p, n, "pan left", 0.5, 0.8)[:3]
     assert preview.shape == (1, 256, 256, 3) and preview.min() >= 0 and preview.max() <= 1

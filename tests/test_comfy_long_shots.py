@@ -99,15 +99,16 @@ def test_continue_clip_node_is_the_library_continuation(comfy):
     neg = core.CLIPTextEncode().encode(clip, "")[0]
     video = torch.from_numpy(moving_square_clip(6)).float() / 255
     cc = pack("continue_clip")
-    args = (W, H, 8, 3, 24, 5, 3, 7.5, 0.0, 1.0, 0.7, "auto")
-    frames = cc.continued_video(model, cv, vae, pos, neg, video, *args)
+    inputs = pack("inputs")
+    frames = cc.continued_video(inputs.Pipeline(model, cv, vae, pos, neg), video, inputs.VideoSettings(W, H, 8, 24), 3,
+                                inputs.SamplerSettings.of(5, 3, 7.5, 0.0, 1.0, 0.7, "auto"))
     assert frames.shape == (6 + 5, H, W, 3) and torch.equal(frames[:6], video)
     # the same window through the library, then decoded by the node pack's decoder
     inner = pack("comfy_model").require_dynamicrafter_model(model, "test")
     image = video[3:4]
     ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
-    p, n, _, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, W, H, 8, 1, 24,
-                                                              "image-to-video")
+    p, n, _, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image,
+                                                              inputs.VideoSettings(W, H, 8, 24), 1, "image-to-video")
     cond, uncond, _, concat, fs = pack("sampler").prepare_inputs(inner, p, n, latent)
     known = inner.process_latent_in(vae.encode(video[3:])).movedim(0, 1)[None]
     out = continue_latents(inner.dc_model, known, comfy_sample.prepare_noise(latent["samples"], 5), cond, uncond,
@@ -140,10 +141,12 @@ def test_keyframe_node_with_a_512_interp_model_repeats_no_frame(comfy, comfy_ref
     a = load_input_image(folder / "interp" / "a_first.png")
     b = load_input_image(folder / "interp" / "b_last.png")
     keys = kf.resize_center(torch.cat([a, b, a.flip(2)]), W, H)
-    args = (W, H, T, 10, 3, 2, 7.5, 0.0, 1.0, 0.7, "auto")
-    whole = kf.keyframe_video(model, cv, vae, pos, neg, keys, *args)
-    first = kf.keyframe_video(model, cv, vae, pos, neg, keys[:2], *args)
-    second = kf.keyframe_video(model, cv, vae, pos, neg, keys[1:], W, H, T, 10, 4, *args[5:])
+    inputs = pack("inputs")
+    pipe, video = inputs.Pipeline(model, cv, vae, pos, neg), inputs.VideoSettings(W, H, T, 10)
+    settings = inputs.SamplerSettings.of(3, 2, 7.5, 0.0, 1.0, 0.7, "auto")
+    whole = kf.keyframe_video(pipe, keys, video, settings)
+    first = kf.keyframe_video(pipe, keys[:2], video, settings)
+    second = kf.keyframe_video(pipe, keys[1:], video, settings.shifted(1))
     assert whole.shape == (1 + 2 * (T - 1), H, W, 3)
     assert torch.equal(whole[:T], first) and torch.equal(whole[T:], second[1:])    # pair 2 without keyframe 2 again
     diffs = (whole[1:] - whole[:-1]).flatten(1).abs().amax(1)

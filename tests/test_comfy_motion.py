@@ -175,10 +175,9 @@ def test_long_video_prompt_schedule_and_mask(comfy, monkeypatch):
     texts = []
     real = sampling.window_guided_output
 
-    def recording(*a, **kw):
-        wc = kw.get("window_contexts")
-        texts.append(wc)
-        return real(*a, **kw)
+    def recording(dc, x, t, contexts, cond, *a, **kw):
+        texts.append(cond.window_contexts)
+        return real(dc, x, t, contexts, cond, *a, **kw)
     monkeypatch.setattr(sampling, "window_guided_output", recording)
     base = ["DynamiCrafterLongVideo.total_frames=12", "DynamiCrafterLongVideo.method=windows"]
     prompt = tiny_prompt(comfy, "DynamiCrafter long video.json", frames=8, steps=2, sets=base)

@@ -239,7 +239,8 @@ def _i2v_inputs(comfy, loaded, comfy_reference, mode="image-to-video"):
     image = load_input_image(comfy_reference / "tiny_v" / "inputs" / "single" / "image.png")
     tokens = pack("clip_vision").encode_clip_vision(cv, image)
     ctx = pack("resampler").resample_context(model, tokens)
-    p, n, io, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, W, H, T, 1, 24, mode)
+    video = pack("inputs").VideoSettings(W, H, T, 24)
+    p, n, io, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, video, 1, mode)
     return p, n, io, latent, tokens, ctx, image, prompt
 
 
@@ -370,11 +371,11 @@ def test_official_layouts_in_conditioning(comfy, loaded, comfy_reference):
     end = load_input_image(comfy_reference / "tiny_v" / "inputs" / "interp" / "b_last.png")
     ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
     build = pack("conditioning").build_conditioning
-    p, *_ = build(pos, pos, vae, ctx, image, W, H, T, 1, 10, "interpolation", end)
+    p, *_ = build(pos, pos, vae, ctx, image, pack("inputs").VideoSettings(W, H, T, 10), 1, "interpolation", end)
     c = p[0][1]["concat_latent_image"]
     assert c[:, :, 1:-1].abs().max() == 0 and c[:, :, 0].abs().max() > 0
     assert not torch.allclose(c[:, :, 0], c[:, :, -1])
-    p, *_ = build(pos, pos, vae, ctx, image, W, H, T, 1, 10, "loop")
+    p, *_ = build(pos, pos, vae, ctx, image, pack("inputs").VideoSettings(W, H, T, 10), 1, "loop")
     c = p[0][1]["concat_latent_image"]
     assert torch.equal(c[:, :, 0], c[:, :, -1]) and c[:, :, 1:-1].abs().max() == 0
 
@@ -554,7 +555,7 @@ def test_error_fs_and_batch_size_outside_widget_limits(comfy, loaded, comfy_refe
                                    (0, 24, "batch_size must be an integer in 1..16, got 0"),
                                    (10 ** 4, 24, "batch_size must be an integer in 1..16, got 10000")]:
         with pytest.raises(ValueError) as err:
-            build(p, n, loaded[3], ctx, image, W, H, T, batch_size, fs, "image-to-video")
+            build(p, n, loaded[3], ctx, image, pack("inputs").VideoSettings(W, H, T, fs), batch_size, "image-to-video")
         assert needle in str(err.value)
         with pytest.raises(ValueError) as err:
             pack("text_to_video").DynamiCrafterTextToVideoLatent.execute(p, n, W, H, T, batch_size, fs)

@@ -73,8 +73,9 @@ def _inputs(comfy, loaded, toon_ref, frames=T):
     first = load_input_image(toon_ref / "inputs" / "a_first.png")
     last = load_input_image(toon_ref / "inputs" / "b_last.png")
     ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, first))
-    p, n, io, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, first, W, H, frames, 1, 10,
-                                                               "interpolation", last)
+    video = pack("inputs").VideoSettings(W, H, frames, 10)
+    p, n, io, latent = pack("conditioning").build_conditioning(pos, neg, vae, ctx, first, video, 1, "interpolation",
+                                                               last)
     return p, n, io, latent, first, last
 
 
@@ -217,19 +218,22 @@ def test_keyframe_node_is_the_pairs_joined(comfy, toon_loaded, toon_ref):
     a = load_input_image(toon_ref / "inputs" / "a_first.png")
     b = load_input_image(toon_ref / "inputs" / "b_last.png")
     keys = torch.cat([a, b, a.flip(2)])
-    args = (W, H, T, 10, 7, STEPS, 7.5, 0.0, 0.0, 0.7, "auto")
-    whole = kf.keyframe_video(model, cv, vae, pos, neg, keys, *args, clip=clip, prompts="\nshe turns back")
-    first = kf.keyframe_video(model, cv, vae, pos, neg, keys[:2], *args)
-    second = kf.keyframe_video(model, cv, vae, kf.encode_prompt(clip, "she turns back"), neg, keys[1:],
-                               W, H, T, 10, 8, *args[5:])
+    inputs = pack("inputs")
+    pipe, video = inputs.Pipeline(model, cv, vae, pos, neg), inputs.VideoSettings(W, H, T, 10)
+    settings = inputs.SamplerSettings.of(7, STEPS, 7.5, 0.0, 0.0, 0.7, "auto")
+    args = (video, settings)
+    whole = kf.keyframe_video(pipe, keys, *args, clip=clip, prompts="\nshe turns back")
+    first = kf.keyframe_video(pipe, keys[:2], *args)
+    second = kf.keyframe_video(inputs.Pipeline(model, cv, vae, kf.encode_prompt(clip, "she turns back"), neg),
+                               keys[1:], video, settings.shifted(1))
     assert whole.shape == (1 + 2 * (T - 1), H, W, 3)
     assert torch.equal(whole[:T], first) and torch.equal(whole[T:], second[1:])
     for j in (T - 1, 2 * (T - 1)):   # consecutive frames around each join are distinct frames
         assert (whole[j] - whole[j - 1]).abs().max() > 0
     with pytest.raises(ValueError, match="2..64 images"):
-        kf.keyframe_video(model, cv, vae, pos, neg, keys[:1], *args)
+        kf.keyframe_video(pipe, keys[:1], *args)
     with pytest.raises(ValueError, match="needs the clip input"):
-        kf.keyframe_video(model, cv, vae, pos, neg, keys, *args, prompts="x")
+        kf.keyframe_video(pipe, keys, *args, prompts="x")
 
 
 def test_new_workflows_carry_model_download_metadata():

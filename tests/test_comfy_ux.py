@@ -47,10 +47,12 @@ def test_image_to_video_node_takes_size_frames_fs_from_the_model(comfy, loaded):
     pos = comfy.nodes.CLIPTextEncode().encode(clip, "a red circle")[0]
     neg = comfy.nodes.CLIPTextEncode().encode(clip, "")[0]
     image = load_input_image(comfy_runtime.REPO_ROOT / "assets" / "example.png")
-    one = pack("image_to_video").image_to_video(model, cv, vae, pos, neg, image, 0, 0, 0, 1, 0, "image-to-video")
+    inputs = pack("inputs")
+    one = pack("image_to_video").image_to_video(inputs.Pipeline(model, cv, vae, pos, neg), image,
+                                                inputs.VideoSettings(0, 0, 0, 0), 1, "image-to-video")
     ctx = pack("resampler").resample_context(model, pack("clip_vision").encode_clip_vision(cv, image))
-    three = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, w, h, frames, 1, fs,
-                                                    "image-to-video")
+    three = pack("conditioning").build_conditioning(pos, neg, vae, ctx, image, inputs.VideoSettings(w, h, frames, fs),
+                                                    1, "image-to-video")
     assert tuple(one[3]["samples"].shape) == (1, 4, frames, h // 8, w // 8)
     for a, b in zip(one[:3], three[:3]):
         assert a[0][1]["dc_fs"] == fs
