@@ -19,6 +19,7 @@ caching and CFG in an interval of timesteps, on top of DPM-Solver++ 2M.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO / "scripts"))   # comfy_runtime, nodes_pack_access
 import dynamicrafter  # noqa: E402
 from dynamicrafter.pipeline import fit_image, image_conditioning  # noqa: E402
 from dynamicrafter.sampling.solvers import sample  # noqa: E402
+from dynamicrafter.settings import Guidance, Schedule  # noqa: E402
 
 # what runs, per plan: the full one on the tiny model, a reduced one on the demo batch (a step costs
 # about clips x the tiny model's)
@@ -91,12 +93,13 @@ def demo_inputs(ckpt: Path, n: int):
 
 
 # ------------------------------------------------------------------------------------ 2. methods
-def run_ours(dc, c, x_T, guidance, solver, steps, **extra):
+def run_ours(dc, c, x_T, guidance, solver, steps, cache=(1, 1), cfg_interval=None):
     stats = {}
+    g = Guidance(guidance["cfg_text"], guidance.get("cfg_img"), guidance["guidance_rescale"], cfg_interval)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        lat = sample(dc, x_T, c.cond, c.uncond, solver=solver, concat=c.concat, fs=24, steps=steps, eta=0.0,
-                     **guidance, **extra, stats=stats)
+        lat = sample(dc, x_T, dataclasses.replace(c, fs=24), guidance=g,
+                     schedule=Schedule(steps, eta=0.0, solver=solver, cache=cache), stats=stats)
     return lat, time.perf_counter() - t0, stats
 
 
@@ -173,7 +176,8 @@ def measure(dc, lat, ref_lat, ref_frames, demo):
 
 
 # ------------------------------------------------------------------------------------ 4. the table
-def bench_model(name, dc, c, x_T, demo, guidance, setting, core, plan, out=None, done=()):
+def bench_model(name, dc, c, x_T, demo, guidance, setting, core, plan, save=None):
+    """The rows of one model and guidance setting; save(rows so far), when given, after each row."""
     print(f"[bench] {name} / {setting}", file=sys.stderr, flush=True)
     ref_lat, ref_time, _ = run_ours(dc, c, x_T, guidance, "ddim", 50)
     with torch.inference_mode():
@@ -187,8 +191,8 @@ def bench_model(name, dc, c, x_T, demo, guidance, setting, core, plan, out=None,
         r.update(measure(dc, lat, ref_lat, ref_frames, demo))
         rows.append(r)
         print(f"[bench]   {method} {steps}: {r}", file=sys.stderr, flush=True)
-        if out:     # rows so far, so a long run leaves its results behind
-            Path(out).write_text(json.dumps(list(done) + rows, indent=1))
+        if save is not None:     # rows so far, so a long run leaves its results behind
+            save(rows)
 
     add("DDIM (reference)", 50, (ref_lat, ref_time, {"evaluations": 50 * (2 + ("cfg_img" in guidance)), "cached": 0}))
     dual = "cfg_img" in guidance
@@ -202,7 +206,7 @@ def bench_model(name, dc, c, x_T, demo, guidance, setting, core, plan, out=None,
     if not dual:
         for steps, interval, depth in plan["cache"]:
             add(f"ours dpmpp_2m + cache k={interval} depth={depth}", steps,
-                run_ours(dc, c, x_T, guidance, "dpmpp_2m", steps, cache_interval=interval, cache_depth=depth))
+                run_ours(dc, c, x_T, guidance, "dpmpp_2m", steps, cache=(interval, depth)))
             rows[-1]["flop_share"] = cached_flop_share(dc, x_T, c, depth, 2)
         for steps, interval in plan["cfg"]:
             add(f"ours dpmpp_2m + CFG t in [{interval[0]}, {interval[1]}]", steps,
@@ -247,10 +251,11 @@ def main(argv=None):
         models.append(("tiny (random)", PLANS["full"], lambda: tiny_inputs(Path(a.tiny))))
     if "demo" in wanted and os.path.isfile(a.demo):
         models.append((f"demo ({a.clips} held-out)", PLANS[a.demo_plan], lambda: demo_inputs(Path(a.demo), a.clips)))
+    save = (lambda new: Path(a.out).write_text(json.dumps(rows + new, indent=1))) if a.out else None
     for name, plan, make in models:
         dc, c, x_T, demo = make()
-        rows += bench_model(name, dc, c, x_T, demo, single, "cfg 7.5 + rescale 0.7", core, plan, a.out, rows)
-        rows += bench_model(name, dc, c, x_T, demo, dual, "dual cfg 7.5/1.5 + rescale 0.7", None, plan, a.out, rows)
+        rows += bench_model(name, dc, c, x_T, demo, single, "cfg 7.5 + rescale 0.7", core, plan, save)
+        rows += bench_model(name, dc, c, x_T, demo, dual, "dual cfg 7.5/1.5 + rescale 0.7", None, plan, save)
     print_table(rows)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))

@@ -43,10 +43,16 @@ def connect_pipeline(g: UIGraph, ld, pos, neg, node, **more) -> None:
         g.connect(src, slot, node, name)
 
 
-def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mode="image-to-video",
-              end_image=None, fs=24, frames=16, title_suffix="", seed=123, width=512, height=320, steps=50,
-              cfg_text=7.5, cfg_img=0.0, guidance_rescale=0.7):
-    """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node."""
+# i2v_chain's widgets: the conditioning node's and the DDIM sampler's
+I2V_VIDEO = {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 24, "mode": "image-to-video"}
+I2V_SAMPLER = {"seed": 123, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
+               "spacing": "auto"}
+
+
+def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, end_image=None, title_suffix="",
+              video: dict | None = None, sampler: dict | None = None):
+    """Text encodes + CLIP vision + resampler + conditioning + DDIM + decode; returns the decode node.
+    video / sampler: widget values over I2V_VIDEO (the conditioning node) / I2V_SAMPLER (the DDIM node)."""
     pos, neg = prompt_pair(g, loader, "clip", prompt, x, y, title_suffix=title_suffix)
     enc = g.add("DynamiCrafterCLIPVisionEncode", (x, y + 270))
     g.connect(loader, "clip_vision", enc, "clip_vision")
@@ -54,8 +60,7 @@ def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mod
     res = g.add("DynamiCrafterContextResampler", (x, y + 360))
     g.connect(loader, "model", res, "model")
     g.connect(enc, 0, res, "clip_tokens")
-    cond = g.add("DynamiCrafterImageConditioning", (x + 400, y),
-                 {"width": width, "height": height, "frames": frames, "batch_size": 1, "fs": fs, "mode": mode},
+    cond = g.add("DynamiCrafterImageConditioning", (x + 400, y), {**I2V_VIDEO, **(video or {})},
                  title="Image conditioning" + title_suffix)
     g.connect(pos, 0, cond, "positive")
     g.connect(neg, 0, cond, "negative")
@@ -64,9 +69,8 @@ def i2v_chain(g: UIGraph, loader, image, prompt: str, x: float, y: float, *, mod
     g.connect(image, 0, cond, "start_image")
     if end_image is not None:
         g.connect(end_image, 0, cond, "end_image")
-    samp = g.add("DynamiCrafterDDIMSampler", (x + 800, y),
-                 {"seed": seed, "steps": steps, "cfg_text": cfg_text, "cfg_img": cfg_img, "eta": 1.0,
-                  "guidance_rescale": guidance_rescale, "spacing": "auto"}, title="DDIM (dual CFG)" + title_suffix)
+    samp = g.add("DynamiCrafterDDIMSampler", (x + 800, y), {**I2V_SAMPLER, **(sampler or {})},
+                 title="DDIM (dual CFG)" + title_suffix)
     g.connect(loader, "model", samp, "model")
     g.connect(cond, "positive", samp, "positive")
     g.connect(cond, "negative", samp, "negative")
@@ -140,9 +144,10 @@ def demo(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_demo.safetensors")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
-    dec = i2v_chain(g, ld, img, DEMO_PROMPT, 420, 0, fs=v["default_fs"], frames=frames, width=width, height=height,
-                    steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
-                    guidance_rescale=v["guidance_rescale"])
+    dec = i2v_chain(g, ld, img, DEMO_PROMPT, 420, 0,
+                    video=dict(fs=v["default_fs"], frames=frames, width=width, height=height),
+                    sampler=dict(steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
+                                 guidance_rescale=v["guidance_rescale"]))
     save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
     g.note(f"The bundled demo model (assets/demo/, trained by training/ on synthetic clips): {width}x{height}, "
            f"{frames} frames, {guidance_words(v)} (its own default), 25 steps, a few seconds on a CPU.\nCopy "
@@ -158,9 +163,10 @@ def demo_chain(g: UIGraph, image, prompt: str = DEMO_PROMPT):
     v = json.loads(DEMO_MODEL.read_text())["variant"]
     (height, width), frames = v["resolution"], v["frames"]
     ld = loader(g, "dynamicrafter_demo.safetensors")
-    dec = i2v_chain(g, ld, image, prompt, 420, 0, fs=v["default_fs"], frames=frames, width=width, height=height,
-                    steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
-                    guidance_rescale=v["guidance_rescale"])
+    dec = i2v_chain(g, ld, image, prompt, 420, 0,
+                    video=dict(fs=v["default_fs"], frames=frames, width=width, height=height),
+                    sampler=dict(steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
+                                 guidance_rescale=v["guidance_rescale"]))
     samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
     return ld, samp, dec
 
@@ -239,7 +245,7 @@ def interpolation(classes) -> dict:
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First frame", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last frame", size=[320, 320])
-    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, mode="interpolation", end_image=b, fs=10)
+    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, end_image=b, video=dict(mode="interpolation", fs=10))
     save_video(g, dec, 1660, 0, "video/dynamicrafter_interp")
     g.note("Frame interpolation: the 512_interp model generates the frames between the first and last image "
            "(both the same size). The CLIP image tokens come from the first image only, as in the official "
@@ -252,7 +258,7 @@ def loop(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Image to loop", size=[320, 360])
-    dec = i2v_chain(g, ld, img, "gentle waves, looping animation", 420, 0, mode="loop", fs=10)
+    dec = i2v_chain(g, ld, img, "gentle waves, looping animation", 420, 0, video=dict(mode="loop", fs=10))
     save_video(g, dec, 1660, 0, "video/dynamicrafter_loop")
     g.note("Looping video: the same image is the first and the last frame's condition; the decode node drops "
            "the duplicate last frame (trim = auto) so the video loops seamlessly.", (0, 600), (400, 140))
@@ -295,7 +301,8 @@ def storytelling(classes) -> dict:
         y = 260 + i * 820
         first = len(g.nodes)
         img = g.add("LoadImage", (0, 200 + y), {"image": name}, title=f"Scene {i + 1}", size=[320, 320])
-        decs.append(i2v_chain(g, ld, img, prompt, 420, y, title_suffix=f" (scene {i + 1})", seed=100 + i))
+        decs.append(i2v_chain(g, ld, img, prompt, 420, y, title_suffix=f" (scene {i + 1})",
+                              sampler=dict(seed=100 + i)))
         g.group(f"Scene {i + 1}", g.nodes[first:])
     joined = decs[0]
     for i, d in enumerate(decs[1:]):
@@ -499,8 +506,7 @@ def tooncrafter(classes) -> dict:
     with_model_download(ld, TOONCRAFTER_MODEL)
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First keyframe", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last keyframe", size=[320, 320])
-    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, mode="interpolation",
-                    end_image=b, fs=10)
+    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, end_image=b, video=dict(mode="interpolation", fs=10))
     save_video(g, dec, 1660, 0, "video/tooncrafter")
     g.note("ToonCrafter: cartoon in-betweening of two keyframes (320x512, 16 frames, fs 10, cfg 7.5, guidance "
            "rescale 0.7, eta 1.0: the official settings). Put the ToonCrafter model.ckpt in models/checkpoints as "
@@ -536,8 +542,8 @@ def camera_moves(classes) -> dict:
     with_model_download(ld, CAMI2V_MODEL, CAMI2V_512_MODEL)
     img = g.add("LoadImage", (0, 200), {"image": "scene1.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, "a quiet street in the morning, dramatic camera movement, high quality, "
-                    "cinematic shot, photorealistic, smooth motion", 420, 0, fs=2, width=256, height=256,
-                    steps=25, cfg_text=5.5)
+                    "cinematic shot, photorealistic, smooth motion", 420, 0,
+                    video=dict(fs=2, width=256, height=256), sampler=dict(steps=25, cfg_text=5.5))
     samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
     cond = next(n for n in g.nodes if n["type"] == "DynamiCrafterImageConditioning")
     cam = g.add("DynamiCrafterCamera", (820, 380), {"preset": "orbit left", "speed": 0.1, "strength": 1.0},

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from training.pretrain_clip import contrastive_loss, train_clip
+from training.pretrain_vae import Optim
 from training.modeling import build_tiny, overlay_extras
 from training.synthetic import generate_dataset
 
@@ -34,8 +35,8 @@ def test_towers_learn_the_captions_and_load_into_the_tiny_model(tmp_path):
     data = tmp_path / "clips"
     generate_dataset(str(data), 24, height=32, width=32, frames=4, fps=8, seed=5)
     out = tmp_path / "clip.safetensors"
-    r = train_clip(str(data / "captions.csv"), str(out), size=32, steps=30, batch=32, lr=2e-3, per_clip=2,
-                   log_every=10)
+    r = train_clip(str(data / "captions.csv"), str(out), size=32, optim=Optim(30, 32, 2e-3, log_every=10),
+                   per_clip=2)
     first, last = r["history"][0]["loss"], r["history"][-1]["loss"]
     assert last < 0.8 * first, r["history"]                 # the towers fit their pairs
     dc = build_tiny(4, 0)

@@ -9,7 +9,7 @@ from dynamicrafter.config import VAEConfig
 from dynamicrafter.models.vae import AutoencoderKL
 from training import synthetic
 from training.modeling import InitError, build_tiny, overlay_extras
-from training.pretrain_vae import calibrate, train_vae
+from training.pretrain_vae import Optim, calibrate, train_vae
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "tiny_smoke.yaml")
 
@@ -33,7 +33,7 @@ def test_calibration_changes_nothing_but_the_scale():
 
 def test_train_vae_and_use_it_in_a_tiny_model(tmp_path):
     csv = synthetic.generate_dataset(str(tmp_path / "d"), 4, height=32, width=32, frames=4, seed=5)
-    res = train_vae(csv, str(tmp_path / "vae.safetensors"), size=32, steps=15, batch=4, lr=1e-3, log_every=5)
+    res = train_vae(csv, str(tmp_path / "vae.safetensors"), size=32, optim=Optim(15, 4, 1e-3, log_every=5))
     assert res["mse"] < 0.6 * res["mse_untrained"], res
     assert res["mse"] == pytest.approx(res["mse_before_calibration"], rel=1e-3, abs=1e-5)
     assert 0.5 < res["held_out_latent_std"] < 2.0

@@ -73,7 +73,9 @@ def sample_videos(dc, cfg: TrainConfig, dataset, step: int, device, write: bool 
         x_T = randn(video_latent_shape(1, frames, H, W), g, device)
         v = dc.variant
         sampler_model = _ImageOnly(dc) if stage == 1 else dc
-        lat = dynamicrafter.sample_ddim(sampler_model, x_T, cond, uncond, concat=concat, fs=e.fs or v["default_fs"],
+        lat = dynamicrafter.sample_ddim(sampler_model, x_T,
+                                        dynamicrafter.Conditioning(cond, uncond, concat=concat,
+                                                                   fs=e.fs or v["default_fs"]),
                                         guidance=Guidance(e.cfg_text, e.cfg_img, v.get("guidance_rescale", 0.0)),
                                         schedule=Schedule(e.steps, v["spacing"]), generator=g)
         video = dc.decode(lat)[0]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from dynamicrafter.models.clip import ImageEncoder, TextEncoder, open_clip_causal_mask
 from dynamicrafter.pipeline import cover_crop
+from training.pretrain_vae import Optim
 from training.data import decode_frames, probe_video, read_annotations
 from training.modeling import tiny_model_config
 from training.pretrain_vae import to_unit
@@ -77,11 +78,14 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, same: torch.Tensor,
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def train_clip(csv: str, out: str, *, size: int = 64, steps: int = 800, batch: int = 128, lr: float = 1e-3,
-               per_clip: int = 4, seed: int = 0, overrides: dict | None = None, log_every: int = 100,
-               video_dir: str | None = None) -> dict:
+CLIP_OPTIM = Optim(800, 128, 1e-3)     # train_clip's default run
+
+
+def train_clip(csv: str, out: str, *, size: int = 64, optim: Optim = CLIP_OPTIM, per_clip: int = 4,
+               seed: int = 0, overrides: dict | None = None, video_dir: str | None = None) -> dict:
     """AdamW (weight decay 0.1 off norms, biases, embeddings) with a cosine decay to 10 % of `lr`;
     the last 5 % of the clips are held out to report the loss on frames the towers never saw."""
+    steps, batch, lr, log_every = optim.steps, optim.batch, optim.lr, optim.log_every
     torch.manual_seed(seed)
     cfg = tiny_model_config(frames=2, overrides=overrides)
     text, image = TextEncoder(cfg.text), ImageEncoder(cfg.vision)
@@ -143,15 +147,15 @@ def main(argv=None) -> dict:
     p.add_argument("--video-dir")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64, help="frames are cover-cropped to size x size first")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=CLIP_OPTIM.steps)
+    p.add_argument("--batch", type=int, default=CLIP_OPTIM.batch)
+    p.add_argument("--lr", type=float, default=CLIP_OPTIM.lr)
     p.add_argument("--per-clip", type=int, default=4, help="evenly spaced frames taken from each clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overrides", type=json.loads, default=None,
                    help='tiny model sizes as in model.tiny_overrides, e.g. {"vision": {"vision_width": 48}}')
     a = p.parse_args(argv)
-    result = train_clip(a.csv, a.out, size=a.size, steps=a.steps, batch=a.batch, lr=a.lr, per_clip=a.per_clip,
+    result = train_clip(a.csv, a.out, size=a.size, optim=Optim(a.steps, a.batch, a.lr), per_clip=a.per_clip,
                         seed=a.seed, overrides=a.overrides, video_dir=a.video_dir)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return result

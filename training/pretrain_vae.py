@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,11 +64,24 @@ def calibrate(vae: AutoencoderKL, images: torch.Tensor, scale_factor: float = SC
     return s
 
 
-def train_vae(csv: str, out: str, *, size: int = 64, steps: int = 1000, batch: int = 16, lr: float = 2e-4,
-              kl_weight: float = 1e-6, seed: int = 0, vae: dict | None = None, log_every: int = 100,
-              video_dir: str | None = None) -> dict:
+@dataclass(frozen=True)
+class Optim:
+    """A pretraining run's optimisation: `steps` AdamW steps on batches of `batch` at learning rate `lr`,
+    the loss recorded every `log_every` steps (and at the last)."""
+    steps: int
+    batch: int
+    lr: float
+    log_every: int = 100
+
+
+VAE_OPTIM = Optim(1000, 16, 2e-4)      # train_vae's default run
+
+
+def train_vae(csv: str, out: str, *, size: int = 64, optim: Optim = VAE_OPTIM, kl_weight: float = 1e-6,
+              seed: int = 0, vae: dict | None = None, video_dir: str | None = None) -> dict:
     """AdamW with a cosine decay to 10% of `lr`; batches drawn at random from all frames but
     the last clip's 16 or so, which are held out to report the reconstruction error."""
+    steps, batch, lr, log_every = optim.steps, optim.batch, optim.lr, optim.log_every
     torch.manual_seed(seed)
     cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in {**TINY_VAE, **(vae or {})}.items()})
     model = AutoencoderKL(cfg)
@@ -120,15 +134,15 @@ def main(argv=None) -> dict:
     p.add_argument("--video-dir")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--steps", type=int, default=VAE_OPTIM.steps)
+    p.add_argument("--batch", type=int, default=VAE_OPTIM.batch)
+    p.add_argument("--lr", type=float, default=VAE_OPTIM.lr)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", type=json.loads, default=None,
                    help='VAE sizes as JSON, e.g. {"ch": 32, "ch_mult": [1,2,2,2]}')
     a = p.parse_args(argv)
-    result = train_vae(a.csv, a.out, size=a.size, steps=a.steps, batch=a.batch, lr=a.lr, kl_weight=a.kl_weight,
+    result = train_vae(a.csv, a.out, size=a.size, optim=Optim(a.steps, a.batch, a.lr), kl_weight=a.kl_weight,
                        seed=a.seed, vae=a.vae, video_dir=a.video_dir)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return result

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from dynamicrafter import load_model, sample_ddim  # noqa: E402
+from dynamicrafter import Conditioning, load_model, sample_ddim  # noqa: E402
 from dynamicrafter.config import TEXT_CONTEXT_LEN  # noqa: E402
 from dynamicrafter.pipeline import image_conditioning, video_latent_shape  # noqa: E402
 from dynamicrafter.sampling.schedule import randn  # noqa: E402
@@ -131,7 +131,7 @@ def generate(dc, first: torch.Tensor, prompts: list[str], frames: int, *, mode: 
         x_T = randn(video_latent_shape(first.shape[0], frames, h, w), g, dc.device)
         guidance = Guidance(v["cfg_text"] if cfg_text is None else cfg_text,
                             v.get("cfg_img") if cfg_img is None else cfg_img, v["guidance_rescale"])
-        lat = sample_ddim(dc, x_T, cond, uncond, concat=concat, fs=v["default_fs"], guidance=guidance,
+        lat = sample_ddim(dc, x_T, Conditioning(cond, uncond, concat=concat, fs=v["default_fs"]), guidance=guidance,
                           schedule=Schedule(steps, v["spacing"], 1.0), generator=g)
         return to_uint8(dc.decode(lat))
 
