@@ -85,3 +85,47 @@ def test_readme_layout_names_every_module():
                if name.startswith("dynamicrafter") and p.name not in ("__main__.py", "__init__.py")
                and str(p.relative_to(ROOT)) not in listed]
     assert not missing, f"README 'Layout' does not list: {missing}"
+
+
+# ----------------------------------------------------------------------------- few parameters (issue #26)
+MAX_PARAMETERS = 10
+SIGNATURE_DIRS = ("dynamicrafter", "nodes", "training", "scripts", "benchmarks")
+NODE_SCHEMA_METHODS = ("execute", "define_schema")     # V3 nodes: their parameters are the node's widgets
+
+
+def counted_parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool) -> int:
+    """Named parameters (positional and keyword-only), without self/cls; *args/**kwargs (the deprecated
+    loose keywords) do not count."""
+    args = fn.args
+    names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+    if in_class and names and names[0] in ("self", "cls"):
+        names = names[1:]
+    return len(names)
+
+
+def long_signatures(path: Path) -> list[str]:
+    """'path:line name (n)' for each public function or method of `path` over MAX_PARAMETERS (a class's
+    __init__ is its public signature)."""
+    found = []
+
+    def visit(body, owner):
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                public = not node.name.startswith("_") or node.name == "__init__"
+                if owner is not None and node.name in NODE_SCHEMA_METHODS:
+                    public = False
+                n = counted_parameters(node, owner is not None)
+                if public and n > MAX_PARAMETERS:
+                    name = f"{owner.name}.{node.name}" if owner is not None else node.name
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {name} ({n})")
+
+    visit(ast.parse(path.read_text()).body, None)
+    return found
+
+
+def test_no_public_function_takes_more_than_ten_parameters():
+    """Settings travel as values (dynamicrafter.settings, nodes.inputs), not as a dozen loose arguments."""
+    found = [hit for d in SIGNATURE_DIRS for path in sorted((ROOT / d).rglob("*.py")) for hit in long_signatures(path)]
+    assert not found, "public functions with more than 10 parameters:\n" + "\n".join(found)
