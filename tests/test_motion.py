@@ -254,3 +254,19 @@ def test_cli_motion_flags(demo, tmp_path, monkeypatch):
     assert first.mask.shape == (64, 64) and set(first.mask.unique().tolist()) == {0.0, 1.0}
     assert second.init_video.shape[:3] == (1, 3, 8) and second.strength == 0.5
     assert -1 <= float(second.init_video.min()) and float(second.init_video.max()) <= 1
+
+
+def test_animate_shot_and_motion_values_equal_the_deprecated_keywords(demo):
+    """Issue #26: animate(shot=Shot(...), motion=Motion(...), schedule=...) is the old loose-keyword call
+    bit for bit; the old call warns, naming the values to pass."""
+    from dynamicrafter.settings import Motion, Schedule, Shot
+    dc, image = demo
+    mask = torch.zeros(64, 64)
+    mask[:, 32:] = 1
+    with pytest.warns(DeprecationWarning, match=r"motion=Motion\(\.\.\.\), shot=Shot\(\.\.\.\)"):
+        old = dynamicrafter.animate(dc, image, "a boat", frames=6, seed=4, steps=3, motion_mask=mask, motion=0.6)
+    new = dynamicrafter.animate(dc, image, "a boat", shot=Shot(frames=6, seed=4), motion=Motion(mask, amount=0.6),
+                                schedule=Schedule(3, dc.variant["spacing"], 1.0))
+    assert torch.equal(old, new)
+    with pytest.raises(ValueError, match="leave schedule.start at 0"):
+        dynamicrafter.animate(dc, image, "a boat", shot=Shot(frames=6), schedule=Schedule(3, start=1))

@@ -79,3 +79,26 @@ def test_concat_missing_or_extra_is_explained(tiny):
     dc, x_T, concat, (cond, _) = tiny
     with pytest.raises(ValueError, match="needs the image latent"):
         dc.denoise(x_T, torch.tensor([10]), cond, None, None)
+
+
+def test_values_equal_the_deprecated_loose_keywords_bit_for_bit(tiny):
+    """Issue #26: a Conditioning + Guidance + Schedule call is the old tensors-and-keywords call exactly;
+    the old call warns (DeprecationWarning naming the values to pass), the new one does not."""
+    import warnings
+
+    from dynamicrafter.settings import Guidance, Schedule
+    dc, x_T, concat, (cond, uncond) = tiny
+    g = torch.Generator()
+    with torch.no_grad(), pytest.warns(DeprecationWarning, match=r"cond=Conditioning\(\.\.\.\)"):
+        old = dynamicrafter.sample(dc, x_T, cond, uncond, concat=concat, fs=24, steps=3, cfg_text=7.5, cfg_img=1.5,
+                                   eta=1.0, start=1, generator=g.manual_seed(3))
+    c = dynamicrafter.Conditioning(cond, uncond, concat=concat, fs=24)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = dynamicrafter.sample(dc, x_T, c, guidance=Guidance(7.5, 1.5),
+                                   schedule=Schedule(3, eta=1.0, start=1), generator=g.manual_seed(3))
+    assert torch.equal(old, new)
+    with pytest.raises(TypeError, match="pass no contexts after it"):
+        dynamicrafter.sample_ddim(dc, x_T, c, uncond)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stpes'"):
+        dynamicrafter.sample_ddim(dc, x_T, c, stpes=3)
