@@ -232,10 +232,10 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
         fs = batch["fs"].to(device)
         if st.stage == 1:   # single images have no frame rate: the variant's default, as at sampling
             fs = torch.full_like(fs, int(dc.variant["default_fs"]))
-        camera = None
+        extra = {}
         if st.camera:       # never dropped (the official trainer keeps it for every sample)
             from training.camera import PERTURBATION_TAG, camera_condition
             gens = [sample_generator(st.seed, k, tag=PERTURBATION_TAG) for k in batch["index"].tolist()]
-            camera = camera_condition(dc, batch["RT"], batch["K"], tuple(video.shape[-2:]), cond_idx, gens)
-        out = unet(inp, t, context, fs=fs, temporal=st.stage != 1, camera=camera)
+            extra["camera"] = camera_condition(dc, batch["RT"], batch["K"], tuple(video.shape[-2:]), cond_idx, gens)
+        out = unet(inp, t, context, fs=fs, temporal=st.stage != 1, **extra)
     return F.mse_loss(out.float(), target.float())
