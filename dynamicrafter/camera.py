@@ -28,21 +28,32 @@ def read_pose_file(path) -> torch.Tensor:
     the 3x4 world-to-camera matrix, row-major); lines starting with 'https' (the video URL) are skipped.
     The normalised intrinsics of the file are not used (the official demo ignores them too)."""
     path = Path(path)
+    return w2c_from_rows(read_pose_rows(path), path.name)
+
+
+def read_pose_rows(path) -> torch.Tensor:
+    """The rows of a RealEstate10K-style pose file, checked: (N, 19) float64 (see read_pose_file)."""
+    path = Path(path)
     try:
         rows = np.loadtxt(str(path), comments="https", ndmin=2)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not read the camera pose file {path.name}: {e}; expected one pose per line: "
                          "'id fx fy cx cy k1 k2' then the 12 numbers of a 3x4 world-to-camera matrix") from e
-    return w2c_from_rows(rows, path.name)
+    return check_pose_rows(rows, path.name)
 
 
-def w2c_from_rows(rows, name: str = "poses") -> torch.Tensor:
+def check_pose_rows(rows, name: str = "poses") -> torch.Tensor:
     rows = torch.as_tensor(np.asarray(rows, dtype=np.float64))
     if rows.ndim != 2 or rows.shape[1] != 19 or rows.shape[0] < 1:
         raise ValueError(f"{name}: expected rows of 19 numbers (id, fx, fy, cx, cy, k1, k2, 3x4 world-to-camera), "
                          f"got an array of shape {tuple(rows.shape)}")
     if not torch.isfinite(rows).all():
         raise ValueError(f"{name}: the poses contain NaN or infinite numbers")
+    return rows
+
+
+def w2c_from_rows(rows, name: str = "poses") -> torch.Tensor:
+    rows = check_pose_rows(rows, name)
     w2c = rows[:, 7:].reshape(-1, 3, 4)
     bottom = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]], dtype=w2c.dtype).expand(w2c.shape[0], 1, 4)
     return torch.cat([w2c, bottom], dim=1)
@@ -77,6 +88,26 @@ def intrinsics(height: int, width: int, resized_hw: Optional[Sequence[int]] = No
     f = 0.5 * max(rh, rw)
     k = torch.tensor([[f, 0.0, 0.5 * width], [0.0, f, 0.5 * height], [0.0, 0.0, 1.0]], dtype=torch.float32)
     return k.expand(batch, frames, 3, 3).clone()
+
+
+def pixel_intrinsics(normalised: torch.Tensor, resized_hw: Sequence[int],
+                     top_left: Sequence[int] = (0, 0)) -> torch.Tensor:
+    """(N, 3, 3) float32 pixel intrinsics of frames resized to `resized_hw` then cropped at `top_left`,
+    from a pose file's normalised (N, 4) `fx fy cx cy` (fractions of the frame's width and height).
+    Focal lengths scale with the resized size, as the official RealEstate10K loader does; the principal
+    point follows the crop (the official loader places it at cx * crop width, which is the same for a
+    centred principal point)."""
+    n = torch.as_tensor(normalised, dtype=torch.float64)
+    if n.ndim != 2 or n.shape[1] != 4 or not torch.isfinite(n).all() or (n[:, :2] <= 0).any():
+        raise ValueError("normalised intrinsics must be finite rows 'fx fy cx cy' with fx, fy > 0 (fractions of the "
+                         f"frame size, e.g. 0.5 0.5 0.5 0.5), got shape {tuple(n.shape)}")
+    rh, rw = resized_hw
+    top, left = top_left
+    K = torch.zeros(n.shape[0], 3, 3, dtype=torch.float64)
+    K[:, 0, 0], K[:, 1, 1] = n[:, 0] * rw, n[:, 1] * rh
+    K[:, 0, 2], K[:, 1, 2] = n[:, 2] * rw - left, n[:, 3] * rh - top
+    K[:, 2, 2] = 1.0
+    return K.float()
 
 
 # ------------------------------------------------------------------------------------ relative poses

@@ -446,12 +446,45 @@ def infer_camera_config(sd, unet: UNetConfig, variant: Variant, heads: Mapping) 
     conv_in = sd[p + "encoder_conv_in.weight"]
     epipolar = dict(CAMI2V_EPIPOLAR["cami2v_256" if unet.image_gate else "cami2v_512"])
     epipolar.update(heads.get("camera_epipolar") or {})
-    n_heads = heads.get("camera_heads") or (8 if channels[0] == 320 else max(1, channels[0] // 8))
+    n_heads = heads.get("camera_heads") or default_camera_heads(channels)
     if any(c % n_heads for c in channels):
         raise CheckpointError(f"the camera pose encoder's {n_heads} attention heads must divide its widths {channels}")
     return CameraConfig(channels=channels, num_res_blocks=blocks, cin=conv_in.shape[1],
                         downscale=int(round((conv_in.shape[1] / 6) ** 0.5)), heads=n_heads, max_frames=pe.shape[1],
                         registers=unet.camera_registers, **epipolar)
+
+
+def default_camera_heads(channels) -> int:
+    """The pose encoder's attention heads where no config says: 8 for the released widths (320, ...),
+    width / 8 for smaller models (the tiny convention)."""
+    return 8 if channels[0] == 320 else max(1, channels[0] // 8)
+
+
+def with_camera(cfg: ModelConfig, origin_hw: Optional[tuple] = None) -> ModelConfig:
+    """The config of a DynamiCrafter `cfg` turned into CamI2V as the official code builds it from a
+    DynamiCrafter checkpoint (MODEL-SPEC-CAMI2V §0, §6.2): a pose encoder with the UNet's level widths,
+    camera modules with 4 register tokens in the temporal blocks, the epipolar settings and sampling
+    defaults of the released config of its kind (256: image gates; 512 otherwise), epipolar masks
+    made for `origin_hw` (H, W) pixels (default: the released config's). The objective stays the base's."""
+    if cfg.camera is not None:
+        return cfg
+    if cfg.unet.image_cross_attention is False or cfg.resampler is None:
+        raise ValueError("camera control builds on an image-to-video DynamiCrafter (image context stream); "
+                         "this model has none")
+    kind = "cami2v_256" if cfg.unet.image_gate else "cami2v_512"
+    epipolar = dict(CAMI2V_EPIPOLAR[kind])
+    if origin_hw is not None:
+        epipolar.update(origin_h=int(origin_hw[0]), origin_w=int(origin_hw[1]))
+    channels = tuple(cfg.unet.model_channels * m for m in cfg.unet.channel_mult)
+    camera = CameraConfig(channels=channels, heads=default_camera_heads(channels), registers=4,
+                          max_frames=16, **epipolar)
+    base, preset = cfg.variant, PRESETS[kind]
+    variant = replace(preset, name=kind if base.name in PRESETS else "custom",
+                      **{k: getattr(base, k) for k in ("parameterization", "zero_snr", "dynamic_rescale_base",
+                                                       "use_scale", "scale_b", "fix_scale_bug", "fs_meaning",
+                                                       "default_fs", "resolution", "frames", "fs_range")})
+    unet = replace(cfg.unet, camera_modules=True, camera_registers=camera.registers)
+    return replace(cfg, unet=unet, camera=camera, variant=variant)
 
 
 def tiny_config(family: str = "dynamicrafter", frames: int = 8, **variant_changes) -> ModelConfig:

@@ -37,12 +37,20 @@ def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if (h, w) == (height, width):
         return x
-    scale = max(height / h, width / w)
-    nh, nw = max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
+    (nh, nw), (top, left) = cover_crop_box(h, w, height, width)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))
     return x[..., top:top + height, left:left + width]
+
+
+def cover_crop_box(h: int, w: int, height: int, width: int) -> tuple:
+    """((resized h, resized w), (top, left)) of `cover_crop` for an h x w picture: what a camera's
+    intrinsics must follow (dynamicrafter.camera.pixel_intrinsics)."""
+    if (h, w) == (height, width):
+        return (h, w), (0, 0)
+    scale = max(height / h, width / w)
+    nh, nw = max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6))
+    return (nh, nw), (int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0)))
 
 
 def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 class ModelSection:
     init: Optional[str] = None          # checkpoint to start from (official layout, .ckpt/.safetensors)
     init_extra: list = field(default_factory=list)  # more checkpoints: their tensors under init_extra_prefixes
+    init_config: Optional[str] = None   # the init's official inference YAML (head widths, CamI2V epipolar settings)
     init_extra_prefixes: list = field(default_factory=lambda: ["embedder.", "image_proj_model."])  # that init lacks
     tiny: bool = False                  # random tiny model of the official architecture (tests, demo)
     tiny_overrides: dict = field(default_factory=dict)  # sizes of the tiny model: {unet: {...}, vae: {...}, ...}
@@ -79,6 +80,7 @@ class RunSection:
     lora: dict = field(default_factory=dict)   # {rank, alpha, targets[, dropout]}: LoRA on a frozen UNet
     cond_frame: str = "random"          # stage 3 conditioning frame: random | first
     interp_prob: float = 0.0            # stage 3: share of samples with the first+last frame (interpolation) concat
+    camera: bool = False                # stage 3 CamI2V camera control: trains only the camera modules (poses needed)
     log_every: int = 10
     save_every: int = 500
     keep_last: int = 3
@@ -176,7 +178,23 @@ class TrainConfig:
             raise ConfigError("eval.val_timesteps must be a non-empty list of timesteps in [0, 1000)")
         if r.lora:
             self.check_lora()
+        if r.camera:
+            self.check_camera()
         self.check_sizes(size_multiple(self))
+
+    def check_camera(self) -> None:
+        r = self.run
+        clashes = [(r.stage != 3, f"run.stage={r.stage} (camera control trains on the image-to-video stage: "
+                                  "run.stage=3)"),
+                   (r.train_all, "run.train_all (camera runs train only the camera modules: drop it)"),
+                   (bool(r.lora), "run.lora (camera runs train the camera modules themselves: drop run.lora)"),
+                   (r.interp_prob > 0, "run.interp_prob (the interpolation layout has no camera data: set it to 0)"),
+                   (bool(self.data.cache_dir), "data.cache_dir (the latent cache holds no camera poses: drop it)"),
+                   (self.data.frames > 16, f"data.frames={self.data.frames} (the pose encoder's frame positions "
+                                           "stop at 16: data.frames<=16)")]
+        bad = [why for clash, why in clashes if clash]
+        if bad:
+            raise ConfigError("run.camera does not go with " + "; ".join(bad))
 
     def check_lora(self) -> None:
         from training.lora import GROUPS
@@ -249,7 +267,7 @@ def _set(cfg: TrainConfig, section: str, key: str, value: Any) -> None:
         value = tuple(value)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if key in ("run_dir", "csv", "video_dir", "init", "val_csv", "cache_dir") and isinstance(value, str):
+    if key in ("run_dir", "csv", "video_dir", "init", "init_config", "val_csv", "cache_dir") and isinstance(value, str):
         value = os.path.expanduser(str(value))
     setattr(sec, key, value)
 
@@ -284,7 +302,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
 
 # Changes on resume that alter what the run trains (refused without --allow-config-change);
 # a key ending in "." guards its whole section.
-GUARDED = ("optim.lr", "data.csv", "data.video_dir", "run.stage", "run.train_all", "run.lora", "model.")
+GUARDED = ("optim.lr", "data.csv", "data.video_dir", "run.stage", "run.train_all", "run.lora", "run.camera", "model.")
 
 
 def config_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:

@@ -5,7 +5,10 @@ A dataset is a folder of videos and a CSV. Two CSV layouts are read:
   * plain:  ``video,caption`` (or path/file for the video, text/prompt for the caption)
             -> ``<video_dir>/<video>`` (absolute paths are kept)
 Optional ``start``/``end`` (or ``start_time``/``end_time``) columns, in seconds, trim each
-video. ``video_dir`` defaults to the CSV's folder. Extra columns are ignored.
+video. An optional ``poses`` column names each clip's camera pose file (RealEstate10K layout, one
+row per video frame; relative to ``video_dir``) for camera-control training: items then carry the
+clip's world-to-camera ``RT`` and pixel intrinsics ``K``. ``video_dir`` defaults to the CSV's folder.
+Extra columns are ignored.
 
 Sampling is a deterministic *stream*: stream index k (0, 1, 2, ...) maps to epoch
 k // N and, inside it, to position k % N of a seeded permutation of the N videos; every
@@ -30,7 +33,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from dynamicrafter.pipeline import cover_crop
+from dynamicrafter import camera as geometry
+from dynamicrafter.pipeline import cover_crop, cover_crop_box
 
 log = logging.getLogger("training.data")
 
@@ -45,12 +49,14 @@ class VideoRecord:
     caption: str
     start: Optional[float] = None       # seconds: clips are drawn from [start, end) of the video
     end: Optional[float] = None
+    poses: Optional[str] = None         # camera pose file (RealEstate10K rows, one per video frame)
 
 
 PATH_COLUMNS = ("video", "path", "file")
 CAPTION_COLUMNS = ("caption", "text", "prompt")
 START_COLUMNS = ("start", "start_time")
 END_COLUMNS = ("end", "end_time")
+POSE_COLUMNS = ("poses", "pose_file", "camera")
 
 
 def _pick(header: dict, names: tuple) -> Optional[str]:
@@ -79,6 +85,7 @@ def read_annotations(csv_path: str, video_dir: Optional[str] = None) -> list[Vid
         header = {(n or "").strip().lower(): n for n in reader.fieldnames or []}   # normalised -> as written
         path_col, cap_col = _pick(header, PATH_COLUMNS), _pick(header, CAPTION_COLUMNS)
         start_col, end_col = _pick(header, START_COLUMNS), _pick(header, END_COLUMNS)
+        pose_col = _pick(header, POSE_COLUMNS)
         if {"videoid", "name", "page_dir"} <= set(header):
             vid, name, page = header["videoid"], header["name"], header["page_dir"]
 
@@ -99,7 +106,8 @@ def read_annotations(csv_path: str, video_dir: Optional[str] = None) -> list[Vid
             end = _seconds(row.get(end_col), end_col, line, csv_path) if end_col else None
             if start is not None and end is not None and end <= start:
                 raise DatasetError(f"{csv_path} line {line}: {end_col}={end} is not after {start_col}={start}")
-            records.append(VideoRecord(path, caption or "", start, end))
+            poses = os.path.join(video_dir, row[pose_col]) if pose_col and (row.get(pose_col) or "").strip() else None
+            records.append(VideoRecord(path, caption or "", start, end, poses))
     return records
 
 
@@ -112,10 +120,13 @@ def check_records(records: list[VideoRecord], source: str) -> list[VideoRecord]:
     empty captions; a DatasetError when nothing is left. Run once, on rank 0 (see shared_records)."""
     if not records:
         raise DatasetError(f"{source}: the dataset is empty (no rows); add videos and captions to the CSV")
-    present = [r for r in records if os.path.isfile(r.path)]
+    def exists(r):
+        return os.path.isfile(r.path) and (r.poses is None or os.path.isfile(r.poses))
+
+    present = [r for r in records if exists(r)]
     if len(present) < len(records):
-        missing = [r.path for r in records if not os.path.isfile(r.path)]
-        log.warning("%s: %d of %d listed videos do not exist and are skipped (first: %s)",
+        missing = [r.path if not os.path.isfile(r.path) else r.poses for r in records if not exists(r)]
+        log.warning("%s: %d of %d listed videos (or their pose files) do not exist and are skipped (first: %s)",
                     source, len(missing), len(records), missing[0])
     if not present:
         raise DatasetError(f"{source}: none of the {len(records)} videos listed exists "
@@ -245,6 +256,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.source = source
         self.bad: set[str] = set()
         self._probe: dict[str, tuple[int, float]] = {}
+        self._poses: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -279,12 +291,38 @@ class VideoDataset(torch.utils.data.Dataset):
         if rec.path not in self._probe:
             self._probe[rec.path] = probe_video(rec.path)
         n_frames, fps = self._probe[rec.path]
+        if rec.poses is not None:       # a clip needs a pose row for every frame
+            n_frames = min(n_frames, self._pose_rows(rec).shape[0])
         idx, stride = self.clip_indices(rec, n_frames, fps, rng)
         raw = decode_frames(rec.path, idx)
         x = torch.from_numpy(raw).permute(0, 3, 1, 2).float()
+        item = {"caption": rec.caption, "fs": self.fs_of(fps, stride), "stride": stride, "path": rec.path}
+        if rec.poses is not None:
+            item.update(self.camera_of(rec, idx, x.shape[-2:]))
         x = cover_crop(x, self.height, self.width) / 127.5 - 1.0
-        return {"video": x.permute(1, 0, 2, 3).contiguous(), "caption": rec.caption, "fs": self.fs_of(fps, stride),
-                "stride": stride, "path": rec.path}
+        return {"video": x.permute(1, 0, 2, 3).contiguous(), **item}
+
+    def camera_of(self, rec: VideoRecord, idx: list[int], frame_hw) -> dict:
+        """The clip's world-to-camera poses RT (T, 4, 4) and pixel intrinsics K (T, 3, 3) of its frames
+        after the resize and centre crop (`cover_crop`), from the record's pose file."""
+        rows = self._pose_rows(rec)
+        if max(idx) >= rows.shape[0]:
+            raise ValueError(f"pose file {rec.poses} has {rows.shape[0]} rows, the clip needs frame {max(idx)}: "
+                             "write one pose row per video frame")
+        rows = rows[idx]
+        resized, top_left = cover_crop_box(int(frame_hw[0]), int(frame_hw[1]), self.height, self.width)
+        return {"RT": geometry.w2c_from_rows(rows, rec.poses).float(),
+                "K": geometry.pixel_intrinsics(rows[:, 1:5], resized, top_left)}
+
+    def _pose_rows(self, rec: VideoRecord) -> torch.Tensor:
+        if rec.poses not in self._poses:
+            rows = geometry.read_pose_rows(rec.poses)
+            n_frames = self._probe[rec.path][0]
+            if rows.shape[0] != n_frames:
+                log.warning("%s: %d pose rows for %d video frames; clips use the first %d frames",
+                            rec.poses, rows.shape[0], n_frames, min(rows.shape[0], n_frames))
+            self._poses[rec.poses] = rows
+        return self._poses[rec.poses]
 
     def __getitem__(self, k: int) -> dict:
         rng = np.random.default_rng([self.seed, int(k), 0xC11B])

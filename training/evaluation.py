@@ -108,7 +108,7 @@ def validation_loss(dc, items: list[dict], cfg: TrainConfig, autocast=contextlib
     try:
         for t in cfg.eval.val_timesteps:
             st = StageSettings(stage=cfg.run.stage, seed=cfg.eval.seed, uncond_prob=0.0, cond_frame="first",
-                               interp_prob=0.0, fixed_t=int(t))
+                               interp_prob=0.0, camera=cfg.run.camera, fixed_t=int(t))
             total = 0.0
             for i in range(0, len(items), cfg.run.micro_batch):
                 chunk = items[i:i + cfg.run.micro_batch]

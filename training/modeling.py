@@ -72,16 +72,21 @@ def _merge(sd: dict, extras: Iterable[str], prefixes: tuple = EXTRA_PREFIXES) ->
 
 def load_init(path: str, extras: Iterable[str] = (), variant: Optional[dict] = None, seed: int = 0,
               frames: int = 16, image_kv_init: str = "copy_text",
-              extra_prefixes: tuple = EXTRA_PREFIXES) -> DynamiCrafter:
+              extra_prefixes: tuple = EXTRA_PREFIXES, config: Optional[str] = None) -> DynamiCrafter:
     """Weights to start a run from. A complete DynamiCrafter file loads as is. A VideoCrafter
     (text-to-video) file is extended with the image stream: CLIP image encoder and Resampler
     from `extras` (e.g. a stage-1 or DynamiCrafter checkpoint), otherwise a fresh Resampler;
-    new to_k_ip/to_v_ip start as copies of to_k/to_v (or random)."""
+    new to_k_ip/to_v_ip start as copies of to_k/to_v (or random). `config`: the file's official
+    inference YAML, for what its tensors cannot tell (head widths, CamI2V's epipolar settings)."""
     sd, metadata = read_state_dict(path)
     sd = _merge(sd, extras, extra_prefixes)
     has_image_kv = any("attn2.to_k_ip." in k for k in sd)
     if has_image_kv and any(k.startswith("image_proj_model.") for k in sd):
-        return model_from_state_dict(sd, variant_overrides=variant or None, metadata=metadata)
+        heads = None
+        if config:
+            from dynamicrafter.checkpoints.official_config import read_inference_config
+            heads = read_inference_config(config)
+        return model_from_state_dict(sd, variant_overrides=variant or None, metadata=metadata, heads=heads)
     if not any(k.startswith("embedder.model.visual.") for k in sd):
         raise InitError(f"{path} has no CLIP image encoder (embedder.*), which the image stream needs; add a "
                         "checkpoint that has one via model.init_extra (a DynamiCrafter or stage-1 checkpoint)")
@@ -177,8 +182,17 @@ def build_model(cfg) -> DynamiCrafter:
             overlay_extras(dc, m.init_extra, tuple(m.init_extra_prefixes))
     else:
         dc = load_init(m.init, m.init_extra, m.variant, seed=r.seed, frames=cfg.data.frames,
-                       image_kv_init=m.image_kv_init, extra_prefixes=tuple(m.init_extra_prefixes))
+                       image_kv_init=m.image_kv_init, extra_prefixes=tuple(m.init_extra_prefixes),
+                       config=m.init_config)
     prepare_model_for_stage(dc, r.stage)
+    if r.camera:        # CamI2V: a DynamiCrafter start gets fresh camera modules (official init)
+        from training.camera import add_camera_control
+        dc = add_camera_control(dc, (cfg.data.height, cfg.data.width))
+        if dc.cfg.camera.origin_h != cfg.data.height:
+            raise InitError(f"{m.init}: its epipolar masks are made for {dc.cfg.camera.origin_h}-pixel-high frames "
+                            f"(epipolar origin_h), data.height is {cfg.data.height}: train at "
+                            f"data.height={dc.cfg.camera.origin_h}, or give the checkpoint's official YAML as "
+                            "model.init_config if it was made for another size")
     record_training_size(dc, cfg.data.height, cfg.data.width, cfg.data.frames if r.stage >= 2 else None)
     set_resblock_dropout(dc.unet, m.dropout)
     cfg.check_sizes(8 * 2 ** (len(dc.unet.cfg.channel_mult) - 1))   # a .ckpt init is only known now

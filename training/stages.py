@@ -40,8 +40,12 @@ class StageError(ValueError):
 
 # ------------------------------------------------------------------------------ trainable sets
 
-def trainable_names(dc, stage: int, train_all: bool = False) -> list[str]:
-    """Names (in dc.named_parameters(), i.e. the official key layout) that a stage trains."""
+def trainable_names(dc, stage: int, train_all: bool = False, camera: bool = False) -> list[str]:
+    """Names (in dc.named_parameters(), i.e. the official key layout) that a stage trains; `camera`
+    (CamI2V fine-tuning): exactly the camera modules."""
+    if camera:
+        from training.camera import camera_names
+        return camera_names(dc)
     unet = dc.unet
     names = []
     for name, _ in dc.named_parameters():
@@ -156,6 +160,7 @@ class StageSettings:
     uncond_prob: float = 0.05
     cond_frame: str = "random"
     interp_prob: float = 0.0
+    camera: bool = False           # CamI2V: the clip's camera poses condition the UNet (batch RT, K)
     fixed_t: int | None = None     # validation: this timestep for every sample (noise still keyed by sample)
 
 
@@ -227,5 +232,10 @@ def stage_loss(dc, batch: dict, st: StageSettings, autocast=None) -> torch.Tenso
         fs = batch["fs"].to(device)
         if st.stage == 1:   # single images have no frame rate: the variant's default, as at sampling
             fs = torch.full_like(fs, int(dc.variant["default_fs"]))
-        out = unet(inp, t, context, fs=fs, temporal=st.stage != 1)
+        extra = {}
+        if st.camera:       # never dropped (the official trainer keeps it for every sample)
+            from training.camera import PERTURBATION_TAG, camera_condition
+            gens = [sample_generator(st.seed, k, tag=PERTURBATION_TAG) for k in batch["index"].tolist()]
+            extra["camera"] = camera_condition(dc, batch["RT"], batch["K"], tuple(video.shape[-2:]), cond_idx, gens)
+        out = unet(inp, t, context, fs=fs, temporal=st.stage != 1, **extra)
     return F.mse_loss(out.float(), target.float())

@@ -58,7 +58,7 @@ class TrainStep(torch.nn.Module):
 def names_to_train(dc, cfg: TrainConfig) -> list[str]:
     if cfg.run.lora:       # the adapters only: UNet, Resampler and encoders frozen
         return [n for n, _ in dc.named_parameters() if ".lora_" in n]
-    return trainable_names(dc, cfg.run.stage, cfg.run.train_all)
+    return trainable_names(dc, cfg.run.stage, cfg.run.train_all, camera=cfg.run.camera)
 
 
 # --------------------------------------------------------------------------------- phases
@@ -104,7 +104,7 @@ def build_trainee(cfg: TrainConfig, env: Env) -> Trainee:
     if r.grad_checkpointing:
         enable_gradient_checkpointing(dc.unet)
     settings = StageSettings(stage=r.stage, seed=r.seed, uncond_prob=cfg.data.uncond_prob,
-                             cond_frame=r.cond_frame, interp_prob=r.interp_prob)
+                             cond_frame=r.cond_frame, interp_prob=r.interp_prob, camera=r.camera)
     module = TrainStep(dc, settings, env.autocast)
     manual_sync = []
     if env.world > 1 and r.distributed == "fsdp":
@@ -140,6 +140,8 @@ def make_data(cfg: TrainConfig, env: Env, dc, step: int) -> Data:
     fs_meaning = cfg.data.fs_meaning or dc.variant.get("fs_meaning", "frame_stride")
     share = broadcast_from_rank0 if env.world > 1 else None
     records = shared_records(cfg.data.csv, cfg.data.video_dir, env.rank, share)
+    if r.camera:
+        check_camera_records(records, cfg.data.csv)
     data_kw = dict(frames=frames, height=cfg.data.height, width=cfg.data.width, max_stride=cfg.data.max_stride,
                    fs_meaning=fs_meaning, fps_max=cfg.data.fps_max, seed=r.seed)
     dataset = videos = make_dataset(cfg.data.csv, records=records, **data_kw)
@@ -155,13 +157,23 @@ def make_data(cfg: TrainConfig, env: Env, dc, step: int) -> Data:
         dataset = CachedDataset(records, cache, source=cfg.data.csv, **data_kw)
     val_items = []
     if cfg.eval.val_every:
-        val_items = validation_items(cfg, fs_meaning, shared_records(cfg.data.val_csv, cfg.data.video_dir, env.rank,
-                                                                     share))
+        val_records = shared_records(cfg.data.val_csv, cfg.data.video_dir, env.rank, share)
+        if r.camera:
+            check_camera_records(val_records, cfg.data.val_csv)
+        val_items = validation_items(cfg, fs_meaning, val_records)
     sampler = StreamSampler(r.micro_batch, env.accum, env.rank, env.world, start_step=step)
     loader = torch.utils.data.DataLoader(dataset, batch_size=r.micro_batch, sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.num_workers,
                                          persistent_workers=cfg.data.num_workers > 0)
     return Data(videos, iter(loader), val_items)
+
+
+def check_camera_records(records, source: str) -> None:
+    without = [rec.path for rec in records if rec.poses is None]
+    if without:
+        raise DatasetError(f"{source}: run.camera trains on camera poses, but {len(without)} of {len(records)} rows "
+                           f"name no pose file (first: {without[0]}); add a 'poses' column with one "
+                           "RealEstate10K-style pose file per clip")
 
 
 def train_step(cfg: TrainConfig, env: Env, t: Trainee, batches: Iterator) -> float:
