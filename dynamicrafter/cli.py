@@ -9,7 +9,7 @@ import time
 import torch
 
 from .config import DTYPES
-from .contract import WINDOW_SCHEDULES
+from .contract import FRAMINGS, WINDOW_SCHEDULES
 from .devices import compute_dtype, default_device
 from .settings import Camera, Guidance, Schedule, Windows
 from .sampling.solvers import SOLVERS
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image", help="start image (omit for text-to-video checkpoints)")
     a.add_argument("--end-image", help="end image: generative interpolation between --image and this "
                                        "(required by ToonCrafter)")
+    a.add_argument("--framing", choices=list(FRAMINGS), default="crop",
+                   help="how the image(s) fit --width x --height: crop (cover, the official crop), pad (the whole "
+                        "image on a grey border) or stretch")
     a.add_argument("--loop", action="store_true", help="make a looping video (last frame returns to the first)")
     a.add_argument("--prompt", default="")
     a.add_argument("--negative-prompt", default="")
@@ -109,7 +112,7 @@ def main(argv=None) -> int:
                     size=(args.height, args.width), fs=args.fs, seed=args.seed, negative_prompt=args.negative_prompt,
                     callback=progress, camera=camera, motion_mask=mask, mask_feather=args.mask_feather,
                     init_video=init_video, strength=args.strength, motion=args.motion,
-                    prompt_schedule=args.prompt_schedule, **cli_settings(args, dc.variant))
+                    prompt_schedule=args.prompt_schedule, framing=args.framing, **cli_settings(args, dc.variant))
     bar.close()
     if args.loop:   # the last frame duplicates the first
         video = video[:, :, :-1]

@@ -11,7 +11,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
+from .contract import (FRAMINGS, SIZE, check_animate, check_choice, check_image, check_image_conditioning, check_int,
+                       check_prompts)
 from .sampling.motion import check_fraction, direct, prompt_schedule
 from .sampling.ddim import image_only_context, sample_ddim
 from .sampling.schedule import ddim_timesteps, randn
@@ -46,11 +47,46 @@ def cover_crop(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[..., top:top + height, left:left + width]
 
 
-def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A checked (n, 3, H, W) image batch in [-1, 1] covered and centre-cropped (`cover_crop`)."""
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+def letterbox(x: torch.Tensor, height: int, width: int, fill: float) -> torch.Tensor:
+    """(n, C, H, W) -> (n, C, height, width): resized (as `cover_crop` resizes) so the whole picture
+    fits inside, centred (`cover_crop`'s rounding) on a border of value `fill` (e.g. the value
+    range's middle, a neutral grey). A picture of the target's aspect ratio is only resized, exactly
+    as `cover_crop` resizes it."""
+    h, w = x.shape[-2:]
+    scale = min(height / h, width / w)
+    nh, nw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
+    if (nh, nw) == (height, width):
+        return cover_crop(x, height, width)
+    top, left = int(round((height - nh) / 2.0)), int(round((width - nw) / 2.0))
+    out = torch.full((*x.shape[:-2], height, width), float(fill), dtype=x.dtype, device=x.device)
+    out[..., top:top + nh, left:left + nw] = _resize(x, nh, nw)
+    return out
+
+
+def frame_image(x: torch.Tensor, height: int, width: int, framing: str = "crop", fill: float = 0.0) -> torch.Tensor:
+    """(n, C, H, W) fitted to height x width as `framing` says (contract.FRAMINGS): "crop" covers and
+    crops the centre (`cover_crop`, the official rule), "pad" keeps the whole picture on a `fill`
+    border (`letterbox`), "stretch" resizes to the size whatever the aspect ratio."""
+    check_choice("framing", framing, FRAMINGS)
+    if framing == "pad":
+        return letterbox(x, height, width, fill)
+    if framing == "stretch":
+        return _resize(x, height, width)
+    return cover_crop(x, height, width)
+
+
+def fit_image(images: torch.Tensor, height: int, width: int, framing: str = "crop") -> torch.Tensor:
+    """A checked (n, 3, H, W) image batch in [-1, 1] fitted to height x width (`frame_image`; "pad"
+    borders are mid-grey, 0)."""
     check_image(images, "images")
     height, width = check_int("height", height, 1, SIZE[1]), check_int("width", width, 1, SIZE[1])
-    return cover_crop(images, height, width)
+    return frame_image(images, height, width, framing, fill=0.0)
 
 
 def concat_latent(z_start: torch.Tensor, frames: int, z_end: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -126,7 +162,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             windows: Optional[Windows] = None, seed: int = 123, negative_prompt: str = "",
             callback: Optional[Callable] = None, camera=None, motion_mask: Optional[torch.Tensor] = None,
             mask_feather: float = 1.0, init_video: Optional[torch.Tensor] = None, strength: float = 1.0,
-            motion: float = 1.0, prompt_schedule: Optional[str] = None, **legacy) -> torch.Tensor:
+            motion: float = 1.0, prompt_schedule: Optional[str] = None, framing: str = "crop",
+            **legacy) -> torch.Tensor:
     """Animate `image` ((1, 3, H, W) in [-1, 1], any size: fitted to the model's resolution)
     as the prompt says. Returns the video (1, 3, T, H, W) in [-1, 1]. Defaults per variant
     (fs, spacing, guidance scales and rescale, resolution) come from `dc.variant`: `guidance`
@@ -143,6 +180,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
     clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less
     motion, closer to the image); `prompt_schedule` "0: a boat | 24: a storm" (per context window).
+    `framing` (contract.FRAMINGS): how the image(s) fit the video size, "crop" (the official cover
+    crop), "pad" (the whole image on a grey border) or "stretch".
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
     v = dc.variant
     height, width = size if size is not None else (legacy.pop("height", None), legacy.pop("width", None))
@@ -153,6 +192,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     check_animate(dc, image, prompt, end_image, loop, frames, (height, width), fs, seed, negative_prompt, callback,
                   (guidance, schedule, windows))
     strength, motion = check_fraction("strength", strength), check_fraction("motion", motion)
+    check_choice("framing", framing, FRAMINGS)
     if init_video is not None:
         check_init_video(init_video)
         frames = init_video.shape[2] if frames is None else frames
@@ -169,8 +209,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     image_hw = tuple(image.shape[-2:]) if image is not None else (height, width)
     with torch.inference_mode():
         if v["image_cross_attention"]:
-            image = fit_image(image.float(), height, width).to(dc.device)
-            end = fit_image(end_image.float(), height, width).to(dc.device) if end_image is not None else None
+            image = fit_image(image.float(), height, width, framing).to(dc.device)
+            end = None if end_image is None else fit_image(end_image.float(), height, width, framing).to(dc.device)
             if has_reference_decoder(dc) and end is None:
                 raise ValueError("ToonCrafter in-betweens two keyframes: give it an end image (--end-image)")
             c = image_conditioning(dc, image, [prompt], frames, end, loop, [negative_prompt], generator=generator)

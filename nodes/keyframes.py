@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.contract import check_size
+from dynamicrafter.contract import FRAMINGS, check_size
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
-from .images import check_finite, resize_center
+from .images import check_finite, fit_frames
 from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
                      size_inputs)
 from .validation import validate_steps
@@ -45,7 +45,7 @@ def encode_prompt(clip, text: str):
 
 def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
                    cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, prompts: str = "",
-                   frames_per_batch: int = 4, mask=None) -> torch.Tensor:
+                   frames_per_batch: int = 4, mask=None, framing: str = "pad") -> torch.Tensor:
     if keyframes.ndim != 4 or not 2 <= keyframes.shape[0] <= MAX_KEYFRAMES:
         raise ValueError(f"keyframes must be an IMAGE batch of 2..{MAX_KEYFRAMES} images (e.g. 'Batch Images' or "
                          f"a folder loader), got shape {tuple(keyframes.shape)}")
@@ -57,7 +57,7 @@ def keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width
     texts = pair_prompts(prompts, pairs)
     if any(texts) and clip is None:
         raise ValueError("pair_prompts needs the clip input (the text encoder) to encode them")
-    keys = resize_center(keyframes, width, height)     # every pair sees the same pixels of a shared keyframe
+    keys = fit_frames(keyframes, width, height, framing)   # every pair sees the same pixels of a shared keyframe
     settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
     pieces = []
     for k in range(pairs):
@@ -98,6 +98,10 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                                 tooltip="one prompt per pair, line by line; a blank line (or no line) uses the "
                                         "positive input"),
                 mask_input(),
+                io.Combo.Input("framing", options=list(FRAMINGS), default="pad", optional=True,
+                               tooltip="keyframes of another aspect ratio than width x height: pad keeps the whole "
+                                       "picture on a grey border, crop covers and cuts the edges off (centre "
+                                       "crop), stretch distorts it to the size"),
             ],
             outputs=[io.Image.Output(display_name="frames")])
 
@@ -108,10 +112,10 @@ class DynamiCrafterKeyframes(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
                 cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="",
-                mask=None) -> io.NodeOutput:
+                mask=None, framing="pad") -> io.NodeOutput:
         return io.NodeOutput(keyframe_video(model, clip_vision, vae, positive, negative, keyframes, width, height,
                                             frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale,
-                                            spacing, clip, pair_prompts, mask=mask))
+                                            spacing, clip, pair_prompts, mask=mask, framing=framing))
 
 
 NODES = [DynamiCrafterKeyframes]

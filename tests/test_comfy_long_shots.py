@@ -139,7 +139,7 @@ def test_keyframe_node_with_a_512_interp_model_repeats_no_frame(comfy, comfy_ref
     folder = comfy_reference / "tiny_v" / "inputs"
     a = load_input_image(folder / "interp" / "a_first.png")
     b = load_input_image(folder / "interp" / "b_last.png")
-    keys = kf.resize_center(torch.cat([a, b, a.flip(2)]), W, H)
+    keys = pack("images").resize_center(torch.cat([a, b, a.flip(2)]), W, H)
     args = (W, H, T, 10, 3, 2, 7.5, 0.0, 1.0, 0.7, "auto")
     whole = kf.keyframe_video(model, cv, vae, pos, neg, keys, *args)
     first = kf.keyframe_video(model, cv, vae, pos, neg, keys[:2], *args)

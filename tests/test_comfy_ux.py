@@ -153,3 +153,52 @@ def test_thumbnails_show_the_example_inputs_not_the_graph():
         shipped = np.asarray(Image.open(wf.with_suffix(".jpg")).convert("RGB"), dtype=np.float32)
         assert shipped.shape == want.shape and np.abs(shipped - want).mean() < 3.0, wf.name   # JPEG noise only
     assert with_inputs >= 9
+
+
+# ------------------------------------------------------------------------------ keyframes: framing
+def _strip_keyframe(comfy, name: str, colour) -> str:
+    """A square keyframe (the tiny video is 2:1) with 4-row red strips along its top and bottom
+    edges: a cover crop cuts them off, a letterbox keeps them."""
+    import numpy as np
+    from PIL import Image
+    picture = np.full((64, 64, 3), colour, np.uint8)
+    picture[:4] = picture[-4:] = (255, 0, 0)
+    Image.fromarray(picture).save(comfy.input_dir / name)
+    return name
+
+
+def test_keyframes_node_pads_keyframes_of_another_shape_in_the_executor(comfy, monkeypatch):
+    """The Keyframes template (framing 'pad', its default) keeps the whole keyframe: the strips
+    along the square keyframes' edges reach the fitted keyframes, centred on a mid-grey border."""
+    from nodes_pack_access import pack
+    from test_comfy_nodes import H, T, W, count_frames
+    images, fitted = pack("images"), []
+    real = images.frame_image
+
+    def spy(*args, **kwargs):                   # what the node's keyframes were fitted to
+        fitted.append((args, real(*args, **kwargs)))
+        return fitted[-1][1]
+
+    monkeypatch.setattr(images, "frame_image", spy)
+    keys = [_strip_keyframe(comfy, f"strip_key{i}.png", c)
+            for i, c in enumerate([(40, 40, 200), (40, 200, 40), (200, 200, 40)])]
+    prompt = tiny_prompt(comfy, "Keyframes to one shot.json", keys,
+                         sets=["DynamiCrafterLoader.variant=512_interp", "DynamiCrafterKeyframes.pair_prompts="])
+    assert [n["inputs"]["framing"] for n in prompt.values() if n["class_type"] == "DynamiCrafterKeyframes"] == ["pad"]
+    assert count_frames(run_and_get_video(comfy, prompt)) == 1 + 2 * (T - 1)
+    (args, out), = fitted
+    assert args[1:4] == (H, W, "pad") and out.shape == (3, 3, H, W)
+    left = (W - H) // 2                                    # a square keyframe is H x H in the H x W frame
+    assert (out[..., :left] == 0.5).all() and (out[..., left + H:] == 0.5).all()
+    red = (out[:, 0] > 0.9) & (out[:, 1] < 0.1) & (out[:, 2] < 0.1)
+    assert red[:, 0, left:left + H].all() and red[:, -1, left:left + H].all()   # top and bottom strips kept
+
+
+def test_keyframes_crop_framing_is_todays_cover_crop_bit_for_bit():
+    """framing 'crop' fits the keyframes exactly as the node did before it had the choice."""
+    from dynamicrafter.pipeline import cover_crop
+    from nodes_pack_access import pack
+    keys = torch.rand(3, 70, 90, 3)
+    before = cover_crop(keys.movedim(-1, 1).float(), 64, 128).clamp(0, 1).movedim(1, -1)
+    assert torch.equal(pack("images").fit_frames(keys, 128, 64, "crop"), before)
+    assert torch.equal(pack("images").resize_center(keys, 128, 64), before)
