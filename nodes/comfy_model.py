@@ -235,10 +235,12 @@ def make_model_patcher(dc, manual_cast_dtype=None) -> comfy.model_patcher.ModelP
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
-def require_dynamicrafter_model(model, node: str) -> DynamiCrafterBaseModel:
+def require_dynamicrafter_model(model, node: str | None = None) -> DynamiCrafterBaseModel:
+    """The DynamiCrafter model inside a MODEL. Inside a node's execute the error names the node
+    already (validation.name_run_errors); `node` names the caller elsewhere."""
     inner = getattr(model, "model", None)
     if not isinstance(inner, DynamiCrafterBaseModel):
-        raise ValueError(f"{node}: the MODEL input is not a DynamiCrafter/VideoCrafter model "
+        raise ValueError(f"{node + ': ' if node else ''}the MODEL input is not a DynamiCrafter/VideoCrafter model "
                          f"({type(inner).__name__}); load it with 'DynamiCrafter Checkpoint Loader'")
     return inner
 

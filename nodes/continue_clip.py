@@ -44,7 +44,7 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     check_overlap(overlap, frames, video.shape[0])
     check_number("cfg_img", cfg_img, *GUIDANCE)
-    inner = require_dynamicrafter_model(model, "Continue Clip")
+    inner = require_dynamicrafter_model(model)
     settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
     schedule, guidance = settings.schedule(inner.variant), settings.guidance()
     check_steps(schedule.steps, schedule.spacing)

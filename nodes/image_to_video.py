@@ -40,7 +40,7 @@ def size_warning(variant: dict, width: int, height: int) -> str | None:
 
 def image_to_video(model, clip_vision, vae, positive, negative, start_image, width, height, frames, batch_size,
                    fs, mode, end_image=None):
-    inner = require_dynamicrafter_model(model, DISPLAY_NAME)
+    inner = require_dynamicrafter_model(model)
     s = model_settings(inner.variant, width, height, frames, fs)
     warning = size_warning(inner.variant, s["width"], s["height"])
     if warning:

@@ -96,7 +96,7 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
     Motion (`nodes.motion`, `dynamicrafter.sampling.motion.direct`): denoise < 1 starts from latent's content
     (video to video), motion < 1 from the image latent, mask holds the image outside it;
     prompt_schedule: a PromptSchedule for the windows' texts."""
-    inner = require_dynamicrafter_model(model, "DDIM Sampler")
+    inner = require_dynamicrafter_model(model)
     latent = {**latent, "samples": video_latent(latent["samples"])}
     schedule = settings.schedule(inner.variant, solver)
     check_steps(schedule.steps, schedule.spacing)

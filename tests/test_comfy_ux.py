@@ -202,3 +202,39 @@ def test_keyframes_crop_framing_is_todays_cover_crop_bit_for_bit():
     before = cover_crop(keys.movedim(-1, 1).float(), 64, 128).clamp(0, 1).movedim(1, -1)
     assert torch.equal(pack("images").fit_frames(keys, 128, 64, "crop"), before)
     assert torch.equal(pack("images").resize_center(keys, 128, 64), before)
+
+
+# ------------------------------------------------------------------------------ run-time errors
+@pytest.mark.parametrize("workflow,node,widgets,needle", [
+    ("DynamiCrafter image to video.json", "DynamiCrafterDDIMSampler", {"cfg_camera": 2.0},
+     "cfg_camera 2.0 needs a camera move"),
+    ("Keyframes to one shot.json", "DynamiCrafterKeyframes", {"pair_prompts": "a\nb\nc"},
+     "pair_prompts has 3 lines but 3 keyframes make 2 pairs"),
+])
+def test_run_time_errors_name_the_node_by_its_display_name(comfy, workflow, node, widgets, needle):
+    """A bad input found while the node runs: the executor's execution_error message starts with
+    the node's title as the user sees it (ComfyUI's node_type stays the class id)."""
+    import nodes as comfy_nodes   # ComfyUI's module
+    images = ["interp_a_first.png", "interp_b_last.png", "single_image.png"] if "Keyframes" in workflow \
+        else ["single_image.png"]
+    prompt = tiny_prompt(comfy, workflow, images, sets=["DynamiCrafterLoader.variant=512_interp"]
+                         if "Keyframes" in workflow else None)
+    for n in prompt.values():
+        if n["class_type"] == node:
+            n["inputs"].update(widgets)
+    result = comfy.run(prompt, check=False)
+    err = comfy_runtime.execution_error(result)
+    assert err is not None and err["node_type"] == node, result["messages"]
+    title = comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS[node]
+    assert title != node and err["exception_message"].startswith(f"{title}: "), err["exception_message"]
+    assert needle in err["exception_message"] and err["exception_message"].count(title) == 1
+
+
+def test_the_model_check_names_no_node_of_its_own_inside_a_node(comfy):
+    """A MODEL that is not ours, given to the DDIM node: one name (the node's title), then why."""
+    from nodes_pack_access import pack
+    sampler = pack("sampler").DynamiCrafterDDIMSampler
+    with pytest.raises(ValueError) as caught:
+        sampler.execute(object(), [], [], {"samples": torch.zeros(1, 4, 2, 8, 8)}, 0, 2, 7.5, 0.0, 1.0, 0.7, "auto")
+    assert str(caught.value).startswith("DynamiCrafter DDIM Sampler (dual CFG): the MODEL input is not a "
+                                        "DynamiCrafter/VideoCrafter model"), caught.value
