@@ -46,20 +46,20 @@ from dynamicrafter.sampling.windows import take_context, take_frames
 TIME_DIM = 2
 
 
-class DynamiCrafterLatent(comfy.latent_formats.LatentFormat):
-    """SD 1.x/2.x KL-f8 latents (scale 0.18215) laid out as video: (b, 4, T, h, w)."""
-    latent_channels = 4
+class DynamiCrafterLatent(comfy.latent_formats.SD15):
+    """SD 1.x/2.x KL-f8 latents (scale 0.18215) laid out as video: (b, 4, T, h, w). Core's step
+    previews of a 5-D x0 (KSampler, SamplerCustom): latent2rgb with SD's factors shows the first
+    frame; core's TAESD previewer decodes 4-D latents only, so TAESD is named on `frame_format`,
+    which the pack's samplers preview the first frame with (sampler.progress_callback)."""
     latent_dimensions = 3
 
     def __init__(self, scale_factor: float = 0.18215):
-        self.scale_factor = scale_factor
-        self.latent_rgb_factors = [  # SD 1.x/2.x latent -> RGB preview factors
-            [0.3512, 0.2297, 0.3227],
-            [0.3250, 0.4974, 0.2350],
-            [-0.2829, 0.1762, 0.2721],
-            [-0.2120, -0.2616, -0.7177],
-        ]
-        self.latent_rgb_factors_bias = None
+        super().__init__(scale_factor)
+        self.taesd_decoder_name = None     # core would hand SD's TAESD the 5-D x0 (an error mid-sampling)
+
+    def frame_format(self) -> comfy.latent_formats.LatentFormat:
+        """One frame's format, (b, 4, h, w): SD's, with its latent2rgb factors and TAESD decoder."""
+        return comfy.latent_formats.SD15(self.scale_factor)
 
 
 class DynamiCrafterConfig(comfy.supported_models_base.BASE):

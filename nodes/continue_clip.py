@@ -11,7 +11,6 @@ import torch
 
 import comfy.model_management
 import comfy.sample
-import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import GUIDANCE, check_number, check_size, check_steps
@@ -26,7 +25,7 @@ from .inputs import (CATEGORY, MAX_FRAMES, SamplerSettings, fs_input, pipeline_i
                      size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
-from .sampler import prepare_inputs
+from .sampler import prepare_inputs, progress_callback
 
 CONDITIONS = ["window_start", "clip_end"]
 
@@ -63,12 +62,7 @@ def continued_video(model, clip_vision, vae, positive, negative, video, width, h
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
     x_T = comfy.sample.prepare_noise(latent["samples"], seed)
-    pbar = comfy.utils.ProgressBar(steps)
-
-    def progress(i, total, x, x0):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(i + 1, total)
-
+    progress = progress_callback(model, steps)
     out = continue_latents(
         inner.dc_model, known.to(device, torch.float32), x_T.to(device, torch.float32), cond.to(device),
         uncond.to(device), uncond_img.to(device) if guidance.cfg_img is not None and uncond_img is not None else None,

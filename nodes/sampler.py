@@ -82,6 +82,27 @@ def prepare_inputs(inner, positive, negative, latent):
     return cond, uncond, uncond_img, concat, fs
 
 
+def first_frame(x0: torch.Tensor) -> torch.Tensor:
+    """The first video's first frame, (1, 4, h, w), of a (b, 4, T, h, w) latent."""
+    return x0[:1, :, 0] if x0.ndim == 5 else x0[:1]
+
+
+def progress_callback(model, total: int, previews: bool = True):
+    """The library samplers' `callback(i, total, x, x0)` for ComfyUI: interrupt, progress bar and
+    (previews) the step's preview of x0's first frame by core's previewer (Settings > preview
+    method: latent2rgb or TAESD, at the latent's or the video's size) in SD's frame format."""
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format.frame_format()) \
+        if previews else None
+    pbar = comfy.utils.ProgressBar(total)
+
+    def callback(i, n, x, x0):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        image = None if previewer is None else previewer.decode_latent_to_preview_image("JPEG", first_frame(x0))
+        pbar.update_absolute(i + 1, n, image)
+
+    return callback
+
+
 # run_ddim's default: one pass over all frames (Windows is a frozen dataclass, safe to share)
 ONE_PASS = Windows()
 
@@ -113,15 +134,7 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
     gen = torch.Generator().manual_seed(settings.seed + 1)    # a CPU generator, moved to the device (core's way)
     from dynamicrafter.sampling.schedule import ddim_timesteps
     total = len(ddim_timesteps(schedule.steps, schedule.spacing))   # 'uniform' can make more steps than asked
-    preview = latent_preview.prepare_callback(model, total) if previews else None
-    pbar = None if previews else comfy.utils.ProgressBar(total)
-
-    def callback(i, n, x, x0):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        if preview is not None:
-            preview(i, x0, x, n)
-        else:
-            pbar.update_absolute(i + 1, n)
+    callback = progress_callback(model, total, previews)
 
     check_number("cfg_img", settings.cfg_img, *GUIDANCE)    # NaN would read as 'off' (NaN > 0 is False)
     if windows.size:
