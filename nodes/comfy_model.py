@@ -50,7 +50,8 @@ class DynamiCrafterLatent(comfy.latent_formats.SD15):
     """SD 1.x/2.x KL-f8 latents (scale 0.18215) laid out as video: (b, 4, T, h, w). Core's step
     previews of a 5-D x0 (KSampler, SamplerCustom): latent2rgb with SD's factors shows the first
     frame; core's TAESD previewer decodes 4-D latents only, so TAESD is named on `frame_format`,
-    which the pack's samplers preview the first frame with (sampler.progress_callback)."""
+    which the pack's samplers preview the first frame with (sampler.progress_callback; a model
+    with a VAE of its own, `previews_by_own_vae`, previews by that VAE instead)."""
     latent_dimensions = 3
 
     def __init__(self, scale_factor: float = 0.18215):
@@ -84,6 +85,13 @@ class DynamiCrafterConfig(comfy.supported_models_base.BASE):
         self.variant = dict(variant)
 
 
+def previews_by_own_vae(dc) -> bool:
+    """Whether `dc`'s step previews decode with its own VAE: a per-frame VAE whose latents are not
+    SD's (the demo model's), which SD's latent2rgb factors and TAESD would show in wrong colours.
+    The released VAEs' latents are SD's: ComfyUI's previewers fit them."""
+    return dc.vae is not None and dc.vae.cfg.decoder == "image" and not dc.vae.cfg.sd_latents
+
+
 class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
     """BaseModel with the library UNet as ``diffusion_model`` and the Resampler beside it."""
 
@@ -101,6 +109,8 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         self.variant = variant
         # The library object (schedule buffers, denoise()) without registering it as a submodule:
         # its UNet and resampler are the very modules above, so patches and device moves apply.
+        # Its VAE, kept only when it is a small one of its own (previews_by_own_vae), stays out of
+        # ComfyUI's loading: the previews move it to the sampling device.
         self.__dict__["dc"] = dc
         self.concat_keys = ()
 

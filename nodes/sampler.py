@@ -12,6 +12,8 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 import latent_preview
+from comfy.cli_args import LatentPreviewMethod
+from comfy.cli_args import args as comfy_args
 from comfy_api.v0_0_2 import io
 
 import dynamicrafter
@@ -21,7 +23,7 @@ from dynamicrafter.contract import FRAMES, GUIDANCE, WINDOW_SCHEDULES, check_int
 from dynamicrafter.settings import Windows
 
 from . import camera as camera_node
-from .comfy_model import model_speed_switches, require_dynamicrafter_model
+from .comfy_model import model_speed_switches, previews_by_own_vae, require_dynamicrafter_model
 from .image_to_video import size_warning
 from .inputs import CATEGORY, SamplerSettings, sampler_inputs
 from .motion import mask_frames, mask_input, motion_inputs, video_latent
@@ -87,12 +89,34 @@ def first_frame(x0: torch.Tensor) -> torch.Tensor:
     return x0[:1, :, 0] if x0.ndim == 5 else x0[:1]
 
 
+class OwnVAEPreviewer(latent_preview.LatentPreviewer):
+    """x0's first frame decoded by the model's own VAE (`comfy_model.previews_by_own_vae`), at the
+    video's size."""
+
+    def __init__(self, dc):
+        self.dc = dc
+
+    @torch.no_grad()
+    def decode_latent_to_preview(self, x0):
+        self.dc.vae.to(self.dc.device)      # a small VAE (the demo's), where the UNet samples: no copy after the first
+        frame = self.dc.decode(first_frame(x0)[:, :, None])[0, :, 0]      # (3, H, W) in [-1, 1]
+        return latent_preview.preview_to_image(frame.movedim(0, -1))
+
+
+def frame_previewer(model):
+    """The step previewer of Settings > preview method (None: off) for x0's first frame: core's
+    latent2rgb (SD's factors, the latent's size) or TAESD (SD's, the video's size) for SD latents,
+    the model's own VAE for a VAE of its own."""
+    inner = model.model
+    if not previews_by_own_vae(inner.dc_model):
+        return latent_preview.get_previewer(model.load_device, inner.latent_format.frame_format())
+    return None if comfy_args.preview_method == LatentPreviewMethod.NoPreviews else OwnVAEPreviewer(inner.dc_model)
+
+
 def progress_callback(model, total: int, previews: bool = True):
     """The library samplers' `callback(i, total, x, x0)` for ComfyUI: interrupt, progress bar and
-    (previews) the step's preview of x0's first frame by core's previewer (Settings > preview
-    method: latent2rgb or TAESD, at the latent's or the video's size) in SD's frame format."""
-    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format.frame_format()) \
-        if previews else None
+    (previews) the step's preview of x0's first frame (`frame_previewer`)."""
+    previewer = frame_previewer(model) if previews else None
     pbar = comfy.utils.ProgressBar(total)
 
     def callback(i, n, x, x0):

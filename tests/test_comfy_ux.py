@@ -194,7 +194,7 @@ def test_keyframes_node_pads_keyframes_of_another_shape_in_the_executor(comfy, m
     red = (out[:, 0] > 0.9) & (out[:, 1] < 0.1) & (out[:, 2] < 0.1)
     assert red[:, 0, left:left + H].all() and red[:, -1, left:left + H].all()   # top and bottom strips kept
     assert {n for n, _ in previews} == {_node_of(prompt, "DynamiCrafterKeyframes")}
-    assert len(previews) == 2 * STEPS and {image.size for _, image in previews} == {(W // 8, H // 8)}  # 2 pairs
+    assert len(previews) == 2 * STEPS and {image.size for _, image in previews} == {(W, H)}  # 2 pairs, own VAE
 
 
 def test_keyframes_crop_framing_is_todays_cover_crop_bit_for_bit():
@@ -322,10 +322,18 @@ def _node_of(prompt: dict, class_type: str) -> str:
     return next(k for k, n in prompt.items() if n["class_type"] == class_type)
 
 
-def test_ddim_node_previews_the_first_frame_by_latent2rgb(comfy, previews):
-    """Settings > preview method latent2rgb: each step's preview the DDIM node sends is its x0's
-    first frame through SD's latent2rgb factors, at the latent's size (a clip started at
-    denoise 0.06, so x0 stays near the probe latent)."""
+@pytest.fixture
+def sd_latents(monkeypatch):
+    """The tiny checkpoints' VAEs taken for the released one (SD's latent space), as a released
+    model's previews see it: the tiny VAEs are small ones of their own."""
+    from dynamicrafter.config import VAEConfig
+    monkeypatch.setattr(VAEConfig, "sd_latents", property(lambda self: True))
+
+
+def test_ddim_node_previews_the_first_frame_by_latent2rgb(comfy, previews, sd_latents):
+    """Settings > preview method latent2rgb, a model of SD latents: each step's preview the DDIM
+    node sends is its x0's first frame through SD's latent2rgb factors, at the latent's size (a
+    clip started at denoise 0.06, so x0 stays near the probe latent)."""
     prompt = _probe_prompt(comfy, "DynamiCrafter image to video.json", "DynamiCrafterDDIMSampler", steps=40,
                            DynamiCrafterDDIMSampler={"denoise": 0.06})
     comfy.run(prompt)
@@ -358,7 +366,7 @@ def taesd(comfy, previews, monkeypatch):
     path.unlink()
 
 
-def test_taesd_previews_of_the_ddim_node_are_the_video_size(comfy, taesd):
+def test_taesd_previews_of_the_ddim_node_are_the_video_size(comfy, taesd, sd_latents):
     from test_comfy_nodes import H, W
     prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json", steps=2)
     comfy.run(prompt)
@@ -373,3 +381,32 @@ def test_taesd_setting_leaves_the_core_sampler_on_latent2rgb(comfy, taesd):
     prompt = tiny_prompt(comfy, "DynamiCrafter with KSampler.json", steps=2)
     comfy.run(prompt)
     assert taesd and {image.size for _, image in taesd} == {(W // 8, H // 8)}
+
+
+def test_demo_model_previews_its_first_frame_decoded_by_its_own_vae(comfy, comfy_base, previews):
+    """The demo template (its model's VAE is a small one of its own: SD's latent2rgb factors show
+    its red circle grey-blue): the previews are the first frame decoded by that VAE at the
+    video's size, and the last one shows the decoded first frame's red circle."""
+    import shutil
+
+    import av
+    import numpy as np
+    from comfy_workflow import load_workflow, ui_to_api
+    from test_comfy_nodes import run_and_get_video
+    demo = REPO / "assets" / "demo" / "dynamicrafter_demo.safetensors"
+    shutil.copyfile(demo, comfy_base / "models" / "checkpoints" / demo.name)
+    shutil.copyfile(REPO / "assets" / "example.png", comfy.input_dir / "example.png")
+    prompt = ui_to_api(load_workflow(REPO / "workflows" / "DynamiCrafter demo.json"), comfy.node_classes)
+    ddim = _node_of(prompt, "DynamiCrafterDDIMSampler")
+    prompt[ddim]["inputs"]["steps"] = 6
+    video = run_and_get_video(comfy, prompt)
+    with av.open(str(video)) as f:
+        first = next(f.decode(video=0)).to_ndarray(format="rgb24").astype(np.float32)
+    assert len(previews) == 6 and {n for n, _ in previews} == {ddim}
+    assert {image.size for _, image in previews} == {(first.shape[1], first.shape[0])}      # 64x64, the video's
+    last = np.asarray(previews[-1][1].convert("RGB"), dtype=np.float32)
+    circle = (first[..., 0] > 150) & (first[..., 1] < 90)       # the red circle of the decoded first frame
+    assert circle.sum() > 100
+    inside = last[circle].mean(0), first[circle].mean(0)
+    assert np.abs(inside[0] - inside[1]).max() < 25, inside
+    assert np.abs(last[~circle].mean(0) - first[~circle].mean(0)).max() < 25
