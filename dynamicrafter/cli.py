@@ -9,7 +9,7 @@ import time
 import torch
 
 from .config import DTYPES
-from .contract import WINDOW_SCHEDULES
+from .contract import FRAMINGS, WINDOW_SCHEDULES
 from .devices import compute_dtype, default_device
 from .settings import Camera, Guidance, Motion, Schedule, Shot, Windows
 from .sampling.solvers import SOLVERS
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--image", help="start image (omit for text-to-video checkpoints)")
     a.add_argument("--end-image", help="end image: generative interpolation between --image and this "
                                        "(required by ToonCrafter)")
+    a.add_argument("--framing", choices=list(FRAMINGS), default="crop",
+                   help="how the image(s) fit --width x --height: crop (cover, the official crop), pad (the whole "
+                        "image on a grey border) or stretch")
     a.add_argument("--loop", action="store_true", help="make a looping video (last frame returns to the first)")
     a.add_argument("--prompt", default="")
     a.add_argument("--negative-prompt", default="")
@@ -105,7 +108,7 @@ def main(argv=None) -> int:
 
     camera = None if args.camera is None else Camera(args.camera, args.trace_extract_ratio, args.trace_scale,
                                                      args.cfg_camera)
-    shot = Shot(args.frames, (args.height, args.width), args.fs, args.seed, args.loop, end)
+    shot = Shot(args.frames, (args.height, args.width), args.fs, args.seed, args.loop, end, args.framing)
     motion = Motion(mask, args.mask_feather, init_video, args.strength, args.motion, args.prompt_schedule, camera)
     video = animate(dc, image, args.prompt, negative_prompt=args.negative_prompt, shot=shot, motion=motion,
                     callback=progress, **cli_settings(args, dc.variant))

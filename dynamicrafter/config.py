@@ -73,6 +73,16 @@ class VAEConfig:
     ref_attn_levels: tuple = ()
     ref_attn_inner: int = 512
 
+    @property
+    def sd_latents(self) -> bool:
+        """Whether its latents are SD 1.x/2.x KL-f8's, as every released model's (ToonCrafter's decoder
+        differs, not its encoder): the encoder's sizes are the released ones. Hosts' SD latent
+        previews (latent2rgb factors, TAESD) fit them; a VAE of its own (the demo model's) has its own."""
+        released = VAEConfig()
+        return tuple(self.ch_mult) == released.ch_mult and all(getattr(self, f) == getattr(released, f) for f in
+                                                               ("ch", "num_res_blocks", "z_channels", "embed_dim",
+                                                                "in_channels", "norm_groups"))
+
 
 @dataclass(frozen=True)
 class ClipConfig:

@@ -21,6 +21,7 @@ from .sampling.schedule import ddim_timesteps
 FRAMES = (2, 64)            # frames of one video (the released models are trained on 16)
 LONG_FRAMES = (2, 1024)     # frames of a video sampled in context windows (each window within FRAMES)
 WINDOW_SCHEDULES = ("uniform", "looped")
+FRAMINGS = ("crop", "pad", "stretch")   # fitting an image to the video size: cover + crop, letterbox, distort
 STEPS = (1, 1000)           # DDIM steps (the DDPM schedule has 1000 timesteps)
 FS = (1, 1000)              # frame-rate conditioning: fps or frame stride, per model (dc.variant["fs_range"])
 SIZE = (64, 4096)           # pixel height / width, multiples of SIZE_STEP

@@ -10,7 +10,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
+from .contract import (FRAMINGS, SIZE, check_animate, check_choice, check_image, check_image_conditioning,
+                       check_int, check_prompts)
 from .sampling.motion import PromptSchedule, check_fraction, direct, prompt_schedule
 from .sampling.ddim import Conditioning, sample_ddim
 from .sampling.schedule import ddim_timesteps, randn
@@ -53,11 +54,46 @@ def cover_crop_box(h: int, w: int, height: int, width: int) -> tuple:
     return (nh, nw), (int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0)))
 
 
-def fit_image(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A checked (n, 3, H, W) image batch in [-1, 1] covered and centre-cropped (`cover_crop`)."""
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+def letterbox(x: torch.Tensor, height: int, width: int, fill: float) -> torch.Tensor:
+    """(n, C, H, W) -> (n, C, height, width): resized (as `cover_crop` resizes) so the whole picture
+    fits inside, centred (`cover_crop`'s rounding) on a border of value `fill` (e.g. the value
+    range's middle, a neutral grey). A picture of the target's aspect ratio is only resized, exactly
+    as `cover_crop` resizes it."""
+    h, w = x.shape[-2:]
+    scale = min(height / h, width / w)
+    nh, nw = max(1, min(height, round(h * scale))), max(1, min(width, round(w * scale)))
+    if (nh, nw) == (height, width):
+        return cover_crop(x, height, width)
+    top, left = int(round((height - nh) / 2.0)), int(round((width - nw) / 2.0))
+    out = torch.full((*x.shape[:-2], height, width), float(fill), dtype=x.dtype, device=x.device)
+    out[..., top:top + nh, left:left + nw] = _resize(x, nh, nw)
+    return out
+
+
+def frame_image(x: torch.Tensor, height: int, width: int, framing: str = "crop", fill: float = 0.0) -> torch.Tensor:
+    """(n, C, H, W) fitted to height x width as `framing` says (contract.FRAMINGS): "crop" covers and
+    crops the centre (`cover_crop`, the official rule), "pad" keeps the whole picture on a `fill`
+    border (`letterbox`), "stretch" resizes to the size whatever the aspect ratio."""
+    check_choice("framing", framing, FRAMINGS)
+    if framing == "pad":
+        return letterbox(x, height, width, fill)
+    if framing == "stretch":
+        return _resize(x, height, width)
+    return cover_crop(x, height, width)
+
+
+def fit_image(images: torch.Tensor, height: int, width: int, framing: str = "crop") -> torch.Tensor:
+    """A checked (n, 3, H, W) image batch in [-1, 1] fitted to height x width (`frame_image`; "pad"
+    borders are mid-grey, 0)."""
     check_image(images, "images")
     height, width = check_int("height", height, 1, SIZE[1]), check_int("width", width, 1, SIZE[1])
-    return cover_crop(images, height, width)
+    return frame_image(images, height, width, framing, fill=0.0)
 
 
 def concat_latent(z_start: torch.Tensor, frames: int, z_end: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -133,6 +169,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: 
     pose file or (N, 4, 4) world-to-camera matrices). Loose keywords of earlier releases (frames=,
     size=, height=, width=, seed=, end_image=, steps=, cfg_text=, window=, camera=, motion_mask=,
     strength=, motion=0.5, ...) still work with a DeprecationWarning.
+    `shot.framing` (contract.FRAMINGS): how the image(s) fit the video size, "crop" (the official cover
+    crop), "pad" (the whole image on a grey border) or "stretch".
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
     # 1. the settings: values, the loose keywords of earlier releases applied
     v = dc.variant
@@ -144,6 +182,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: 
                          "Camera.cfg: leave schedule.start at 0 and guidance.camera at 1")
     end_image, frames, init_video = shot.end_image, shot.frames, motion.init_video
     strength, amount = check_fraction("strength", motion.strength), check_fraction("motion", motion.amount)
+    framing = check_choice("framing", shot.framing, FRAMINGS)
     if init_video is not None:
         check_init_video(init_video)
         frames = init_video.shape[2] if frames is None else frames
@@ -162,8 +201,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: 
     # 2. conditioning, camera, x_T and where the motion controls start the sampler
     with torch.inference_mode():
         if v["image_cross_attention"]:
-            image = fit_image(image.float(), height, width).to(dc.device)
-            end = fit_image(end_image.float(), height, width).to(dc.device) if end_image is not None else None
+            image = fit_image(image.float(), height, width, framing).to(dc.device)
+            end = None if end_image is None else fit_image(end_image.float(), height, width, framing).to(dc.device)
             if has_reference_decoder(dc) and end is None:
                 raise ValueError("ToonCrafter in-betweens two keyframes: give it an end image (--end-image)")
             c = image_conditioning(dc, image, [prompt], frames, end, shot.loop, [negative_prompt], generator=generator)

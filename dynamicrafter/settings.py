@@ -66,13 +66,15 @@ class Camera:
 class Shot:
     """The video `animate` makes: frames, size (height, width) and fs (None = the variant's), the
     seed of its noise; loop=True ends it on its start image, end_image (1, 3, H, W) in [-1, 1] on
-    that image (interpolation)."""
+    that image (interpolation); framing (contract.FRAMINGS): how the image(s) fit the size, "crop" (the
+    official cover crop), "pad" (the whole image on a grey border) or "stretch"."""
     frames: Optional[int] = None
     size: Optional[tuple] = None
     fs: Optional[int] = None
     seed: int = 123
     loop: bool = False
     end_image: object = None
+    framing: str = "crop"
 
 
 @dataclass(frozen=True, eq=False)

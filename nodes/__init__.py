@@ -6,11 +6,13 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import (camera, clip_vision, conditioning, continue_clip, decode, defaults, image_to_video, keyframes, loader,
                long_video, motion, resampler, sampler, speed, text_to_video, video_input)
+from .validation import name_run_errors
 
 _MODULES = (loader, image_to_video, clip_vision, resampler, conditioning, sampler, decode, defaults, long_video,
             text_to_video, keyframes, video_input, continue_clip, camera, motion, speed)
 
-NODES: list[type[io.ComfyNode]] = [node for m in _MODULES for node in m.NODES]
+# run-time errors name each node by its display name, as its queue-time errors do
+NODES: list[type[io.ComfyNode]] = [name_run_errors(node) for m in _MODULES for node in m.NODES]
 
 
 class DynamiCrafterExtension(ComfyExtension):

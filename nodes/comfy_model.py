@@ -46,20 +46,21 @@ from dynamicrafter.sampling.windows import take_context, take_frames
 TIME_DIM = 2
 
 
-class DynamiCrafterLatent(comfy.latent_formats.LatentFormat):
-    """SD 1.x/2.x KL-f8 latents (scale 0.18215) laid out as video: (b, 4, T, h, w)."""
-    latent_channels = 4
+class DynamiCrafterLatent(comfy.latent_formats.SD15):
+    """SD 1.x/2.x KL-f8 latents (scale 0.18215) laid out as video: (b, 4, T, h, w). Core's step
+    previews of a 5-D x0 (KSampler, SamplerCustom): latent2rgb with SD's factors shows the first
+    frame; core's TAESD previewer decodes 4-D latents only, so TAESD is named on `frame_format`,
+    which the pack's samplers preview the first frame with (sampler.progress_callback; a model
+    with a VAE of its own, `previews_by_own_vae`, previews by that VAE instead)."""
     latent_dimensions = 3
 
     def __init__(self, scale_factor: float = 0.18215):
-        self.scale_factor = scale_factor
-        self.latent_rgb_factors = [  # SD 1.x/2.x latent -> RGB preview factors
-            [0.3512, 0.2297, 0.3227],
-            [0.3250, 0.4974, 0.2350],
-            [-0.2829, 0.1762, 0.2721],
-            [-0.2120, -0.2616, -0.7177],
-        ]
-        self.latent_rgb_factors_bias = None
+        super().__init__(scale_factor)
+        self.taesd_decoder_name = None     # core would hand SD's TAESD the 5-D x0 (an error mid-sampling)
+
+    def frame_format(self) -> comfy.latent_formats.LatentFormat:
+        """One frame's format, (b, 4, h, w): SD's, with its latent2rgb factors and TAESD decoder."""
+        return comfy.latent_formats.SD15(self.scale_factor)
 
 
 class DynamiCrafterConfig(comfy.supported_models_base.BASE):
@@ -84,6 +85,13 @@ class DynamiCrafterConfig(comfy.supported_models_base.BASE):
         self.variant = dict(variant)
 
 
+def previews_by_own_vae(dc) -> bool:
+    """Whether `dc`'s step previews decode with its own VAE: a per-frame VAE whose latents are not
+    SD's (the demo model's), which SD's latent2rgb factors and TAESD would show in wrong colours.
+    The released VAEs' latents are SD's: ComfyUI's previewers fit them."""
+    return dc.vae is not None and dc.vae.cfg.decoder == "image" and not dc.vae.cfg.sd_latents
+
+
 class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
     """BaseModel with the library UNet as ``diffusion_model`` and the Resampler beside it."""
 
@@ -101,6 +109,8 @@ class DynamiCrafterBaseModel(comfy.model_base.BaseModel):
         self.variant = variant
         # The library object (schedule buffers, denoise()) without registering it as a submodule:
         # its UNet and resampler are the very modules above, so patches and device moves apply.
+        # Its VAE, kept only when it is a small one of its own (previews_by_own_vae), stays out of
+        # ComfyUI's loading: the previews move it to the sampling device.
         self.__dict__["dc"] = dc
         self.concat_keys = ()
 
@@ -235,10 +245,12 @@ def make_model_patcher(dc, manual_cast_dtype=None) -> comfy.model_patcher.ModelP
     return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=offload)
 
 
-def require_dynamicrafter_model(model, node: str) -> DynamiCrafterBaseModel:
+def require_dynamicrafter_model(model, node: str | None = None) -> DynamiCrafterBaseModel:
+    """The DynamiCrafter model inside a MODEL. Inside a node's execute the error names the node
+    already (validation.name_run_errors); `node` names the caller elsewhere."""
     inner = getattr(model, "model", None)
     if not isinstance(inner, DynamiCrafterBaseModel):
-        raise ValueError(f"{node}: the MODEL input is not a DynamiCrafter/VideoCrafter model "
+        raise ValueError(f"{node + ': ' if node else ''}the MODEL input is not a DynamiCrafter/VideoCrafter model "
                          f"({type(inner).__name__}); load it with 'DynamiCrafter Checkpoint Loader'")
     return inner
 

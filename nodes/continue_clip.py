@@ -11,7 +11,6 @@ import torch
 
 import comfy.model_management
 import comfy.sample
-import comfy.utils
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.contract import GUIDANCE, check_number, check_size, check_steps
@@ -27,7 +26,7 @@ from .inputs import (CATEGORY, MAX_FRAMES, Pipeline, SamplerSettings, VideoSetti
                      sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
-from .sampler import prepare_inputs
+from .sampler import prepare_inputs, progress_callback
 
 CONDITIONS = ["window_start", "clip_end"]
 
@@ -47,7 +46,7 @@ def continued_video(pipe: Pipeline, video, shape: VideoSettings, overlap, settin
         raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
     check_overlap(overlap, frames, video.shape[0])
     check_number("cfg_img", cfg_img, *GUIDANCE)
-    inner = require_dynamicrafter_model(model, "Continue Clip")
+    inner = require_dynamicrafter_model(model)
     schedule, guidance = settings.schedule(inner.variant), settings.guidance()
     check_steps(schedule.steps, schedule.spacing)
     clip = resize_center(video, width, height)
@@ -64,12 +63,7 @@ def continued_video(pipe: Pipeline, video, shape: VideoSettings, overlap, settin
     comfy.model_management.load_models_gpu([model])
     device = model.load_device
     x_T = comfy.sample.prepare_noise(latent["samples"], settings.seed)
-    pbar = comfy.utils.ProgressBar(settings.steps)
-
-    def progress(i, total, x, x0):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        pbar.update_absolute(i + 1, total)
-
+    progress = progress_callback(model, settings.steps)
     c = Conditioning(cond.to(device), uncond.to(device),
                      uncond_img.to(device) if guidance.cfg_img is not None and uncond_img is not None else None,
                      None if concat is None else concat.to(device, torch.float32), fs)

@@ -10,7 +10,7 @@ from .inputs import CATEGORY
 
 
 def variant_defaults(model) -> dict:
-    inner = require_dynamicrafter_model(model, "Variant Defaults")
+    inner = require_dynamicrafter_model(model)
     v = inner.variant
     h, w = v.get("resolution", (320, 512))
     return {"width": int(w), "height": int(h), "frames": int(v.get("frames", 16)), "fs": int(v.get("default_fs", 24)),

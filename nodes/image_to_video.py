@@ -41,7 +41,7 @@ def size_warning(variant: dict, width: int, height: int) -> str | None:
 def image_to_video(pipe: Pipeline, start_image, video: VideoSettings, batch_size, mode, end_image=None):
     """The node's outputs; `video`'s AUTO (0) values are the model's (`model_settings`)."""
     model = pipe.model
-    inner = require_dynamicrafter_model(model, DISPLAY_NAME)
+    inner = require_dynamicrafter_model(model)
     s = model_settings(inner.variant, video.width, video.height, video.frames, video.fs)
     warning = size_warning(inner.variant, s["width"], s["height"])
     if warning:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from dynamicrafter.pipeline import cover_crop
+from dynamicrafter.pipeline import frame_image
 
 
 def check_finite(image: torch.Tensor, name: str) -> None:
@@ -28,9 +28,15 @@ def images_to_signed(image: torch.Tensor) -> torch.Tensor:
     return rgb(image).movedim(-1, 1).float() * 2.0 - 1.0
 
 
-def resize_center(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """IMAGE covered and centre-cropped to width x height by the library's one rule (`cover_crop`)."""
+def fit_frames(image: torch.Tensor, width: int, height: int, framing: str = "crop") -> torch.Tensor:
+    """IMAGE fitted to width x height by the library's rule for `framing` (`frame_image`: crop, pad
+    on a mid-grey border, stretch)."""
     image = rgb(image)
     if image.shape[1:3] == (height, width):
         return image
-    return cover_crop(image.movedim(-1, 1).float(), height, width).clamp(0, 1).movedim(1, -1)
+    return frame_image(image.movedim(-1, 1).float(), height, width, framing, fill=0.5).clamp(0, 1).movedim(1, -1)
+
+
+def resize_center(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """IMAGE covered and centre-cropped to width x height by the library's one rule (`cover_crop`)."""
+    return fit_frames(image, width, height, "crop")

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from dynamicrafter.contract import check_size
+from dynamicrafter.contract import FRAMINGS, check_size
 from dynamicrafter.settings import Motion
 
 from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
-from .images import check_finite, resize_center
+from .images import check_finite, fit_frames
 from .inputs import (CATEGORY, MAX_FRAMES, Pipeline, SamplerSettings, VideoSettings, fs_input, pipeline_inputs,
                      sampler_inputs, size_inputs)
 from .validation import validate_steps
@@ -45,8 +45,10 @@ def encode_prompt(clip, text: str):
 
 
 def keyframe_video(pipe: Pipeline, keyframes, video: VideoSettings, settings: SamplerSettings, clip=None,
-                   prompts: str = "", frames_per_batch: int = 4, mask=None) -> torch.Tensor:
-    """Pairs of keyframes in-betweened in video.frames frames each (width x height, fs), joined."""
+                   prompts: str = "", frames_per_batch: int = 4, mask=None,
+                   framing: str = "pad") -> torch.Tensor:
+    """Pairs of keyframes in-betweened in video.frames frames each (width x height, fs; the keyframes fitted
+    to that size as `framing` says, contract.FRAMINGS), joined."""
     model, clip_vision, vae, positive, negative = pipe.model, pipe.clip_vision, pipe.vae, pipe.positive, pipe.negative
     width, height, frames = video.width, video.height, video.frames
     if keyframes.ndim != 4 or not 2 <= keyframes.shape[0] <= MAX_KEYFRAMES:
@@ -60,7 +62,7 @@ def keyframe_video(pipe: Pipeline, keyframes, video: VideoSettings, settings: Sa
     texts = pair_prompts(prompts, pairs)
     if any(texts) and clip is None:
         raise ValueError("pair_prompts needs the clip input (the text encoder) to encode them")
-    keys = resize_center(keyframes, width, height)     # every pair sees the same pixels of a shared keyframe
+    keys = fit_frames(keyframes, width, height, framing)   # every pair sees the same pixels of a shared keyframe
     pieces = []
     for k in range(pairs):
         start, end = keys[k:k + 1], keys[k + 1:k + 2]
@@ -99,6 +101,10 @@ class DynamiCrafterKeyframes(io.ComfyNode):
                                 tooltip="one prompt per pair, line by line; a blank line (or no line) uses the "
                                         "positive input"),
                 mask_input(),
+                io.Combo.Input("framing", options=list(FRAMINGS), default="pad", optional=True,
+                               tooltip="keyframes of another aspect ratio than width x height: pad keeps the whole "
+                                       "picture on a grey border, crop covers and cuts the edges off (centre "
+                                       "crop), stretch distorts it to the size"),
             ],
             outputs=[io.Image.Output(display_name="frames")])
 
@@ -109,11 +115,11 @@ class DynamiCrafterKeyframes(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, keyframes, width, height, frames, fs, seed, steps,
                 cfg_text, cfg_img, eta, guidance_rescale, spacing, clip=None, pair_prompts="",
-                mask=None) -> io.NodeOutput:
+                mask=None, framing="pad") -> io.NodeOutput:
         settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
         return io.NodeOutput(keyframe_video(Pipeline(model, clip_vision, vae, positive, negative), keyframes,
                                             VideoSettings(width, height, frames, fs), settings, clip, pair_prompts,
-                                            mask=mask))
+                                            mask=mask, framing=framing))
 
 
 NODES = [DynamiCrafterKeyframes]

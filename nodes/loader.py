@@ -17,7 +17,7 @@ from dynamicrafter.checkpoints.mapped import MappedPages
 from dynamicrafter.models.tooncrafter import has_reference_decoder
 
 from .comfy_model import (comfy_operations, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae,
-                          make_model_patcher, unet_dtypes)
+                          make_model_patcher, previews_by_own_vae, unet_dtypes)
 from .inputs import CATEGORY
 from .tooncrafter_vae import make_dualref_vae
 
@@ -103,8 +103,10 @@ def load_dynamicrafter(path: str, dtype: str = "auto", variant: str = "auto"):
         vae = make_dualref_vae(dc.vae, dc.cfg.variant.frames, te_dtype)      # wraps ours, no copy
     elif dc.vae is not None:
         vae = make_comfy_vae(dc.vae, te_dtype)
-        pages.release_module(dc.first_stage_model)
-    dc.first_stage_model = None
+        if not previews_by_own_vae(dc):
+            pages.release_module(dc.first_stage_model)
+    if not previews_by_own_vae(dc):     # a VAE of its own latent space stays: the step previews decode with it
+        dc.first_stage_model = None
     model = make_model_patcher(dc, manual_cast)
     missing = [n for n, v in (("CLIP", clip), ("CLIP_VISION", clip_vision), ("VAE", vae)) if v is None]
     if missing:

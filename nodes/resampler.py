@@ -15,7 +15,7 @@ ImageContext = io.Custom("DYNAMICRAFTER_IMAGE_CONTEXT")
 
 @torch.no_grad()
 def resample_context(model, clip_tokens: dict) -> dict:
-    inner = require_dynamicrafter_model(model, "Context Resampler")
+    inner = require_dynamicrafter_model(model)
     res = inner.image_proj_model
     if res is None:
         raise ValueError("this model has no context resampler (a text-to-video VideoCrafter model?); "

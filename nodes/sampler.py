@@ -13,6 +13,8 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 import latent_preview
+from comfy.cli_args import LatentPreviewMethod
+from comfy.cli_args import args as comfy_args
 from comfy_api.v0_0_2 import io
 
 import dynamicrafter
@@ -23,7 +25,7 @@ from dynamicrafter.sampling.ddim import Conditioning
 from dynamicrafter.settings import Motion, Windows
 
 from . import camera as camera_node
-from .comfy_model import model_speed_switches, require_dynamicrafter_model
+from .comfy_model import model_speed_switches, previews_by_own_vae, require_dynamicrafter_model
 from .image_to_video import size_warning
 from .inputs import CATEGORY, SamplerSettings, sampler_inputs
 from .motion import mask_frames, mask_input, motion_inputs, video_latent
@@ -84,6 +86,49 @@ def prepare_inputs(inner, positive, negative, latent):
     return cond, uncond, uncond_img, concat, fs
 
 
+def first_frame(x0: torch.Tensor) -> torch.Tensor:
+    """The first video's first frame, (1, 4, h, w), of a (b, 4, T, h, w) latent."""
+    return x0[:1, :, 0] if x0.ndim == 5 else x0[:1]
+
+
+class OwnVAEPreviewer(latent_preview.LatentPreviewer):
+    """x0's first frame decoded by the model's own VAE (`comfy_model.previews_by_own_vae`), at the
+    video's size."""
+
+    def __init__(self, dc):
+        self.dc = dc
+
+    @torch.no_grad()
+    def decode_latent_to_preview(self, x0):
+        self.dc.vae.to(self.dc.device)      # a small VAE (the demo's), where the UNet samples: no copy after the first
+        frame = self.dc.decode(first_frame(x0)[:, :, None])[0, :, 0]      # (3, H, W) in [-1, 1]
+        return latent_preview.preview_to_image(frame.movedim(0, -1))
+
+
+def frame_previewer(model):
+    """The step previewer of Settings > preview method (None: off) for x0's first frame: core's
+    latent2rgb (SD's factors, the latent's size) or TAESD (SD's, the video's size) for SD latents,
+    the model's own VAE for a VAE of its own."""
+    inner = model.model
+    if not previews_by_own_vae(inner.dc_model):
+        return latent_preview.get_previewer(model.load_device, inner.latent_format.frame_format())
+    return None if comfy_args.preview_method == LatentPreviewMethod.NoPreviews else OwnVAEPreviewer(inner.dc_model)
+
+
+def progress_callback(model, total: int, previews: bool = True):
+    """The library samplers' `callback(i, total, x, x0)` for ComfyUI: interrupt, progress bar and
+    (previews) the step's preview of x0's first frame (`frame_previewer`)."""
+    previewer = frame_previewer(model) if previews else None
+    pbar = comfy.utils.ProgressBar(total)
+
+    def callback(i, n, x, x0):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        image = None if previewer is None else previewer.decode_latent_to_preview_image("JPEG", first_frame(x0))
+        pbar.update_absolute(i + 1, n, image)
+
+    return callback
+
+
 # run_ddim's defaults: one pass over all frames, today's motion (frozen dataclasses, safe to share)
 ONE_PASS, FREE_MOTION = Windows(), Motion()
 
@@ -97,7 +142,7 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
     (the denoise widget) < 1 starts from latent's content (video to video), amount < 1 from the image
     latent, mask (a ComfyUI MASK) holds the image outside it; prompt_schedule: a PromptSchedule for
     the windows' texts."""
-    inner = require_dynamicrafter_model(model, "DDIM Sampler")
+    inner = require_dynamicrafter_model(model)
     latent = {**latent, "samples": video_latent(latent["samples"])}
     schedule = settings.schedule(inner.variant)
     check_steps(schedule.steps, schedule.spacing)
@@ -114,15 +159,7 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
     gen = torch.Generator().manual_seed(settings.seed + 1)    # a CPU generator, moved to the device (core's way)
     from dynamicrafter.sampling.schedule import ddim_timesteps
     total = len(ddim_timesteps(schedule.steps, schedule.spacing))   # 'uniform' can make more steps than asked
-    preview = latent_preview.prepare_callback(model, total) if previews else None
-    pbar = None if previews else comfy.utils.ProgressBar(total)
-
-    def callback(i, n, x, x0):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        if preview is not None:
-            preview(i, x0, x, n)
-        else:
-            pbar.update_absolute(i + 1, n)
+    callback = progress_callback(model, total, previews)
 
     check_number("cfg_img", settings.cfg_img, *GUIDANCE)    # NaN would read as 'off' (NaN > 0 is False)
     if windows.size:

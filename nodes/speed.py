@@ -34,7 +34,7 @@ class DynamiCrafterCompileUNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, backend, mode) -> io.NodeOutput:
-        inner = require_dynamicrafter_model(model, "Compile UNet")
+        inner = require_dynamicrafter_model(model)
         m = model.clone()
         # fullgraph off: ComfyUI's weight-casting / low-VRAM layers may add breaks of their own
         regions = compile_regions(inner.diffusion_model, mode=None if mode == "default" else mode, backend=backend,

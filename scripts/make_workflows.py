@@ -581,7 +581,8 @@ def keyframes(classes) -> dict:
     kf = g.add("DynamiCrafterKeyframes", (1100, 0),
                {"width": 512, "height": 320, "frames": 16, "fs": 10, "seed": 123, "steps": 50, "cfg_text": 7.5,
                 "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto",
-                "pair_prompts": EXAMPLE_PAIR_PROMPT + "\nthe purple circle keeps moving to the right"},
+                "pair_prompts": EXAMPLE_PAIR_PROMPT + "\nthe purple circle keeps moving to the right",
+                "framing": "pad"},
                size=[380, 560])
     connect_pipeline(g, ld, p, n, kf, keyframes=(batch, 0), clip=(ld, "clip"))
     save_video(g, kf, 1520, 0, "video/keyframes")

@@ -140,7 +140,7 @@ def test_keyframe_node_with_a_512_interp_model_repeats_no_frame(comfy, comfy_ref
     folder = comfy_reference / "tiny_v" / "inputs"
     a = load_input_image(folder / "interp" / "a_first.png")
     b = load_input_image(folder / "interp" / "b_last.png")
-    keys = kf.resize_center(torch.cat([a, b, a.flip(2)]), W, H)
+    keys = pack("images").resize_center(torch.cat([a, b, a.flip(2)]), W, H)
     inputs = pack("inputs")
     pipe, video = inputs.Pipeline(model, cv, vae, pos, neg), inputs.VideoSettings(W, H, T, 10)
     settings = inputs.SamplerSettings.of(3, 2, 7.5, 0.0, 1.0, 0.7, "auto")
