@@ -21,8 +21,9 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, SamplerSettings, fs_input, pipeline_inputs, sampler_inputs,
-                     size_inputs)
+from .comfy_model import require_dynamicrafter_model
+from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, SamplerSettings, frames_input, fs_input, or_trained,
+                     pipeline_inputs, sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
 from .motion import encode_schedule, mask_input, schedule_input
@@ -95,12 +96,12 @@ class DynamiCrafterLongVideo(io.ComfyNode):
             inputs=[
                 *pipeline_inputs(),
                 io.Image.Input("start_image", tooltip="the first frame of the whole video"),
-                *size_inputs(),
+                *size_inputs(from_model=True),
                 io.Int.Input("total_frames", default=48, min=2, max=MAX_VIDEO_FRAMES,
                              tooltip="frames of the whole video"),
-                io.Int.Input("segment_frames", default=16, min=2, max=MAX_FRAMES,
-                             tooltip="frames per generated segment (the model's 16)"),
-                fs_input(),
+                frames_input("segment_frames", "frames per generated segment (the model's 16)", MAX_FRAMES,
+                             from_model=True),
+                fs_input(from_model=True),
                 *sampler_inputs(),
                 # after every older widget: saved workflows keep their widget order (and chain, as before)
                 io.Combo.Input("method", options=METHODS, default=DEFAULT_LONG_VIDEO_METHOD, optional=True,
@@ -121,9 +122,11 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                 segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
                 method="chained", prompt_schedule="", clip=None, mask=None) -> io.NodeOutput:
         schedule = encode_schedule(clip, prompt_schedule)
-        return io.NodeOutput(long_video(method, model, clip_vision, vae, positive, negative, start_image, width,
-                                        height, total_frames, segment_frames, fs, seed, steps, cfg_text, cfg_img, eta,
-                                        guidance_rescale, spacing, mask=mask, schedule=schedule))
+        s = or_trained(require_dynamicrafter_model(model, "Long Video").variant, width=width, height=height,
+                       frames=segment_frames, fs=fs)
+        return io.NodeOutput(long_video(method, model, clip_vision, vae, positive, negative, start_image, s["width"],
+                                        s["height"], total_frames, s["frames"], s["fs"], seed, steps, cfg_text,
+                                        cfg_img, eta, guidance_rescale, spacing, mask=mask, schedule=schedule))
 
 
 NODES = [DynamiCrafterLongVideo]
