@@ -18,11 +18,6 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30        # LiteGraph's node title bar, above a node's pos
 TITLE_CHAR_WIDTH = 7.8   # title text width per character in the web UI (measured, with margin)
-# Nodes 2.0 (frontend 1.32.9, setting Comfy.VueNodes.Enabled) scales a loaded graph's positions and
-# sizes by VUE_SCALE ("auto-scale layout", by about the origin: measured within VUE_SHIFT graph
-# units), then grows each node to its DOM content: up to VUE_GROWTH x our row estimate (measured
-# on the bundled templates: DDIM 1.09, conditioning 1.12, decode 1.15).
-VUE_SCALE, VUE_SHIFT, VUE_GROWTH = 1.2, 40.0, 1.16
 
 
 def _spec_items(node_cls) -> list[tuple[str, tuple]]:
@@ -159,8 +154,7 @@ class UIGraph:
         sockets, outputs = socket_inputs(cls), output_types(cls)
         shown_title = title or _display_name(cls, ntype)
         # at least what the web UI's LiteGraph lays out (measured): slot rows, widget rows, title text
-        rows = 14 + 20 * max(len(sockets), len(outputs)) + 24 * len(values)
-        need = [TITLE_CHAR_WIDTH * len(shown_title) + 40, round(rows * VUE_GROWTH)]   # room for Nodes 2.0's rows
+        need = [TITLE_CHAR_WIDTH * len(shown_title) + 40, 14 + 20 * max(len(sockets), len(outputs)) + 24 * len(values)]
         size = size or [320, need[1]]
         node = {
             "id": len(self.nodes) + 1, "type": ntype, "pos": [float(pos[0]), float(pos[1])],
@@ -244,11 +238,8 @@ class UIGraph:
     def _fit_view(self, groups: list, width=1290, height=680, left=80, top=130) -> dict:
         """Canvas scale/offset that shows the whole graph in a width x height area of the screen:
         a 1440x900 laptop window below ComfyUI's top bar, right of its side bar, with a margin
-        (tests/test_browser.py opens every template at 1440x900 and finds every node in view, in
-        the classic canvas and in Nodes 2.0)."""
+        (tests/test_browser.py opens every template at 1440x900 and finds every node in view)."""
         boxes = [self._box(n) for n in self.nodes] + [tuple(g["bounding"]) for g in groups]
-        boxes += [(x * VUE_SCALE - VUE_SHIFT, y * VUE_SCALE - VUE_SHIFT, w * VUE_SCALE + 2 * VUE_SHIFT,
-                   h * VUE_SCALE + 2 * VUE_SHIFT) for x, y, w, h in boxes]     # as Nodes 2.0 lays them out
         x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         xs, ys = [b[0] + b[2] for b in boxes], [b[1] + b[3] for b in boxes]
         scale = round(min(1.0, width / (max(xs) - x0 + 40), height / (max(ys) - y0 + 40)), 3)
