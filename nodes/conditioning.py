@@ -17,7 +17,8 @@ from dynamicrafter.contract import check_fs, check_int, check_size
 from dynamicrafter.pipeline import concat_latent, video_latent_shape
 
 from .images import check_finite, resize_center
-from .inputs import (CATEGORY, MAX_BATCH, MAX_FRAMES, MAX_VIDEO_FRAMES, VideoSettings, fs_input, prompt_inputs,
+from .inputs import (CATEGORY, MAX_BATCH, MAX_FRAMES, MAX_VIDEO_FRAMES, VideoSettings, fs_input, or_trained,
+                     prompt_inputs,
                      size_inputs, video_inputs)
 from .resampler import ImageContext
 from .tooncrafter_vae import REFERENCES_KEY, is_dualref_vae, keyframe_references
@@ -47,6 +48,11 @@ def empty_video_latent(batch_size, frames, height, width) -> torch.Tensor:
                        device=comfy.model_management.intermediate_device())
 
 
+def check_image_context(image_context) -> None:
+    if not isinstance(image_context, dict) or not {"cond", "uncond", "variant"} <= set(image_context):
+        raise ValueError("image_context must come from 'DynamiCrafter Context Resampler'")
+
+
 @torch.no_grad()
 def build_conditioning(positive, negative, vae, image_context, start_image, video: VideoSettings, batch_size,
                        mode, end_image=None):
@@ -55,8 +61,7 @@ def build_conditioning(positive, negative, vae, image_context, start_image, vide
     if vae is None:
         raise ValueError("no VAE connected: this checkpoint has none (pruned file); load the SD KL-f8 VAE "
                          "with VAELoader")
-    if not isinstance(image_context, dict) or "cond" not in image_context:
-        raise ValueError("image_context must come from 'DynamiCrafter Context Resampler'")
+    check_image_context(image_context)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 2 <= frames <= MAX_VIDEO_FRAMES:
@@ -108,10 +113,10 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
                 ImageContext.Input("image_context", tooltip="from 'DynamiCrafter Context Resampler'"),
                 io.Image.Input("start_image", tooltip="first frame; scaled to cover width x height and "
                                                       "centre-cropped"),
-                *size_inputs(),
+                *size_inputs(from_model=True),
                 *video_inputs("frames of the video; the released models are trained on 16 (more: sample in "
-                              "context windows of 16)"),
-                fs_input(),
+                              "context windows of 16)", from_model=True),
+                fs_input(from_model=True),
                 io.Combo.Input("mode", options=MODES, default="image-to-video",
                                tooltip="image-to-video: start image on every frame's concat latent; "
                                        "interpolation: start..end image (use the 512_interp model); loop: start "
@@ -124,9 +129,11 @@ class DynamiCrafterImageConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, vae, image_context, start_image, width, height, frames, batch_size, fs,
                 mode, end_image=None) -> io.NodeOutput:
+        check_image_context(image_context)    # 0 = the model's own: read from the model the context came from
+        s = or_trained(image_context["variant"], width=width, height=height, frames=frames, fs=fs)
         return io.NodeOutput(*build_conditioning(positive, negative, vae, image_context, start_image,
-                                                 VideoSettings(width, height, frames, fs), batch_size, mode,
-                                                 end_image))
+                                                 VideoSettings(s["width"], s["height"], s["frames"], s["fs"]),
+                                                 batch_size, mode, end_image))
 
 
 NODES = [DynamiCrafterImageConditioning]

@@ -22,7 +22,8 @@ from .comfy_model import require_dynamicrafter_model
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite, resize_center
-from .inputs import (CATEGORY, MAX_FRAMES, Pipeline, SamplerSettings, VideoSettings, fs_input, pipeline_inputs,
+from .inputs import (CATEGORY, MAX_FRAMES, Pipeline, SamplerSettings, VideoSettings, frames_input, fs_input,
+                     or_trained, pipeline_inputs,
                      sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
@@ -92,16 +93,16 @@ class DynamiCrafterContinueClip(io.ComfyNode):
                 *pipeline_inputs(),
                 io.Image.Input("video", tooltip="the clip to continue (its frames in order); covered and "
                                                 "centre-cropped to width x height"),
-                *size_inputs(),
-                io.Int.Input("frames", default=16, min=2, max=MAX_FRAMES,
-                             tooltip="frames of the window (the model's 16); frames - overlap are new"),
+                *size_inputs(from_model=True),
+                frames_input("frames", "frames of the window (the model's 16); frames - overlap are new", MAX_FRAMES,
+                             from_model=True),
                 io.Int.Input("overlap", default=8, min=1, max=MAX_FRAMES - 1,
                              tooltip="the clip's last frames the window starts with (pinned); more = the motion "
                                      "follows the clip more closely, fewer new frames per run"),
                 io.Combo.Input("condition", options=CONDITIONS, default="window_start",
                                tooltip="image the window is animated from: the first pinned frame (where the "
                                        "model expects it) or the clip's last frame"),
-                fs_input(),
+                fs_input(from_model=True),
                 *sampler_inputs(),
             ],
             outputs=[io.Image.Output(display_name="frames")])
@@ -113,9 +114,12 @@ class DynamiCrafterContinueClip(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip_vision, vae, positive, negative, video, width, height, frames, overlap, condition,
                 fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing) -> io.NodeOutput:
+        s = or_trained(require_dynamicrafter_model(model).variant, width=width, height=height,
+                       frames=frames, fs=fs)
         settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
         return io.NodeOutput(continued_video(Pipeline(model, clip_vision, vae, positive, negative), video,
-                                             VideoSettings(width, height, frames, fs), overlap, settings, condition))
+                                             VideoSettings(s["width"], s["height"], s["frames"], s["fs"]), overlap,
+                                             settings, condition))
 
 
 NODES = [DynamiCrafterContinueClip]

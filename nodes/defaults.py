@@ -6,15 +6,13 @@ import json
 from comfy_api.v0_0_2 import io
 
 from .comfy_model import require_dynamicrafter_model
-from .inputs import CATEGORY
+from .inputs import CATEGORY, trained_settings
 
 
 def variant_defaults(model) -> dict:
     inner = require_dynamicrafter_model(model)
     v = inner.variant
-    h, w = v.get("resolution", (320, 512))
-    return {"width": int(w), "height": int(h), "frames": int(v.get("frames", 16)), "fs": int(v.get("default_fs", 24)),
-            "cfg_text": float(v.get("cfg_text", 7.5)), "cfg_img": float(v.get("cfg_img") or 0.0),
+    return {**trained_settings(v), "cfg_text": float(v.get("cfg_text", 7.5)), "cfg_img": float(v.get("cfg_img") or 0.0),
             "guidance_rescale": float(v.get("guidance_rescale", 0.0)),
             "spacing": v.get("spacing", "uniform_trailing"), "variant": v}
 

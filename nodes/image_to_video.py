@@ -14,19 +14,10 @@ from comfy_api.v0_0_2 import io
 from .clip_vision import encode_clip_vision
 from .comfy_model import require_dynamicrafter_model
 from .conditioning import MODES, build_conditioning, conditioning_outputs
-from .inputs import CATEGORY, MAX_BATCH, MAX_VIDEO_FRAMES, SIZE_STEP, Pipeline, VideoSettings, prompt_inputs
+from .inputs import CATEGORY, Pipeline, VideoSettings, fs_input, or_trained, prompt_inputs, size_inputs, video_inputs
 from .resampler import resample_context
 
 DISPLAY_NAME = "Image to Video (DynamiCrafter, ToonCrafter): animate, interpolate, loop"
-AUTO = 0     # the widget value meaning "from the model's metadata"
-
-
-def model_settings(variant: dict, width: int, height: int, frames: int, fs: int) -> dict:
-    """width/height/frames/fs with AUTO replaced by the variant's trained values."""
-    h, w = variant.get("resolution", (320, 512))
-    return {"width": int(width) or int(w), "height": int(height) or int(h),
-            "frames": int(frames) or int(variant.get("frames", 16)),
-            "fs": int(fs) or int(variant.get("default_fs", 24))}
 
 
 def size_warning(variant: dict, width: int, height: int) -> str | None:
@@ -39,10 +30,10 @@ def size_warning(variant: dict, width: int, height: int) -> str | None:
 
 
 def image_to_video(pipe: Pipeline, start_image, video: VideoSettings, batch_size, mode, end_image=None):
-    """The node's outputs; `video`'s AUTO (0) values are the model's (`model_settings`)."""
+    """The node's outputs; `video`'s AUTO (0) values are the model's (`inputs.or_trained`)."""
     model = pipe.model
     inner = require_dynamicrafter_model(model)
-    s = model_settings(inner.variant, video.width, video.height, video.frames, video.fs)
+    s = or_trained(inner.variant, width=video.width, height=video.height, frames=video.frames, fs=video.fs)
     warning = size_warning(inner.variant, s["width"], s["height"])
     if warning:
         logging.warning(warning)
@@ -55,7 +46,6 @@ def image_to_video(pipe: Pipeline, start_image, video: VideoSettings, batch_size
 class DynamiCrafterImageToVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        auto = "0 = the loaded model's own (its metadata: what it was trained at)"
         return io.Schema(
             node_id="DynamiCrafterI2V",
             display_name=DISPLAY_NAME,
@@ -72,15 +62,9 @@ class DynamiCrafterImageToVideo(io.ComfyNode):
                                "CLIPTextEncode of an empty prompt (the official unconditional text)"),
                 io.Image.Input("start_image", tooltip="first frame; scaled to cover width x height and "
                                                       "centre-cropped"),
-                io.Int.Input("width", default=AUTO, min=0, max=2048, step=SIZE_STEP,
-                             tooltip=f"video width in pixels, a multiple of 64; {auto}"),
-                io.Int.Input("height", default=AUTO, min=0, max=2048, step=SIZE_STEP,
-                             tooltip=f"video height in pixels, a multiple of 64; {auto}"),
-                io.Int.Input("frames", default=AUTO, min=0, max=MAX_VIDEO_FRAMES,
-                             tooltip=f"frames of the video; {auto} (16 for the released models)"),
-                io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once"),
-                io.Int.Input("fs", default=AUTO, min=0, max=60,
-                             tooltip=f"frame-rate conditioning (fps, or frame stride for 256); {auto}"),
+                *size_inputs(from_model=True),
+                *video_inputs("frames of the video (16 for the released models)", from_model=True),
+                fs_input(tooltip="frame-rate conditioning (fps, or frame stride for 256)", from_model=True),
                 io.Combo.Input("mode", options=MODES, default="image-to-video",
                                tooltip="image-to-video; interpolation: start..end image (ToonCrafter / 512_interp "
                                        "model); loop: start image at both ends"),

@@ -28,18 +28,46 @@ def prompt_inputs(positive_tooltip: str | None = None, negative_tooltip: str | N
             io.Conditioning.Input("negative", tooltip=negative_tooltip)]
 
 
-def video_inputs(frames_tooltip: str) -> list:
+AUTO = 0     # a width / height / frames / fs widget at 0: the loaded model's own value
+FROM_MODEL = "0 = the loaded model's own (its metadata: what it was trained at)"
+
+
+def trained_settings(variant: dict) -> dict:
+    """width, height, frames, fs the model was trained at: its variant metadata."""
+    h, w = variant.get("resolution", (320, 512))
+    return {"width": int(w), "height": int(h), "frames": int(variant.get("frames", 16)),
+            "fs": int(variant.get("default_fs", 24))}
+
+
+def or_trained(variant: dict, **values) -> dict:
+    """The given width / height / frames / fs widget values, each AUTO one replaced by the model's."""
+    trained = trained_settings(variant)
+    return {name: int(value) or trained[name] for name, value in values.items()}
+
+
+def frames_input(name: str, tooltip: str, maximum: int, from_model: bool = False, default: int = 16):
+    """A frame count; from_model: 0 (the default) = the model's trained frames."""
+    if from_model:
+        return io.Int.Input(name, default=AUTO, min=0, max=maximum, tooltip=f"{tooltip}; {FROM_MODEL}")
+    return io.Int.Input(name, default=default, min=2, max=maximum, tooltip=tooltip)
+
+
+def video_inputs(frames_tooltip: str, from_model: bool = False) -> list:
     """frames, batch_size: the empty video latent's length and batch."""
-    return [io.Int.Input("frames", default=16, min=2, max=MAX_VIDEO_FRAMES, tooltip=frames_tooltip),
+    return [frames_input("frames", frames_tooltip, MAX_VIDEO_FRAMES, from_model),
             io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH, tooltip="videos made at once")]
 
 
-def size_inputs(default_width: int = 512, default_height: int = 320) -> list:
-    """width, height: the video size in pixels."""
+def size_inputs(default_width: int = 512, default_height: int = 320, from_model: bool = False) -> list:
+    """width, height: the video size in pixels; from_model: 0 (the default) = the model's trained size."""
     note = "multiple of 64 (the UNet halves the 1/8-size latent three times)"
-    return [io.Int.Input("width", default=default_width, min=64, max=2048, step=SIZE_STEP,
+    if from_model:
+        default_width = default_height = AUTO
+        note += f"; {FROM_MODEL}"
+    low = AUTO if from_model else 64
+    return [io.Int.Input("width", default=default_width, min=low, max=2048, step=SIZE_STEP,
                          tooltip=f"video width in pixels, {note}"),
-            io.Int.Input("height", default=default_height, min=64, max=2048, step=SIZE_STEP,
+            io.Int.Input("height", default=default_height, min=low, max=2048, step=SIZE_STEP,
                          tooltip=f"video height in pixels, {note}")]
 
 
@@ -50,10 +78,13 @@ def pipeline_inputs(model_tooltip: str | None = None, positive_tooltip: str | No
             io.Vae.Input("vae"), *prompt_inputs(positive_tooltip, negative_tooltip)]
 
 
-def fs_input(default: int = 24, tooltip: str | None = None):
-    return io.Int.Input("fs", default=default, min=1, max=60, tooltip=tooltip or (
-        "frame-rate conditioning: fps for 512/1024/interp (512: 15-30, 1024: 5-15; smaller = more motion), "
-        "frame stride for 256 (1-6; larger = more motion)"))
+def fs_input(default: int = 24, tooltip: str | None = None, from_model: bool = False):
+    """fs, the frame-rate conditioning; from_model: 0 (the default) = the model's own default fs."""
+    tooltip = tooltip or ("frame-rate conditioning: fps for 512/1024/interp (512: 15-30, 1024: 5-15; smaller = "
+                          "more motion), frame stride for 256 (1-6; larger = more motion)")
+    if from_model:
+        return io.Int.Input("fs", default=AUTO, min=0, max=60, tooltip=f"{tooltip}; {FROM_MODEL}")
+    return io.Int.Input("fs", default=default, min=1, max=60, tooltip=tooltip)
 
 
 def sampler_inputs() -> list:

@@ -23,7 +23,9 @@ from .clip_vision import encode_clip_vision
 from .conditioning import build_conditioning
 from .decode import decode_video
 from .images import check_finite
-from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, Pipeline, SamplerSettings, VideoSettings, fs_input,
+from .comfy_model import require_dynamicrafter_model
+from .inputs import (CATEGORY, MAX_FRAMES, MAX_VIDEO_FRAMES, Pipeline, SamplerSettings, VideoSettings, frames_input,
+                     fs_input, or_trained,
                      pipeline_inputs, sampler_inputs, size_inputs)
 from .validation import validate_steps
 from .resampler import resample_context
@@ -97,12 +99,12 @@ class DynamiCrafterLongVideo(io.ComfyNode):
             inputs=[
                 *pipeline_inputs(),
                 io.Image.Input("start_image", tooltip="the first frame of the whole video"),
-                *size_inputs(),
+                *size_inputs(from_model=True),
                 io.Int.Input("total_frames", default=48, min=2, max=MAX_VIDEO_FRAMES,
                              tooltip="frames of the whole video"),
-                io.Int.Input("segment_frames", default=16, min=2, max=MAX_FRAMES,
-                             tooltip="frames per generated segment (the model's 16)"),
-                fs_input(),
+                frames_input("segment_frames", "frames per generated segment (the model's 16)", MAX_FRAMES,
+                             from_model=True),
+                fs_input(from_model=True),
                 *sampler_inputs(),
                 # after every older widget: saved workflows keep their widget order (and chain, as before)
                 io.Combo.Input("method", options=METHODS, default=DEFAULT_LONG_VIDEO_METHOD, optional=True,
@@ -123,10 +125,12 @@ class DynamiCrafterLongVideo(io.ComfyNode):
                 segment_frames, fs, seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing,
                 method="chained", prompt_schedule="", clip=None, mask=None) -> io.NodeOutput:
         schedule = encode_schedule(clip, prompt_schedule)
+        s = or_trained(require_dynamicrafter_model(model).variant, width=width, height=height,
+                       frames=segment_frames, fs=fs)
         settings = SamplerSettings.of(seed, steps, cfg_text, cfg_img, eta, guidance_rescale, spacing)
         return io.NodeOutput(long_video(method, Pipeline(model, clip_vision, vae, positive, negative), start_image,
-                                        VideoSettings(width, height, total_frames, fs), segment_frames, settings,
-                                        mask=mask, schedule=schedule))
+                                        VideoSettings(s["width"], s["height"], total_frames, s["fs"]), s["frames"],
+                                        settings, mask=mask, schedule=schedule))
 
 
 NODES = [DynamiCrafterLongVideo]

@@ -31,7 +31,7 @@ def resample_context(model, clip_tokens: dict) -> dict:
     comfy.model_management.load_models_gpu([model])
     device = model.load_device        # partially loaded layers cast their weights onto it
     dtype = inner.manual_cast_dtype or res.proj_in.bias.dtype
-    out = {}
+    out = {"variant": inner.variant}     # what the conditioning node's 0 (= the model's) size, frames, fs read
     for key in ("cond", "uncond"):
         out[key] = res(clip_tokens[key].to(device, dtype)).float().to(comfy.model_management.intermediate_device())
     return out

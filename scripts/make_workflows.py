@@ -43,8 +43,10 @@ def connect_pipeline(g: UIGraph, ld, pos, neg, node, **more) -> None:
         g.connect(src, slot, node, name)
 
 
-# i2v_chain's widgets: the conditioning node's and the DDIM sampler's
-I2V_VIDEO = {"width": 512, "height": 320, "frames": 16, "batch_size": 1, "fs": 24, "mode": "image-to-video"}
+# i2v_chain's widgets: the conditioning node's and the DDIM sampler's. The conditioning's width, height,
+# frames and fs stay at the node's default (0), the loaded model's own (its metadata), unless given: a
+# graph fits whichever model the loader picks.
+I2V_VIDEO = {"batch_size": 1, "mode": "image-to-video"}
 I2V_SAMPLER = {"seed": 123, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
                "spacing": "auto"}
 
@@ -116,9 +118,11 @@ def image_to_video(classes) -> dict:
     dec = i2v_chain(g, ld, img, "a boat sails across a calm lake at sunset", 420, 0)
     save_video(g, dec, 1660, 0, "video/dynamicrafter_i2v")
     g.note("Image to video with DynamiCrafter 512 (320x512, 16 frames, fs = fps 24; 15-30, smaller = more "
-           "motion).\nPut dynamicrafter_512.ckpt in models/checkpoints. cfg_text is the text guidance, cfg_img "
-           "> 0 turns on dual CFG (image guidance); guidance_rescale 0.7 and eta 1.0 are the official "
-           "settings. For the 1024 model use 1024x576 and fs 10; for 256 use 256x256, fs 3 (frame stride).",
+           "motion).\nPut dynamicrafter_512.ckpt in models/checkpoints. Width, height, frames and fs at 0 are the "
+           "loaded model's own (1024: 1024x576, fs 10; 256: 256x256, fs 3 = frame stride; the demo model: its "
+           "size): pick another checkpoint and nothing else needs changing. cfg_text is the text guidance, "
+           "cfg_img > 0 turns on dual CFG (image guidance); guidance_rescale 0.7 and eta 1.0 are the official "
+           "settings.",
            (0, 600), (400, 260))
     return g.to_json()
 
@@ -145,7 +149,6 @@ def demo(classes) -> dict:
     ld = loader(g, "dynamicrafter_demo.safetensors")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, DEMO_PROMPT, 420, 0,
-                    video=dict(fs=v["default_fs"], frames=frames, width=width, height=height),
                     sampler=dict(steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
                                  guidance_rescale=v["guidance_rescale"]))
     save_video(g, dec, 1660, 0, "video/dynamicrafter_demo")
@@ -158,13 +161,11 @@ def demo(classes) -> dict:
 
 
 def demo_chain(g: UIGraph, image, prompt: str = DEMO_PROMPT):
-    """The demo preset's loader + i2v chain (its metadata's size, frames, fs, guidance; 25 steps):
-    (loader, DDIM sampler, decode), the sampler free for more inputs."""
+    """The demo preset's loader + i2v chain (the model's own size, frames, fs; its metadata's guidance;
+    25 steps): (loader, DDIM sampler, decode), the sampler free for more inputs."""
     v = json.loads(DEMO_MODEL.read_text())["variant"]
-    (height, width), frames = v["resolution"], v["frames"]
     ld = loader(g, "dynamicrafter_demo.safetensors")
     dec = i2v_chain(g, ld, image, prompt, 420, 0,
-                    video=dict(fs=v["default_fs"], frames=frames, width=width, height=height),
                     sampler=dict(steps=25, cfg_text=v["cfg_text"], cfg_img=v.get("cfg_img") or 0.0,
                                  guidance_rescale=v["guidance_rescale"]))
     samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
@@ -245,7 +246,7 @@ def interpolation(classes) -> dict:
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First frame", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last frame", size=[320, 320])
-    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, end_image=b, video=dict(mode="interpolation", fs=10))
+    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, end_image=b, video=dict(mode="interpolation"))
     save_video(g, dec, 1660, 0, "video/dynamicrafter_interp")
     g.note("Frame interpolation: the 512_interp model generates the frames between the first and last image "
            "(both the same size). The CLIP image tokens come from the first image only, as in the official "
@@ -258,7 +259,7 @@ def loop(classes) -> dict:
     g = UIGraph(classes)
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Image to loop", size=[320, 360])
-    dec = i2v_chain(g, ld, img, "gentle waves, looping animation", 420, 0, video=dict(mode="loop", fs=10))
+    dec = i2v_chain(g, ld, img, "gentle waves, looping animation", 420, 0, video=dict(mode="loop"))
     save_video(g, dec, 1660, 0, "video/dynamicrafter_loop")
     g.note("Looping video: the same image is the first and the last frame's condition; the decode node drops "
            "the duplicate last frame (trim = auto) so the video loops seamlessly.", (0, 600), (400, 140))
@@ -348,8 +349,8 @@ def long_video(classes) -> dict:
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     p, n = prompt_pair(g, ld, "clip", "a train travels through snowy mountains", 400, 0, titled=False)
     lv = g.add("DynamiCrafterLongVideo", (800, 0),
-               {"width": 512, "height": 320, "total_frames": 46, "segment_frames": 16, "fs": 24, "seed": 5,
-                "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto"},
+               {"total_frames": 46, "seed": 5, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0,
+                "guidance_rescale": 0.7, "spacing": "auto"},
                size=[360, 420])
     connect_pipeline(g, ld, p, n, lv, start_image=(img, 0))
     save_video(g, lv, 1380, 0, "video/dynamicrafter_long")
@@ -369,9 +370,8 @@ def continue_clip(classes) -> dict:
     g.connect(vid, 0, parts, "video")
     p, n = prompt_pair(g, ld, "clip", "a green square moves down", 400, 0)     # assets/examples/clip.mp4
     cc = g.add("DynamiCrafterContinueClip", (800, 0),
-               {"width": 512, "height": 320, "frames": 16, "overlap": 8, "condition": "window_start", "fs": 24,
-                "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
-                "spacing": "auto"}, size=[360, 480])
+               {"overlap": 8, "condition": "window_start", "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0,
+                "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto"}, size=[360, 480])
     connect_pipeline(g, ld, p, n, cc, video=(parts, "images"))
     save_video(g, cc, 1200, 0, "video/dynamicrafter_continued")
     g.note("Continue a clip: the window's first `overlap` frames are the clip's last ones, kept pinned to the "
@@ -383,9 +383,10 @@ def continue_clip(classes) -> dict:
     return g.to_json()
 
 
-def core_sampler_inputs(g: UIGraph, frames: int, title: str = "Image conditioning"):
+def core_sampler_inputs(g: UIGraph, frames: int | None = None, title: str = "Image conditioning"):
     """Loader, start image, prompts, CLIP vision, resampler and image conditioning for a core
-    sampler (the MODEL and positive / negative / image_only / latent); returns (loader, conditioning)."""
+    sampler (the MODEL and positive / negative / image_only / latent); returns (loader, conditioning).
+    Size, fs and (unless given) frames: the loaded model's own."""
     ld = loader(g, "dynamicrafter_512.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     p, n = prompt_pair(g, ld, "clip", "a boat sails across a calm lake at sunset", 400, 0, titled=False)
@@ -396,7 +397,7 @@ def core_sampler_inputs(g: UIGraph, frames: int, title: str = "Image conditionin
     g.connect(ld, "model", res, "model")
     g.connect(enc, 0, res, "clip_tokens")
     cond = g.add("DynamiCrafterImageConditioning", (800, 0),
-                 {"width": 512, "height": 320, "frames": frames, "batch_size": 1, "fs": 24, "mode": "image-to-video"},
+                 {"batch_size": 1, "mode": "image-to-video", **({} if frames is None else {"frames": frames})},
                  title=title)
     for name, src, slot in (("positive", p, 0), ("negative", n, 0), ("vae", ld, "vae"), ("image_context", res, 0),
                             ("start_image", img, 0)):
@@ -407,7 +408,7 @@ def core_sampler_inputs(g: UIGraph, frames: int, title: str = "Image conditionin
 def image_to_video_ksampler(classes) -> dict:
     """The same MODEL under core SamplerCustomAdvanced + DualCFGGuider (ComfyUI's samplers)."""
     g = UIGraph(classes)
-    ld, cond = core_sampler_inputs(g, 16)
+    ld, cond = core_sampler_inputs(g)
     guider = g.add("DualCFGGuider", (1200, 0), {"cfg_conds": 7.5, "cfg_cond2_negative": 1.5, "style": "regular"})
     g.connect(ld, "model", guider, "model")
     g.connect(cond, "positive", guider, "cond1")
@@ -506,7 +507,7 @@ def tooncrafter(classes) -> dict:
     with_model_download(ld, TOONCRAFTER_MODEL)
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First keyframe", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last keyframe", size=[320, 320])
-    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, end_image=b, video=dict(mode="interpolation", fs=10))
+    dec = i2v_chain(g, ld, a, EXAMPLE_PAIR_PROMPT, 420, 0, end_image=b, video=dict(mode="interpolation"))
     save_video(g, dec, 1660, 0, "video/tooncrafter")
     g.note("ToonCrafter: cartoon in-betweening of two keyframes (320x512, 16 frames, fs 10, cfg 7.5, guidance "
            "rescale 0.7, eta 1.0: the official settings). Put the ToonCrafter model.ckpt in models/checkpoints as "
@@ -543,7 +544,7 @@ def camera_moves(classes) -> dict:
     img = g.add("LoadImage", (0, 200), {"image": "scene1.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, "a quiet street in the morning, dramatic camera movement, high quality, "
                     "cinematic shot, photorealistic, smooth motion", 420, 0,
-                    video=dict(fs=2, width=256, height=256), sampler=dict(steps=25, cfg_text=5.5))
+                    video=dict(fs=2), sampler=dict(steps=25, cfg_text=5.5))
     samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
     cond = next(n for n in g.nodes if n["type"] == "DynamiCrafterImageConditioning")
     cam = g.add("DynamiCrafterCamera", (820, 380), {"preset": "orbit left", "speed": 0.1, "strength": 1.0},
@@ -555,7 +556,8 @@ def camera_moves(classes) -> dict:
     g.connect(cam, 2, preview, "images")
     save_video(g, dec, 1660, 0, "video/cami2v_camera")
     g.note("Camera moves with CamI2V (camera-controlled DynamiCrafter, ZGCTroy/CamI2V). Put 256_cami2v.pt in "
-           "models/checkpoints (256x256, fs = frame stride 2; or 512_cami2v_100k.pt at 512x320 with fs 10). "
+           "models/checkpoints (256x256: the conditioning's 0 takes the size from the model; fs = frame stride "
+           "2, the official demo's; or 512_cami2v_100k.pt, 512x320, with fs 10). "
            "'DynamiCrafter Camera' picks one of the 16 moves of the official demo (pan, zoom, orbit, look, "
            "rotate), a custom pan/zoom/orbit, or a RealEstate10K pose file; speed 0.1 is the demo's default "
            "(the first tenth of the move over the clip). cfg_camera > 1 on the sampler strengthens the move "

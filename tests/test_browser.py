@@ -307,3 +307,91 @@ def test_demo_template_runs_as_shipped_in_the_web_ui(browser_page, comfy_server,
         page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(WORKFLOWS / workflow))
         files = _queue_and_wait(page, comfy_server, timeout=600)      # 25 steps on a CPU shared with other jobs
         assert [f["filename"] for f in files if f["filename"].startswith(prefix)], (workflow, files)
+
+
+NODES_2 = "Comfy.VueNodes.Enabled"     # frontend 1.32.9's setting: "Modern Node Design (Nodes 2.0)"
+
+
+def _settled_view(page) -> None:
+    """Wait until the canvas view (offset, scale) stops changing: the UI fits a loaded graph's view."""
+    last = None
+    for _ in range(50):
+        now = page.evaluate("() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]")
+        if now == last:
+            return
+        last = now
+        page.wait_for_timeout(200)
+
+
+@pytest.mark.xfail(strict=True, reason="Nodes 2.0 scales a loaded layout by 1.2 and grows nodes' rows: fitting "
+                                       "that view drops the classic view's scale below its low-quality threshold "
+                                       "(~0.6: the Notes' text is hidden), so the templates cannot fit both yet")
+def test_bundled_workflows_open_fully_in_view_in_nodes_2(browser_page, comfy_server):
+    """Issue #32: with Nodes 2.0 (Vue DOM nodes, which size themselves to their widgets) every template
+    opens with each node's DOM box inside the 1440x900 window's canvas, and no two nodes overlap."""
+    page, logs = browser_page
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async (id) => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false); await s.set(id, true) }", NODES_2)
+    problems = []
+    try:
+        for path in sorted(WORKFLOWS.glob("*.json")):
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(path))
+            page.wait_for_function("() => document.querySelectorAll('.lg-node[data-node-id]').length === "
+                                   "window.app.graph._nodes.length", timeout=30_000)
+            _settled_view(page)
+            page.wait_for_timeout(300)      # the DOM nodes follow the view on the next frames
+            canvas, boxes = page.evaluate("""() => {
+                const r = e => { const b = e.getBoundingClientRect();
+                                 return {x: b.x, y: b.y, w: b.width, h: b.height}; };
+                return [r(window.app.canvas.canvas), [...document.querySelectorAll('.lg-node[data-node-id]')]
+                        .map(e => ({id: e.getAttribute('data-node-id'), ...r(e)}))]; }""")
+            assert canvas["w"] <= 1440 and canvas["h"] <= 900, canvas
+            for b in boxes:
+                if not (canvas["x"] <= b["x"] and b["x"] + b["w"] <= canvas["x"] + canvas["w"] and
+                        canvas["y"] <= b["y"] and b["y"] + b["h"] <= canvas["y"] + canvas["h"]):
+                    problems.append(f"{path.name}: node #{b['id']} {b} is outside the canvas {canvas}")
+            for i, a in enumerate(boxes):
+                for b in boxes[i + 1:]:
+                    overlap = (min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"]),
+                               min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"]))
+                    if min(overlap) > 0:
+                        problems.append(f"{path.name}: node #{a['id']} {a} overlaps #{b['id']} {b}")
+        assert not problems, "at 1440x900 in Nodes 2.0:\n" + "\n".join(problems)
+    except Exception:
+        keep = comfy_runtime.REPO_ROOT / ".pytest_cache" / "browser_nodes_2_failure.png"
+        keep.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(keep))
+        print("\n".join(logs[-40:]))
+        raise
+    finally:
+        page.evaluate("async (id) => { await window.app.extensionManager.setting.set(id, false) }", NODES_2)
+
+
+def test_camera_moves_template_runs_in_the_web_ui(browser_page, comfy_server, comfy_base):
+    """Issue #31: 'Camera moves' opened in the web UI with its checkpoint set to the tiny CamI2V model,
+    queued, saves a video. The conditioning's 0 would take the size from the model's metadata (the
+    cami2v_256 preset: 256x256), but the tiny file's epipolar masks are built for its YAML's
+    origin_h x origin_w (64x64) and it runs at that size only: the one other widget set."""
+    import yaml
+    page, logs = browser_page
+    ckpts = comfy_base / "models" / "checkpoints"
+    if not (ckpts / "cami2v_tiny.safetensors").exists():
+        pytest.skip("the tiny CamI2V checkpoint is not in the reference folder")
+    shutil.copyfile(comfy_runtime.REPO_ROOT / "assets" / "examples" / "scene1.png", comfy_base / "input" / "scene1.png")
+    epipolar = yaml.safe_load((ckpts / "cami2v_tiny.yaml").read_text())["model"]["params"]["epipolar_config"]
+    wf, schema = load_workflow(WORKFLOWS / "Camera moves.json"), _Schema(comfy_server.object_info())
+    set_ui_widget(wf, "DynamiCrafterLoader", "ckpt_name", "cami2v_tiny.safetensors", schema)
+    for name, key in (("width", "origin_w"), ("height", "origin_h")):
+        set_ui_widget(wf, "DynamiCrafterImageConditioning", name, int(epipolar[key]), schema)
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+    assert "DynamiCrafterCamera" in page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
+    files = _queue_and_wait(page, comfy_server, timeout=600)
+    assert [f for f in files if f["filename"].startswith("cami2v_camera") and f["filename"].endswith(".mp4")], files

@@ -481,8 +481,8 @@ def test_error_size_not_multiple_of_64(comfy):
 
 
 @pytest.mark.parametrize("node,field,value,needle", [
-    ("DynamiCrafterImageConditioning", "frames", 1, "frames"),
-    ("DynamiCrafterImageConditioning", "fs", 0, "fs"),
+    ("DynamiCrafterImageConditioning", "frames", -1, "frames"),     # 0 = the model's own (issue #32)
+    ("DynamiCrafterImageConditioning", "fs", -1, "fs"),
     ("DynamiCrafterDDIMSampler", "steps", 1001, "steps"),
     ("DynamiCrafterDDIMSampler", "cfg_text", -1.0, "cfg_text"),
 ])
