@@ -11,16 +11,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .config import LATENT_CHANNELS, LATENT_SCALE
 from .contract import SIZE, check_animate, check_image, check_image_conditioning, check_int, check_prompts
-from .sampling.motion import check_fraction, direct, prompt_schedule
+from .sampling.motion import check_fraction, direct, paste_back, prompt_schedule
 from .sampling.ddim import image_only_context, sample_ddim
 from .sampling.schedule import ddim_timesteps, randn
 from .settings import Camera, Guidance, Schedule, Windows, variant_settings
 from .sampling.solvers import sample
 from .models.tooncrafter import decode_keyframe_clip, has_reference_decoder
-
-
-LATENT_CHANNELS, LATENT_SCALE = 4, 8     # the KL-f8 VAE: 4 latent channels at 1/8 of the pixel size
 
 
 def video_latent_shape(batch: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
@@ -139,7 +137,8 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
     `settings.Camera`, or just its trajectory (a preset name of dynamicrafter.camera.PRESET_NAMES, a
     pose file or (N, 4, 4) world-to-camera matrices).
     Directing the motion (`dynamicrafter.sampling.motion`, design §14): `motion_mask` (H, W) or (T, H, W) in
-    [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels);
+    [0, 1], 1 = free to move, 0 = hold the image (soft edge of `mask_feather` latent pixels; the held
+    latent is the image's, and after decoding the held pixels are the image's too);
     `init_video` (1, 3, T, H, W) in [-1, 1] with `strength` in [0, 1] (1 = from pure noise, 0 = the
     clip back); `motion` in [0, 1] (1 = today's sampler; lower starts later from the image: less
     motion, closer to the image); `prompt_schedule` "0: a boat | 24: a storm" (per context window).
@@ -186,7 +185,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
             dc, x_T, c, schedule.steps, schedule.spacing, generator, callback, motion_mask, mask_feather, init_video,
             strength, motion, prompt_schedule)
         if start == len(ddim_timesteps(schedule.steps, schedule.spacing)):     # strength 0: the clip's own latents
-            return dc.decode(x_T)
+            return hold_pixels(dc.decode(x_T), image, motion_mask, mask_feather)
         if cam is not None:
             latents = sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=fs, guidance=guidance,
                                   schedule=schedule, generator=generator, callback=callback, start=start,
@@ -196,8 +195,18 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, end_image: Option
                              windows=windows, generator=generator, callback=callback, start=start,
                              window_contexts=per_window)
         if image is not None and has_reference_decoder(dc):
-            return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
-        return dc.decode(latents)
+            video = decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
+        else:
+            video = dc.decode(latents)
+        return hold_pixels(video, image, motion_mask, mask_feather)
+
+
+def hold_pixels(video: torch.Tensor, image: Optional[torch.Tensor], motion_mask, mask_feather: float) -> torch.Tensor:
+    """The decoded video with the motion brush's held part pasted back from the (fitted) input image
+    (`motion.paste_back`); unchanged without a mask."""
+    if motion_mask is None:
+        return video
+    return paste_back(video, image, motion_mask, mask_feather)
 
 
 def camera_condition(dc, camera, image_hw, frames: int, height: int, width: int, extract_ratio: float,
