@@ -7,7 +7,8 @@ the model's guidance. The object is followed with the demo tracker (`training/de
 1. Motion brush: mask = the half of the frame holding the object's path (split across the
    motion) moves, the other half holds. Per clip: mean |frame - input| over the held half (also
    8+ px from the edge) vs the moving half, with and without the mask, the object's travel, and
-   the VAE's own round trip of what the brush holds (decode of the image latent) vs the input.
+   the VAE's own round trip of what the brush holds (decode of the image latent) vs the input; the
+   held half three ways: pasted back from the input (animate), from the VAE round trip, not at all.
 2. Video to video: init_video = the held-out clip itself (exact pixels); PSNR of the output to
    the clip vs strength (1 = pure noise, 0 = the clip's latents decoded).
 3. Motion amount: motion m in [0, 1]; the object's travelled distance (tracker, px, first to last
