@@ -7,7 +7,8 @@ the model's guidance. The object is followed with the demo tracker (`training/de
 1. Motion brush: mask = the half of the frame holding the object's path (split across the
    motion) moves, the other half holds. Per clip: mean |frame - input| over the held half (also
    8+ px from the edge) vs the moving half, with and without the mask, the object's travel, and
-   the VAE's own round trip of what the brush holds (decode of the image latent) vs the input.
+   the VAE's own round trip of what the brush holds (decode of the image latent) vs the input; the
+   held half three ways: pasted back from the input (animate), from the VAE round trip, not at all.
 2. Video to video: init_video = the held-out clip itself (exact pixels); PSNR of the output to
    the clip vs strength (1 = pure noise, 0 = the clip's latents decoded).
 3. Motion amount: motion m in [0, 1]; the object's travelled distance (tracker, px, first to last
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dynamicrafter  # noqa: E402
+from dynamicrafter.sampling.motion import paste_back  # noqa: E402
 from training.demo.evaluate import object_mask, psnr, to_uint8, track  # noqa: E402
 from training.synthetic import DIRECTIONS, make_specs, render_clip  # noqa: E402
 
@@ -78,7 +80,9 @@ def centre_of(mask: np.ndarray) -> tuple[float, float]:
 
 
 def motion_brush(dc, spec, first, frames, steps, seed) -> dict:
-    """The half of the frame holding the object's path (split across the motion) moves, the other holds."""
+    """The half of the frame holding the object's path (split across the motion) moves, the other holds.
+    The held half's pixels three ways: the held latent decoded (no paste), pasted back from the input
+    image (what `animate` returns), pasted back from the VAE round trip of the held image latent."""
     obj = object_mask(first, spec.color)
     cx, cy = centre_of(obj)
     mask = torch.zeros(SIZE, SIZE)
@@ -88,24 +92,36 @@ def motion_brush(dc, spec, first, frames, steps, seed) -> dict:
     else:
         mask[:, : SIZE // 2] = 1 if cx < SIZE / 2 else 0
         mask[:, SIZE // 2:] = 0 if cx < SIZE / 2 else 1
-    video = run(dc, spec, first, frames, steps, seed, motion_mask=mask)
+    last = {}
+    video = run(dc, spec, first, frames, steps, seed, motion_mask=mask,
+                callback=lambda i, n, x, x0: last.update(x=x.clone()))
     free = run(dc, spec, first, frames, steps, seed)
     travel = [float(along(track(v, first, obj)[0][-1], spec.direction)) for v in (video, free)]
-    video, free = video.astype(np.float64), free.astype(np.float64)
     with torch.inference_mode():      # the latent the brush holds: the image's, drawn as animate draws it
         x = pixels(first[None])[:, :, 0]
         g = torch.Generator().manual_seed(seed)
         c = dynamicrafter.pipeline.image_conditioning(dc, x, [spec.caption], frames, generator=g)
-        recon = to_uint8(dc.decode(c.concat[:, :, :1]))[0, 0].astype(np.float64)
+        recon = dc.decode(c.concat[:, :, :1])[:, :, 0]
+        raw = dc.decode(last["x"])                    # the sampled latent, decoded without the paste
+        pasted = paste_back(raw, x, mask)
+        round_trip = to_uint8(paste_back(raw, recon, mask))[0].astype(np.float64)
+    if np.abs(to_uint8(pasted)[0].astype(int) - video.astype(int)).max() > 1:
+        raise AssertionError("animate's output is not the paste-back of its decoded latent")
+    raw, recon = to_uint8(raw)[0].astype(np.float64), to_uint8(recon[:, :, None])[0, 0].astype(np.float64)
+    video, free = video.astype(np.float64), free.astype(np.float64)
     held = (mask == 0).numpy()
     band = torch.nn.functional.max_pool2d(mask[None, None], 17, stride=1, padding=8)[0, 0].numpy() > 0
     far = held & ~band                              # held pixels 8+ px (a latent pixel) from the moving half
-    diff = np.abs(video - first.astype(np.float64)).mean(-1)          # (T, H, W)
-    free_diff = np.abs(free - first.astype(np.float64)).mean(-1)
-    vae = np.abs(recon - first).mean(-1)
+
+    def err(v):                                     # (T, H, W): mean abs difference to the input, 0-255
+        return np.abs(v - first.astype(np.float64)).mean(-1)
+    diff, free_diff, raw_diff, rt_diff, vae = err(video), err(free), err(raw), err(round_trip), err(recon)
     return {"held": float(diff[:, held].mean()), "held_far": float(diff[:, far].mean()),
             "moving": float(diff[:, ~held].mean()), "moving_free": float(free_diff[:, ~held].mean()),
             "held_free": float(free_diff[:, held].mean()), "held_far_free": float(free_diff[:, far].mean()),
+            "held_latent": float(raw_diff[:, held].mean()), "held_far_latent": float(raw_diff[:, far].mean()),
+            "moving_latent": float(raw_diff[:, ~held].mean()),
+            "held_round_trip": float(rt_diff[:, held].mean()), "held_far_round_trip": float(rt_diff[:, far].mean()),
             "vae_err_held": float(vae[held].mean()), "vae_err_far": float(vae[far].mean()),
             "travel": travel[0], "travel_free": travel[1]}
 
@@ -173,7 +189,12 @@ def main(argv=None) -> dict:
         print("\n| motion brush (mean abs difference to the input, 0-255) | held half | held, 8+ px from the edge "
               "| moving half | object travel (px) |")
         print("|---|---|---|---|---|")
-        print(f"| with mask | {b['held']:.1f} | {b['held_far']:.1f} | {b['moving']:.1f} | {b['travel']:.1f} |")
+        print(f"| mask, held pixels pasted from the input (`animate`) | {b['held']:.1f} | {b['held_far']:.1f} | "
+              f"{b['moving']:.1f} | {b['travel']:.1f} |")
+        print(f"| mask, held pixels pasted from the VAE round trip | {b['held_round_trip']:.1f} | "
+              f"{b['held_far_round_trip']:.1f} | {b['moving']:.1f} | |")
+        print(f"| mask, held latent only (no paste) | {b['held_latent']:.1f} | {b['held_far_latent']:.1f} | "
+              f"{b['moving_latent']:.1f} | |")
         print(f"| without mask (same seed) | {b['held_free']:.1f} | {b['held_far_free']:.1f} | "
               f"{b['moving_free']:.1f} | {b['travel_free']:.1f} |")
         print(f"| VAE round trip of the held image latent | {b['vae_err_held']:.1f} | {b['vae_err_far']:.1f} | | |")

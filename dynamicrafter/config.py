@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 import torch
 
 TEXT_CONTEXT_LEN = 77   # hard-coded in the official attention and UNet
+LATENT_CHANNELS, LATENT_SCALE = 4, 8     # the KL-f8 VAE: 4 latent channels at 1/8 of the pixel size
 QUERIES_PER_FRAME = 16  # Resampler num_queries in every released config
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # dtype names users pick
 # ... and for stored weights only (computed in a compute dtype), fp8 too

@@ -10,17 +10,15 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .config import LATENT_CHANNELS, LATENT_SCALE
 from .contract import (FRAMINGS, SIZE, check_animate, check_choice, check_image, check_image_conditioning,
                        check_int, check_prompts)
-from .sampling.motion import PromptSchedule, check_fraction, direct, prompt_schedule
+from .sampling.motion import PromptSchedule, check_fraction, direct, paste_back, prompt_schedule
 from .sampling.ddim import Conditioning, sample_ddim
 from .sampling.schedule import ddim_timesteps, randn
 from .settings import Camera, Guidance, Motion, Schedule, Shot, Windows, shot_and_motion, variant_settings
 from .sampling.solvers import sample
 from .models.tooncrafter import decode_keyframe_clip, has_reference_decoder
-
-
-LATENT_CHANNELS, LATENT_SCALE = 4, 8     # the KL-f8 VAE: 4 latent channels at 1/8 of the pixel size
 
 
 def video_latent_shape(batch: int, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
@@ -166,9 +164,10 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: 
     schedule for loop=True. `motion` (`settings.Motion`, `dynamicrafter.sampling.motion`, design §14):
     motion brush, video to video, motion amount, prompt schedule, and (CamI2V models) the camera: a
     `settings.Camera`, or just its trajectory (a preset name of dynamicrafter.camera.PRESET_NAMES, a
-    pose file or (N, 4, 4) world-to-camera matrices). Loose keywords of earlier releases (frames=,
-    size=, height=, width=, seed=, end_image=, steps=, cfg_text=, window=, camera=, motion_mask=,
-    strength=, motion=0.5, ...) still work with a DeprecationWarning.
+    pose file or (N, 4, 4) world-to-camera matrices). With a motion brush (motion.mask) the held latent is
+    the image's, and after decoding the held pixels are the image's too (`hold_pixels`). Loose keywords
+    of earlier releases (frames=, size=, height=, width=, seed=, end_image=, steps=, cfg_text=, window=,
+    camera=, motion_mask=, strength=, motion=0.5, ...) still work with a DeprecationWarning.
     `shot.framing` (contract.FRAMINGS): how the image(s) fit the video size, "crop" (the official cover
     crop), "pad" (the whole image on a grey border) or "stretch".
     Arguments outside the contract (dynamicrafter.contract) raise ValueError."""
@@ -219,7 +218,7 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: 
         x_T = randn(video_latent_shape(1, frames, height, width), generator, dc.device)
         x_T, start, callback, per_window = direct_motion(dc, x_T, c, schedule, motion, generator, callback)
         if start == len(ddim_timesteps(schedule.steps, schedule.spacing)):     # strength 0: the clip's own latents
-            return dc.decode(x_T)
+            return hold_pixels(dc.decode(x_T), image, motion.mask, motion.feather)
         # 3. sample and decode
         c = dataclasses.replace(c, fs=fs, camera=cam, window_contexts=per_window)
         schedule = dataclasses.replace(schedule, start=start)
@@ -230,8 +229,18 @@ def animate(dc, image: Optional[torch.Tensor], prompt: str, *, negative_prompt: 
             latents = sample(dc, x_T, c, guidance=guidance, schedule=schedule, windows=windows, generator=generator,
                              callback=callback)
         if image is not None and has_reference_decoder(dc):
-            return decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
-        return dc.decode(latents)
+            video = decode_keyframe_clip(dc, latents, dc.encode_references(image, end))
+        else:
+            video = dc.decode(latents)
+        return hold_pixels(video, image, motion.mask, motion.feather)
+
+
+def hold_pixels(video: torch.Tensor, image: Optional[torch.Tensor], motion_mask, mask_feather: float) -> torch.Tensor:
+    """The decoded video with the motion brush's held part pasted back from the (fitted) input image
+    (`motion.paste_back`); unchanged without a mask."""
+    if motion_mask is None:
+        return video
+    return paste_back(video, image, motion_mask, mask_feather)
 
 
 def camera_condition(dc, move: Camera, image_hw, frames: int, size: tuple, generator=None):

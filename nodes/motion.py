@@ -2,7 +2,8 @@
 sampler, Long Video and Keyframes nodes share (a motion-brush MASK, denoise from a video latent,
 the motion knob, a prompt schedule), and DynamiCrafter Video Latent, which lays a core VAEEncode
 latent of a clip's frames ((T, 4, h, w): frames as the batch) out as our video latent (1, 4, T, h, w)
-so core KSampler's denoise (and our DDIM node's) can start from the clip.
+so core KSampler's denoise (and our DDIM node's) can start from the clip; DynamiCrafter Hold Image,
+the motion brush's paste-back after decoding (``dynamicrafter.sampling.motion.paste_back``).
 """
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from dynamicrafter.config import TEXT_CONTEXT_LEN
-from dynamicrafter.sampling.motion import PromptSchedule, parse_prompt_schedule
+from dynamicrafter.sampling.motion import PromptSchedule, paste_back, parse_prompt_schedule
 
+from .images import check_finite, resize_center
 from .inputs import CATEGORY
 
-__all__ = ["mask_input", "motion_inputs", "schedule_input", "video_latent", "mask_frames", "encode_schedule"]
+__all__ = ["mask_input", "motion_inputs", "schedule_input", "video_latent", "mask_frames", "encode_schedule",
+           "hold_image"]
 
 
 def mask_input():
@@ -89,4 +92,43 @@ class DynamiCrafterVideoLatent(io.ComfyNode):
         return io.NodeOutput({**frames, "samples": video_latent(frames["samples"])})
 
 
-NODES = [DynamiCrafterVideoLatent]
+def hold_image(frames: torch.Tensor, start_image: torch.Tensor, mask: torch.Tensor, feather: float) -> torch.Tensor:
+    """Decoded IMAGE frames (T, H, W, 3) with the motion brush's held part pasted back from the start
+    image (covered and centre-cropped to the frames' size, as the conditioning does)."""
+    check_finite(frames, "images")
+    check_finite(start_image, "start_image")
+    height, width = frames.shape[1:3]
+    image = resize_center(start_image[:1], width, height).movedim(-1, 1).to(frames)         # (1, 3, H, W)
+    video = frames[..., :3].permute(3, 0, 1, 2)[None]                                       # (1, 3, T, H, W)
+    return paste_back(video, image, mask_frames(mask), float(feather))[0].permute(1, 2, 3, 0)
+
+
+class DynamiCrafterHoldImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DynamiCrafterHoldImage",
+            display_name="DynamiCrafter Hold Image (motion brush)",
+            category=CATEGORY,
+            description="The motion brush in pixels: where the mask holds (0), the decoded frames take the start "
+                        "image's pixels, blended over the mask's soft edge (frames = m decoded + (1 - m) image). "
+                        "The sampler holds the latent; this keeps the VAE decoder from carrying the motion of the "
+                        "free part into the held one. Give it the sampler's mask and mask_feather.",
+            inputs=[
+                io.Image.Input("images", tooltip="the decoded frames (DynamiCrafter Video Decode)"),
+                io.Image.Input("start_image", tooltip="the image the video starts from (the conditioning's "
+                                                      "start_image); covered and centre-cropped to the frames' size"),
+                io.Mask.Input("mask", tooltip="the motion brush mask given to the sampler: 1 = moves, 0 = holds "
+                                              "the start image; one mask, or one per frame"),
+                io.Float.Input("mask_feather", default=1.0, min=0.0, max=8.0, step=0.25,
+                               tooltip="the sampler's mask_feather: the soft edge in latent pixels (1 = 8 image "
+                                       "pixels); 0 = hard edge"),
+            ],
+            outputs=[io.Image.Output(display_name="images")])
+
+    @classmethod
+    def execute(cls, images, start_image, mask, mask_feather) -> io.NodeOutput:
+        return io.NodeOutput(hold_image(images, start_image, mask, mask_feather))
+
+
+NODES = [DynamiCrafterVideoLatent, DynamiCrafterHoldImage]

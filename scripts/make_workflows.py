@@ -185,7 +185,8 @@ def set_widget(g: UIGraph, node: dict, name: str, value) -> None:
 
 
 def motion_brush(classes) -> dict:
-    """The demo preset with a motion brush: a mask image (white = moves) into the DDIM node's mask."""
+    """The demo preset with a motion brush: a mask image (white = moves) into the DDIM node's mask and,
+    after decoding, into Hold Image with the start image (the held pixels are the image's)."""
     g = UIGraph(classes)
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     ld, samp, dec = demo_chain(g, img)
@@ -194,13 +195,19 @@ def motion_brush(classes) -> dict:
     mask = g.add("ImageToMask", (0, 1040), {"channel": "red"})
     g.connect(mimg, 0, mask, "image")
     g.connect(mask, 0, samp, "mask")
-    save_video(g, dec, 1660, 0, "video/dynamicrafter_motion_brush")
+    hold = g.add("DynamiCrafterHoldImage", (1220, 740), {"mask_feather": 1.0})
+    g.connect(dec, 0, hold, "images")
+    g.connect(img, 0, hold, "start_image")
+    g.connect(mask, 0, hold, "mask")
+    save_video(g, hold, 1660, 0, "video/dynamicrafter_motion_brush")
     g.note("Motion brush: white in the mask moves, black holds the start image (at every step the latent there "
-           "is the image's, noised to that step; mask_feather softens the edge). Paint your own with the mask "
-           "editor (right-click the start image > Open in MaskEditor) and use LoadImage's MASK output (painted "
-           "= moves). Set for the bundled demo model: copy assets/demo/dynamicrafter_demo.safetensors into "
-           "models/checkpoints, assets/example.png and assets/examples/motion_mask.png into input/. The DDIM "
-           "node's motion widget (1 = the model's own) starts later from the image for less motion.",
+           "is the image's, noised to that step; mask_feather softens the edge), and after decoding Hold Image "
+           "pastes the start image's pixels back there (give it the sampler's mask_feather). Paint your own with "
+           "the mask editor (right-click the start image > Open in MaskEditor) and use LoadImage's MASK output "
+           "(painted = moves) for both. Set for the bundled demo model: copy "
+           "assets/demo/dynamicrafter_demo.safetensors into models/checkpoints, assets/example.png and "
+           "assets/examples/motion_mask.png into input/. The DDIM node's motion widget (1 = the model's own) "
+           "starts later from the image for less motion.",
            (0, 1160), (420, 240))
     return g.to_json()
 

@@ -194,9 +194,85 @@ def test_long_video_prompt_schedule_and_mask(comfy, monkeypatch):
         comfy.run(prompt)
 
 
+# ------------------------------------------------------------------------------ Hold Image (pixels)
+@pytest.fixture
+def held(comfy, monkeypatch):
+    """Each run's DynamiCrafter Hold Image inputs and output, and the VAE the decode node was given."""
+    from nodes_pack_access import pack
+    hold, decode = pack("motion").DynamiCrafterHoldImage, pack("decode").DynamiCrafterVideoDecode
+    seen = {"runs": []}
+    hold_run, decode_run = hold.execute.__func__, decode.execute.__func__
+
+    def hold_execute(c, images, start_image, mask, mask_feather):
+        out = hold_run(c, images, start_image, mask, mask_feather)
+        seen["runs"].append((images.clone(), start_image.clone(), mask.clone(), mask_feather, out[0].clone()))
+        return out
+
+    def decode_execute(c, vae, latent, *args, **kwargs):
+        seen["vae"] = vae
+        return decode_run(c, vae, latent, *args, **kwargs)
+    monkeypatch.setattr(hold, "execute", classmethod(hold_execute))
+    monkeypatch.setattr(decode, "execute", classmethod(decode_execute))
+    return seen
+
+
+def check_held_pixels(run, vae) -> None:
+    """Hold Image's output is the library's paste-back of the decoded frames and the start image, and the
+    held part stays within the VAE's own reconstruction error of the start image (core VAE round trip)."""
+    from dynamicrafter.sampling.motion import pixel_mask
+    frames, start, mask, feather, out = run
+    t, h, w, _ = frames.shape
+    image = start[:1, ..., :3]
+    assert image.shape[1:3] == (h, w)
+    m = pixel_mask(mask[0] if mask.ndim == 3 else mask, t, h, w, feather)[0, 0][..., None]     # (T, H, W, 1)
+    assert torch.allclose(out, m * frames + (1 - m) * image, atol=1e-6)
+    hold = m[0, ..., 0] == 0
+    assert hold.any() and torch.equal(out[:, hold], image[:, hold].expand(t, -1, -1))   # mask 0: the image itself
+    with torch.inference_mode():
+        round_trip = vae.decode(vae.encode(image))[..., :3].float().to(out)
+    held = (mask[0] if mask.ndim == 3 else mask) == 0
+    err, vae_err, decoded = [float((v[:, held] - image[:, held]).abs().mean()) for v in (out, round_trip, frames)]
+    assert err < vae_err and err < decoded, (err, vae_err, decoded)
+
+
+def test_hold_image_node_pastes_the_start_image_back_in_the_executor(comfy, held):
+    """The tiny model's i2v graph with a half mask on the sampler and Hold Image after the decode."""
+    prompt = with_mask(comfy, tiny_prompt(comfy, "DynamiCrafter image to video.json"), "DynamiCrafterDDIMSampler",
+                       feather=0.5)
+    dec = node(prompt, "DynamiCrafterVideoDecode")
+    start = next(v["inputs"]["start_image"] for v in prompt.values()
+                 if v["class_type"] == "DynamiCrafterImageConditioning")
+    prompt["720"] = {"class_type": "DynamiCrafterHoldImage",
+                     "inputs": {"images": [dec, 0], "start_image": start, "mask": ["701", 0], "mask_feather": 0.5}}
+    for v in prompt.values():                     # the video is made of the held frames
+        if v["class_type"] == "CreateVideo":
+            v["inputs"]["images"] = ["720", 0]
+    comfy.run(prompt)
+    (run,) = held["runs"]
+    assert run[3] == 0.5 and run[4].shape == run[0].shape == (T, H, W, 3)
+    check_held_pixels(run, held["vae"])
+
+
+def test_hold_image_errors_name_what_to_change():
+    from nodes_pack_access import pack
+    hold = pack("motion").hold_image
+    frames, mask = torch.rand(4, 64, 64, 3), torch.zeros(1, 64, 64)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        hold(torch.rand(4, 60, 64, 3), torch.rand(1, 60, 64, 3), mask, 1.0)
+    with pytest.raises(ValueError, match="start_image contains 1 NaN"):
+        bad = torch.rand(1, 64, 64, 3)
+        bad[0, 0, 0, 0] = float("nan")
+        hold(frames, bad, mask, 1.0)
+    with pytest.raises(ValueError, match="motion_mask values must be in \\[0, 1\\]"):
+        hold(frames, torch.rand(1, 64, 64, 3), mask + 2, 1.0)
+    # a start image of another size is covered and centre-cropped to the frames, as the conditioning does
+    wide = torch.rand(1, 64, 128, 3)
+    assert torch.allclose(hold(frames, wide, mask, 0.0), wide[:, :, 32:96].expand(4, -1, -1, -1))
+
+
 # ------------------------------------------------------------------------------ templates
 @pytest.mark.parametrize("workflow", ["Motion brush.json", "Video to video.json"])
-def test_motion_templates_run_as_shipped_on_the_demo_model(comfy, comfy_base, latents, workflow):  # noqa: F811
+def test_motion_templates_run_as_shipped_on_the_demo_model(comfy, comfy_base, latents, held, workflow):  # noqa: F811
     """The two templates unchanged, with the files their notes name in place (the bundled demo model,
     assets/example.png, assets/examples/motion_mask.png / motion_clip.mp4)."""
     import shutil
@@ -221,5 +297,9 @@ def test_motion_templates_run_as_shipped_on_the_demo_model(comfy, comfy_base, la
         # black in motion_mask.png, beyond the soft edge (mask_feather 1: a 5-wide Gaussian): held on every frame
         left = out[..., : out.shape[-1] // 2 - 2]
         assert torch.allclose(left, left[:, :, :1].expand_as(left), atol=1e-6)
+        # and after decoding, Hold Image pastes the start image's pixels back there
+        (run,) = held["runs"]
+        assert run[3] == sampler["mask_feather"] == 1.0
+        check_held_pixels(run, held["vae"])
     else:
         assert sampler["denoise"] == 0.6 and out.shape == (1, 4, 16, 8, 8)

@@ -22,7 +22,7 @@ EXPECTED_NODES = {
     "DynamiCrafterLoader", "DynamiCrafterCLIPVisionEncode", "DynamiCrafterContextResampler",
     "DynamiCrafterImageConditioning", "DynamiCrafterDDIMSampler", "DynamiCrafterVideoDecode",
     "DynamiCrafterVariantDefaults", "DynamiCrafterLongVideo", "DynamiCrafterTextToVideoLatent",
-    "DynamiCrafterCamera",
+    "DynamiCrafterCamera", "DynamiCrafterHoldImage",
 }
 WORKFLOWS = REPO / "workflows"
 
@@ -68,6 +68,7 @@ def test_widget_order_is_stable(comfy):
                                                    "context_overlap", "context_schedule", "cfg_camera", "denoise",
                                                    "mask_feather", "motion"]
     assert layouts["DynamiCrafterVideoDecode"] == ["frames_per_batch", "trim", "tiling"]
+    assert layouts["DynamiCrafterHoldImage"] == ["mask_feather"]
     assert layouts["DynamiCrafterLongVideo"] == ["width", "height", "total_frames", "segment_frames", "fs", "seed",
                                                  "steps", "cfg_text", "cfg_img", "eta", "guidance_rescale",
                                                  "spacing", "method", "prompt_schedule"]

@@ -13,7 +13,9 @@ loop's start or of its latent between steps.
    alpha_k^2 Var[x0] + sigma_k^2, with E[x0] the image latent on every frame.
 4. Motion brush (`MaskPin`): after every step, outside the mask x is the image latent noised to the
    level that step reached (`long_shots`' pinning), with a soft edge; after the last step it is
-   the image latent itself.
+   the image latent itself. After decoding, `paste_back` holds the pixels too: frames =
+   m video + (1 - m) image, m the same soft mask resized to pixels (the VAE decoder's frame-wide
+   GroupNorms would otherwise carry the motion of the free part into the held pixels).
 5. Prompt schedule (`PromptSchedule`): "0: a boat | 24: a storm"; each context window's text is
    the prompts' embeddings interpolated at the window's centre frame.
 """
@@ -27,7 +29,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import TEXT_CONTEXT_LEN
+from ..config import LATENT_SCALE, TEXT_CONTEXT_LEN
 from .schedule import NoiseSchedule, ddim_timesteps, randn
 from ..settings import Motion, Schedule, apply_legacy
 
@@ -145,6 +147,30 @@ class MaskPin:
         x.copy_(self.apply(x, i + 1))
         if self.callback is not None:
             self.callback(i, total, x, x0)
+
+
+def pixel_mask(mask: torch.Tensor, frames: int, height: int, width: int, feather: float = 1.0) -> torch.Tensor:
+    """The soft mask the sampler holds the latent with (`fit_mask` at height/8 x width/8), resized
+    bilinearly to height x width pixels: (1, 1, frames, height, width)."""
+    if height % LATENT_SCALE or width % LATENT_SCALE:
+        raise ValueError(f"the video is {width}x{height}: the motion brush holds decoded frames, whose sides are "
+                         f"multiples of {LATENT_SCALE}")
+    m = fit_mask(mask, frames, height // LATENT_SCALE, width // LATENT_SCALE, feather)[0, 0]
+    m = F.interpolate(m[:, None], size=(height, width), mode="bilinear", align_corners=False)
+    return m[:, 0][None, None]
+
+
+def paste_back(video: torch.Tensor, image: torch.Tensor, mask: torch.Tensor, feather: float = 1.0) -> torch.Tensor:
+    """The motion brush in pixels: m video + (1 - m) image on every frame, m = `pixel_mask` of the
+    motion mask (1 = free to move). `video` (b, 3, T, H, W) decoded, `image` (b or 1, 3, H, W) in
+    the same value range: the input image the held part keeps."""
+    if video.ndim != 5 or image.ndim != 4 or image.shape[1:] != (video.shape[1], *video.shape[-2:]) \
+            or image.shape[0] not in (1, video.shape[0]):
+        raise ValueError(f"the held image {tuple(image.shape)} does not fit the video {tuple(video.shape)}: give "
+                         f"it the video's size, (b, C, H, W) for a video (b, C, T, H, W)")
+    _, _, frames, height, width = video.shape
+    m = pixel_mask(mask.to(video.device), frames, height, width, feather).to(video.dtype)
+    return m * video + (1 - m) * image[:, :, None].to(video)
 
 
 # ---------------------------------------------------------------------------- 5. prompt schedule
