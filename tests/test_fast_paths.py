@@ -203,10 +203,11 @@ def test_fused_projections_trace_fullgraph_and_match_fused_eager():
 # ------------------------------------------------------------------------------ channels-last
 
 def test_channels_last_stays_within_fp32_rounding_and_spares_the_token_copy():
-    """use_channels_last: every 2-D / 3-D convolution weight channels-last; outputs within 2e-5
-    of eager relative to the output's magnitude (measured on the CPU: 3e-6, other conv kernels).
-    The spatial transformers then get channels-last input, whose (n, h*w, c) token layout is a
-    view instead of a copy. The state_dict holds the same values; off again, eager bit for bit."""
+    """use_channels_last: the UNet's activations and every 2-D / 3-D convolution weight (or only
+    the activations) channels-last; outputs within 2e-5 of eager relative to the output's
+    magnitude (measured on the CPU: 3e-6, other conv kernels). Every spatial transformer then
+    gets channels-last input, whose (n, h*w, c) token layout is a view instead of a copy. The
+    state_dict holds the same values; off again, eager bit for bit."""
     dc, (x, concat, ctx) = tiny(), inputs()
     args = (x, torch.tensor([500]), ctx, concat, torch.tensor([24]))
     state = {k: v.clone() for k, v in dc.state_dict().items()}
@@ -226,6 +227,15 @@ def test_channels_last_stays_within_fp32_rounding_and_spares_the_token_copy():
         assert all(torch.equal(dc.state_dict()[k], v) for k, v in state.items())
         use_channels_last(dc, False)
         torch.testing.assert_close(dc.denoise(*args), ref, rtol=0, atol=0)
+        # activations only (ComfyUI's switch): the layout passes from conv to conv, so every level
+        # must be wider than 1x1 (ambiguous layout, and upsampled contiguous): a 16x16 latent
+        big = [torch.nn.functional.interpolate(t[0], scale_factor=2)[None] for t in (x, concat)]
+        big_args = (big[0], torch.tensor([500]), ctx, big[1], torch.tensor([24]))
+        big_ref = dc.denoise(*big_args)
+        seen.clear()
+        assert use_channels_last(dc, weights=False) == 0
+        assert rel_max(dc.denoise(*big_args), big_ref) < 2e-5 and all(seen)
+        use_channels_last(dc, False)
     for h in hooks:
         h.remove()
 

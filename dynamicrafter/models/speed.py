@@ -127,21 +127,34 @@ def is_fused(model: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------------ channels-last
 
-def use_channels_last(model: nn.Module, on: bool = True) -> int:
-    """Store every 2-D / 3-D convolution weight of the UNet channels-last (`on=False`: back to
-    contiguous). A convolution with a channels-last weight returns a channels-last output, which
-    the following norms, activations, skips and upsampling keep: the spatial transformers' token
-    layout (n, h*w, c) is then a view instead of a copy, and cuDNN runs its NHWC kernels. Values
-    are unchanged (the state_dict holds the same numbers; save after `on=False` for a
-    contiguous file). Returns how many convolutions it set."""
+def use_channels_last(model: nn.Module, on: bool = True, weights: bool = True) -> int:
+    """Run the UNet's activations channels-last (`on=False`: back to contiguous): its input is
+    made channels-last, and a convolution returns its input's layout, as do the following norms,
+    activations, skips and upsampling: the spatial transformers' token layout (n, h*w, c) is then
+    a view instead of a copy, and cuDNN runs its NHWC kernels. With `weights`, the 2-D / 3-D
+    convolution weights are stored channels-last too (else the kernels convert them per call).
+    Values are unchanged (the state_dict holds the same numbers; save after `on=False` for a
+    contiguous file). Returns how many convolution weights it converted."""
+    unet = unet_of(model)
+    unet.channels_last = on
     formats = {nn.Conv2d: torch.channels_last, nn.Conv3d: torch.channels_last_3d}
     n = 0
-    for m in unet_of(model).modules():
+    for m in unet.modules() if weights else ():
         fmt = next((f for cls, f in formats.items() if isinstance(m, cls)), None)
         if fmt is not None:
             m.weight.data = m.weight.contiguous(memory_format=fmt if on else torch.contiguous_format)
             n += 1
     return n
+
+
+def fast_path_switches(model: nn.Module, fuse: bool = False, channels_last: bool = False) -> dict[str, bool]:
+    """{attribute path under the UNet: value} that turns fused projections and channels-last
+    activations on without touching a weight: for a host that sets attributes per run and puts
+    them back after (ComfyUI's object patches)."""
+    unet = unet_of(model)
+    switches = {"channels_last": channels_last}
+    switches.update({f"{name}.fused": fuse for name, m in unet.named_modules() if isinstance(m, CrossAttention)})
+    return switches
 
 
 # ------------------------------------------------------------------------------ fp8 matrix products

@@ -333,6 +333,8 @@ class Block(nn.Sequential):
 # ------------------------------------------------------------------------------------ the UNet
 
 class UNet3D(nn.Module):
+    channels_last = False   # speed.use_channels_last: activations channels-last from the input conv on
+
     def __init__(self, cfg: UNetConfig, operations=None):
         """`operations`: where Linear / Conv / GroupNorm / LayerNorm come from (see `ops.py`);
         None keeps the namespace already active (torch.nn by default)."""
@@ -442,6 +444,8 @@ class UNet3D(nn.Module):
         inputs = self.input_blocks if deep is None else self.input_blocks[:depth + 1]
 
         h = rearrange(x, "b c t h w -> (b t) c h w")
+        if self.channels_last:      # every convolution then keeps this layout
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for i, block in enumerate(inputs):
             if h.shape[0] == n:
