@@ -314,3 +314,31 @@ def test_prepare_for_speed_sets_each_fast_path_and_off_restores_eager():
         torch.testing.assert_close(dc.denoise(*args), ref, rtol=0, atol=0)
     with pytest.raises(TypeError, match="DynamiCrafter model or its UNet3D"):
         prepare_for_speed(torch.nn.Linear(2, 2), fuse=True)
+
+
+def test_cli_speed_flags_prepare_the_loaded_model(tmp_path, monkeypatch, tiny_ckpt):
+    """`animate --weight-dtype fp8_e4m3fn --speed fuse channels_last fp8_matmul` loads the tiny
+    checkpoint with fp8 matrices and hands the pipeline a model with those fast paths on (every
+    switch name is a prepare_for_speed keyword)."""
+    import inspect
+    from dynamicrafter import cli, pipeline
+    from dynamicrafter.models.speed import FAST_PATHS
+    assert set(FAST_PATHS) <= set(inspect.signature(prepare_for_speed).parameters)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["animate", "--ckpt", "m", "--out", "o.mp4", "--speed", "warp"])
+    seen = {}
+
+    class Handed(Exception):
+        pass
+
+    def recording_animate(dc, *a, **kw):
+        seen.update(fused=is_fused(dc), channels_last=dc.unet.channels_last,
+                    fp8=[m.fp8_matmul for m in dc.unet.modules() if isinstance(m, ops.cast.Linear)],
+                    weight=dc.unet.input_blocks[1][0].in_layers[2].weight.dtype)
+        raise Handed
+    monkeypatch.setattr(pipeline, "animate", recording_animate)
+    with pytest.raises(Handed):
+        cli.main(["animate", "--ckpt", str(tiny_ckpt), "--prompt", "x", "--out", str(tmp_path / "o.png"),
+                  "--weight-dtype", "fp8_e4m3fn", "--speed", "fuse", "channels_last", "fp8_matmul"])
+    assert seen["fused"] and seen["channels_last"] and seen["weight"] == torch.float8_e4m3fn
+    assert seen["fp8"] and all(seen["fp8"]) == ops.fp8_matmul_supported(torch.device("cpu"))

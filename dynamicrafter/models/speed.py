@@ -176,6 +176,9 @@ def use_fp8_matmul(model: nn.Module, on: bool = True) -> int:
 
 # ------------------------------------------------------------------------------ the one switch
 
+FAST_PATHS = ("compile", "fuse", "channels_last", "fp8_matmul")     # prepare_for_speed's switches
+
+
 def prepare_for_speed(model: nn.Module, compile: bool = False, fuse: bool = False, channels_last: bool = False,
                       fp8_matmul: bool = False, backend: str = "inductor", mode: Optional[str] = None) -> dict:
     """Switch the UNet's fast paths on (False: off) in place, for a model already loaded (and any
