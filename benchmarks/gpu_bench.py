@@ -5,8 +5,9 @@ For 256, 512 and 1024 at 16 frames, 50 DDIM steps: single CFG (2 guidance branch
 it imports). Random full-size weights (speed and memory do not depend on the values). Then the
 512 image-to-video workflow through ComfyUI's executor with --lowvram under an 8 GB VRAM cap.
 
-Side by side, eager and regionally compiled (dynamicrafter.models.speed.compile_unet; its first-use
-compile time is printed): one UNet forward for 1-3 batched guidance branches (seconds, TFLOP/s,
+Side by side, eager and each fast path of dynamicrafter.models.speed.prepare_for_speed (fused
+projections, channels-last, fp8 products for fp8 weights, regional compile, all together; the
+first-use compile time is printed): one UNet forward for 1-3 batched guidance branches (seconds, TFLOP/s,
 fraction of the chip's fp16/bf16 matmul rate measured in the same run, peak VRAM), the sampler's
 own overhead (a 50-step video minus 50 batched forwards) and seconds per video for 50-step DDIM
 and the 15-step fast solver (dpmpp_2m).
@@ -37,13 +38,25 @@ from dynamicrafter.model import DynamiCrafter  # noqa: E402
 from dynamicrafter.sampling.ddim import sample_ddim  # noqa: E402
 from dynamicrafter.sampling.schedule import variant_schedule  # noqa: E402
 from dynamicrafter.sampling.solvers import sample as sample_solver  # noqa: E402
-from dynamicrafter.models.speed import compile_unet, uncompile_unet  # noqa: E402
+from dynamicrafter.models.speed import prepare_for_speed  # noqa: E402
 
 GIB = 1024 ** 3
 # The official README's figures (one A100, 16 frames, 50 DDIM steps): peak GPU memory, seconds.
 OFFICIAL_A100 = {"256": (11.9, 10), "512": (12.8, 20), "1024": (18.3, 75)}
 DTYPES = {"fp16": (torch.float16, torch.float16), "bf16": (torch.bfloat16, torch.bfloat16),
           "fp8_e4m3fn": (torch.float8_e4m3fn, torch.bfloat16)}
+
+
+# the fast paths measured side by side (dynamicrafter.models.speed.prepare_for_speed's switches)
+PATHS = {"eager": {}, "fused": dict(fuse=True), "channels_last": dict(channels_last=True),
+         "fp8_matmul": dict(fp8_matmul=True), "compiled": dict(compile=True),
+         "all": dict(compile=True, fuse=True, channels_last=True, fp8_matmul=True)}
+
+
+def paths_for(args, weight_dtype: torch.dtype) -> list[str]:
+    """The asked paths that apply: fp8 products only for fp8 weights, none compiled with --no-compile."""
+    return [p for p in args.paths if (p != "fp8_matmul" or weight_dtype == torch.float8_e4m3fn)
+            and not (args.no_compile and PATHS[p].get("compile"))]
 
 
 def model_config(size: str, frames: int, dry: bool) -> ModelConfig:
@@ -169,11 +182,14 @@ def speed_sweep(args, device) -> list[dict]:
                 rates[compute] = matmul_tflops(compute, device, n=512 if args.dry_run else 8192)
                 print(json.dumps({"matmul_tflops": round(rates[compute], 3), "dtype": str(compute)}), flush=True)
             model = build(cfg, device, weight_dtype, compute)
-            paths = ["eager"] + ([] if args.no_compile else ["compiled"])
-            for path in paths:
+            for path in paths_for(args, weight_dtype):
                 compile_s = None
-                if path == "compiled":
-                    compile_unet(model, backend="eager" if args.dry_run else "inductor", mode=args.compile_mode)
+                switches = PATHS[path]
+                if switches.get("compile"):
+                    torch._dynamo.reset()   # the blocks' code was traced under the previous path's switches
+                prepare_for_speed(model, **switches, backend="eager" if args.dry_run else "inductor",
+                                  mode=args.compile_mode)
+                if switches.get("compile"):
                     sync(device)
                     t = time.perf_counter()
                     model.unet(*forward_inputs(cfg, args.frames, h, w, 2, device, compute))  # the first use
@@ -210,7 +226,7 @@ def speed_sweep(args, device) -> list[dict]:
                            steps=args.fast_steps, seconds=round(secs, 2), peak_gib=None, overhead_fraction=None)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-            uncompile_unet(model)
+            prepare_for_speed(model)    # every fast path off
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -311,7 +327,7 @@ def comfy_lowvram(args, device, workdir: Path) -> dict:
 
 
 def speed_markdown(rows: list[dict]) -> list[str]:
-    lines = ["", "UNet forward, 16 frames, eager vs regionally compiled (branches = guidance branches in one "
+    lines = ["", "UNet forward, 16 frames, eager vs each fast path (branches = guidance branches in one "
                  "batched call; fraction = of the matmul rate measured in the same run).", "",
              "| model | weights | path | branches | s / forward | TFLOP | TFLOP/s | fraction | peak VRAM GiB | "
              "first compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -359,6 +375,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed forwards per figure")
     ap.add_argument("--fast-steps", type=int, default=15, help="steps of the fast solver (dpmpp_2m)")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS),
+                    help="fast paths to time (fp8_matmul: fp8 weights only)")
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled path")
     ap.add_argument("--skip-speed", action="store_true", help="no forward / compiled / fast-solver sweep")
     ap.add_argument("--skip-library", action="store_true", help="no attention-backend video sweep")

@@ -89,8 +89,8 @@ def test_interrupt_mid_sampling_leaves_server_serving(comfy_server, schema):
 
 
 def test_bad_widget_is_rejected_with_node_errors(comfy_server, schema):
-    with pytest.raises(comfy_runtime.PromptFailed) as e:
-        comfy_server.queue(server_prompt(schema, DynamiCrafterImageConditioning__frames=1))
+    with pytest.raises(comfy_runtime.PromptFailed) as e:     # frames 0 is "the model's own": -1 is out of range
+        comfy_server.queue(server_prompt(schema, DynamiCrafterImageConditioning__frames=-1))
     body = e.value.details["body"]
     assert e.value.details["status"] == 400
     text = str(body["node_errors"])

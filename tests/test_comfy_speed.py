@@ -1,7 +1,8 @@
 """ComfyUI's speed switches on our MODEL in the real executor (CPU, tiny model): its attention
 (the function its flags choose) runs our UNet's attention on both sampler paths, core
 TorchCompileModel and our regional 'Compile UNet' node compile it without recompiling across
-steps, and core EasyCache / LazyCache skip UNet calls."""
+steps, the node's fused projections and channels-last switches reach both sampler paths, and
+core EasyCache / LazyCache skip UNet calls."""
 from __future__ import annotations
 
 import sys
@@ -142,6 +143,50 @@ def test_compile_unet_node_compiles_blocks_on_both_sampler_paths(comfy, workflow
     counters.clear()
     again = run_latent(comfy, prompt_with(comfy, workflow, f"cu_ref2_{tag}"), f"cu_ref2_{tag}")
     assert counters["stats"]["unique_graphs"] == 0     # the plain MODEL never runs compiled code
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+class FastPathFlags:
+    """Records, at every forward of the library's attention layers and UNet, whether the fused
+    projections and channels-last activations were on (a global module hook)."""
+
+    def __enter__(self):
+        from dynamicrafter.models.unet import CrossAttention, UNet3D
+        self.fused, self.channels_last = set(), set()
+
+        def hook(module, args):
+            if isinstance(module, CrossAttention):
+                self.fused.add(module.fused)
+            elif isinstance(module, UNet3D):
+                self.channels_last.add(module.channels_last)
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("workflow", [KSAMPLER, DDIM])
+def test_compile_unet_node_switches_fused_projections_and_channels_last(comfy, workflow):
+    """'DynamiCrafter Compile UNet' with backend none, fuse_projections and channels_last: every
+    attention layer runs fused and the UNet channels-last on both sampler paths, within the
+    library's bounds of eager (1e-5 and 2e-5 of one forward's output magnitude; after 3 steps 1e-4
+    of the latent's, measured 5e-5 on the KSampler path); the switches are object patches of the
+    output MODEL, so the input MODEL afterwards runs plain again, bit for bit."""
+    tag = "k" if workflow == KSAMPLER else "d"
+    with FastPathFlags() as plain:
+        ref = run_latent(comfy, prompt_with(comfy, workflow, f"fp_ref_{tag}"), f"fp_ref_{tag}")
+    assert plain.fused == {False} and plain.channels_last == {False}
+    patch = {"class_type": "DynamiCrafterCompileUNet",
+             "inputs": {"backend": "none", "mode": "default", "fuse_projections": True, "channels_last": True}}
+    with FastPathFlags() as fast:
+        out = run_latent(comfy, prompt_with(comfy, workflow, f"fp_{tag}", patch=patch), f"fp_{tag}")
+    assert fast.fused == {True} and fast.channels_last == {True}
+    rel = float((out - ref).abs().max() / ref.abs().max())
+    assert rel < 1e-4, rel
+    with FastPathFlags() as after:
+        again = run_latent(comfy, prompt_with(comfy, workflow, f"fp_ref2_{tag}"), f"fp_ref2_{tag}")
+    assert after.fused == {False} and after.channels_last == {False}
     torch.testing.assert_close(again, ref, rtol=0, atol=0)
 
 

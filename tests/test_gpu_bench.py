@@ -24,16 +24,18 @@ def test_gpu_benchmark_dry_run(tmp_path):
     assert {r.split("|")[2].strip() for r in rows} == {"fp16", "bf16", "fp8_e4m3fn"}
     if not reason:
         assert "ComfyUI executor, --lowvram" in table
-    # the speed sweep: eager and compiled forwards for 1-3 branches with TFLOP/s and the fraction of
-    # the matmul rate measured in the same run; DDIM single/dual and the fast solver per path
+    # the speed sweep: eager and each fast path (fp8 products: fp8 weights only) forwards for 1-3
+    # branches with TFLOP/s and the fraction of the matmul rate measured in the same run; DDIM
+    # single/dual and the fast solver per path
+    paths = ("eager", "fused", "channels_last", "compiled", "all")
     forward = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| 256 | fp16 |")
                and line.count("|") == 11]
-    assert {(r[2].strip(), r[3].strip()) for r in forward} == {(p, str(b)) for p in ("eager", "compiled")
+    assert {(r[2].strip(), r[3].strip()) for r in forward} == {(p, str(b)) for p in paths
                                                                for b in (1, 2, 3)}, table
     for r in forward:
         seconds, tflop, tflops, fraction = (float(r[i]) for i in (4, 5, 6, 7))
         assert seconds > 0 and tflop > 0 and abs(tflops - tflop / seconds) <= 0.01 * tflops and fraction > 0
-    assert all(r[9].strip() != "n/a" for r in forward if r[2].strip() == "compiled")   # first-compile time
+    assert all(r[9].strip() != "n/a" for r in forward if r[2].strip() in ("compiled", "all"))  # first compile
     videos = [line for line in table.splitlines() if line.startswith("| 256 | fp16 |") and line.count("|") == 10]
     assert {tuple(c.strip() for c in v.split("|")[3:5]) for v in videos} == {
-        (p, s) for p in ("eager", "compiled") for s in ("ddim", "dpmpp_2m")}, table
+        (p, s) for p in paths for s in ("ddim", "dpmpp_2m")}, table

@@ -19,7 +19,7 @@ from torch import nn
 from .attention import RelativePosition, attention, relative_attention
 from .camera import add_camera_modules, camera_branch
 from ..config import QUERIES_PER_FRAME, TEXT_CONTEXT_LEN, UNetConfig
-from .ops import GroupNorm32, building_with  # noqa: F401  (GroupNorm32: the default float32 norm)
+from .ops import GroupNorm32, building_with, fusable, fused_linear  # noqa: F401  (GroupNorm32: the default float32 norm)
 from .ops import layers as ops
 
 
@@ -62,24 +62,33 @@ class CrossAttention(nn.Module):
             self.relative_position_k = RelativePosition(dim_head, temporal_length)
             self.relative_position_v = RelativePosition(dim_head, temporal_length)
 
+    fused = False   # speed.fuse_projections: projections of one input as one matrix product
+
     def forward(self, x, context=None):
+        if context is None:     # self-attention (VideoCrafter1's temporal layers: with relative positions)
+            q, k, v = self._project("qkv", x, self.to_q, self.to_k, self.to_v)
+            if hasattr(self, "relative_position_k"):
+                t = x.shape[1]
+                out = relative_attention(q, k, v, self.heads, self.relative_position_k(t), self.relative_position_v(t))
+            else:
+                out = attention(q, k, v, self.heads)
+            return self.to_out(out)
         q = self.to_q(x)
-        if context is None and hasattr(self, "relative_position_k"):
-            t = x.shape[1]
-            out = relative_attention(q, self.to_k(x), self.to_v(x), self.heads,
-                                     self.relative_position_k(t), self.relative_position_v(t))
-        elif context is None:   # self-attention
-            out = attention(q, self.to_k(x), self.to_v(x), self.heads)
-        elif not self.image_kv:
-            out = attention(q, self.to_k(context), self.to_v(context), self.heads)
-        else:
-            text, image = context[:, :TEXT_CONTEXT_LEN].contiguous(), context[:, TEXT_CONTEXT_LEN:].contiguous()
-            out = attention(q, self.to_k(text), self.to_v(text), self.heads)
-            out_ip = attention(q, self.to_k_ip(image), self.to_v_ip(image), self.heads)
-            if hasattr(self, "alpha"):
-                out_ip = out_ip * (torch.tanh(self.alpha.to(out_ip)) + 1)
-            out = out + out_ip
-        return self.to_out(out)
+        if not self.image_kv:
+            return self.to_out(attention(q, *self._project("kv", context, self.to_k, self.to_v), self.heads))
+        text, image = context[:, :TEXT_CONTEXT_LEN].contiguous(), context[:, TEXT_CONTEXT_LEN:].contiguous()
+        out = attention(q, *self._project("kv", text, self.to_k, self.to_v), self.heads)
+        out_ip = attention(q, *self._project("kv_ip", image, self.to_k_ip, self.to_v_ip), self.heads)
+        if hasattr(self, "alpha"):
+            out_ip = out_ip * (torch.tanh(self.alpha.to(out_ip)) + 1)
+        return self.to_out(out + out_ip)
+
+    def _project(self, group: str, x, *layers) -> tuple:
+        """Each layer applied to x; once fused, one product over their stacked weights (kept as
+        the attribute fused_<group>)."""
+        if self.fused and fusable(layers):
+            return fused_linear(x, layers, self, "fused_" + group)
+        return tuple(layer(x) for layer in layers)
 
 
 class GEGLU(nn.Module):
@@ -267,8 +276,9 @@ SLICE_ELEMENTS = 1 << 24   # inference: a block whose input is larger runs a few
 
 
 def expand_batch(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Repeat rows shared by every guidance branch (branch-major) up to n rows."""
-    return x if x.shape[0] == n else x.repeat(n // x.shape[0], *[1] * (x.ndim - 1))
+    """Repeat rows shared by every guidance branch (branch-major) up to n rows (in x's memory
+    layout: a channels-last activation stays channels-last)."""
+    return x if x.shape[0] == n else torch.cat([x] * (n // x.shape[0]))
 
 
 def _shared_rows(t: torch.Tensor, i: int, step: int, n: int) -> torch.Tensor:
@@ -323,6 +333,8 @@ class Block(nn.Sequential):
 # ------------------------------------------------------------------------------------ the UNet
 
 class UNet3D(nn.Module):
+    channels_last = False   # speed.use_channels_last: activations channels-last from the input conv on
+
     def __init__(self, cfg: UNetConfig, operations=None):
         """`operations`: where Linear / Conv / GroupNorm / LayerNorm come from (see `ops.py`);
         None keeps the namespace already active (torch.nn by default)."""
@@ -432,6 +444,8 @@ class UNet3D(nn.Module):
         inputs = self.input_blocks if deep is None else self.input_blocks[:depth + 1]
 
         h = rearrange(x, "b c t h w -> (b t) c h w")
+        if self.channels_last:      # every convolution then keeps this layout
+            h = h.contiguous(memory_format=torch.channels_last)
         skips = []
         for i, block in enumerate(inputs):
             if h.shape[0] == n:
