@@ -436,8 +436,12 @@ def infer_config(sd: Mapping[str, torch.Tensor], overrides: Optional[Mapping] = 
         variant = replace(variant, frames=resampler.video_length)
     elif unet.relative_position:   # VideoCrafter1 samples as many frames as its position tables were trained for
         variant = replace(variant, frames=unet.temporal_length)
+    camera = infer_camera_config(sd, unet, variant, heads)
+    if camera is not None and "resolution" not in (overrides or {}):
+        # CamI2V's epipolar masks are made for one pixel size (its YAML's origin_h x origin_w): its own size
+        variant = replace(variant, resolution=(camera.origin_h, camera.origin_w))
     return ModelConfig(unet=unet, vae=infer_vae_config(sd), text=text, vision=vision,
-                       resampler=resampler, variant=variant, camera=infer_camera_config(sd, unet, variant, heads))
+                       resampler=resampler, variant=variant, camera=camera)
 
 
 def infer_camera_config(sd, unet: UNetConfig, variant: Variant, heads: Mapping) -> Optional[CameraConfig]:

@@ -186,7 +186,23 @@ class DynamiCrafter(nn.Module):
             raise ValueError(f"camera size {W}x{H} must be a multiple of 8 (the latent's pixel size)")
         if not 0 <= cond_frame < RT.shape[1]:
             raise ValueError(f"cond_frame {cond_frame} is outside the {RT.shape[1]} camera poses")
+        self.check_camera_height(H)
         return encode_camera(self.pose_encoder, self.cfg.camera, RT, K, H, W, trace_scale, noise, generator, cond_frame)
+
+    def check_camera_height(self, H: int) -> None:
+        """A temporal block of feature height h' looks its epipolar mask up as origin_h // h' (official
+        rule, design: CamI2V); at a pixel height other than origin_h that lookup can find a mask made for
+        another feature size, which the official code fails on with a shape error: say so plainly. (A
+        lookup that finds no mask is unmasked attention, as officially: allowed.)"""
+        cam = self.cfg.camera
+        cells = {8 * r for r in cam.mask_resolutions}
+        for level in range(len(self.cfg.unet.channel_mult)):
+            h = H // 8 >> level
+            d = cam.origin_h // h if h else 0
+            if d in cells and d * h != H:
+                raise ValueError(f"this CamI2V model's epipolar masks are made for videos {cam.origin_h} px high "
+                                 f"(its config's origin_h); at {H} px they do not fit its features: sample at "
+                                 f"height {cam.origin_h} (in ComfyUI, width/height 0 = the model's own size)")
 
     # ------------------------------------------------------------------ UNet
     def denoise(self, x_t: torch.Tensor, t, context: torch.Tensor, concat: Optional[torch.Tensor] = None,

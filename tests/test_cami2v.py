@@ -72,6 +72,7 @@ def test_detected_from_keys_with_every_key_and_yaml_settings(ref_cam):
     cam = dc.cfg.camera
     assert cam.channels == tuple(manifest["unet_level_widths"]) and cam.heads == 4 and cam.registers == 4
     assert (cam.origin_h, cam.mask_resolutions) == (64, (8, 4, 2, 1))
+    assert v["resolution"] == (cam.origin_h, cam.origin_w) == (64, 64)   # its masks' size is its default size
     blocks = sorted(n.removesuffix(".pluker_projection") for n, _ in dc.unet.named_modules()
                     if n.endswith("pluker_projection"))
     want = manifest["temporal_blocks_with_camera_modules (pluker_projection + epipolar)"]
@@ -234,6 +235,9 @@ def test_bad_camera_inputs_fail_clearly(ref_cam):
         dc.encode_camera(RT, K[:, :8], (64, 64))
     with pytest.raises(ValueError, match="multiple of 8"):
         dc.encode_camera(RT, K, (60, 64))
+    # at another height the official mask lookup (origin_h // feature height) finds masks of another size
+    with pytest.raises(ValueError, match="made for videos 64 px high .* sample at height 64"):
+        dc.encode_camera(RT, K, (128, 128))
     cam = camera_of(dc, ref, "caseA")
     x = ref["unet.x_t"]
     with pytest.raises(ValueError, match="does not fit the latent"):
