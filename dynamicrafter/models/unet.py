@@ -66,12 +66,13 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         if context is None:     # self-attention (VideoCrafter1's temporal layers: with relative positions)
-            q, k, v = self._project("qkv", x, self.to_q, self.to_k, self.to_v)
+            qkv = self._project("qkv", x, self.to_q, self.to_k, self.to_v)
             if hasattr(self, "relative_position_k"):
                 t = x.shape[1]
-                out = relative_attention(q, k, v, self.heads, self.relative_position_k(t), self.relative_position_v(t))
+                out = relative_attention(*qkv, self.heads, self.relative_position_k(t), self.relative_position_v(t))
             else:
-                out = attention(q, k, v, self.heads)
+                out = attention(*qkv, self.heads)
+            del qkv     # q, k, v freed before to_out (the peak of a block)
             return self.to_out(out)
         q = self.to_q(x)
         if not self.image_kv:
@@ -81,7 +82,8 @@ class CrossAttention(nn.Module):
         out_ip = attention(q, *self._project("kv_ip", image, self.to_k_ip, self.to_v_ip), self.heads)
         if hasattr(self, "alpha"):
             out_ip = out_ip * (torch.tanh(self.alpha.to(out_ip)) + 1)
-        return self.to_out(out + out_ip)
+        out = out + out_ip      # rebinding frees the text-only sum's input before to_out (peak memory)
+        return self.to_out(out)
 
     def _project(self, group: str, x, *layers) -> tuple:
         """Each layer applied to x; once fused, one product over their stacked weights (kept as
