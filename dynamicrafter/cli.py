@@ -83,9 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_settings(args, variant) -> dict:
     """guidance / schedule / windows from the command line (unset options: the variant's defaults)."""
-    guidance = Guidance(variant["cfg_text"] if args.cfg is None else args.cfg,
-                        variant.get("cfg_img") if args.cfg_img is None else args.cfg_img,
-                        variant["guidance_rescale"] if args.guidance_rescale is None else args.guidance_rescale)
+    own = Guidance.of_model(variant)
+    guidance = Guidance(own.cfg_text if args.cfg is None else args.cfg,
+                        own.cfg_img if args.cfg_img is None else args.cfg_img,
+                        own.rescale if args.guidance_rescale is None else args.guidance_rescale)
     eta = (1.0 if args.solver == "ddim" else 0.0) if args.eta is None else args.eta
     return dict(guidance=guidance, schedule=Schedule(args.steps, args.spacing or variant["spacing"], eta, args.solver),
                 windows=Windows(args.window, args.window_overlap, args.window_schedule))

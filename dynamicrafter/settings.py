@@ -27,6 +27,12 @@ per step, `animate` takes it from `Camera.cfg`)."""
     interval: Optional[tuple] = None
     camera: float = 1.0
 
+    @classmethod
+    def of_model(cls, variant: dict) -> "Guidance":
+        """The guidance a model was made for, from its variant metadata: cfg_text, cfg_img (None =
+        single CFG; 1 = text-only guidance, the image in both branches) and guidance rescale."""
+        return cls(float(variant["cfg_text"]), variant.get("cfg_img"), float(variant.get("guidance_rescale", 0.0)))
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -151,8 +157,7 @@ def variant_settings(where: str, variant, guidance: Optional[Guidance], schedule
     the variant's value, as before."""
     legacy = {k: v for k, v in legacy.items()
               if not (v is None and k in ("cfg_text", "cfg_img", "guidance_rescale", "spacing"))}
-    default = Guidance(variant["cfg_text"], variant.get("cfg_img"), variant["guidance_rescale"])
-    return resolve(where, guidance or default,
+    return resolve(where, guidance or Guidance.of_model(variant),
                    schedule or Schedule(50, variant["spacing"], 1.0), windows or Windows(), legacy, stacklevel=4)
 
 

@@ -48,7 +48,7 @@ def continued_video(pipe: Pipeline, video, shape: VideoSettings, overlap, settin
     check_overlap(overlap, frames, video.shape[0])
     check_number("cfg_img", cfg_img, *GUIDANCE)
     inner = require_dynamicrafter_model(model)
-    schedule, guidance = settings.schedule(inner.variant), settings.guidance()
+    schedule, guidance = settings.schedule(inner.variant), settings.guidance(inner.variant)
     check_steps(schedule.steps, schedule.spacing)
     clip = resize_center(video, width, height)
     tail = clip[clip.shape[0] - overlap:]

@@ -28,7 +28,7 @@ def prompt_inputs(positive_tooltip: str | None = None, negative_tooltip: str | N
             io.Conditioning.Input("negative", tooltip=negative_tooltip)]
 
 
-AUTO = 0     # a width / height / frames / fs widget at 0: the loaded model's own value
+AUTO = 0     # a width / height / frames / fs / cfg_text widget at 0: the loaded model's own value
 FROM_MODEL = "0 = the loaded model's own (its metadata: what it was trained at)"
 
 
@@ -95,11 +95,14 @@ def sampler_inputs() -> list:
         io.Int.Input("steps", default=50, min=1, max=MAX_STEPS,
                      tooltip=f"DDIM steps (official: 50); uniform_trailing spacing: any count up to "
                              f"{MAX_TRAILING_STEPS}, some above it are undefined"),
-        io.Float.Input("cfg_text", default=7.5, min=0.0, max=30.0, step=0.1,
-                       tooltip="text guidance scale (1 = no guidance)"),
+        io.Float.Input("cfg_text", default=float(AUTO), min=0.0, max=30.0, step=0.1,
+                       tooltip="text guidance scale (1 = no guidance); 0 = the loaded model's own guidance, "
+                               "its cfg_text and (cfg_img at 0) its cfg_img: 7.5 single CFG for the released "
+                               "DynamiCrafter, 12 for VideoCrafter, text-only cfg 2 for the demo model"),
         io.Float.Input("cfg_img", default=0.0, min=0.0, max=30.0, step=0.1,
                        tooltip="image guidance scale of dual (multi-condition) CFG; 0 = off, i.e. single CFG "
-                               "as the official default; 1 = text-only guidance (the image in both branches)"),
+                               "as the official default (the model's own when cfg_text is 0); 1 = text-only "
+                               "guidance (the image in both branches)"),
         io.Float.Input("eta", default=1.0, min=0.0, max=1.0, step=0.05,
                        tooltip="DDIM eta (official scripts: 1.0; 0 = deterministic)"),
         io.Float.Input("guidance_rescale", default=0.7, min=0.0, max=1.0, step=0.05,
@@ -114,7 +117,7 @@ def sampler_inputs() -> list:
 class SamplerSettings:
     """The `sampler_inputs` widgets of a node, read once: seed, steps, cfg_text, cfg_img (0 = single
     CFG), eta, guidance_rescale, spacing ("auto" = the variant's); and the DDIM node's solver and
-    cfg_camera (CamI2V camera CFG, 1 = off). The library's settings come from `guidance()` and
+    cfg_camera (CamI2V camera CFG, 1 = off). The library's settings come from `guidance(variant)` and
     `schedule(variant)`."""
     seed: int
     steps: int
@@ -134,9 +137,13 @@ class SamplerSettings:
         """The same settings with seed + k (segment / pair k of a long shot)."""
         return dataclasses.replace(self, seed=self.seed + k)
 
-    def guidance(self) -> Guidance:
-        return Guidance(self.cfg_text, self.cfg_img if self.cfg_img > 0 else None, self.guidance_rescale,
-                        camera=float(self.cfg_camera))
+    def guidance(self, variant: dict) -> Guidance:
+        """cfg_text AUTO (0): the model's own cfg_text, and its cfg_img unless cfg_img is set (> 0)."""
+        cfg_img = self.cfg_img if self.cfg_img > 0 else None
+        if self.cfg_text == AUTO:
+            own = Guidance.of_model(variant)
+            return Guidance(own.cfg_text, cfg_img or own.cfg_img, self.guidance_rescale, camera=float(self.cfg_camera))
+        return Guidance(self.cfg_text, cfg_img, self.guidance_rescale, camera=float(self.cfg_camera))
 
     def schedule(self, variant) -> Schedule:
         spacing = variant.get("spacing", "uniform_trailing") if self.spacing == "auto" else self.spacing

@@ -27,7 +27,7 @@ from dynamicrafter.settings import Motion, Windows
 from . import camera as camera_node
 from .comfy_model import model_speed_switches, previews_by_own_vae, require_dynamicrafter_model
 from .image_to_video import size_warning
-from .inputs import CATEGORY, SamplerSettings, sampler_inputs
+from .inputs import AUTO, CATEGORY, SamplerSettings, sampler_inputs
 from .motion import mask_frames, mask_input, motion_inputs, video_latent
 from .validation import validate_steps
 
@@ -166,7 +166,10 @@ def run_ddim(model, positive, negative, latent, settings: SamplerSettings, x_T: 
         check_int("context_window", windows.size, 2, FRAMES[1], extra=" or 0 (off)")
         check_int("context_overlap", windows.overlap, 0, windows.size - 1,
                   extra=f" (less than context_window={windows.size})")
-    guidance = settings.guidance()
+    guidance = settings.guidance(inner.variant)
+    if settings.cfg_text == AUTO:
+        logging.info("cfg_text 0: the model's own guidance, cfg_text %g, cfg_img %s", guidance.cfg_text,
+                     "off (single CFG)" if guidance.cfg_img is None else f"{guidance.cfg_img:g}")
     x_T = x_T.to(device, torch.float32)
     start, denoise, mask = 0, motion.strength, motion.mask
     if denoise < 1 or motion.amount < 1 or mask is not None:

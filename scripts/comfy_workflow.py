@@ -182,8 +182,14 @@ class UIGraph:
         if isinstance(out_slot, str):
             out_slot = [o["name"] for o in src["outputs"]].index(out_slot)
         target = next((i for i in dst["inputs"] if i["name"] == input_name), None)
+        if target is None and input_name in dict(widget_layout(self.classes[dst["type"]])):
+            # a widget fed by a link (the web UI's widget socket); its widgets_values entry stays
+            kind = dict(_spec_items(self.classes[dst["type"]]))[input_name][0]
+            target = {"name": input_name, "type": "COMBO" if isinstance(kind, list) else kind,
+                      "widget": {"name": input_name}, "link": None}
+            dst["inputs"].append(target)
         if target is None:
-            raise ValueError(f"{dst['type']} has no socket input {input_name!r}")
+            raise ValueError(f"{dst['type']} has no input {input_name!r}")
         out = src["outputs"][out_slot]
         if target["type"] != out["type"] and "*" not in (target["type"], out["type"]):
             raise ValueError(f"type mismatch: {src['type']}.{out['name']} ({out['type']}) -> "

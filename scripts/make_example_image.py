@@ -7,9 +7,9 @@ model was trained on (training/synthetic.py), from seeds outside its training se
   last.png (start and end of one clip: interpolation, ToonCrafter), scene1-3.png (storytelling,
   one per scene prompt), key1-3.png (keyframes: start, middle and end of one clip) and clip.mp4
   (continue a clip). Copy them into ComfyUI's input/ folder.
-- assets/examples/ at the demo model's 64x64: motion_mask.png (the motion brush's mask: white right
-  half moves, black left half holds the image) and motion_clip.mp4 (video to video: 16 frames of a
-  blue square moving to the right).
+- assets/examples/ at the demo model's 64x64: motion_mask.png (the motion brush's mask: white moves,
+  the band the example's circle travels along, rows 24-60; black holds the image, the top and bottom
+  rows) and motion_clip.mp4 (video to video: 16 frames of a blue square moving to the right).
 """
 import sys
 from pathlib import Path
@@ -43,7 +43,7 @@ def main() -> None:
     video, _ = render_clip(ClipSpec("square", "green", "down", "stripes", seed=987654331), H, W, 16)
     write_video(video, str(out / "clip.mp4"), fps=24)
     mask = np.zeros((64, 64, 3), np.uint8)
-    mask[:, 32:] = 255
+    mask[24:61] = 255          # example.png's circle spans rows 28-52; the band holds its way to the right
     Image.fromarray(mask).save(out / "motion_mask.png")
     demo_clip, _ = render_clip(ClipSpec("square", "blue", "right", "gradient", seed=987654332), 64, 64, 16)
     write_video(demo_clip, str(out / "motion_clip.mp4"), fps=24)

@@ -44,10 +44,10 @@ def connect_pipeline(g: UIGraph, ld, pos, neg, node, **more) -> None:
 
 
 # i2v_chain's widgets: the conditioning node's and the DDIM sampler's. The conditioning's width, height,
-# frames and fs stay at the node's default (0), the loaded model's own (its metadata), unless given: a
-# graph fits whichever model the loader picks.
+# frames and fs and the sampler's cfg_text stay at the nodes' default (0), the loaded model's own (its
+# metadata: size, length, fs, guidance), unless given: a graph fits whichever model the loader picks.
 I2V_VIDEO = {"batch_size": 1, "mode": "image-to-video"}
-I2V_SAMPLER = {"seed": 123, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
+I2V_SAMPLER = {"seed": 123, "steps": 50, "cfg_text": 0.0, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7,
                "spacing": "auto"}
 
 
@@ -120,9 +120,9 @@ def image_to_video(classes) -> dict:
     g.note("Image to video with DynamiCrafter 512 (320x512, 16 frames, fs = fps 24; 15-30, smaller = more "
            "motion).\nPut dynamicrafter_512.ckpt in models/checkpoints. Width, height, frames and fs at 0 are the "
            "loaded model's own (1024: 1024x576, fs 10; 256: 256x256, fs 3 = frame stride; the demo model: its "
-           "size): pick another checkpoint and nothing else needs changing. cfg_text is the text guidance, "
-           "cfg_img > 0 turns on dual CFG (image guidance); guidance_rescale 0.7 and eta 1.0 are the official "
-           "settings.",
+           "size) and so is cfg_text at 0 (its guidance: 7.5 here, the demo model's text-only cfg 2): pick another "
+           "checkpoint and nothing else needs changing. Set cfg_text for your own text guidance; cfg_img > 0 turns "
+           "on dual CFG (image guidance); guidance_rescale 0.7 and eta 1.0 are the official settings.",
            (0, 600), (400, 260))
     return g.to_json()
 
@@ -334,7 +334,7 @@ def text_to_video(classes) -> dict:
     g.connect(p, 0, t2v, "positive")
     g.connect(n, 0, t2v, "negative")
     samp = g.add("DynamiCrafterDDIMSampler", (1200, 0),
-                 {"seed": 1, "steps": 50, "cfg_text": 12.0, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.0,
+                 {"seed": 1, "steps": 50, "cfg_text": 0.0, "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.0,
                   "spacing": "uniform"})
     g.connect(ld, "model", samp, "model")
     g.connect(t2v, "positive", samp, "positive")
@@ -356,7 +356,7 @@ def long_video(classes) -> dict:
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     p, n = prompt_pair(g, ld, "clip", "a train travels through snowy mountains", 400, 0, titled=False)
     lv = g.add("DynamiCrafterLongVideo", (800, 0),
-               {"total_frames": 46, "seed": 5, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0, "eta": 1.0,
+               {"total_frames": 46, "seed": 5, "steps": 50, "cfg_text": 0.0, "cfg_img": 0.0, "eta": 1.0,
                 "guidance_rescale": 0.7, "spacing": "auto"},
                size=[360, 420])
     connect_pipeline(g, ld, p, n, lv, start_image=(img, 0))
@@ -377,7 +377,7 @@ def continue_clip(classes) -> dict:
     g.connect(vid, 0, parts, "video")
     p, n = prompt_pair(g, ld, "clip", "a green square moves down", 400, 0)     # assets/examples/clip.mp4
     cc = g.add("DynamiCrafterContinueClip", (800, 0),
-               {"overlap": 8, "condition": "window_start", "seed": 7, "steps": 50, "cfg_text": 7.5, "cfg_img": 0.0,
+               {"overlap": 8, "condition": "window_start", "seed": 7, "steps": 50, "cfg_text": 0.0, "cfg_img": 0.0,
                 "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto"}, size=[360, 480])
     connect_pipeline(g, ld, p, n, cc, video=(parts, "images"))
     save_video(g, cc, 1200, 0, "video/dynamicrafter_continued")
@@ -412,12 +412,24 @@ def core_sampler_inputs(g: UIGraph, frames: int | None = None, title: str = "Ima
     return ld, cond
 
 
+def model_guidance(g: UIGraph, ld, pos, into: dict) -> dict:
+    """A Variant Defaults node on the loader's model whose guidance outputs feed core sampler widgets
+    (`into`: output name -> (node, widget)): the graph samples at the loaded model's own guidance."""
+    defaults = g.add("DynamiCrafterVariantDefaults", pos, title="Model's own guidance")
+    g.connect(ld, "model", defaults, "model")
+    for output, (node, widget) in into.items():
+        g.connect(defaults, output, node, widget)
+    return defaults
+
+
 def image_to_video_ksampler(classes) -> dict:
     """The same MODEL under core SamplerCustomAdvanced + DualCFGGuider (ComfyUI's samplers)."""
     g = UIGraph(classes)
     ld, cond = core_sampler_inputs(g)
-    guider = g.add("DualCFGGuider", (1200, 0), {"cfg_conds": 7.5, "cfg_cond2_negative": 1.5, "style": "regular"})
+    guider = g.add("DualCFGGuider", (1200, 0), {"cfg_conds": 7.5, "cfg_cond2_negative": 7.5, "style": "regular"})
     g.connect(ld, "model", guider, "model")
+    model_guidance(g, ld, (800, 560), {"cfg_text": (guider, "cfg_conds"),
+                                       "cfg_cond2_negative": (guider, "cfg_cond2_negative")})
     g.connect(cond, "positive", guider, "cond1")
     g.connect(cond, "image_only", guider, "cond2")
     g.connect(cond, "negative", guider, "negative")
@@ -435,7 +447,9 @@ def image_to_video_ksampler(classes) -> dict:
     save_video(g, dec, 2000, 0, "video/dynamicrafter_ksampler")
     g.note("The DynamiCrafter MODEL under ComfyUI's own samplers: v-prediction with the zero-SNR schedule. "
            "DualCFGGuider: cond1 = positive, cond2 = image_only (empty text + image), negative = empty text + "
-           "grey image; cfg_conds = text scale, cfg_cond2_negative = image scale. Differs from the exact DDIM "
+           "grey image; cfg_conds = text scale, cfg_cond2_negative = image scale, both the loaded model's own "
+           "through \'Model\'s own guidance\' (Variant Defaults; 7.5 / 7.5 = the 512 model's single CFG, the demo "
+           "model's 2 / 1: text-only); unlink them to set your own. Differs from the exact DDIM "
            "node: continuous sigmas (the last ComfyUI alpha is 4.9e-8, not 0), no dynamic x0 rescale, "
            "ComfyUI's scheduler spacing; results are close but not identical.", (0, 600), (420, 240))
     return g.to_json()
@@ -454,6 +468,7 @@ def context_windows(classes) -> dict:
     ks = g.add("KSampler", (1200, 0), {"seed": 3, "steps": 30, "cfg": 7.5, "sampler_name": "ddim",
                                        "scheduler": "simple", "denoise": 1.0}, size=[320, 270])
     g.connect(cw, 0, ks, "model")
+    model_guidance(g, ld, (800, 620), {"cfg_text": (ks, "cfg")})
     g.connect(cond, "positive", ks, "positive")
     g.connect(cond, "negative", ks, "negative")
     g.connect(cond, "latent", ks, "latent_image")
@@ -466,7 +481,8 @@ def context_windows(classes) -> dict:
            "motion carries through instead of restarting per segment. dim must be 2: DynamiCrafter latents are "
            "(batch, channels, frames, height, width); each window gets its frames' image latent and image tokens. "
            "The exact DDIM node does the same with its context_window / context_overlap / context_schedule "
-           "inputs (looped: windows wrap round for loop mode). Windows >= frames is plain sampling.",
+           "inputs (looped: windows wrap round for loop mode). Windows >= frames is plain sampling. KSampler's cfg "
+           "is the loaded model's own guidance (\'Model\'s own guidance\': 7.5 for the 512 model, 2 for the demo).",
            (0, 600), (420, 240))
     return g.to_json()
 
@@ -551,7 +567,7 @@ def camera_moves(classes) -> dict:
     img = g.add("LoadImage", (0, 200), {"image": "scene1.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, "a quiet street in the morning, dramatic camera movement, high quality, "
                     "cinematic shot, photorealistic, smooth motion", 420, 0,
-                    video=dict(fs=2), sampler=dict(steps=25, cfg_text=5.5))
+                    video=dict(fs=2), sampler=dict(steps=25))
     samp = next(n for n in g.nodes if n["type"] == "DynamiCrafterDDIMSampler")
     cond = next(n for n in g.nodes if n["type"] == "DynamiCrafterImageConditioning")
     cam = g.add("DynamiCrafterCamera", (820, 380), {"preset": "orbit left", "speed": 0.1, "strength": 1.0},
@@ -588,7 +604,7 @@ def keyframes(classes) -> dict:
         batch = bt
     p, n = prompt_pair(g, ld, "clip", EXAMPLE_PAIR_PROMPT, 700, 0)
     kf = g.add("DynamiCrafterKeyframes", (1100, 0),
-               {"width": 512, "height": 320, "frames": 16, "fs": 10, "seed": 123, "steps": 50, "cfg_text": 7.5,
+               {"width": 512, "height": 320, "frames": 16, "fs": 10, "seed": 123, "steps": 50, "cfg_text": 0.0,
                 "cfg_img": 0.0, "eta": 1.0, "guidance_rescale": 0.7, "spacing": "auto",
                 "pair_prompts": EXAMPLE_PAIR_PROMPT + "\nthe purple circle keeps moving to the right",
                 "framing": "pad"},

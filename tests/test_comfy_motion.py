@@ -295,8 +295,13 @@ def test_motion_templates_run_as_shipped_on_the_demo_model(comfy, comfy_base, la
     if workflow == "Motion brush.json":
         assert "mask" in sampler
         # black in motion_mask.png, beyond the soft edge (mask_feather 1: a 5-wide Gaussian): held on every frame
-        left = out[..., : out.shape[-1] // 2 - 2]
-        assert torch.allclose(left, left[:, :, :1].expand_as(left), atol=1e-6)
+        from PIL import Image
+        painted = torch.from_numpy(np.asarray(Image.open(comfy.input_dir / "motion_mask.png").convert("L")) > 127)
+        moves = painted[::8, ::8][None, None].float()                   # the latent grid (1/8 size)
+        near = torch.nn.functional.max_pool2d(moves, 5, stride=1, padding=2)[0, 0] > 0   # within 2 of a moving cell
+        assert (~near).any(), "the mask holds nothing beyond its soft edge"
+        held_cells = out[..., ~near]
+        assert torch.allclose(held_cells, held_cells[:, :, :1].expand_as(held_cells), atol=1e-6)
         # and after decoding, Hold Image pastes the start image's pixels back there
         (run,) = held["runs"]
         assert run[3] == sampler["mask_feather"] == 1.0

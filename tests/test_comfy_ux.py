@@ -412,3 +412,51 @@ def test_demo_model_previews_its_first_frame_decoded_by_its_own_vae(comfy, comfy
     inside = last[circle].mean(0), first[circle].mean(0)
     assert np.abs(inside[0] - inside[1]).max() < 25, inside
     assert np.abs(last[~circle].mean(0) - first[~circle].mean(0)).max() < 25
+
+
+# ------------------------------------------------------------------------------ guidance from the model
+DEMO_VARIANT = {"cfg_text": 2.0, "cfg_img": 1.0, "guidance_rescale": 0.7}      # the demo model's metadata
+RELEASED_VARIANT = {"cfg_text": 7.5, "cfg_img": None, "guidance_rescale": 0.7}  # DynamiCrafter 512
+
+
+@pytest.mark.parametrize("cfg_text,cfg_img,variant,expected", [
+    (0.0, 0.0, DEMO_VARIANT, (2.0, 1.0)),          # 0: the model's own pair (text-only guidance)
+    (0.0, 0.0, RELEASED_VARIANT, (7.5, None)),     # 0: the released single CFG
+    (0.0, 3.0, DEMO_VARIANT, (2.0, 3.0)),          # the model's text scale, the user's image scale
+    (5.0, 0.0, DEMO_VARIANT, (5.0, None)),         # set: single CFG at 5, whatever the model
+    (5.0, 1.5, RELEASED_VARIANT, (5.0, 1.5)),      # set: dual CFG as given
+])
+def test_cfg_text_zero_is_the_loaded_models_own_guidance(comfy, cfg_text, cfg_img, variant, expected):
+    from nodes_pack_access import pack
+    settings = pack("inputs").SamplerSettings.of(1, 10, cfg_text, cfg_img, 1.0, 0.3, "auto")
+    g = settings.guidance(variant)
+    assert (g.cfg_text, g.cfg_img, g.rescale) == (*expected, 0.3)    # guidance_rescale stays the widget's
+
+
+def test_ddim_node_at_cfg_text_zero_samples_as_at_the_models_own_numbers(comfy, loaded):
+    """In the executor: the image-to-video template with cfg_text 0 makes the video that the model's
+    own cfg_text / cfg_img, typed in, make (the tiny model: single CFG 7.5)."""
+    import av
+    import numpy as np
+    v = loaded[0].model.variant
+
+    def frames(cfg_text, cfg_img):
+        prompt = tiny_prompt(comfy, "DynamiCrafter image to video.json")
+        sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] == "DynamiCrafterDDIMSampler")
+        sampler.update(cfg_text=cfg_text, cfg_img=cfg_img)
+        with av.open(str(run_and_get_video(comfy, prompt))) as f:
+            return np.stack([fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)])
+
+    own = frames(0.0, 0.0)
+    assert np.array_equal(own, frames(v["cfg_text"], v.get("cfg_img") or 0.0))
+    assert not np.array_equal(own, frames(1.0, 0.0))      # the guidance matters at this size
+
+
+def test_variant_defaults_give_dual_cfg_guider_the_models_own_guidance(comfy, loaded):
+    """cfg_cond2_negative: DualCFGGuider at (cfg_text, cfg_text) is single CFG, at (cfg_text, 1) text-only."""
+    from nodes_pack_access import pack
+    out = pack("defaults").DynamiCrafterVariantDefaults.execute(loaded[0])
+    assert loaded[0].model.variant.get("cfg_img") is None and out[8] == out[4] == loaded[0].model.variant["cfg_text"]
+    scales = pack("defaults").guidance_outputs
+    assert (scales(DEMO_VARIANT)["cfg_text"], scales(DEMO_VARIANT)["cfg_cond2_negative"]) == (2.0, 1.0)
+    assert scales(RELEASED_VARIANT)["cfg_img"] == 0.0 and scales(RELEASED_VARIANT)["cfg_cond2_negative"] == 7.5
