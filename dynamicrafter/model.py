@@ -20,7 +20,7 @@ from .contract import check_image, check_prompts
 from .models.resampler import Resampler
 from .sampling.schedule import variant_schedule
 from .models.tiling import TILE, should_tile, tiled_decode
-from .models.camera import CameraCondition, CameraPoseEncoder, encode_camera
+from .models.camera import CameraCondition, CameraPoseEncoder, encode_camera, mask_cell
 from .models.ops import building_with
 from .models.unet import UNet3D, grow_input_channels
 from .models.vae import AutoencoderKL, posterior_sample
@@ -198,7 +198,7 @@ class DynamiCrafter(nn.Module):
         cells = {8 * r for r in cam.mask_resolutions}
         for level in range(len(self.cfg.unet.channel_mult)):
             h = H // 8 >> level
-            d = cam.origin_h // h if h else 0
+            d = mask_cell(cam.origin_h, h)
             if d in cells and d * h != H:
                 raise ValueError(f"this CamI2V model's epipolar masks are made for videos {cam.origin_h} px high "
                                  f"(its config's origin_h); at {H} px they do not fit its features: sample at "

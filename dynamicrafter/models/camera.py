@@ -18,7 +18,14 @@ from torch import nn
 
 from .. import camera as geometry
 from ..config import CameraConfig
+from ..sampling.schedule import randn
 from .ops import layers as ops
+
+
+def mask_cell(origin_h: int, feature_height: int) -> int:
+    """The epipolar mask a temporal block of this feature height reads: the one whose cells are
+    origin_h // feature_height pixels (official lookup; 0 for an empty feature map)."""
+    return origin_h // feature_height if feature_height else 0
 
 
 @dataclasses.dataclass
@@ -31,7 +38,7 @@ class CameraCondition:
     origin_h: int
 
     def mask_for(self, height: int) -> Optional[torch.Tensor]:
-        return self.masks.get(self.origin_h // height)
+        return self.masks.get(mask_cell(self.origin_h, height))
 
     def to(self, *args, **kwargs) -> "CameraCondition":
         return CameraCondition([f.to(*args, **kwargs) for f in self.pose_features],
@@ -217,7 +224,7 @@ def encode_camera(pose_encoder: CameraPoseEncoder, cfg: CameraConfig, RT: torch.
             R, t = pairs[..., :3, :3], pairs[..., :3, 3:4]
             if cfg.perturb_zero_translation:
                 if noise is None:
-                    noise = torch.randn(t.shape, generator=generator)
+                    noise = randn(t.shape, generator, device=t.device)
                 t = geometry.perturb_zero_translations(t, noise.to(t.device))
             Fm = geometry.fundamental_matrices(Kf.unsqueeze(1), R, t)
             masks = {8 * r: geometry.epipolar_mask(Fm, height, width, 8 * r) for r in cfg.mask_resolutions}
