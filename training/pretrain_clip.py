@@ -147,15 +147,13 @@ def main(argv=None) -> dict:
     p.add_argument("--video-dir")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64, help="frames are cover-cropped to size x size first")
-    p.add_argument("--steps", type=int, default=CLIP_OPTIM.steps)
-    p.add_argument("--batch", type=int, default=CLIP_OPTIM.batch)
-    p.add_argument("--lr", type=float, default=CLIP_OPTIM.lr)
+    CLIP_OPTIM.add_arguments(p)
     p.add_argument("--per-clip", type=int, default=4, help="evenly spaced frames taken from each clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overrides", type=json.loads, default=None,
                    help='tiny model sizes as in model.tiny_overrides, e.g. {"vision": {"vision_width": 48}}')
     a = p.parse_args(argv)
-    result = train_clip(a.csv, a.out, size=a.size, optim=Optim(a.steps, a.batch, a.lr), per_clip=a.per_clip,
+    result = train_clip(a.csv, a.out, size=a.size, optim=Optim.from_args(a), per_clip=a.per_clip,
                         seed=a.seed, overrides=a.overrides, video_dir=a.video_dir)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return result

@@ -73,6 +73,16 @@ class Optim:
     lr: float
     log_every: int = 100
 
+    def add_arguments(self, parser) -> None:
+        """--steps, --batch, --lr on a command line, defaulting to this run's."""
+        parser.add_argument("--steps", type=int, default=self.steps)
+        parser.add_argument("--batch", type=int, default=self.batch)
+        parser.add_argument("--lr", type=float, default=self.lr)
+
+    @classmethod
+    def from_args(cls, args) -> "Optim":
+        return cls(args.steps, args.batch, args.lr)
+
 
 VAE_OPTIM = Optim(1000, 16, 2e-4)      # train_vae's default run
 
@@ -134,15 +144,13 @@ def main(argv=None) -> dict:
     p.add_argument("--video-dir")
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=VAE_OPTIM.steps)
-    p.add_argument("--batch", type=int, default=VAE_OPTIM.batch)
-    p.add_argument("--lr", type=float, default=VAE_OPTIM.lr)
+    VAE_OPTIM.add_arguments(p)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", type=json.loads, default=None,
                    help='VAE sizes as JSON, e.g. {"ch": 32, "ch_mult": [1,2,2,2]}')
     a = p.parse_args(argv)
-    result = train_vae(a.csv, a.out, size=a.size, optim=Optim(a.steps, a.batch, a.lr), kl_weight=a.kl_weight,
+    result = train_vae(a.csv, a.out, size=a.size, optim=Optim.from_args(a), kl_weight=a.kl_weight,
                        seed=a.seed, vae=a.vae, video_dir=a.video_dir)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     return result

@@ -246,9 +246,13 @@ def generate_dataset(out_dir: str, n: int, *, height: int = 64, width: int = 64,
                    x_first=f"{track[0, 0]:.2f}", y_first=f"{track[0, 1]:.2f}",
                    x_last=f"{track[-1, 0]:.2f}", y_last=f"{track[-1, 1]:.2f}")
         rows.append(row)
-    csv_path = os.path.join(out_dir, "captions.csv" if layout == "plain" else "results.csv")
+    return write_rows(os.path.join(out_dir, "captions.csv" if layout == "plain" else "results.csv"), rows)
+
+
+def write_rows(csv_path: str, rows: list[dict]) -> str:
+    """A dataset's CSV: a header of the first row's keys, then one line per row; returns the path."""
     with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0].keys()))
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return csv_path

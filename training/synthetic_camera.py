@@ -13,7 +13,6 @@ the columns ``video,caption,poses``.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -21,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from dynamicrafter.camera import simple_trajectory
-from training.synthetic import COLORS, write_video
+from training.synthetic import COLORS, write_rows, write_video
 
 MOVES = {   # name -> simple_trajectory arguments (units: the scene's, the first camera 4 units from the boxes)
     "pans left": dict(pan=(-1.0, 0.0)), "pans right": dict(pan=(1.0, 0.0)),
@@ -154,12 +153,7 @@ def generate_dataset(out_dir: str, n: int, *, height: int = 64, width: int = 64,
             fh.write(pose_file_text(name, w2c, height, width, fps))
         rows.append({"video": f"videos/{name}.mp4", "caption": spec.caption, "poses": f"poses/{name}.txt",
                      "move": spec.move, "seed": spec.seed})
-    csv_path = os.path.join(out_dir, "captions.csv")
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return csv_path
+    return write_rows(os.path.join(out_dir, "captions.csv"), rows)
 
 
 def main(argv=None) -> None:
