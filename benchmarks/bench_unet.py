@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynamicrafter.config import ModelConfig, ResamplerConfig  # noqa: E402
 from dynamicrafter.model import DynamiCrafter  # noqa: E402
-from dynamicrafter.sampling.ddim import sample_ddim  # noqa: E402
+from dynamicrafter.sampling.ddim import Conditioning, sample_ddim  # noqa: E402
+from dynamicrafter.settings import Guidance, Schedule  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -122,8 +123,8 @@ def main():
         reset_peak_rss()
         with torch.inference_mode():
             t1 = time.perf_counter()
-            sample_ddim(model, x, ctx[0], ctx[1], ctx[2], concat=concat, fs=fs, steps=1, cfg_text=7.5, cfg_img=1.5,
-                        guidance_rescale=0.7)
+            sample_ddim(model, x, Conditioning(ctx[0], ctx[1], ctx[2], concat=concat, fs=fs),
+                        guidance=Guidance(7.5, 1.5, 0.7), schedule=Schedule(1))
             step = time.perf_counter() - t1
         step_peak = peak_rss_bytes()
         res.update(cfg_step_s=step, cfg_step_peak_rss_gib=step_peak / GIB,

@@ -35,7 +35,8 @@ from dynamicrafter.models import attention  # noqa: E402
 from dynamicrafter.models import ops  # noqa: E402
 from dynamicrafter.config import PRESETS, ModelConfig, ResamplerConfig, tiny_config  # noqa: E402
 from dynamicrafter.model import DynamiCrafter  # noqa: E402
-from dynamicrafter.sampling.ddim import sample_ddim  # noqa: E402
+from dynamicrafter.sampling.ddim import Conditioning, sample_ddim  # noqa: E402
+from dynamicrafter.settings import Guidance, Schedule  # noqa: E402
 from dynamicrafter.sampling.schedule import variant_schedule  # noqa: E402
 from dynamicrafter.sampling.solvers import sample as sample_solver  # noqa: E402
 from dynamicrafter.models.speed import prepare_for_speed  # noqa: E402
@@ -86,18 +87,19 @@ def build(cfg: ModelConfig, device, weight_dtype, compute_dtype) -> DynamiCrafte
 
 def run_one(model, cfg, frames, h, w, steps, dual, device) -> tuple[float, float]:
     """(seconds for one video, peak memory GiB) of DDIM sampling from noise."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(1, 4, frames, h, w, device=device, generator=g)
-    concat = torch.randn(1, 4, frames, h, w, device=device, generator=g)
+    g = torch.Generator().manual_seed(0)     # CPU draws, moved to the device (the sampler's eta noise too)
+    x = torch.randn(1, 4, frames, h, w, generator=g).to(device)
+    concat = torch.randn(1, 4, frames, h, w, generator=g).to(device)
     ctx_len = 77 + 16 * frames
-    cond, uncond, uncond_img = (torch.randn(1, ctx_len, cfg.unet.context_dim, device=device, generator=g)
+    cond, uncond, uncond_img = (torch.randn(1, ctx_len, cfg.unet.context_dim, generator=g).to(device)
                                 for _ in range(3))
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    sample_ddim(model, x, cond, uncond, uncond_img if dual else None, concat=concat, fs=cfg.variant.default_fs,
-                steps=steps, cfg_text=7.5, cfg_img=1.5 if dual else None, eta=1.0, generator=g)
+    c = Conditioning(cond, uncond, uncond_img if dual else None, concat=concat, fs=cfg.variant.default_fs)
+    sample_ddim(model, x, c, guidance=Guidance(7.5, 1.5 if dual else None), schedule=Schedule(steps, eta=1.0),
+                generator=g)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / GIB
@@ -160,8 +162,9 @@ def run_solver(model, cfg, frames, h, w, steps, device) -> float:
     cond, uncond = (torch.randn(1, 77 + 16 * frames, cfg.unet.context_dim, generator=g).to(device) for _ in range(2))
     sync(device)
     t = time.perf_counter()
-    sample_solver(model, x, cond, uncond, solver="dpmpp_2m", concat=concat, fs=cfg.variant.default_fs, steps=steps,
-                  cfg_text=7.5, generator=torch.Generator().manual_seed(1))
+    sample_solver(model, x, Conditioning(cond, uncond, concat=concat, fs=cfg.variant.default_fs),
+                  guidance=Guidance(7.5), schedule=Schedule(steps, solver="dpmpp_2m"),
+                  generator=torch.Generator().manual_seed(1))
     sync(device)
     return time.perf_counter() - t
 
