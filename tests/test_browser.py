@@ -395,3 +395,27 @@ def test_camera_moves_template_runs_in_the_web_ui(browser_page, comfy_server, co
     assert "DynamiCrafterCamera" in page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
     files = _queue_and_wait(page, comfy_server, timeout=600)
     assert [f for f in files if f["filename"].startswith("cami2v_camera") and f["filename"].endswith(".mp4")], files
+
+
+def test_core_sampler_templates_queue_the_models_own_guidance(browser_page, comfy_server):
+    """Issue #32: the two core-sampler templates feed KSampler's cfg / DualCFGGuider's cfg_conds and
+    cfg_cond2_negative from Variant Defaults ('Model's own guidance'); what the web UI queues links
+    those widgets to its outputs (the number typed in the widget is not what runs)."""
+    page, logs = browser_page
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    wanted = {"DynamiCrafter with KSampler.json": ("DualCFGGuider", {"cfg_conds": "cfg_text",
+                                                                   "cfg_cond2_negative": "cfg_cond2_negative"}),
+              "Long shot - context windows.json": ("KSampler", {"cfg": "cfg_text"})}
+    names = comfy_server.object_info()["DynamiCrafterVariantDefaults"]["output_name"]
+    for template, (node_type, links) in wanted.items():
+        page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(WORKFLOWS / template))
+        prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        defaults = [k for k, n in prompt.items() if n["class_type"] == "DynamiCrafterVariantDefaults"]
+        sampler = next(n for n in prompt.values() if n["class_type"] == node_type)
+        assert len(defaults) == 1, (template, defaults)
+        for widget, output in links.items():
+            assert sampler["inputs"][widget] == [defaults[0], names.index(output)], (template, widget, sampler)
