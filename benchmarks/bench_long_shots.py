@@ -71,9 +71,11 @@ def segment(dc, images, prompts, frames, seed, steps, window=None, overlap=4):
     with torch.inference_mode():
         c = image_conditioning(dc, images, prompts, frames, generator=g)
         x_T = torch.randn((images.shape[0], 4, frames, SIZE // 8, SIZE // 8), generator=g)
-        lat = dynamicrafter.sample_ddim(dc, x_T, c.cond, c.uncond, concat=c.concat, fs=FS, steps=steps,
-                                        cfg_text=v["cfg_text"], eta=1.0, guidance_rescale=v["guidance_rescale"],
-                                        spacing=v["spacing"], generator=g, window=window, window_overlap=overlap)
+        # single CFG at the model's text scale (the figures in benchmarks/long_shots.json were taken so)
+        lat = dynamicrafter.sample_ddim(dc, x_T, dynamicrafter.Conditioning(c.cond, c.uncond, concat=c.concat, fs=FS),
+                                        guidance=dynamicrafter.Guidance(v["cfg_text"], None, v["guidance_rescale"]),
+                                        schedule=dynamicrafter.Schedule(steps, v["spacing"], 1.0),
+                                        windows=dynamicrafter.Windows(window, overlap), generator=g)
         return dc.decode(lat).clamp(-1, 1)
 
 
@@ -100,8 +102,8 @@ def continued(dc, first, prompts, total, seg, steps, seed):
     video, joins, k = segment(dc, first, prompts, seg, seed, steps), [], 1
     while video.shape[2] < total:
         joins.append(video.shape[2] - 1)      # last clip frame -> first new frame
-        video = continue_clip(dc, video, prompts, frames=seg, overlap=overlap, steps=steps, seed=seed + k, fs=FS,
-                              eta=1.0)
+        video = continue_clip(dc, video, prompts, shot=dynamicrafter.Shot(frames=seg, fs=FS, seed=seed + k),
+                              overlap=overlap, schedule=dynamicrafter.Schedule(steps, dc.variant["spacing"], 1.0))
         k += 1
     return video[:, :, :total], joins
 

@@ -55,9 +55,12 @@ def pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
 
 
-def run(dc, spec, first, frames, steps, seed, **kw) -> np.ndarray:
-    video = dynamicrafter.animate(dc, pixels(first[None])[:, :, 0], kw.pop("prompt", spec.caption), frames=frames,
-                                  steps=steps, seed=seed, eta=1.0, **kw)
+def run(dc, spec, first, frames, steps, seed, motion=None, windows=None, callback=None) -> np.ndarray:
+    """One animation of `first` at the demo's own guidance, `steps` DDIM steps at eta 1."""
+    video = dynamicrafter.animate(dc, pixels(first[None])[:, :, 0], spec.caption,
+                                  shot=dynamicrafter.Shot(frames=frames, seed=seed),
+                                  schedule=dynamicrafter.Schedule(steps, dc.variant["spacing"], 1.0),
+                                  motion=motion, windows=windows, callback=callback)
     return to_uint8(video)[0]
 
 
@@ -93,7 +96,7 @@ def motion_brush(dc, spec, first, frames, steps, seed) -> dict:
         mask[:, : SIZE // 2] = 1 if cx < SIZE / 2 else 0
         mask[:, SIZE // 2:] = 0 if cx < SIZE / 2 else 1
     last = {}
-    video = run(dc, spec, first, frames, steps, seed, motion_mask=mask,
+    video = run(dc, spec, first, frames, steps, seed, motion=dynamicrafter.Motion(mask=mask),
                 callback=lambda i, n, x, x0: last.update(x=x.clone()))
     free = run(dc, spec, first, frames, steps, seed)
     travel = [float(along(track(v, first, obj)[0][-1], spec.direction)) for v in (video, free)]
@@ -129,7 +132,8 @@ def motion_brush(dc, spec, first, frames, steps, seed) -> dict:
 def v2v(dc, spec, clip, frames, steps, seed, strengths) -> dict:
     out = {}
     for s in strengths:
-        video = run(dc, spec, clip[0], frames, steps, seed, init_video=pixels(clip), strength=s)
+        video = run(dc, spec, clip[0], frames, steps, seed,
+                    motion=dynamicrafter.Motion(init_video=pixels(clip), strength=s))
         out[s] = psnr(video, clip)
     return out
 
@@ -138,7 +142,7 @@ def motion_amount(dc, spec, first, frames, steps, seed, amounts) -> dict:
     mask = object_mask(first, spec.color)
     out = {}
     for m in amounts:
-        video = run(dc, spec, first, frames, steps, seed, motion=m)
+        video = run(dc, spec, first, frames, steps, seed, motion=dynamicrafter.Motion(amount=m))
         pos, _ = track(video, first, mask)
         out[m] = {"travel": float(np.linalg.norm(pos[-1] - pos[0])),
                   "along": float(along(pos[-1] - pos[0], spec.direction)),
@@ -158,7 +162,8 @@ def schedule(dc, spec, first, frames, steps, seed) -> dict:
            f"{total - 1}: {caption(spec, d2)}"
     out = {}
     for name, sched in (("one prompt", None), ("schedule", text)):
-        video = run(dc, spec, first, total, steps, seed, window=w, window_overlap=w // 2, prompt_schedule=sched)
+        video = run(dc, spec, first, total, steps, seed, motion=dynamicrafter.Motion(prompt_schedule=sched),
+                    windows=dynamicrafter.Windows(w, w // 2))
         pos, _ = track(video, first, obj)
         first_w, last_w = pos[w - 1] - pos[0], pos[-1] - pos[total - w]
         out[name] = {"first_d": float(along(first_w, d)), "first_d2": float(along(first_w, d2)),
