@@ -12,12 +12,28 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
 TITLE_HEIGHT = 30        # LiteGraph's node title bar, above a node's pos
 TITLE_CHAR_WIDTH = 7.8   # title text width per character in the web UI (measured, with margin)
+GAP = 20                 # between nodes, and between a node and the one below it
+
+# Nodes 2.0 (frontend 1.32.9's Vue nodes, setting Comfy.VueNodes.Enabled) opens a classic layout 1.2 times
+# larger about its top-left corner (its SCALE_FACTOR) and grows a node to fit its rows: the height a node
+# takes there, in layout units (its pixels / 1.2 / canvas scale; measured on every template's nodes):
+VUE_SCALE = 1.2
+VUE_HEADER = 45          # title bar and padding
+VUE_SLOT = 20            # a row of input / output sockets
+VUE_WIDGET = 28.4        # a widget row
+VUE_MULTILINE = 19       # a multiline text box's extra height
+VUE_PREVIEW = 168        # an upload widget's picture / video preview
+# The least scale a template opens at: below 8 px / 14 px = 0.571 at devicePixelRatio 1 (the settings
+# LiteGraph.Canvas.MinFontSizeForLOD over LiteGraph.NODE_TEXT_SIZE) the classic canvas draws no text,
+# the Notes' included (tests/test_browser.py reads the threshold from the frontend).
+MIN_SCALE = 0.575
 
 
 def _spec_items(node_cls) -> list[tuple[str, tuple]]:
@@ -46,6 +62,21 @@ def widget_layout(node_cls) -> list[tuple[str, int]]:
             opts.get("video_upload") or opts.get("audio_upload") else 0
         out.append((name, 1 + extra))
     return out
+
+
+def vue_height(node_cls) -> float:
+    """The height (title included, layout units) Nodes 2.0 gives a node of this class at least: its
+    socket rows beside each other, then a row per widget, text boxes and upload previews taller."""
+    sockets, outputs = socket_inputs(node_cls), output_types(node_cls)
+    h = VUE_HEADER + VUE_SLOT * max(len(sockets), len(outputs))
+    for _, spec in _spec_items(node_cls):
+        if not _is_widget(spec):
+            continue
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        h += VUE_WIDGET + (VUE_MULTILINE if opts.get("multiline") else 0)
+        if opts.get("image_upload") or opts.get("video_upload"):
+            h += VUE_WIDGET + VUE_PREVIEW      # its upload button, then the preview
+    return h
 
 
 def _display_name(node_cls, ntype: str) -> str:
@@ -131,6 +162,7 @@ class UIGraph:
         self.nodes: list[dict] = []
         self.links: list[list] = []
         self.groups: list[dict] = []
+        self._vue_h: dict[int, float] = {}     # node id -> its height in Nodes 2.0 (vue_height)
 
     def add(self, ntype: str, pos, widgets: dict | None = None, title: str | None = None, size=None) -> dict:
         cls = self.classes[ntype]
@@ -168,6 +200,7 @@ class UIGraph:
         if title:
             node["title"] = title
         self.nodes.append(node)
+        self._vue_h[node["id"]] = vue_height(cls)
         return node
 
     def note(self, text: str, pos, size=(420, 200), title: str = "Note") -> dict:
@@ -176,6 +209,7 @@ class UIGraph:
                 "outputs": [], "properties": {"text": ""}, "widgets_values": [text], "title": title,
                 "color": "#432", "bgcolor": "#653"}
         self.nodes.append(node)
+        self._vue_h[node["id"]] = VUE_HEADER + VUE_WIDGET + VUE_MULTILINE
         return node
 
     def connect(self, src: dict, out_slot, dst: dict, input_name: str) -> None:
@@ -205,21 +239,20 @@ class UIGraph:
         self.groups.append({"title": title, "members": [n["id"] for n in members], "color": color, "font_size": 24})
 
     def _box(self, n: dict) -> tuple:
-        return n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0], n["size"][1] + TITLE_HEIGHT
+        """The room a node takes in both canvases: its title bar and body, as tall as Nodes 2.0 makes it."""
+        return (n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["size"][0],
+                max(n["size"][1] + TITLE_HEIGHT, self._vue_h[n["id"]]))
 
-    def _settle(self, gap: float = 20.0) -> None:
-        """Move nodes down until none covers another (title bars included), column by column."""
+    def _settle(self, gap: float = GAP) -> None:
+        """Stack the nodes: each keeps its x and, in the order of their pos y (then x), rises to `gap` below
+        the nodes placed before it that share some of its width (gap included), or to the top. A pos y only
+        orders nodes, so a column packs tight whatever heights its nodes take in either canvas."""
         placed = []
-        for n in sorted(self.nodes, key=lambda n: (n["pos"][0], n["pos"][1])):
-            moved = True
-            while moved:
-                moved = False
-                x, y, w, h = self._box(n)
-                for o in placed:
-                    ox, oy, ow, oh = self._box(o)
-                    if x < ox + ow + gap and ox < x + w + gap and y < oy + oh + gap and oy < y + h + gap:
-                        n["pos"][1] = oy + oh + gap + TITLE_HEIGHT
-                        moved = True
+        for n in sorted(self.nodes, key=lambda n: (n["pos"][1], n["pos"][0])):
+            x, _, w, _ = self._box(n)
+            above = [oy + oh + gap for ox, oy, ow, oh in map(self._box, placed)
+                     if x < ox + ow + gap and ox < x + w + gap]
+            n["pos"][1] = max(above, default=-TITLE_HEIGHT) + TITLE_HEIGHT
             placed.append(n)
 
     def _group_bounds(self, group: dict, pad: float = 20.0) -> list:
@@ -241,12 +274,16 @@ class UIGraph:
                 "links": copy.deepcopy(self.links), "groups": groups, "config": {},
                 "extra": {"ds": self._fit_view(groups)}, "version": 0.4}
 
-    def _fit_view(self, groups: list, width=1290, height=680, left=80, top=130) -> dict:
-        """Canvas scale/offset that shows the whole graph in a width x height area of the screen:
-        a 1440x900 laptop window below ComfyUI's top bar, right of its side bar, with a margin
-        (tests/test_browser.py opens every template at 1440x900 and finds every node in view)."""
+    def _fit_view(self, groups: list, left=70, top=105, right=1430, bottom=890) -> dict:
+        """Canvas scale/offset that opens the whole graph inside a 1440x900 laptop window, right of ComfyUI's
+        side bar and below its top bar, in both canvases: Nodes 2.0 draws it VUE_SCALE times larger from its
+        top-left corner (tests/test_browser.py opens every template both ways). A graph too large to open at
+        MIN_SCALE is refused: lay it out more compactly."""
         boxes = [self._box(n) for n in self.nodes] + [tuple(g["bounding"]) for g in groups]
         x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
-        xs, ys = [b[0] + b[2] for b in boxes], [b[1] + b[3] for b in boxes]
-        scale = round(min(1.0, width / (max(xs) - x0 + 40), height / (max(ys) - y0 + 40)), 3)
+        w, h = max(b[0] + b[2] for b in boxes) - x0, max(b[1] + b[3] for b in boxes) - y0
+        scale = math.floor(1000 * min(1.0, (right - left) / (VUE_SCALE * w), (bottom - top) / (VUE_SCALE * h))) / 1000
+        if scale < MIN_SCALE:
+            raise ValueError(f"the graph ({w:.0f} x {h:.0f}) opens at scale {scale} in a 1440x900 window, below "
+                             f"{MIN_SCALE} where the classic canvas stops drawing text: lay it out more compactly")
         return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
