@@ -29,7 +29,8 @@ VUE_HEADER = 45          # title bar and padding
 VUE_SLOT = 20            # a row of input / output sockets
 VUE_WIDGET = 28.4        # a widget row
 VUE_MULTILINE = 19       # a multiline text box's extra height
-VUE_PREVIEW = 168        # an upload widget's picture / video preview
+VUE_PREVIEW = 168        # an upload widget's preview before its file is there
+VUE_PICTURE_MARGIN = 14  # a loaded picture / video fills the node's width less this, at its aspect ratio
 # The least scale a template opens at: below 8 px / 14 px = 0.571 at devicePixelRatio 1 (the settings
 # LiteGraph.Canvas.MinFontSizeForLOD over LiteGraph.NODE_TEXT_SIZE) the classic canvas draws no text,
 # the Notes' included (tests/test_browser.py reads the threshold from the frontend).
@@ -64,9 +65,10 @@ def widget_layout(node_cls) -> list[tuple[str, int]]:
     return out
 
 
-def vue_height(node_cls) -> float:
+def vue_height(node_cls, width: float = 320, aspect: float = 1.0) -> float:
     """The height (title included, layout units) Nodes 2.0 gives a node of this class at least: its
-    socket rows beside each other, then a row per widget, text boxes and upload previews taller."""
+    socket rows beside each other, then a row per widget, text boxes and upload previews taller (a
+    preview shows its picture or video, `aspect` = height / width, across the node's `width`)."""
     sockets, outputs = socket_inputs(node_cls), output_types(node_cls)
     h = VUE_HEADER + VUE_SLOT * max(len(sockets), len(outputs))
     for _, spec in _spec_items(node_cls):
@@ -75,7 +77,8 @@ def vue_height(node_cls) -> float:
         opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
         h += VUE_WIDGET + (VUE_MULTILINE if opts.get("multiline") else 0)
         if opts.get("image_upload") or opts.get("video_upload"):
-            h += VUE_WIDGET + VUE_PREVIEW      # its upload button, then the preview
+            preview = max(VUE_PREVIEW, (width - VUE_PICTURE_MARGIN) * aspect)
+            h += VUE_WIDGET + preview          # its upload button, then the preview
     return h
 
 
@@ -157,8 +160,11 @@ def load_workflow(path) -> dict:
 class UIGraph:
     """Builds a UI-format workflow from node definitions (ids, links, slots, positions)."""
 
-    def __init__(self, node_classes: dict):
+    def __init__(self, node_classes: dict, pictures: dict | None = None):
+        """pictures: input file name -> its height / width, for the room its upload preview takes
+        (a file not listed is taken as square)."""
         self.classes = node_classes
+        self.pictures = pictures or {}
         self.nodes: list[dict] = []
         self.links: list[list] = []
         self.groups: list[dict] = []
@@ -200,7 +206,8 @@ class UIGraph:
         if title:
             node["title"] = title
         self.nodes.append(node)
-        self._vue_h[node["id"]] = vue_height(cls)
+        shown = [v for v in values if isinstance(v, str) and v in self.pictures]
+        self._vue_h[node["id"]] = vue_height(cls, node["size"][0], self.pictures[shown[0]] if shown else 1.0)
         return node
 
     def note(self, text: str, pos, size=(420, 200), title: str = "Note") -> dict:

@@ -21,6 +21,23 @@ from comfy_workflow import UIGraph  # noqa: E402
 NEG = ""   # the official unconditional text is the empty prompt
 
 
+def input_aspects() -> dict:
+    """Height / width of every example input the templates name (assets/, assets/examples/): their
+    previews' room in the layout."""
+    import av
+    from PIL import Image
+    aspects = {}
+    for path in [*(REPO / "assets").glob("*.png"), *(REPO / "assets" / "examples").iterdir()]:
+        if path.suffix == ".png":
+            with Image.open(path) as im:
+                aspects[path.name] = im.height / im.width
+        elif path.suffix == ".mp4":
+            with av.open(str(path)) as f:
+                stream = f.streams.video[0]
+                aspects[path.name] = stream.height / stream.width
+    return aspects
+
+
 def prompt_pair(g: UIGraph, clip_src, clip_slot, text: str, x: float, y: float, *, negative: str = NEG,
                 titled: bool = True, title_suffix: str = ""):
     """A prompt and, 150 below, the unconditional prompt (CLIPTextEncode), both fed by `clip_src`'s
@@ -112,7 +129,7 @@ def loader(g: UIGraph, ckpt: str, x=0, y=0):
 
 
 def image_to_video(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "dynamicrafter_512.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, "a boat sails across a calm lake at sunset", 380, 0)
@@ -145,7 +162,7 @@ def demo(classes) -> dict:
     its metadata carries (what it was trained and evaluated at), 25 steps."""
     v = json.loads(DEMO_MODEL.read_text())["variant"]
     (height, width), frames = v["resolution"], v["frames"]
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "dynamicrafter_demo.safetensors")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     dec = i2v_chain(g, ld, img, DEMO_PROMPT, 380, 0,
@@ -187,11 +204,12 @@ def set_widget(g: UIGraph, node: dict, name: str, value) -> None:
 def motion_brush(classes) -> dict:
     """The demo preset with a motion brush: a mask image (white = moves) into the DDIM node's mask and,
     after decoding, into Hold Image with the start image (the held pixels are the image's)."""
-    g = UIGraph(classes)
-    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
+    g = UIGraph(classes, input_aspects())
+    # the two square pictures 240 wide: their previews (as tall as wide) fit one column with the loader
+    img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[240, 300])
     ld, samp, dec = demo_chain(g, img)
     mimg = g.add("LoadImage", (0, 620), {"image": "motion_mask.png"}, title="Motion mask (white = moves)",
-                 size=[320, 360])
+                 size=[240, 300])
     mask = g.add("ImageToMask", (380, 900), {"channel": "red"})
     g.connect(mimg, 0, mask, "image")
     g.connect(mask, 0, samp, "mask")
@@ -215,7 +233,7 @@ def motion_brush(classes) -> dict:
 def video_to_video(classes) -> dict:
     """The demo preset from a clip: LoadVideo -> frames -> VAEEncode -> Video Latent as the DDIM latent,
     denoise 0.6; its first frame is the start image."""
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     vid = g.add("LoadVideo", (0, 200), {"file": "motion_clip.mp4"}, title="Clip to re-animate", size=[320, 360])
     parts = g.add("GetVideoComponents", (0, 620))
     g.connect(vid, 0, parts, "video")
@@ -249,7 +267,7 @@ EXAMPLE_PAIR_PROMPT = "a purple circle moves to the right"
 
 
 def interpolation(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First frame", size=[320, 320])
     b = g.add("LoadImage", (0, 560), {"image": "last.png"}, title="Last frame", size=[320, 320])
@@ -263,7 +281,7 @@ def interpolation(classes) -> dict:
 
 
 def loop(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "dynamicrafter_512_interp.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Image to loop", size=[320, 360])
     dec = i2v_chain(g, ld, img, "gentle waves, looping animation", 380, 0, video=dict(mode="loop"))
@@ -274,7 +292,7 @@ def loop(classes) -> dict:
 
 
 def text_to_image_to_video(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     sd = g.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": "v1-5-pruned-emaonly.safetensors"},
                title="Any text-to-image checkpoint", size=[360, 100])
     p, n = prompt_pair(g, sd, "CLIP", "a lighthouse on a cliff, stormy sea, digital painting", 0, 150,
@@ -312,7 +330,7 @@ def storytelling(classes) -> dict:
     """Three scenes side by side, each in two narrow columns (the image and prompts; the conditioning,
     DDIM and decode), the loader, joins, video and note under the first columns: 30 nodes that open
     in a 1440x900 window with their text drawn."""
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     scenes = [("scene1.png", "a red circle moves to the right"),     # assets/examples/ (make_example_image.py)
               ("scene2.png", "a blue square moves up"),
               ("scene3.png", "a yellow triangle moves to the left")]
@@ -321,7 +339,8 @@ def storytelling(classes) -> dict:
     place(ld, 0, below, 336)
     for i, (name, prompt) in enumerate(scenes):
         x, first = i * 634, len(g.nodes)
-        img = g.add("LoadImage", (x, 0), {"image": name}, title=f"Scene {i + 1}", size=[320, 280])
+        # 280 wide: its 512x320 picture's preview is no taller than the empty one
+        img = g.add("LoadImage", (x, 0), {"image": name}, title=f"Scene {i + 1}", size=[280, 280])
         decs.append(i2v_chain(g, ld, img, prompt, x, 1, title_suffix=f" (scene {i + 1})",
                               sampler=dict(seed=100 + i)))
         for n in g.nodes[first:]:
@@ -346,7 +365,7 @@ def storytelling(classes) -> dict:
 
 
 def text_to_video(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "videocrafter2_512.ckpt")
     p, n = prompt_pair(g, ld, "clip", "a corgi running on the beach, slow motion", 380, 0, titled=False)
     t2v = g.add("DynamiCrafterTextToVideoLatent", (380, 300),
@@ -371,7 +390,7 @@ def text_to_video(classes) -> dict:
 
 
 def long_video(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "dynamicrafter_512.ckpt")
     img = g.add("LoadImage", (0, 200), {"image": "example.png"}, title="Start image", size=[320, 360])
     p, n = prompt_pair(g, ld, "clip", "a train travels through snowy mountains", 400, 0, titled=False)
@@ -390,7 +409,7 @@ def long_video(classes) -> dict:
 
 def continue_clip(classes) -> dict:
     """A video in, the same video continued: LoadVideo -> GetVideoComponents -> Continue Clip."""
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, "dynamicrafter_512.ckpt")
     vid = g.add("LoadVideo", (0, 200), {"file": "clip.mp4"}, title="Clip to continue", size=[320, 360])
     parts = g.add("GetVideoComponents", (0, 600))
@@ -444,7 +463,7 @@ def model_guidance(g: UIGraph, ld, pos, into: dict) -> dict:
 
 def image_to_video_ksampler(classes) -> dict:
     """The same MODEL under core SamplerCustomAdvanced + DualCFGGuider (ComfyUI's samplers)."""
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld, cond = core_sampler_inputs(g)
     guider = g.add("DualCFGGuider", (760, 0), {"cfg_conds": 7.5, "cfg_cond2_negative": 7.5, "style": "regular"})
     g.connect(ld, "model", guider, "model")
@@ -478,7 +497,7 @@ def image_to_video_ksampler(classes) -> dict:
 def context_windows(classes) -> dict:
     """A 64-frame video in context windows of 16 under core KSampler: core 'Context Windows
     (Manual)' on the DynamiCrafter MODEL, windows along the latent's frame axis (dim 2)."""
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld, cond = core_sampler_inputs(g, 64, "Image conditioning (64 frames)")
     cw = g.add("ContextWindowsManual", (760, 0),
                {"context_length": 16, "context_overlap": 4, "context_schedule": "standard_static",
@@ -545,7 +564,7 @@ def with_download_notes(workflow: dict) -> dict:
 
 
 def tooncrafter(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, TOONCRAFTER_MODEL["name"])
     with_model_download(ld, TOONCRAFTER_MODEL)
     a = g.add("LoadImage", (0, 200), {"image": "first.png"}, title="First keyframe", size=[320, 320])
@@ -581,7 +600,7 @@ def rewire(g: UIGraph, dst: dict, input_name: str, src: dict, out_slot: int) -> 
 
 
 def camera_moves(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, CAMI2V_MODEL["name"])
     with_model_download(ld, CAMI2V_MODEL, CAMI2V_512_MODEL)
     img = g.add("LoadImage", (0, 200), {"image": "scene1.png"}, title="Start image", size=[320, 360])
@@ -610,7 +629,7 @@ def camera_moves(classes) -> dict:
 
 
 def keyframes(classes) -> dict:
-    g = UIGraph(classes)
+    g = UIGraph(classes, input_aspects())
     ld = loader(g, TOONCRAFTER_MODEL["name"], 340, 0)
     with_model_download(ld, TOONCRAFTER_MODEL)     # its one loader needs one model (512_interp also works)
     names = ["key1.png", "key2.png", "key3.png"]

@@ -62,21 +62,30 @@ def _queue_and_wait(page, comfy_server, timeout: float = 300) -> list:
 def _open_node_search(page):
     """The node search box, opened as a user does: a double-click on empty canvas."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError   # present: browser_page did not skip
-    box = page.evaluate("""() => {
-        const cs = [...document.querySelectorAll('canvas')];
-        const c = cs.find(e => e.id === 'graph-canvas') ||
-                  cs.sort((a, b) => b.width * b.height - a.width * a.height)[0];
-        const r = c.getBoundingClientRect();
-        return {x: r.x, y: r.y, width: r.width, height: r.height};
+    # an empty spot of the canvas: no node (title bar included) or group under it, away from the
+    # edges (side bar, top menus, minimap at the bottom right); the templates fill most of the view
+    spot = page.evaluate("""() => {
+        const canvas = window.app.canvas, r = canvas.canvas.getBoundingClientRect();
+        const title = LiteGraph.NODE_TITLE_HEIGHT;
+        const boxes = window.app.graph._nodes.map(n => [n.pos[0] - 10, n.pos[1] - title - 10,
+                                                        n.size[0] + 20, n.size[1] + title + 20]);
+        for (const g of window.app.graph._groups || []) boxes.push([...g._bounding || g.bounding]);
+        for (let fy = 0.9; fy >= 0.25; fy -= 0.05)
+            for (let fx = 0.1; fx <= 0.7; fx += 0.05) {
+                const [gx, gy] = canvas.ds.convertOffsetToCanvas([r.width * fx, r.height * fy]);
+                if (!boxes.some(([x, y, w, h]) => gx >= x && gx <= x + w && gy >= y && gy <= y + h))
+                    return {x: r.x + r.width * fx, y: r.y + r.height * fy};
+            }
+        return null;
     }""")
+    assert spot, "no empty spot on the canvas to double-click"
     search = page.locator("input[placeholder*='earch'], .comfy-vue-node-search-container input, "
                           ".litesearchbox input").first
     for attempt in range(3):
-        # an empty spot: below the graph, away from the minimap (bottom right) and the side bar.
         # A canvas still busy with the just-loaded graph can take the double-click as two
         # clicks (seen once in CI on a loaded machine): a user would double-click again.
         page.keyboard.press("Escape")
-        page.mouse.dblclick(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.65)
+        page.mouse.dblclick(spot["x"], spot["y"])
         try:
             search.wait_for(state="visible", timeout=10_000)
             break
@@ -328,10 +337,14 @@ def _settled_view(page) -> None:
         page.wait_for_timeout(200)
 
 
-def test_bundled_workflows_open_fully_in_view_in_nodes_2(browser_page, comfy_server):
+def test_bundled_workflows_open_fully_in_view_in_nodes_2(browser_page, comfy_server, comfy_base):
     """Issue #32: with Nodes 2.0 (Vue DOM nodes, which size themselves to their widgets) every template
-    opens with each node's DOM box inside the 1440x900 window's canvas, and no two nodes overlap."""
+    opens with each node's DOM box inside the 1440x900 window's canvas, and no two nodes overlap; with
+    the example inputs in input/ as the notes say (a loaded picture's preview is taller than an empty one)."""
     page, logs = browser_page
+    assets = comfy_runtime.REPO_ROOT / "assets"
+    for f in [*assets.glob("*.png"), *(assets / "examples").iterdir()]:
+        shutil.copyfile(f, comfy_base / "input" / f.name)
     page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
     page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
     page.evaluate("async (id) => { const s = window.app.extensionManager.setting;"
@@ -343,6 +356,9 @@ def test_bundled_workflows_open_fully_in_view_in_nodes_2(browser_page, comfy_ser
             page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", load_workflow(path))
             page.wait_for_function("() => document.querySelectorAll('.lg-node[data-node-id]').length === "
                                    "window.app.graph._nodes.length", timeout=30_000)
+            page.wait_for_function("() => [...document.querySelectorAll('.lg-node img')].every(i => i.complete) && "
+                                   "[...document.querySelectorAll('.lg-node video')].every(v => v.readyState >= 1)",
+                                   timeout=30_000)      # the previews have their pictures: nodes at full height
             _settled_view(page)
             page.wait_for_timeout(300)      # the DOM nodes follow the view on the next frames
             canvas, boxes = page.evaluate("""() => {
