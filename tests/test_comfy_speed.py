@@ -116,15 +116,32 @@ def compiled_runs(comfy, workflow: str, tag: str, patch: dict) -> tuple[torch.Te
     return out, graphs
 
 
+def guidance_gain(cfg_conds: float, cfg_cond2_negative: float) -> float:
+    """How much DualCFGGuider can amplify an error in its branches: the L1 norm of its weights,
+    out = (1 - c2) * uncond + (c2 - c1) * cond2 + c1 * cond1."""
+    c1, c2 = cfg_conds, cfg_cond2_negative
+    return abs(1 - c2) + abs(c2 - c1) + abs(c1)
+
+
 def test_core_torch_compile_model_compiles_our_unet_once(comfy):
     """Core 'TorchCompileModel' (inductor, the whole UNet) on the KSampler path: the result stays
-    within float32 rounding of eager (bound 1e-4 on latents of magnitude ~3), and later steps and
-    runs reuse the compiled graphs."""
+    within float32 rounding of eager, and later steps and runs reuse the compiled graphs.
+
+    The bound is 1e-4 (latents of magnitude ~13, 3 steps) per unit of guidance gain: inductor's
+    reordered sums differ from eager in the last bits of each branch, and the guider scales those
+    differences. Measured on this tiny model (max|out - eager|): 5.8e-5 at cfg 1 / 1 (gain 1),
+    2.1e-4 at 3 / 3 (gain 5), 1.2e-4 at 7.5 / 1.5 and 9.1e-4 at 7.5 / 7.5 (gain 14)."""
     ref = run_latent(comfy, prompt_with(comfy, KSAMPLER, "tc_ref"), "tc_ref")
     out, graphs = compiled_runs(comfy, KSAMPLER, "tc", {"class_type": "TorchCompileModel",
                                                         "inputs": {"backend": "inductor"}})
     assert graphs >= 1
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    import dynamicrafter
+    from conftest import _reference_file
+    from nodes_pack_access import pack
+    own = pack("defaults").guidance_outputs(dynamicrafter.load_model(_reference_file("tiny_v", "model.safetensors")).variant)
+    gain = guidance_gain(own["cfg_text"], own["cfg_cond2_negative"])     # what Variant Defaults feeds the guider
+    assert gain == 14.0
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * gain)
 
 
 @pytest.mark.parametrize("workflow", [KSAMPLER, DDIM])
