@@ -1,8 +1,9 @@
 """CamI2V (camera-controlled DynamiCrafter): parity with the official code's tensors in
-../shared/reference/tiny_cami2v (SPEC §5 tolerances; the camera geometry within a few units of its own dtype's rounding: its
-4x4 inverses come from MKL's LAPACK, whose last bits change with the CPU's instruction set, so bit
-equality held on the machine that made the reference and on AVX-only paths, not on AVX2 / AVX-512), the
-full-size 256 / 512 layouts on the meta device, and the library's camera API and its errors."""
+../shared/reference/tiny_cami2v (SPEC §5 tolerances; the camera geometry within a few units of its
+own dtype's rounding: its 4x4 inverses come from MKL's LAPACK, whose last bits change with the CPU's
+instruction set, so bit equality held on the machine that made the reference and on AVX-only paths,
+not on AVX2 / AVX-512), the full-size 256 / 512 layouts on the meta device, and the library's camera
+API and its errors."""
 import csv
 import json
 

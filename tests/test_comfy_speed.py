@@ -138,8 +138,9 @@ def test_core_torch_compile_model_compiles_our_unet_once(comfy):
     import dynamicrafter
     from conftest import _reference_file
     from nodes_pack_access import pack
-    own = pack("defaults").guidance_outputs(dynamicrafter.load_model(_reference_file("tiny_v", "model.safetensors")).variant)
-    gain = guidance_gain(own["cfg_text"], own["cfg_cond2_negative"])     # what Variant Defaults feeds the guider
+    variant = dynamicrafter.load_model(_reference_file("tiny_v", "model.safetensors")).variant
+    own = pack("defaults").guidance_outputs(variant)       # what Variant Defaults feeds the guider
+    gain = guidance_gain(own["cfg_text"], own["cfg_cond2_negative"])
     assert gain == 14.0
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * gain)
 
