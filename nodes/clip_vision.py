@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from dynamicrafter.models.clip import clip_preprocess
 
-from .inputs import CATEGORY
+from .inputs import CATEGORY, ClipVision
 from .images import check_finite, images_to_signed
 
 ClipTokens = io.Custom("DYNAMICRAFTER_CLIP_TOKENS")
@@ -51,7 +51,7 @@ class DynamiCrafterCLIPVisionEncode(io.ComfyNode):
                         "(no crop), all 257 tokens of the last block, plus the tokens of the grey "
                         "unconditional image. Feed them to 'DynamiCrafter Context Resampler'.",
             inputs=[
-                io.ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-H-14 vision tower (from the DynamiCrafter "
+                ClipVision.Input("clip_vision", tooltip="OpenCLIP ViT-H-14 vision tower (from the DynamiCrafter "
                                                            "loader or CLIPVisionLoader)"),
                 io.Image.Input("image", tooltip="the start image (the official code conditions CLIP on the first "
                                                 "image only, also for interpolation)"),

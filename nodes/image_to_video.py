@@ -14,7 +14,8 @@ from comfy_api.v0_0_2 import io
 from .clip_vision import encode_clip_vision
 from .comfy_model import require_dynamicrafter_model
 from .conditioning import MODES, build_conditioning, conditioning_outputs
-from .inputs import CATEGORY, Pipeline, VideoSettings, fs_input, or_trained, prompt_inputs, size_inputs, video_inputs
+from .inputs import (CATEGORY, ClipVision, Pipeline, VideoSettings, fs_input, or_trained, prompt_inputs, size_inputs,
+                     video_inputs)
 from .resampler import resample_context
 
 DISPLAY_NAME = "Image to Video (DynamiCrafter, ToonCrafter): animate, interpolate, loop"
@@ -56,7 +57,7 @@ class DynamiCrafterImageToVideo(io.ComfyNode):
                         "and seamless loop are modes. Feeds the DDIM node or core samplers.",
             inputs=[
                 io.Model.Input("model", tooltip="from 'DynamiCrafter Checkpoint Loader'"),
-                io.ClipVision.Input("clip_vision", tooltip="the loader's clip_vision (OpenCLIP ViT-H-14)"),
+                ClipVision.Input("clip_vision", tooltip="the loader's clip_vision (OpenCLIP ViT-H-14)"),
                 io.Vae.Input("vae"),
                 *prompt_inputs("prompt from CLIPTextEncode (OpenCLIP-H text encoder)",
                                "CLIPTextEncode of an empty prompt (the official unconditional text)"),

@@ -22,6 +22,14 @@ MAX_VIDEO_FRAMES = LONG_FRAMES[1]     # frames of a video sampled in context win
 MAX_BATCH = 16
 
 
+# The clip_vision our loader outputs and our encoders take. The frontend fills a link dropped on empty
+# canvas with the nodes whose input type equals the link's type string exactly, so the pack's own pair
+# type lists only our encoders there, not core 'CLIP Vision Encode' (whose output the resampler cannot
+# read). Both sides of a connection are split at commas (frontend and queue-time validation), so a
+# CLIPVisionLoader's CLIP_VISION still feeds our inputs and core nodes still take our output.
+ClipVision = io.Custom("CLIP_VISION,DYNAMICRAFTER_CLIP_VISION")
+
+
 def prompt_inputs(positive_tooltip: str | None = None, negative_tooltip: str | None = None) -> list:
     """positive, negative: the prompts' CONDITIONING (CLIPTextEncode)."""
     return [io.Conditioning.Input("positive", tooltip=positive_tooltip),
@@ -74,7 +82,7 @@ def size_inputs(default_width: int = 512, default_height: int = 320, from_model:
 def pipeline_inputs(model_tooltip: str | None = None, positive_tooltip: str | None = None,
                     negative_tooltip: str | None = None) -> list:
     """model, clip_vision, vae, positive, negative: what the all-in-one long-shot nodes run on."""
-    return [io.Model.Input("model", tooltip=model_tooltip), io.ClipVision.Input("clip_vision"),
+    return [io.Model.Input("model", tooltip=model_tooltip), ClipVision.Input("clip_vision"),
             io.Vae.Input("vae"), *prompt_inputs(positive_tooltip, negative_tooltip)]
 
 

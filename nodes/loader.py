@@ -18,7 +18,7 @@ from dynamicrafter.models.tooncrafter import has_reference_decoder
 
 from .comfy_model import (comfy_operations, make_comfy_clip, make_comfy_clip_vision, make_comfy_vae,
                           make_model_patcher, previews_by_own_vae, unet_dtypes)
-from .inputs import CATEGORY
+from .inputs import CATEGORY, ClipVision
 from .tooncrafter_vae import make_dualref_vae
 
 VARIANTS = ["auto", "256", "512", "1024", "512_interp", "vc2", "vc1", "vc1_1024"]
@@ -142,7 +142,7 @@ class DynamiCrafterLoader(io.ComfyNode):
                                 tooltip="the diffusion UNet + context resampler as a ComfyUI model"),
                 io.Clip.Output(display_name="clip", tooltip="OpenCLIP-H text encoder (None in pruned files: "
                                                             "use CLIPLoader, type stable_diffusion)"),
-                io.ClipVision.Output(display_name="clip_vision", tooltip="OpenCLIP-H vision tower (None in "
+                ClipVision.Output(display_name="clip_vision", tooltip="OpenCLIP-H vision tower (None in "
                                                                          "pruned files: use CLIPVisionLoader)"),
                 io.Vae.Output(display_name="vae", tooltip="KL-f8 VAE (None in pruned files: use VAELoader "
                                                           "with the SD VAE)"),

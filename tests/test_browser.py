@@ -59,11 +59,29 @@ def _queue_and_wait(page, comfy_server, timeout: float = 300) -> list:
     return [i for o in entry["outputs"].values() for i in o.get("images", [])]
 
 
-def _open_node_search(page):
-    """The node search box, opened as a user does: a double-click on empty canvas."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError   # present: browser_page did not skip
-    # an empty spot of the canvas: no node (title bar included) or group under it, away from the
-    # edges (side bar, top menus, minimap at the bottom right); the templates fill most of the view
+def _settle_view(page, wf: dict) -> None:
+    """Wait for the workflow's saved view, applied after loadGraphData returns, then for the view to
+    settle (the UI may adjust the stored scale)."""
+    stored = (wf.get("extra") or {}).get("ds")
+    if stored:
+        try:
+            page.wait_for_function("(s) => Math.abs(window.app.canvas.ds.scale - s) < 1e-3",
+                                   arg=stored["scale"], timeout=5_000)
+        except Exception:
+            pass
+    last = None
+    for _ in range(50):
+        now = page.evaluate("() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]")
+        if now == last:
+            break
+        last = now
+        page.wait_for_timeout(200)
+
+
+def _empty_spot(page) -> dict:
+    """Screen point of an empty spot of the canvas: no node (title bar included) or group under it,
+    away from the edges (side bar, top menus, minimap at the bottom right); the templates fill most of
+    the view."""
     spot = page.evaluate("""() => {
         const canvas = window.app.canvas, r = canvas.canvas.getBoundingClientRect();
         const title = LiteGraph.NODE_TITLE_HEIGHT;
@@ -78,7 +96,14 @@ def _open_node_search(page):
             }
         return null;
     }""")
-    assert spot, "no empty spot on the canvas to double-click"
+    assert spot, "no empty spot on the canvas"
+    return spot
+
+
+def _open_node_search(page):
+    """The node search box, opened as a user does: a double-click on empty canvas."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError   # present: browser_page did not skip
+    spot = _empty_spot(page)
     search = page.locator("input[placeholder*='earch'], .comfy-vue-node-search-container input, "
                           ".litesearchbox input").first
     for attempt in range(3):
@@ -174,6 +199,41 @@ def test_node_search_ranks_our_nodes_for_artist_words(browser_page, comfy_server
     print("search ranks:", ranks)
 
 
+def test_a_link_dragged_from_the_loaders_clip_vision_offers_our_encoders_only(browser_page, comfy_server):
+    """Dragging the loader's clip_vision output onto empty canvas opens the node search filtered by its
+    type (the setting new installs get): it lists the pack's encoders, the one-node Image to Video first,
+    and not core 'CLIP Vision Encode', whose output our resampler cannot read (issue #32, item 4)."""
+    page, logs = browser_page
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
+                  " await s.set('Comfy.TutorialCompleted', true);"
+                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false);"
+                  " await s.set('Comfy.LinkRelease.Action', 'search box') }")
+    wf = load_workflow(WORKFLOWS / "DynamiCrafter demo.json")
+    page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
+    _settle_view(page, wf)
+    slot = page.evaluate("""() => {
+        const canvas = window.app.canvas, r = canvas.canvas.getBoundingClientRect();
+        const loader = window.app.graph._nodes.find(n => n.type === 'DynamiCrafterLoader');
+        const [x, y] = loader.getConnectionPos(false, loader.outputs.findIndex(o => o.name === 'clip_vision'));
+        const {offset, scale} = canvas.ds;     // graph -> canvas pixels
+        return {x: r.x + (x + offset[0]) * scale, y: r.y + (y + offset[1]) * scale};
+    }""")
+    points = {"from": slot, "to": _empty_spot(page)}
+    page.mouse.move(points["from"]["x"], points["from"]["y"])
+    page.mouse.down()
+    page.mouse.move(points["to"]["x"], points["to"]["y"], steps=12)
+    page.mouse.up()
+    page.locator(".option-display-name").first.wait_for(state="visible", timeout=20_000)
+    names = page.evaluate("() => [...document.querySelectorAll('.option-display-name')].map(e => e.innerText)")
+    page.keyboard.press("Escape")
+    print("offered for clip_vision:", names)
+    assert names and names[0].startswith("Image to Video (DynamiCrafter"), names
+    assert any(n.startswith("DynamiCrafter CLIP Vision Encode") for n in names), names
+    assert not any(n.startswith("CLIP Vision Encode") for n in names), names
+
+
 def test_missing_model_brings_up_the_download_dialog(browser_page, comfy_server):
     """A shared workflow names the official checkpoint the user does not have yet: the web UI's
     missing-models dialog lists it (from the loader's properties.models) with its official URL."""
@@ -210,20 +270,7 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
     for path in sorted(WORKFLOWS.glob("*.json")):
         wf = load_workflow(path)
         page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
-        stored = (wf.get("extra") or {}).get("ds")
-        if stored:   # the workflow's saved view is applied after loadGraphData returns: wait for it,
-            try:     # then for the view to settle (the UI may adjust the stored scale)
-                page.wait_for_function("(s) => Math.abs(window.app.canvas.ds.scale - s) < 1e-3",
-                                       arg=stored["scale"], timeout=5_000)
-            except Exception:
-                pass
-        last = None
-        for _ in range(50):
-            now = page.evaluate("() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]")
-            if now == last:
-                break
-            last = now
-            page.wait_for_timeout(200)
+        _settle_view(page, wf)
         boxes = page.evaluate("""() => {
             const title = LiteGraph.NODE_TITLE_HEIGHT;
             return window.app.graph._nodes.map(n => ({id: n.id, type: n.type, """

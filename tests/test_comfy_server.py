@@ -47,11 +47,21 @@ def server_prompt(schema, steps=3, **sets):
     return prepare_prompt(wf, schema, "dc_tiny_v.safetensors", ["single_image.png"], W, H, T, steps, extra)
 
 
-def test_object_info_lists_every_node(comfy_server):
+def test_object_info_lists_every_node(comfy_server, comfy):
     info = comfy_server.object_info()
     assert EXPECTED_NODES <= set(info), EXPECTED_NODES - set(info)
     loader = info["DynamiCrafterLoader"]
-    assert loader["output"] == ["MODEL", "CLIP", "CLIP_VISION", "VAE"]
+    assert loader["output"] == ["MODEL", "CLIP", "CLIP_VISION,DYNAMICRAFTER_CLIP_VISION", "VAE"]
+    # our clip_vision pairs core's type with the pack's: a link dropped on the canvas offers only the
+    # nodes taking that exact pair (test_browser), while either side still connects to the other's
+    from comfy_execution.validation import validate_node_input
+    ours = loader["output"][2]
+    takers = [n for n, d in info.items() for spec in {**d["input"].get("required", {}),
+                                                      **d["input"].get("optional", {})}.values() if spec[0] == ours]
+    assert {"DynamiCrafterCLIPVisionEncode", "DynamiCrafterI2V", "DynamiCrafterLongVideo"} <= set(takers), takers
+    assert all(n.startswith("DynamiCrafter") for n in takers), takers
+    core_input = info["CLIPVisionEncode"]["input"]["required"]["clip_vision"][0]
+    assert validate_node_input(ours, core_input) and validate_node_input(info["CLIPVisionLoader"]["output"][0], ours)
     assert loader["input"]["required"]["ckpt_name"][0] == "COMBO"          # V3 combo: choices in "options"
     assert "dc_tiny_v.safetensors" in loader["input"]["required"]["ckpt_name"][1]["options"]
     assert info["DynamiCrafterDDIMSampler"]["input_order"]["required"][:4] == \
