@@ -49,6 +49,16 @@ def main(names=()) -> None:
                 close = page.locator("button[aria-label='Close'], .p-message-close, [class*='banner'] button").first
                 if close.count() and close.is_visible():
                     close.click()
+                # the workflow-name box floats over the canvas's top-left corner, where the templates'
+                # saved view puts the loader: slide the view down below it (and the floating Run bar)
+                page.evaluate("""() => { const c = window.app.canvas, r = c.canvas.getBoundingClientRect();
+                    const floating = [...document.querySelectorAll('body *')].filter(e => e.children.length === 0
+                        && /^(Unsaved Workflow|Run)/.test(e.textContent.trim())).map(e => e.getBoundingClientRect())
+                        .filter(b => b.height > 0 && b.top > r.top + 20);
+                    const below = Math.max(r.top, ...floating.map(b => b.bottom)) + 16;
+                    const top = Math.min(...window.app.graph._nodes.map(n => n.pos[1])) - LiteGraph.NODE_TITLE_HEIGHT;
+                    const y = r.top + (top + c.ds.offset[1]) * c.ds.scale;
+                    if (y < below) { c.ds.offset[1] += (below - y) / c.ds.scale; c.setDirty(true, true); } }""")
                 page.mouse.move(5, 500)
                 page.wait_for_timeout(800)
                 target = out / (wf_path.stem + ".png")
