@@ -59,6 +59,16 @@ def _queue_and_wait(page, comfy_server, timeout: float = 300) -> list:
     return [i for o in entry["outputs"].values() for i in o.get("images", [])]
 
 
+def _open_web_ui(page, comfy_server, settings: dict | None = None) -> None:
+    """Open the web UI and set its settings, in order: the tutorial done, no Missing Models dialog,
+    then `settings` (which may override those)."""
+    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    wanted = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False, **(settings or {})}
+    page.evaluate("async (wanted) => { const s = window.app.extensionManager.setting;"
+                  " for (const [id, value] of Object.entries(wanted)) await s.set(id, value) }", wanted)
+
+
 def _settle_view(page, wf: dict) -> None:
     """Wait for the workflow's saved view, applied after loadGraphData returns, then for the view to
     settle (the UI may adjust the stored scale)."""
@@ -69,11 +79,16 @@ def _settle_view(page, wf: dict) -> None:
                                    arg=stored["scale"], timeout=5_000)
         except Exception:
             pass
+    _settled_view(page)
+
+
+def _settled_view(page) -> None:
+    """Wait until the canvas view (offset, scale) stops changing: the UI fits a loaded graph's view."""
     last = None
     for _ in range(50):
         now = page.evaluate("() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]")
         if now == last:
-            break
+            return
         last = now
         page.wait_for_timeout(200)
 
@@ -180,11 +195,7 @@ SEARCH_WORDS = {"image to video": "Image to Video (DynamiCrafter", "loop": "loop
 
 def test_node_search_ranks_our_nodes_for_artist_words(browser_page, comfy_server):
     page, logs = browser_page
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    _open_web_ui(page, comfy_server)
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }",
                   load_workflow(WORKFLOWS / "DynamiCrafter demo.json"))
     search = _open_node_search(page)
@@ -204,12 +215,7 @@ def test_a_link_dragged_from_the_loaders_clip_vision_offers_our_encoders_only(br
     type (the setting new installs get): it lists the pack's encoders, the one-node Image to Video first,
     and not core 'CLIP Vision Encode', whose output our resampler cannot read (issue #32, item 4)."""
     page, logs = browser_page
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false);"
-                  " await s.set('Comfy.LinkRelease.Action', 'search box') }")
+    _open_web_ui(page, comfy_server, {"Comfy.LinkRelease.Action": "search box"})
     wf = load_workflow(WORKFLOWS / "DynamiCrafter demo.json")
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
     _settle_view(page, wf)
@@ -241,11 +247,7 @@ def test_missing_model_brings_up_the_download_dialog(browser_page, comfy_server)
     wf = load_workflow(WORKFLOWS / "DynamiCrafter image to video.json")   # as shipped: dynamicrafter_512.ckpt
     entry = next(n for n in wf["nodes"] if n["type"] == "DynamiCrafterLoader")["properties"]["models"][0]
     assert entry["url"].startswith("https://huggingface.co/Doubiiu/") and entry["directory"] == "checkpoints"
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', true) }")
+    _open_web_ui(page, comfy_server, {"Comfy.Workflow.ShowMissingModelsWarning": True})
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
     page.get_by_text("Missing Models", exact=False).first.wait_for(state="visible", timeout=30_000)
     page.get_by_text(f"checkpoints / {entry['name']}", exact=False).first.wait_for(state="visible", timeout=10_000)
@@ -262,11 +264,7 @@ def test_bundled_workflows_open_without_overlapping_nodes(browser_page, comfy_se
     """Every template as the web UI lays it out (nodes grow to fit their widgets): no node covers
     another, title bars included, and the graph's output node is inside the opening view."""
     page, logs = browser_page
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    _open_web_ui(page, comfy_server)
     for path in sorted(WORKFLOWS.glob("*.json")):
         wf = load_workflow(path)
         page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
@@ -373,17 +371,6 @@ def test_demo_template_runs_as_shipped_in_the_web_ui(browser_page, comfy_server,
 NODES_2 = "Comfy.VueNodes.Enabled"     # frontend 1.32.9's setting: "Modern Node Design (Nodes 2.0)"
 
 
-def _settled_view(page) -> None:
-    """Wait until the canvas view (offset, scale) stops changing: the UI fits a loaded graph's view."""
-    last = None
-    for _ in range(50):
-        now = page.evaluate("() => [...window.app.canvas.ds.offset, window.app.canvas.ds.scale]")
-        if now == last:
-            return
-        last = now
-        page.wait_for_timeout(200)
-
-
 def test_bundled_workflows_open_fully_in_view_in_nodes_2(browser_page, comfy_server, comfy_base):
     """Issue #32: with Nodes 2.0 (Vue DOM nodes, which size themselves to their widgets) every template
     opens with each node's DOM box inside the 1440x900 window's canvas, and no two nodes overlap; with
@@ -392,11 +379,7 @@ def test_bundled_workflows_open_fully_in_view_in_nodes_2(browser_page, comfy_ser
     assets = comfy_runtime.REPO_ROOT / "assets"
     for f in [*assets.glob("*.png"), *(assets / "examples").iterdir()]:
         shutil.copyfile(f, comfy_base / "input" / f.name)
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async (id) => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false); await s.set(id, true) }", NODES_2)
+    _open_web_ui(page, comfy_server, {NODES_2: True})
     problems = []
     try:
         for path in sorted(WORKFLOWS.glob("*.json")):
@@ -451,11 +434,7 @@ def test_camera_moves_template_runs_in_the_web_ui(browser_page, comfy_server, co
     set_ui_widget(wf, "DynamiCrafterLoader", "ckpt_name", "cami2v_tiny.safetensors", schema)
     for name, key in (("width", "origin_w"), ("height", "origin_h")):
         set_ui_widget(wf, "DynamiCrafterImageConditioning", name, int(epipolar[key]), schema)
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    _open_web_ui(page, comfy_server)
     page.evaluate("async (wf) => { await window.app.loadGraphData(wf) }", wf)
     assert "DynamiCrafterCamera" in page.evaluate("() => window.app.graph._nodes.map(n => n.type)")
     files = _queue_and_wait(page, comfy_server, timeout=600)
@@ -467,11 +446,7 @@ def test_core_sampler_templates_queue_the_models_own_guidance(browser_page, comf
     cfg_cond2_negative from Variant Defaults ('Model's own guidance'); what the web UI queues links
     those widgets to its outputs (the number typed in the widget is not what runs)."""
     page, logs = browser_page
-    page.goto(comfy_server.url, wait_until="domcontentloaded", timeout=120_000)
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    page.evaluate("async () => { const s = window.app.extensionManager.setting;"
-                  " await s.set('Comfy.TutorialCompleted', true);"
-                  " await s.set('Comfy.Workflow.ShowMissingModelsWarning', false) }")
+    _open_web_ui(page, comfy_server)
     wanted = {"DynamiCrafter with KSampler.json": ("DualCFGGuider", {"cfg_conds": "cfg_text",
                                                                    "cfg_cond2_negative": "cfg_cond2_negative"}),
               "Long shot - context windows.json": ("KSampler", {"cfg": "cfg_text"})}
